@@ -1,0 +1,88 @@
+"""The ``mla`` command line: train, plan, bench, submit/jobs/tune, k8s.
+
+Human progress goes to stderr, machine-readable output (``--json``) to stdout. User errors
+(:class:`orchestrator.errors.MLAError`) print one message and exit non-zero; set
+``MLA_TRACEBACK=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import MLAError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
+err_console = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", help="Override a config field: --set train.steps=100 (repeatable).")
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="Job YAML, e.g. configs/tiny.yaml."),
+    set_: Optional[list[str]] = SetOption,
+    json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout at the end."),
+) -> None:
+    """Train a model: plan the layout, start (or connect to) Ray and run DeepSpeed workers."""
+    from orchestrator.config import load_job_config
+    from orchestrator.controller import run_training
+
+    job = load_job_config(config, set_ or [])
+    summary = run_training(job)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the job YAML (for editor completion and validation)."""
+    from orchestrator.config import job_json_schema
+
+    print(json.dumps(job_json_schema(), indent=2))
+
+
+def _register_subcommands() -> None:
+    from orchestrator.cli_plan import plan
+    from orchestrator.k8s.cli import app as k8s_app
+    from orchestrator.cli_bench import app as bench_app
+
+    app.command("plan")(plan)
+    app.add_typer(bench_app, name="bench", help="Benchmarks (attention speed and memory).")
+    app.add_typer(k8s_app, name="k8s", help="KubeRay manifests: render, submit, status, delete.")
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning user errors into one-line messages."""
+    try:
+        app(standalone_mode=False)
+    except MLAError as exc:
+        if os.environ.get("MLA_TRACEBACK"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Job configuration: YAML files validated by pydantic v2 at the boundary.
+
+Precedence is ``--set a.b=c`` > job YAML > defaults. Unknown keys are errors that name the key
+and the allowed ones. ``mla schema`` exports the JSON Schema for editors.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mla.config import PRESETS, ModelConfig
+from orchestrator.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ModelSection(_Section):
+    """Model shape. Start from ``preset`` and override any field."""
+
+    preset: str | None = None
+    """Name of a preset shape (tiny, small, 1b, 7b, 13b, 70b); fields below override it."""
+    vocab_size: int | None = Field(None, ge=2)
+    """Number of token ids (256 with the byte-level tokenizer)."""
+    d_model: int | None = Field(None, ge=1)
+    """Hidden size, in features."""
+    n_layers: int | None = Field(None, ge=1)
+    """Number of transformer blocks."""
+    n_heads: int | None = Field(None, ge=1)
+    """Number of attention heads."""
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Number of key/value heads (grouped-query attention); unset means n_heads."""
+    ffn_hidden: int | None = Field(None, ge=1)
+    """SwiGLU MLP hidden width, in features."""
+    max_seq_len: int | None = Field(None, ge=1)
+    """Longest sequence supported by the rotary embedding, in tokens."""
+    attention: Literal["mla", "dense"] | None = None
+    """'mla' (sliding window + sparse top-k global, gated) or 'dense' (baseline)."""
+    local_window: int | None = Field(None, ge=1)
+    """Sliding-window size of the local branch, in tokens."""
+    global_k: int | None = Field(None, ge=1)
+    """Keys per query in the sparse global branch (top-k), in tokens."""
+    mix: Literal["gate", "sum"] | None = None
+    """How the two branches are combined: learned sigmoid gate or plain sum."""
+    indexer: Literal["exact", "block"] | None = None
+    """Global-branch key selection: exact token top-k or block indexer."""
+    block_size: int | None = Field(None, ge=1)
+    """Key-block size of the block indexer and the blocked local branch, in tokens."""
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """Dropout probability (0 disables it)."""
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> "ModelSection":
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        return self
+
+    def build(self) -> ModelConfig:
+        """Return the :class:`mla.config.ModelConfig` (preset, then overrides).
+
+        Raises:
+            ConfigError: the combination is inconsistent (e.g. d_model not divisible by n_heads).
+        """
+        base = PRESETS[self.preset] if self.preset else ModelConfig()
+        changes = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        try:
+            return base.replace(**changes)
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from None
+
+
+class DataSection(_Section):
+    """Training text and tokenization."""
+
+    path: str | None = None
+    """Text file, folder of .txt/.md/.py files, .jsonl (field 'text') or .parquet (column
+    'text'). Unset: the Python standard library's source files (no download)."""
+    seq_len: int = Field(128, ge=2)
+    """Tokens per training sequence."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of files (or documents) held out for validation."""
+    tokenizer: Literal["byte"] = "byte"
+    """Tokenizer; 'byte' maps each UTF-8 byte to one of 256 ids."""
+
+
+class TrainSection(_Section):
+    """Optimisation schedule."""
+
+    steps: int = Field(200, ge=1)
+    """Optimizer steps to run."""
+    micro_batch: int = Field(8, ge=1)
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch: int = Field(32, ge=1)
+    """Sequences per optimizer step over all data-parallel ranks."""
+    lr: float = Field(3e-3, gt=0.0)
+    """Peak learning rate (AdamW)."""
+    min_lr: float = Field(3e-4, ge=0.0)
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clipping threshold (0 disables it)."""
+    seed: int = 1234
+    """Seed of weights and data order."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; 'auto' is bf16 on GPU and fp32 on CPU."""
+    log_every: int = Field(10, ge=1)
+    """Steps between progress lines and metrics.jsonl records."""
+    eval_every: int = Field(50, ge=1)
+    """Steps between validation passes (also at the last step)."""
+    eval_batches: int = Field(8, ge=1)
+    """Micro-batches per validation pass on each rank."""
+
+
+class ParallelSection(_Section):
+    """Parallel layout: data x tensor x pipeline, ZeRO stage and recomputation."""
+
+    auto: bool = False
+    """Let the planner choose every field from the cluster's resources (`parallel: auto`)."""
+    data: int | None = Field(None, ge=1)
+    """Data-parallel degree; unset means num_workers / (tensor * pipeline)."""
+    tensor: int = Field(1, ge=1)
+    """Tensor-parallel degree."""
+    pipeline: int = Field(1, ge=1)
+    """Pipeline-parallel degree (number of stages)."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage (0-3); pipelines allow at most 1."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation policy."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism alongside tensor parallelism."""
+    virtual_stages: int = Field(1, ge=1)
+    """Virtual pipeline stages per rank (interleaved schedule)."""
+
+
+class ClusterSection(_Section):
+    """Where the job runs."""
+
+    address: str | None = None
+    """Ray address to connect to ('auto', 'ray://host:10001'); unset starts an embedded Ray."""
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one per GPU, or per CPU slot locally)."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic lower bound; set it to let Ray Train run with min_workers..num_workers."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPU cores reserved per worker."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per worker; unset uses cpus_per_worker."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts Ray Train allows before failing the run (-1 is unlimited)."""
+    ray_num_cpus: int | None = Field(None, ge=1)
+    """CPUs the embedded Ray may use; unset uses the workers' needs plus one."""
+    object_store_mb: int = Field(256, ge=78)
+    """Object-store size of the embedded Ray, in MiB."""
+    storage_path: str | None = None
+    """Folder (or URI) all nodes can reach for run folders and checkpoints; unset is run.dir."""
+
+
+class CheckpointSection(_Section):
+    """Checkpointing and resume."""
+
+    every: int = Field(50, ge=1)
+    """Steps between checkpoints (also at the last step)."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    resume: bool = True
+    """Resume from the latest checkpoint of a run with the same name."""
+
+
+class RunSection(_Section):
+    """Run identity and output folder."""
+
+    name: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name; a run with the same name resumes from its latest checkpoint."""
+    dir: str = "runs"
+    """Parent folder of run folders (RUN_DIR = dir/name)."""
+
+
+class JobConfig(_Section):
+    """A training job: what to train, on what data, how, and where."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
+    cluster: ClusterSection = ClusterSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parallel_auto(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("parallel") == "auto":
+            data = {**data, "parallel": {"auto": True}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.train.global_batch % self.train.micro_batch:
+            raise ValueError(
+                f"train.global_batch({self.train.global_batch}) is not a multiple of "
+                f"train.micro_batch({self.train.micro_batch}); make global_batch a multiple of it")
+        if self.train.min_lr > self.train.lr:
+            raise ValueError(f"train.min_lr({self.train.min_lr}) > train.lr({self.train.lr})")
+        if self.cluster.min_workers and self.cluster.min_workers > self.cluster.num_workers:
+            raise ValueError(f"cluster.min_workers({self.cluster.min_workers}) > "
+                             f"cluster.num_workers({self.cluster.num_workers})")
+        return self
+
+    def model_config_(self) -> ModelConfig:
+        """The :class:`ModelConfig` of this job, with max_seq_len raised to data.seq_len."""
+        cfg = self.model.build()
+        if cfg.max_seq_len < self.data.seq_len:
+            cfg = cfg.replace(max_seq_len=self.data.seq_len)
+        return cfg
+
+    @property
+    def run_dir(self) -> Path:
+        """RUN_DIR: ``cluster.storage_path or run.dir``, then ``run.name``."""
+        return Path(self.cluster.storage_path or self.run.dir) / self.run.name
+
+
+def load_job_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a job YAML, apply ``--set`` overrides and validate.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``"a.b=value"`` strings; values are parsed as YAML (``3``, ``true``, ``[1, 2]``).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, malformed override, or a validation error
+            (the message names each bad field, its value and the allowed keys or range).
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/tiny.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections "
+                              f"({', '.join(JobConfig.model_fields)})")
+    for item in overrides:
+        apply_override(data, item)
+    return validate_job_dict(data, source=str(path) if path else "config")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b=value`` override to the nested dict ``data`` in place.
+
+    Raises:
+        ConfigError: ``item`` has no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.steps=100")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {"auto": True} if (part, child) == ("parallel", "auto") else {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def validate_job_dict(data: dict, source: str = "config") -> JobConfig:
+    """Validate a plain dict as a :class:`JobConfig`.
+
+    Raises:
+        ConfigError: with one line per problem, naming the field path, the value and the fix.
+    """
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid job config:\n" + format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Render pydantic errors as ``- field.path: message`` lines with allowed keys for typos."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = _section_model(err["loc"][:-1])
+            allowed = list(section.model_fields) if section else []
+            bad = str(err["loc"][-1])
+            hint = difflib.get_close_matches(bad, allowed, n=1)
+            msg = f"unknown key {bad!r}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+            msg += f"; allowed keys: {', '.join(allowed)}"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        lines.append(f"- {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = JobConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def job_json_schema() -> dict:
+    """JSON Schema of the job YAML (for editors: ``mla schema > job.schema.json``)."""
+    return JobConfig.model_json_schema()

@@ -1,0 +1,162 @@
+"""The parallel layout as data, and its rank arithmetic (pure Python, no torch).
+
+The layout is the frozen dataclass that crosses from the planner (``orchestrator``) into every
+Ray Train worker. Rank order follows Megatron-LM's ``RankGenerator`` and DeepSpeed's
+``PipeModelDataParallelTopology`` (axes ``pipe, data, model``): the tensor-parallel rank varies
+fastest, then the data-parallel rank, then the pipeline stage::
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+Example (dp=2, tp=2, pp=2, 8 ranks): tensor groups [0,1] [2,3] [4,5] [6,7]; data groups
+[0,2] [1,3] [4,6] [5,7]; pipeline groups [0,4] [1,5] [2,6] [3,7].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Recompute = Literal["none", "selective", "full"]
+
+
+class LayoutError(ValueError):
+    """A layout is inconsistent with itself, the world size, the model or the batch."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A hybrid-parallel training layout.
+
+    Attributes:
+        dp: Data-parallel degree (model replicas).
+        tp: Tensor-parallel degree (Megatron-style split of heads and MLP width).
+        pp: Pipeline-parallel degree (stages).
+        zero_stage: DeepSpeed ZeRO stage 0-3 over the data-parallel group.
+        micro_batch: Sequences per micro-batch per data-parallel rank.
+        grad_accum: Micro-batches accumulated per optimizer step (gradient accumulation steps).
+        recompute: Activation recomputation: none, selective (attention only) or full (per block).
+        sequence_parallel: Megatron sequence parallelism (requires tp > 1).
+        virtual_stages: Interleaved virtual pipeline stages per rank.
+
+    Raises:
+        LayoutError: on creation, if a degree is < 1, ZeRO-2/3 is combined with pp > 1
+            (DeepSpeed's pipeline engine supports ZeRO 0-1 only), sequence parallelism is asked
+            without tensor parallelism, or virtual stages are asked without pipelines.
+
+    Example:
+        >>> Layout(dp=2, tp=2, pp=1, micro_batch=4, grad_accum=2).global_batch
+        16
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    recompute: Recompute = "none"
+    sequence_parallel: bool = False
+    virtual_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "micro_batch", "grad_accum", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"{name}={value!r} must be a positive integer")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise LayoutError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise LayoutError(f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline "
+                              "engine supports ZeRO stage 0 or 1 only; use zero_stage<=1 or pp=1")
+        if self.recompute not in ("none", "selective", "full"):
+            raise LayoutError(f"recompute={self.recompute!r} must be none, selective or full")
+        if self.sequence_parallel and self.tp == 1:
+            raise LayoutError("sequence_parallel=True needs tp > 1")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise LayoutError(f"virtual_stages={self.virtual_stages} needs pp > 1")
+
+    @property
+    def world_size(self) -> int:
+        """Processes (GPUs) the layout occupies: ``dp * tp * pp``."""
+        return self.dp * self.tp * self.pp
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: ``dp * micro_batch * grad_accum``."""
+        return self.dp * self.micro_batch * self.grad_accum
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise :class:`LayoutError` unless ``dp * tp * pp == world_size``."""
+        if self.world_size != world_size:
+            raise LayoutError(f"dp({self.dp}) * tp({self.tp}) * pp({self.pp}) = {self.world_size} "
+                              f"!= world_size({world_size})")
+
+    def check_model(self, n_heads: int, n_kv_heads: int, n_layers: int) -> None:
+        """Raise :class:`LayoutError` if the model cannot be split this way.
+
+        tp must divide the number of attention heads and key/value heads; pp may not exceed
+        the number of layers (stages get ``n_layers // pp`` layers, the first ones one more
+        when it does not divide).
+        """
+        if n_heads % self.tp or n_kv_heads % self.tp:
+            raise LayoutError(f"tp({self.tp}) must divide n_heads({n_heads}) and n_kv_heads({n_kv_heads})")
+        if self.pp * self.virtual_stages > n_layers:
+            raise LayoutError(f"pp({self.pp}) * virtual_stages({self.virtual_stages}) > n_layers({n_layers}): "
+                              "every pipeline stage needs at least one layer")
+
+    def replace(self, **changes: object) -> "Layout":
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (for JSON and logs)."""
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One-line summary, e.g. ``dp=2 tp=1 pp=1 zero=2 mb=8 ga=2``."""
+        text = (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero_stage} "
+                f"mb={self.micro_batch} ga={self.grad_accum}")
+        if self.recompute != "none":
+            text += f" recompute={self.recompute}"
+        return text
+
+    # ----------------------------------------------------------------- rank arithmetic
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """``(pp_rank, dp_rank, tp_rank)`` of a global rank (tensor rank fastest)."""
+        if not 0 <= rank < self.world_size:
+            raise LayoutError(f"rank {rank} outside world_size {self.world_size}")
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        """Global rank of the given coordinates (inverse of :meth:`coords`)."""
+        return pp_rank * self.dp * self.tp + dp_rank * self.tp + tp_rank
+
+    def tp_groups(self) -> list[list[int]]:
+        """Tensor-parallel groups: ranks that hold shards of the same layers."""
+        return [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Data-parallel groups: ranks that hold the same shard and average gradients."""
+        return [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        """Pipeline groups: ranks that hold consecutive stages of one replica shard."""
+        return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+
+def runnable_world_sizes(tp: int, pp: int, global_batch: int, micro_batch: int,
+                         lo: int, hi: int) -> list[int]:
+    """World sizes in ``[lo, hi]`` that a job with fixed tp, pp and global batch can run on.
+
+    A world size W works when it is a multiple of ``tp * pp`` and the data-parallel degree
+    ``dp = W / (tp * pp)`` divides the global batch into whole micro-batches per rank, i.e.
+    ``global_batch % (dp * micro_batch) == 0`` (gradient accumulation makes up the rest).
+
+    Example:
+        >>> runnable_world_sizes(tp=2, pp=1, global_batch=32, micro_batch=4, lo=1, hi=16)
+        [2, 4, 8, 16]
+    """
+    unit = tp * pp
+    return [w for w in range(max(lo, unit), hi + 1)
+            if w % unit == 0 and global_batch % ((w // unit) * micro_batch) == 0]
