@@ -121,8 +121,8 @@ class TrainSection(_Section):
     """Steps between progress lines and metrics.jsonl records."""
     eval_every: int = Field(50, ge=1)
     """Steps between validation passes (also at the last step)."""
-    eval_batches: int = Field(8, ge=1)
-    """Micro-batches per validation pass on each rank."""
+    eval_batches: int = Field(4, ge=1)
+    """Validation pass size, in global batches of held-out sequences (same for every layout)."""
 
 
 class ParallelSection(_Section):
