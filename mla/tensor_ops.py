@@ -1,0 +1,54 @@
+"""Small tensor helpers shared by the attention branches (GQA head repetition, block padding)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention (Ainslie et al. 2023, GQA).
+
+    Args:
+        x: ``(batch, kv_heads, seq, head_dim)``.
+        n_heads: Number of query heads; a multiple of ``kv_heads``.
+
+    Returns:
+        ``(batch, n_heads, seq, head_dim)``; query head ``h`` reads kv head ``h // (n_heads //
+        kv_heads)``. ``x`` itself when ``kv_heads == n_heads``.
+
+    Raises:
+        ValueError: ``n_heads`` is not a multiple of ``kv_heads``.
+    """
+    kv_heads = x.shape[1]
+    if n_heads == kv_heads:
+        return x
+    if n_heads % kv_heads:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads ({kv_heads})")
+    return x.repeat_interleave(n_heads // kv_heads, dim=1)
+
+
+def pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Zero-pad the sequence axis of ``x`` (``(..., seq, head_dim)``) by ``before``/``after`` rows."""
+    if before == 0 and after == 0:
+        return x
+    return F.pad(x, (0, 0, before, after))
+
+
+def num_blocks(seq: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens that cover ``seq`` tokens (last one may be partial)."""
+    return -(-seq // block)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check that ``q, k, v`` are ``(batch, heads, seq, head_dim)`` with matching sizes.
+
+    Raises:
+        ValueError: a tensor is not 4-D, or batch/seq/head_dim differ, or k and v differ.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} disagree "
+                         "on batch, seq or head_dim")
