@@ -1,0 +1,297 @@
+"""Offline validation of Kubernetes manifests, as strict as the API server would be.
+
+Three layers, each named after what it imitates:
+
+1. **KubeRay kinds** (``ray.io/v1`` RayCluster, RayJob) against the ``openAPIV3Schema`` of the
+   KubeRay v1.7.0 CustomResourceDefinitions (``ray-operator/config/crd/bases``). The schemas are
+   vendored, descriptions stripped, in ``schemas/kuberay-v1.7.0.json.gz`` (regenerate with
+   ``python -m orchestrator.k8s.validate --extract-crds DIR``). Unknown fields are rejected, as
+   the API server does with ``fieldValidation=Strict``: every object schema that lists
+   ``properties`` and neither ``additionalProperties`` nor ``x-kubernetes-preserve-unknown-fields``
+   gets ``additionalProperties: false``. The root ``metadata`` is checked against the Kubernetes
+   ``ObjectMeta`` schema.
+2. **Built-in kinds** (ConfigMap, Role, RoleBinding, ServiceAccount, PersistentVolumeClaim...)
+   against the strict Kubernetes JSON schemas shipped offline by ``kubernetes-validate``.
+3. **KubeRay's own checks** that no schema expresses (names, replica bounds, TTL rules), after
+   ``ValidateRayJobMetadata``/``ValidateRayJobSpec``/``ValidateRayClusterSpec`` in KubeRay v1.7.0
+   ``ray-operator/controllers/ray/utils/validation.go``.
+
+``kubernetes-validate`` is a development dependency; it is imported only when a check needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from orchestrator.errors import MLAError
+
+KUBERAY_VERSION = "v1.7.0"
+"""KubeRay release whose CRDs are vendored."""
+KUBERNETES_VERSIONS = ("1.29", "1.37")
+"""Kubernetes versions the built-in kinds are checked against (oldest and newest supported)."""
+SCHEMA_FILE = Path(__file__).with_name("schemas") / f"kuberay-{KUBERAY_VERSION}.json.gz"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+_OBJECT_META_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_RAYJOB_NAME = 47
+"""KubeRay ``MaxRayJobNameLength``: 53 - 6 (the RayCluster name adds a 6-character suffix)."""
+MAX_RAYCLUSTER_NAME = 53
+"""KubeRay ``MaxRayClusterNameLength``: 63 - len('-serve-svc')."""
+
+
+class ManifestError(MLAError):
+    """A manifest would be rejected by the API server or the KubeRay operator."""
+
+
+# ----------------------------------------------------------------------------- vendored CRDs
+def extract_crd_schemas(crd_dir: str | Path) -> dict:
+    """Read the ``v1`` openAPIV3Schema of each KubeRay kind from CRD YAML files.
+
+    Args:
+        crd_dir: folder holding ``ray.io_rayclusters.yaml`` and ``ray.io_rayjobs.yaml``.
+
+    Returns:
+        ``{"kuberay": version, "sources": {file: sha256}, "schemas": {kind: schema}}`` with every
+        ``description`` removed (they are 80% of the bytes and never affect validation).
+
+    Raises:
+        ManifestError: a file is missing or holds no ``v1`` version.
+    """
+    out: dict[str, Any] = {"kuberay": KUBERAY_VERSION, "sources": {}, "schemas": {}}
+    for kind, name in CRD_FILES.items():
+        path = Path(crd_dir) / name
+        if not path.is_file():
+            raise ManifestError(f"CRD file {str(path)!r} not found; pass the folder holding {name}")
+        raw = path.read_bytes()
+        out["sources"][name] = hashlib.sha256(raw).hexdigest()
+        crd = yaml.safe_load(raw)
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        if "v1" not in versions:
+            raise ManifestError(f"{path}: no v1 version (found {', '.join(versions)})")
+        out["schemas"][kind] = _strip_descriptions(versions["v1"]["schema"]["openAPIV3Schema"])
+    return out
+
+
+def write_schema_file(data: dict, path: Path = SCHEMA_FILE) -> None:
+    """Write the extracted schemas as deterministic gzip'd JSON (same input, same bytes)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text, mtime=0))
+
+
+@functools.lru_cache(maxsize=1)
+def vendored_schemas() -> dict:
+    """The vendored KubeRay CRD schemas (see :func:`extract_crd_schemas`)."""
+    return json.loads(gzip.decompress(SCHEMA_FILE.read_bytes()))
+
+
+def _strip_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_descriptions(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [_strip_descriptions(v) for v in node]
+    return node
+
+
+def strict_schema(node: Any) -> Any:
+    """Turn a structural openAPIV3Schema into a JSON Schema that rejects unknown fields.
+
+    ``nullable: true`` becomes a ``null`` alternative; ``additionalProperties: false`` is added to
+    every object that lists ``properties`` and neither ``additionalProperties`` nor
+    ``x-kubernetes-preserve-unknown-fields``. Other ``x-kubernetes-*`` keys are kept (JSON Schema
+    ignores unknown keywords); ``int-or-string`` is already an ``anyOf`` in controller-gen output.
+    """
+    if isinstance(node, list):
+        return [strict_schema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: strict_schema(v) for k, v in node.items()}
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _crd_validator(kind: str):
+    import jsonschema
+
+    schema = strict_schema(copy.deepcopy(vendored_schemas()["schemas"][kind]))
+    schema["properties"]["metadata"] = {"$ref": _OBJECT_META_REF}
+    schema["required"] = sorted({*schema.get("required", ()), "apiVersion", "kind", "metadata"})
+    return jsonschema.Draft202012Validator(schema, registry=_k8s_registry(KUBERNETES_VERSIONS[-1]))
+
+
+@functools.lru_cache(maxsize=4)
+def _k8s_registry(version: str):
+    """Registry holding the strict Kubernetes definitions of ``kubernetes-validate``."""
+    from referencing import Registry, Resource
+
+    kv_utils = _kubernetes_validate()
+    defs = kv_utils.schema_contents(f"kubernetes-json-schema/v{version}.0-local-strict/_definitions.json", version)
+    return Resource.from_contents(defs) @ Registry()
+
+
+def _kubernetes_validate():
+    try:
+        from kubernetes_validate import utils
+    except ImportError:  # pragma: no cover - dev dependency
+        raise ManifestError("validating Kubernetes manifests needs the 'kubernetes-validate' package; "
+                            "install the dev extras: pip install -e '.[dev]'") from None
+    return utils
+
+
+# ----------------------------------------------------------------------------- validation
+def validation_errors(obj: dict) -> list[str]:
+    """Every reason the API server (strict field validation) or KubeRay would reject ``obj``.
+
+    Args:
+        obj: one manifest as a plain dict (``apiVersion``, ``kind``, ``metadata``...).
+
+    Returns:
+        ``"Kind/name: path: message"`` lines; empty when the object is accepted.
+    """
+    if not isinstance(obj, dict) or "kind" not in obj or "apiVersion" not in obj:
+        return [f"<document>: not a Kubernetes object (needs apiVersion and kind): {str(obj)[:80]}"]
+    label = f"{obj['kind']}/{(obj.get('metadata') or {}).get('name', '?')}"
+    if obj["apiVersion"] == "ray.io/v1" and obj["kind"] in CRD_FILES:
+        errors = [_format(e) for e in _crd_validator(obj["kind"]).iter_errors(obj)]
+        if not errors:
+            errors = kuberay_errors(obj)
+    elif obj["apiVersion"].startswith("ray.io/"):
+        errors = [f"apiVersion {obj['apiVersion']!r} kind {obj['kind']!r}: only ray.io/v1 RayCluster "
+                  "and RayJob are supported"]
+    else:
+        errors = _builtin_errors(obj)
+    return [f"{label}: {e}" for e in errors]
+
+
+def _builtin_errors(obj: dict) -> list[str]:
+    utils = _kubernetes_validate()
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            utils.validate(obj, version, strict=True)
+        except utils.SchemaNotFoundError as exc:
+            errors.append(exc.message)
+        except utils.ValidationError as exc:
+            errors.append(f"(Kubernetes {version}) {_format(exc)}")
+    return sorted(set(errors))
+
+
+def _format(err) -> str:
+    path = ".".join(str(p) for p in err.absolute_path) or "<root>"
+    return f"{path}: {err.message}"
+
+
+def kuberay_errors(obj: dict) -> list[str]:
+    """KubeRay v1.7.0's own checks (``validation.go``) that no schema can express.
+
+    Covers: names (DNS-1035 label, at most 47 characters for a RayJob and 53 for a RayCluster),
+    at least one container per group, ``minReplicas <= replicas <= maxReplicas``, TTL only with
+    ``shutdownAfterJobFinishes``, non-negative ``backoffLimit``, positive
+    ``activeDeadlineSeconds`` and a ``runtimeEnvYAML`` that parses as YAML.
+    """
+    errors = []
+    name = obj.get("metadata", {}).get("name", "")
+    limit = MAX_RAYJOB_NAME if obj["kind"] == "RayJob" else MAX_RAYCLUSTER_NAME
+    if len(name) > limit:
+        errors.append(f"metadata.name: {obj['kind']} name {name!r} has {len(name)} characters; KubeRay allows {limit}")
+    if not _DNS1035.match(name):
+        errors.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
+                      "starting with a letter)")
+    spec = obj.get("spec", {})
+    if obj["kind"] == "RayJob":
+        errors += _rayjob_spec_errors(spec)
+        spec = spec.get("rayClusterSpec") or {}
+        prefix = "spec.rayClusterSpec"
+    else:
+        prefix = "spec"
+    return errors + [f"{prefix}.{e}" for e in _raycluster_spec_errors(spec)]
+
+
+def _rayjob_spec_errors(spec: dict) -> list[str]:
+    errors = []
+    if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        errors.append("spec.ttlSecondsAfterFinished: needs spec.shutdownAfterJobFinishes: true")
+    if spec.get("backoffLimit", 0) < 0:
+        errors.append(f"spec.backoffLimit: {spec['backoffLimit']} must be >= 0")
+    if "activeDeadlineSeconds" in spec and spec["activeDeadlineSeconds"] <= 0:
+        errors.append(f"spec.activeDeadlineSeconds: {spec['activeDeadlineSeconds']} must be > 0")
+    if not spec.get("rayClusterSpec") and not spec.get("clusterSelector"):
+        errors.append("spec: one of rayClusterSpec or clusterSelector must be set")
+    if "runtimeEnvYAML" in spec:
+        try:
+            yaml.safe_load(spec["runtimeEnvYAML"])
+        except yaml.YAMLError as exc:
+            errors.append(f"spec.runtimeEnvYAML: not valid YAML: {exc}")
+    return errors
+
+
+def _raycluster_spec_errors(spec: dict) -> list[str]:
+    errors = []
+    if spec and not spec.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers"):
+        errors.append("headGroupSpec: needs at least one container")
+    for i, group in enumerate(spec.get("workerGroupSpecs", [])):
+        where = f"workerGroupSpecs[{i}]"
+        if not group.get("template", {}).get("spec", {}).get("containers"):
+            errors.append(f"{where}: needs at least one container")
+        lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
+        replicas = group.get("replicas", lo)
+        if not lo <= replicas <= hi:
+            errors.append(f"{where}: needs minReplicas({lo}) <= replicas({replicas}) <= maxReplicas({hi})")
+    return errors
+
+
+def validate_objects(objs: Iterable[dict]) -> None:
+    """Raise :class:`ManifestError` listing every problem of every object (none: return)."""
+    errors = [e for obj in objs for e in validation_errors(obj)]
+    if errors:
+        raise ManifestError("manifest rejected:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+def load_manifests(path: str | Path) -> list[dict]:
+    """All non-empty YAML documents of a file (``---`` separated).
+
+    Raises:
+        ManifestError: the file is missing or is not valid YAML.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"manifest file {str(p)!r} does not exist")
+    try:
+        return [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{p}: not valid YAML: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestrator.k8s.validate FILES...`` or ``--extract-crds DIR``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--extract-crds"] and len(args) == 2:
+        write_schema_file(extract_crd_schemas(args[1]))
+        print(f"wrote {SCHEMA_FILE}")
+        return 0
+    bad = 0
+    for path in args:
+        for obj in load_manifests(path):
+            errors = validation_errors(obj)
+            bad += bool(errors)
+            print("\n".join(f"{path}: {e}" for e in errors) or f"{path}: {obj['kind']}/{obj['metadata']['name']} ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
