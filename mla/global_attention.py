@@ -9,19 +9,23 @@ gradient, the scores and values of the chosen keys do.
 O(n^2) in time but done in chunks of queries, so memory is O(chunk * n + n * k).
 
 ``indexer="block"`` (cheap, after Native Sparse Attention, Yuan et al. 2025, Sec. 3.3.2, "token
-selection" from block importance scores): keys are cut into blocks of B tokens and queries into
-the same blocks. For query block I and key block J the block score is ``mean(q in I) . mean(k
-in J)`` (= the mean of the token scores over the two blocks). Every query block keeps its own
-(diagonal) block plus the ``m = ceil(top_k / B)`` strictly earlier key blocks with the highest
-block scores (fewer when fewer exist). Each query then attends to the exact top-k tokens, by
-token score, among the causal keys of those ``m + 1`` blocks. How this differs from exact mode:
+selection" from block importance scores): keys and queries are cut into blocks of B tokens
+(query block I holds positions ``I*B .. I*B + B - 1``). Key block J is summarised by the mean of
+its keys. Query block I is summarised by the mean of the B queries *ending at its first
+position*, ``q[I*B - B + 1 .. I*B]`` (fewer at the start), so that the choice, which all queries
+of the block share, depends on no query after any of them (causality). The block score is
+``q_bar_I . k_bar_J``. Every query block keeps its own (diagonal) block plus the ``m = ceil(top_k
+/ B)`` strictly earlier key blocks J < I with the highest block scores (fewer when fewer exist).
+Each query then attends to the exact top-k tokens, by token score, among the causal keys of those
+``m + 1`` blocks. How this differs from exact mode:
 
 1. a key outside the chosen blocks is never selected, even if its token score is in the exact
-   top-k (the block choice is shared by the B queries of a block and made on pooled vectors);
+   top-k (the block choice is shared by the B queries of a block and made on pooled vectors; NSA
+   instead chooses blocks per query, which costs a per-query gather of candidate keys);
 2. a query may therefore see fewer than k keys even when i + 1 >= k (e.g. the first queries of
    a block whose chosen earlier blocks were few);
-3. when all earlier blocks fit in the selection (``m + 1 >= number of blocks up to I``), every
-   causal key is a candidate and block mode equals exact mode.
+3. when all earlier blocks fit in the selection (``m + 1 >= I + 1``, e.g. ``seq <= (m + 1) * B``),
+   every causal key is a candidate and block mode equals exact mode.
 
 Block mode is O(n * (n / B + k)) in time and memory (never n x n): block scores are (n/B)^2,
 candidate scores n * (m + 1) * B with ``(m + 1) * B <= top_k + 2B``.
@@ -136,7 +140,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def select_key_blocks(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose key blocks per query block from mean-pooled queries and keys (NSA-style).
+    """Choose key blocks per query block from pooled queries and keys (NSA-style, causal).
 
     Args:
         q, k: ``(batch, heads, seq, head_dim)``.
@@ -146,11 +150,12 @@ def select_key_blocks(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int) 
     Returns:
         ``(blocks, valid)``, each ``(batch, heads, nb, m + 1)`` with ``nb = ceil(seq / B)``:
         column 0 is the diagonal block ``I`` itself, columns 1..m the chosen earlier blocks
-        ``J < I`` by descending ``mean(q_I) . mean(k_J)``; ``valid`` is False for padding
+        ``J < I`` by descending ``q_bar_I . k_bar_J`` (:func:`causal_query_means`,
+        :func:`_block_means`); ``valid`` is False for padding
         choices of blocks with fewer than m earlier blocks.
     """
     nb = num_blocks(q.shape[-2], block)
-    q_bar, k_bar = _block_means(q, block), _block_means(k, block)
+    q_bar, k_bar = causal_query_means(q, block), _block_means(k, block)
     scores = q_bar @ k_bar.transpose(-1, -2)  # (b, h, nb, nb)
     ar = torch.arange(nb, device=q.device)
     scores = scores.masked_fill(ar.view(1, -1) >= ar.view(-1, 1), float("-inf"))
@@ -161,6 +166,24 @@ def select_key_blocks(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int) 
     vals, chosen = scores.topk(m, dim=-1)
     valid = torch.cat([torch.ones_like(diag, dtype=torch.bool), torch.isfinite(vals)], dim=-1)
     return torch.cat([diag, chosen], dim=-1), valid
+
+
+def causal_query_means(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Summary query of each query block: the mean of ``q[I*B - B + 1 .. I*B]`` (clipped at 0).
+
+    Args:
+        q: ``(batch, heads, seq, head_dim)``.
+        block: B.
+
+    Returns:
+        ``(batch, heads, nb, head_dim)``; row I depends only on positions <= I*B.
+    """
+    n = q.shape[-2]
+    nb = num_blocks(n, block)
+    qp = pad_seq(q, block - 1, max(0, nb * block - n - block + 1))
+    sums = qp[..., :nb * block, :].reshape(*q.shape[:-2], nb, block, q.shape[-1]).sum(-2)
+    counts = torch.clamp(torch.arange(nb, device=q.device) * block + 1, max=block)
+    return sums / counts.to(q.dtype).unsqueeze(-1)
 
 
 def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:

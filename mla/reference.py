@@ -64,7 +64,8 @@ def block_indexer_reference_mask(q: torch.Tensor, k: torch.Tensor, top_k: int, b
 
     Implements the rule of :mod:`mla.global_attention` independently of it: for query i in
     block ``I = i // B``, take the diagonal block I plus the ``min(ceil(k/B), I)`` earlier
-    blocks J with the highest ``mean(q in I) . mean(k in J)`` (means over real tokens), then the
+    blocks J with the highest ``mean(q[I*B-B+1 .. I*B]) . mean(k in J)`` (means over real
+    positions), then the
     top-k causal tokens of those blocks by ``q_i . k_j``.
 
     Args:
@@ -94,7 +95,7 @@ def _reference_candidates(q: torch.Tensor, k: torch.Tensor, i: int, m: int, bloc
     """Causal key positions (``<= i``) of the blocks the indexer gives query ``i``."""
     n = q.shape[0]
     qi = i // block
-    q_bar = q[qi * block:min(n, (qi + 1) * block)].mean(0)
+    q_bar = q[max(0, qi * block - block + 1):qi * block + 1].mean(0)
     block_scores = [float(q_bar @ k[j * block:(j + 1) * block].mean(0)) for j in range(qi)]
     chosen = sorted(range(qi), key=lambda j: -block_scores[j])[:m]
     return [j for blk in [qi, *chosen] for j in range(blk * block, min(n, (blk + 1) * block)) if j <= i]
