@@ -1,0 +1,23 @@
+"""Hybrid-parallel planner: choose data x tensor x pipeline degrees, ZeRO stage, micro-batch,
+recomputation, sequence parallelism and virtual stages for a model on N GPUs.
+
+Pure Python (no torch). One concept per module: :mod:`.catalogue` (GPUs), :mod:`.shapes`
+(model shapes), :mod:`.memory`, :mod:`.step_time`, :mod:`.evaluate`, :mod:`.search`,
+:mod:`.job` (job configs), :mod:`.calibrate` (fitting the efficiency to published runs).
+
+Example:
+    >>> from mla.config import PRESETS
+    >>> result = plan(PlanRequest(model=PRESETS["70b"], gpus=64, gpu="h100", global_batch=512))
+    >>> result.best.layout, result.best.estimate.mfu
+"""
+
+from orchestrator.planner.catalogue import GPU_CATALOGUE, GpuSpec, get_gpu
+from orchestrator.planner.evaluate import estimate
+from orchestrator.planner.job import plan_job
+from orchestrator.planner.search import min_gpus, plan
+from orchestrator.planner.shapes import model_from_params, parse_count
+from orchestrator.planner.types import Candidate, Estimate, Pins, PlanRequest, PlanResult, Rejection
+
+__all__ = ["GPU_CATALOGUE", "GpuSpec", "get_gpu", "estimate", "plan_job", "plan", "min_gpus",
+           "model_from_params", "parse_count", "Candidate", "Estimate", "Pins", "PlanRequest", "PlanResult",
+           "Rejection"]

@@ -1,0 +1,253 @@
+"""Memory per GPU: parameters, gradients, optimizer state, activations and buffers.
+
+Model states follow ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054, §3.1/§5) with the byte
+counts of DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs``,
+``estimate_zero3_model_states_mem_needs``, formulas.md §2), which the runtime uses. Activations
+follow Korthikanti et al. 2022 (arXiv:2205.05198, §4, eqs. 1-6 / Table 2), generalised to
+grouped-query attention, SwiGLU width, no dropout, FlashAttention and the MLA attention's own
+tensors. All results are in bytes unless a name says ``gib``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mla.config import ModelConfig
+from mla.flops import layer_parameters
+
+GIB = 2**30
+LOW_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+#: Fixed per-process memory not counted elsewhere: CUDA context, cuBLAS/NCCL workspaces (GiB).
+RUNTIME_OVERHEAD_GIB = 1.0
+#: DeepSpeed's default ``reduce_bucket_size`` (elements) for ZeRO 1/2 gradient buckets.
+REDUCE_BUCKET_ELEMENTS = 5e8
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU on the most loaded pipeline stage.
+
+    Example:
+        >>> MemoryBreakdown(2 * GIB, 2 * GIB, 12 * GIB, 3 * GIB, 1 * GIB).gib()["total"]
+        20.0
+    """
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        """Sum of the parts, bytes."""
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+
+    def gib(self) -> dict:
+        """Parts and ``total`` in GiB, rounded to 0.01."""
+        parts = {k: getattr(self, k) for k in ("parameters", "gradients", "optimizer", "activations", "buffers")}
+        return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(self.total / GIB, 2)}
+
+    def largest_part(self) -> tuple[str, float]:
+        """``(name, bytes)`` of the biggest part."""
+        return max(((k, getattr(self, k)) for k in ("parameters", "gradients", "optimizer", "activations",
+                                                    "buffers")), key=lambda kv: kv[1])
+
+
+def zero_paper_bytes(psi: float, stage: int, nd: int, k: int = 12) -> float:
+    """Model-state bytes per GPU exactly as the ZeRO paper counts them (§3.1, Fig. 1).
+
+    Baseline ``(2+2+K)Ψ``; P_os ``4Ψ + KΨ/N_d``; P_os+g ``2Ψ + (2+K)Ψ/N_d``; P_os+g+p
+    ``(4+K)Ψ/N_d``; K = 12 for mixed-precision Adam.
+
+    Example (the paper's Ψ = 7.5B, N_d = 64): 120e9, 31.4e9, 16.6e9, 1.9e9 bytes for stages 0-3.
+    """
+    shards = {0: (1, 1, 1), 1: (1, 1, nd), 2: (1, nd, nd), 3: (nd, nd, nd)}[stage]
+    return 2 * psi / shards[0] + 2 * psi / shards[1] + k * psi / shards[2]
+
+
+def model_state_bytes(psi: float, stage: int, dp: int, precision: str) -> tuple[float, float, float]:
+    """``(parameters, gradients, optimizer)`` bytes per GPU for ``psi`` parameters on this GPU.
+
+    Mixed precision (bf16/fp16) as DeepSpeed allocates it: 2-byte parameters, 2-byte gradients,
+    a 4-byte fp32 gradient copy and 12-byte Adam state (fp32 master weights, momentum, variance).
+    ZeRO-1 shards optimizer state and the fp32 gradient copy over ``dp``; ZeRO-2 also the 2-byte
+    gradients; ZeRO-3 also the parameters, and its 2-byte gradients live only in the reduce
+    buckets (DeepSpeed's estimator counts ``18Ψ/N``). fp32 training: 4-byte parameters and
+    gradients, 8-byte Adam moments, no extra copies. Stage 0 mixed precision costs 20 B/param
+    (Megatron-LM README "Distributed Optimizer" table: 20, and ``4 + 16/d`` for ZeRO-1).
+
+    Example: Ψ = 7.5e9, ZeRO-2, dp = 64, bf16 → (15e9, 2.11e9, 1.41e9): total 2Ψ + 18Ψ/64 =
+    17.11e9 B, DeepSpeed's ``estimate_zero2_model_states_mem_needs`` without offload.
+    """
+    if precision == "fp32":
+        p_b, g_b, fp32_grad, opt = 4, 4, 0, 8
+    else:
+        p_b, g_b, fp32_grad, opt = 2, 2, 4, 12
+    if stage == 3:
+        g_b = 0
+    params = p_b * psi / (dp if stage >= 3 else 1)
+    grads = g_b * psi / (dp if stage >= 2 else 1) + fp32_grad * psi / (dp if stage >= 1 else 1)
+    return params, grads, opt * psi / (dp if stage >= 1 else 1)
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int, tp: int = 1, *,
+                               sequence_parallel: bool = False, recompute: str = "none",
+                               flash: bool = True) -> float:
+    """Activation bytes one transformer block keeps for backward, per GPU (16-bit activations).
+
+    Korthikanti et al. 2022 §4.1 count ``sbh·(34 + 5as/h)`` bytes per layer: attention 11sbh +
+    5as²b, MLP 19sbh, two LayerNorms 4sbh. Here, per sbh: 10 are replicated across tensor-parallel
+    ranks unless sequence parallelism splits them (two norm inputs 4, QKV input 2, MLP input 2,
+    two dropout masks 2 when ``cfg.dropout > 0``); the rest is split by ``tp``: Q 2, K and V
+    ``4·kv/a`` (GQA shrinks them), attention output 2, SwiGLU ``6·ffn/h`` (gate and up outputs and
+    their product; ``ffn = 8h/3`` gives GPT's 16). Dense score storage ``as²b·(2 + 3 if dropout)``
+    is dropped by FlashAttention (``flash``) or selective recompute. MLA adds
+    :func:`mla_attention_bytes` (dropped by selective recompute). Full recompute keeps only the
+    block input, ``2sbh`` (``/tp`` with sequence parallelism).
+
+    Example (Korthikanti's GPT-3 175B, s=2048, h=12288, a=96, ffn=32768, dropout, no flash, b=1,
+    t=8): none 0.58e9 B (TP only), 0.36e9 (TP+SP), selective+SP 0.107e9, full 0.050e9.
+    """
+    s, b, h, a = seq_len, micro_batch, cfg.d_model, cfg.n_heads
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (tp if sequence_parallel else 1)
+    masks = 2 if cfg.dropout > 0 else 0
+    replicated = (8 + masks) * sbh
+    split = (4 + 4 * cfg.kv_heads / a + 6 * cfg.ffn_hidden / h) * sbh
+    if recompute == "none" and cfg.attention == "dense" and not flash:
+        split += a * s * s * b * (5 if masks else 2)
+    if cfg.attention == "mla":
+        split += mla_attention_bytes(cfg, seq_len, micro_batch, recompute)
+    return replicated / (tp if sequence_parallel else 1) + split / tp
+
+
+def mla_attention_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, recompute: str = "none") -> float:
+    """Extra activation bytes of one MLA attention core, all heads (divide by tp for a shard).
+
+    As ``mla/global_attention.py`` implements the global branch (gather-based): the gathered keys
+    and values ``(b, H, s, k, hd)`` 2 bytes each, the softmax output ``(b, H, s, k)`` 2 bytes,
+    the int64 indices 8 bytes and the validity mask 1 byte: ``b·H·s·k·(4·hd + 11)``. The local
+    branch runs as a fused (flex/SDPA) kernel and stores no scores. Mixing keeps both branch
+    outputs (``4sbh``) and the sigmoid gate (``2·b·s·H``). Selective recompute reruns the core
+    and keeps only the gate.
+
+    Example (tiny: H=4, hd=32, k=8, s=256, b=8): 8·4·256·8·139 + 4·256·8·128 + 2·8·256·4
+    = 9,109,504 + 1,048,576 + 16,384 = 10,174,464 bytes.
+    """
+    b, s, heads = micro_batch, seq_len, cfg.n_heads
+    gate = 2 * b * s * heads if cfg.mix == "gate" else 0
+    if recompute == "selective":
+        return gate
+    k = min(cfg.global_k, s)
+    return b * heads * s * k * (4 * cfg.head_dim + 11) + 4 * s * b * cfg.d_model + gate
+
+
+def layers_on_stage(n_layers: int, pp: int, stage: int) -> int:
+    """Layers on pipeline ``stage``: ``n_layers // pp``, one more on the first ``n_layers % pp``.
+
+    This is the documented uneven split of ``workers.layout.Layout.check_model``.
+
+    Example: 126 layers on 16 stages → stages 0-13 hold 8, stages 14-15 hold 7.
+    """
+    return n_layers // pp + (1 if stage < n_layers % pp else 0)
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
+    """Parameters held by one GPU of ``stage`` (tensor shards; norms replicated).
+
+    The embedding ``V·d`` (vocabulary-parallel, ``/tp``) sits on the first stage; the tied output
+    head needs its own copy on the last stage when ``pp > 1`` (Megatron's shared embedding).
+
+    Example: 70b preset (80 layers of 855.6M), tp=8, pp=4, stage 0: 20·(855.6M - 16,384)/8 +
+    20·16,384 + 32000·8192/8 = 2.17e9.
+    """
+    per_layer = layer_parameters(cfg)
+    norms = 2 * cfg.d_model
+    n = layers_on_stage(cfg.n_layers, pp, stage)
+    params = n * ((per_layer - norms) / tp + norms)
+    if stage == 0 or stage == pp - 1:
+        params += cfg.vocab_size * cfg.d_model / tp
+    if stage == pp - 1:
+        params += cfg.d_model
+    return params
+
+
+def in_flight_micro_batches(pp: int, stage: int, grad_accum: int, virtual_stages: int = 1) -> float:
+    """Micro-batches whose activations ``stage`` holds at the peak of a 1F1B schedule.
+
+    Stage i of p holds ``min(p - i, m)`` (Narayanan et al. SC21 §2.2.1); the interleaved schedule
+    multiplies the first stage's load by ``1 + (p-1)/(p·m)`` (Korthikanti et al. 2022 §4.2.3).
+
+    Example: p=8, m=64, v=2, stage 0 → 8·(1 + 7/512) = 8.11.
+    """
+    held = min(pp - stage, grad_accum)
+    if virtual_stages > 1:
+        held *= 1 + (pp - 1) / (pp * grad_accum)
+    return held
+
+
+def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool = True) -> float:
+    """Activation bytes of one GPU on pipeline ``stage`` at its peak.
+
+    In-flight micro-batches × layers on the stage × :func:`activation_bytes_per_layer`; full
+    recompute adds one layer's complete activations (the block being recomputed); the last stage
+    adds the logits, 2 bytes saved plus 4 bytes for the fp32 softmax of the loss, ``6·s·b·V/t``.
+
+    Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
+    8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
+    """
+    per_layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
+                                           sequence_parallel=layout.sequence_parallel,
+                                           recompute=layout.recompute, flash=flash)
+    held = in_flight_micro_batches(layout.pp, stage, layout.grad_accum, layout.virtual_stages)
+    total = held * layers_on_stage(cfg.n_layers, layout.pp, stage) * per_layer
+    if layout.recompute == "full":
+        total += activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
+                                            sequence_parallel=layout.sequence_parallel, flash=flash)
+    if stage == layout.pp - 1:
+        total += 6 * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+    return total
+
+
+def buffer_bytes(cfg: ModelConfig, psi: float, layout, precision: str, gpu_name: str = "") -> float:
+    """Runtime buffers: fixed overhead, the gradient reduce bucket and ZeRO-3 gathered layers.
+
+    ``RUNTIME_OVERHEAD_GIB`` + ``low_bytes · min(Ψ, 5e8)`` (DeepSpeed's default reduce bucket) +
+    for ZeRO-3 ``4 · largest layer`` (DeepSpeed ``estimate_zero3_model_states_mem_needs``'s
+    ``largest_layer_memory``; the largest layer is the embedding or one MLP matrix, ``/tp``).
+
+    Example: Ψ = 2.7e9 on a GPU, ZeRO-1, bf16 → 1 GiB + 2·5e8 B = 2.07e9 B.
+    """
+    low = LOW_BYTES[precision]
+    total = RUNTIME_OVERHEAD_GIB * GIB + low * min(psi, REDUCE_BUCKET_ELEMENTS)
+    if layout.zero_stage == 3:
+        largest = max(cfg.vocab_size * cfg.d_model, cfg.d_model * cfg.ffn_hidden) / layout.tp
+        total += 4 * largest
+    return total
+
+
+def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: int,
+                 flash: bool = True) -> MemoryBreakdown:
+    """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources)."""
+    psi = stage_parameters(cfg, layout.tp, layout.pp, stage)
+    params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision)
+    act = stage_activation_bytes(cfg, seq_len, layout, stage, flash)
+    return MemoryBreakdown(params, grads, opt, act, buffer_bytes(cfg, psi, layout, precision))
+
+
+def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True) -> MemoryBreakdown:
+    """Memory of the most loaded GPU: the larger of the first and the last pipeline stage.
+
+    The first stage holds the embedding and the most in-flight micro-batches; the last holds the
+    output head and the logits. Middle stages hold less than the first.
+
+    Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.04 GiB, of which
+    1 GiB is the fixed runtime overhead.
+    """
+    first = stage_memory(cfg, seq_len, layout, precision, 0, flash)
+    if layout.pp == 1:
+        return first
+    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash)
+    return first if first.total >= last.total else last

@@ -1,0 +1,167 @@
+"""Step time of a layout: compute, recomputation, tensor/pipeline/data-parallel communication, bubble.
+
+Compute runs at ``efficiency × peak`` (hardware FLOPs, i.e. including recomputation); the
+efficiency is an achievable fraction of peak fitted to published runs (:mod:`.calibrate`).
+Communication uses ring collectives (Patarasuk & Yuan 2009: an all-reduce moves
+``2(n-1)/n`` of the buffer per GPU, a reduce-scatter or all-gather ``(n-1)/n``). The pipeline
+bubble is ``(p-1)/(v·m)`` of the ideal time (Narayanan et al. SC21 §2.2, Llama 3 §3.3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mla.config import ModelConfig
+from mla.flops import attention_flops_per_token, layer_parameters
+from orchestrator.planner.memory import LOW_BYTES, layers_on_stage, stage_parameters
+
+#: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
+#: the published rows of published_layouts.csv (``calibrate.fit_efficiency``).
+DEFAULT_EFFICIENCY = 0.58
+#: Latency of one collective or send, seconds (NCCL small-message latency, order 10 µs).
+COLLECTIVE_LATENCY_S = 10e-6
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by cause; ``total`` is their sum."""
+
+    compute_s: float
+    recompute_s: float
+    tp_comm_s: float
+    bubble_s: float
+    p2p_s: float
+    dp_comm_s: float
+
+    @property
+    def total(self) -> float:
+        """Step time, seconds."""
+        return self.compute_s + self.recompute_s + self.tp_comm_s + self.bubble_s + self.p2p_s + self.dp_comm_s
+
+    def to_dict(self) -> dict:
+        """Parts in seconds (6 significant digits)."""
+        return {k: float(f"{getattr(self, k):.6g}") for k in
+                ("compute_s", "recompute_s", "tp_comm_s", "bubble_s", "p2p_s", "dp_comm_s")}
+
+
+def stage_flops_per_token(cfg: ModelConfig, seq_len: int, pp: int, recompute: str) -> tuple[float, float]:
+    """``(model, extra)`` training FLOPs per token on the slowest pipeline stage.
+
+    A layer costs ``6·P_layer`` + its share of the PaLM attention term; the output head
+    ``6·V·d`` sits on the last stage. Full recompute adds one forward of every layer (1/3 of its
+    training FLOPs); selective recompute adds one forward of the attention core (1/3 of the
+    attention term), Korthikanti et al. 2022 §5: hardware/model = ``(1+s/3h)/(1+s/6h)`` per layer.
+
+    Example: GPT-3 175B, s=2048, pp=1, full → extra = (96·(6·12h²·…) + attn)/3 ≈ 1/3 of model.
+    """
+    attn = attention_flops_per_token(cfg, seq_len) / cfg.n_layers
+    layer = 6.0 * layer_parameters(cfg) + attn
+    head = 6.0 * cfg.vocab_size * cfg.d_model
+    first, last = layers_on_stage(cfg.n_layers, pp, 0), layers_on_stage(cfg.n_layers, pp, pp - 1)
+    first_cost = first * layer + (head if pp == 1 else 0.0)
+    last_cost = last * layer + head
+    n, model = (first, first_cost) if first_cost >= last_cost else (last, last_cost)
+    extra = {"none": 0.0, "selective": n * attn / 3, "full": n * layer / 3}[recompute]
+    return model, extra
+
+
+def ring_time(nbytes: float, n: int, bandwidth_gbs: float, factor: float) -> float:
+    """Seconds for a ring collective moving ``factor·(n-1)/n·nbytes`` per GPU at ``bandwidth_gbs``.
+
+    ``factor`` is 2 for all-reduce, 1 for reduce-scatter or all-gather.
+
+    Example: all-reduce of 1 GB over 8 GPUs at 25 GB/s → 2·7/8·1e9/25e9 = 0.07 s.
+    """
+    if n <= 1:
+        return 0.0
+    return factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + COLLECTIVE_LATENCY_S
+
+
+def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu) -> float:
+    """Tensor-parallel all-reduces of one micro-batch on one stage, seconds (not overlapped).
+
+    Megatron: 2 all-reduces of the ``(s, b, h)`` activation per layer forward, 2 backward, 2 more
+    with full recompute (Korthikanti §5; sequence parallelism swaps each for an all-gather plus a
+    reduce-scatter of the same total volume). Over the intra-node link.
+
+    Example: h=12288, s=2048, b=1, bf16, t=8, 12 layers, A100 (300 GB/s): 48 · 2·7/8·50.3 MB /
+    300 GB/s = 14.1 ms.
+    """
+    if layout.tp == 1:
+        return 0.0
+    n = 4 + (2 if layout.recompute == "full" else 0)
+    nbytes = LOW_BYTES[precision] * seq_len * layout.micro_batch * cfg.d_model
+    layers = layers_on_stage(cfg.n_layers, layout.pp, 0)
+    return n * layers * ring_time(nbytes, layout.tp, gpu.intra_node_gbs, 2)
+
+
+def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int) -> float:
+    """Pipeline sends per step, seconds: an activation forward and a gradient backward per
+    micro-batch and model chunk, ``2·s·b·h`` bytes (``/t`` with Megatron's scatter-gather).
+
+    Neighbouring stages are ``dp·tp`` ranks apart (``workers.layout`` rank order), so they talk
+    over the network once ``dp·tp >= gpus_per_node``.
+
+    Example: h=12288, s=2048, b=1, t=8, m=64, v=1, 25 GB/s: 2·64·6.3 MB/25 GB/s = 32 ms.
+    """
+    if layout.pp == 1:
+        return 0.0
+    nbytes = LOW_BYTES[precision] * seq_len * layout.micro_batch * cfg.d_model / layout.tp
+    bw = gpu.inter_node_gbs if layout.dp * layout.tp >= gpus_per_node else gpu.intra_node_gbs
+    sends = 2 * layout.grad_accum * layout.virtual_stages
+    return sends * (nbytes / (bw * 1e9) + COLLECTIVE_LATENCY_S)
+
+
+def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node: int,
+                    micro_batch_compute_s: float) -> float:
+    """Data-parallel traffic not hidden behind backward compute, seconds per step.
+
+    ZeRO §7 volumes per GPU shard of Ψ parameters: stage 0/1 all-reduce the gradients once per
+    step (stage 1 as reduce-scatter + parameter all-gather, same volume); stage 2 reduce-scatters
+    every micro-batch (DeepSpeed cannot keep full gradients) and all-gathers parameters once;
+    stage 3 all-gathers parameters in forward and backward and reduce-scatters gradients, every
+    micro-batch (1.5x). Gradient traffic overlaps the backward pass (2/3 of a micro-batch's
+    compute), parameter prefetch in ZeRO-3 the whole micro-batch; the step-end parameter
+    all-gather of stages 1-2 is exposed. The group spans nodes when ``dp·tp > gpus_per_node``.
+
+    Example: Ψ=1.7e9 (stage 0, fp16), dp=32, 25 GB/s, backward window 0.5 s: all-reduce
+    2·31/32·3.4e9/25e9 = 0.26 s, fully hidden → 0 s.
+    """
+    if layout.dp == 1:
+        return 0.0
+    psi = stage_parameters(cfg, layout.tp, layout.pp, 0)
+    nbytes = LOW_BYTES[precision] * psi
+    bw = gpu.inter_node_gbs if layout.dp * layout.tp > gpus_per_node else gpu.intra_node_gbs
+    window = 2 / 3 * micro_batch_compute_s
+    one = ring_time(nbytes, layout.dp, bw, 1)
+    m = layout.grad_accum
+    if layout.zero_stage == 0:
+        return max(0.0, 2 * one - window)
+    if layout.zero_stage == 1:
+        return max(0.0, one - window) + one
+    if layout.zero_stage == 2:
+        return m * max(0.0, one - window) + one
+    return m * max(0.0, 3 * one - 1.5 * window)
+
+
+def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int,
+              efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:
+    """Seconds per optimizer step of ``layout`` (see the module docstring).
+
+    Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)``; a step is
+    ``m`` of them plus the bubble ``(p-1)/v`` micro-batch slots, tensor-parallel all-reduces,
+    pipeline sends and exposed data-parallel traffic.
+
+    Example: 1.7B GPT (24×2304), s=2048, b=16, m=1, dp=32, fp16 full recompute, A100 at eff 0.58:
+    compute ≈ 16·2048·(6·1.7e9·4/3 …)/(0.58·312e12) ≈ 2.5 s per step.
+    """
+    model, extra = stage_flops_per_token(cfg, seq_len, layout.pp, layout.recompute)
+    rate = layout.tp * efficiency * gpu.peak_flops(precision)
+    tokens = layout.micro_batch * seq_len
+    mb_model, mb_extra = model * tokens / rate, extra * tokens / rate
+    mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu)
+    m = layout.grad_accum
+    bubble = (layout.pp - 1) / layout.virtual_stages * (mb_model + mb_extra + mb_tp)
+    return StepTime(compute_s=m * mb_model, recompute_s=m * mb_extra, tp_comm_s=m * mb_tp, bubble_s=bubble,
+                    p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node),
+                    dp_comm_s=dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model + mb_extra))
