@@ -300,6 +300,18 @@ def _ray_version() -> str:
         return "2.60.0"
 
 
+class _Dumper(yaml.SafeDumper):
+    """Safe dumper writing multi-line strings (the job YAML) as literal ``|`` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def to_yaml(objs: list[dict]) -> str:
     """Multi-document YAML (``---`` separated), keys in insertion order."""
-    return "---\n".join(yaml.safe_dump(o, sort_keys=False, width=100) for o in objs)
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=100) for o in objs)

@@ -74,7 +74,7 @@ def extract_crd_schemas(crd_dir: str | Path) -> dict:
             raise ManifestError(f"CRD file {str(path)!r} not found; pass the folder holding {name}")
         raw = path.read_bytes()
         out["sources"][name] = hashlib.sha256(raw).hexdigest()
-        crd = yaml.safe_load(raw)
+        crd = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C parser: 10x faster
         versions = {v["name"]: v for v in crd["spec"]["versions"]}
         if "v1" not in versions:
             raise ManifestError(f"{path}: no v1 version (found {', '.join(versions)})")
