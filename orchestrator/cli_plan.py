@@ -1,8 +1,173 @@
-"""``mla plan``: placeholder until the planner lands (issue 3)."""
+"""``mla plan``: choose a data x tensor x pipeline layout and print its memory and speed.
+
+Human tables go to stdout (rich); ``--json`` prints one JSON document to stdout instead. User
+errors are :class:`orchestrator.errors.PlanError`, printed by ``orchestrator.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
 
 import typer
 
+from orchestrator.errors import PlanError
 
-def plan() -> None:
-    """Choose a data x tensor x pipeline layout (not implemented yet)."""
-    raise typer.Exit(2)
+_MODEL = "Model (one of --model, --params, --config, or explicit dims)"
+_CLUSTER = "Cluster"
+_PIN = "Pin layout fields"
+
+
+def build_model(model: str | None, params: str | None, config: str | None, dims: dict):
+    """ModelConfig and default seq_len from exactly one model source.
+
+    Raises:
+        PlanError: none or several sources, an unknown preset, or incomplete explicit dims.
+    """
+    from mla.config import PRESETS, ModelConfig
+    from orchestrator.planner.shapes import model_from_params
+
+    explicit = {k: v for k, v in dims.items() if v is not None}
+    given = [name for name, v in (("--model", model), ("--params", params), ("--config", config)) if v]
+    if explicit.get("layers") or explicit.get("hidden"):
+        given.append("explicit dims")
+    if len(given) != 1:
+        raise PlanError(f"give exactly one model source, got {given or 'none'}: --model NAME "
+                        f"({', '.join(PRESETS)}), --params 70B, --config FILE, or --layers/--hidden/--heads/--vocab")
+    if model:
+        if model not in PRESETS:
+            raise PlanError(f"unknown model preset {model!r}; known presets: {', '.join(PRESETS)}")
+        return PRESETS[model], None
+    if params:
+        return model_from_params(params, seq_len=dims.get("seq_len") or 4096), None
+    if config:
+        from orchestrator.config import load_job_config
+
+        job = load_job_config(config)
+        return job.model_config_(), job.data.seq_len
+    missing = [f"--{k}" for k in ("layers", "hidden", "heads", "vocab") if not explicit.get(k)]
+    if missing:
+        raise PlanError(f"explicit model dims need {', '.join(missing)}")
+    h = explicit["hidden"]
+    try:
+        cfg = ModelConfig(vocab_size=explicit["vocab"], d_model=h, n_layers=explicit["layers"],
+                          n_heads=explicit["heads"], n_kv_heads=explicit.get("kv_heads"),
+                          ffn_hidden=explicit.get("ffn_hidden") or round(8 * h / 3),
+                          max_seq_len=explicit.get("seq_len") or 4096, attention=explicit.get("attention") or "dense",
+                          local_window=explicit.get("window") or 1024, global_k=explicit.get("top_k") or 256)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    return cfg, None
+
+
+def print_result(result, top: int) -> None:
+    """Rich tables: best layouts, rejected ones, or the pinned estimate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.planner.shapes import describe_model
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    req = result.request
+    console.print(f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu.name} "
+                  f"({req.gpu.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
+                  f"{req.precision}", highlight=False)
+    rows = [result.estimate] if result.estimate else result.candidates[:top]
+    table = Table(title="estimate" if result.estimate else f"best {len(rows)} of {len(result.candidates)} layouts")
+    for col in ("dp", "tp", "pp", "zero", "mb", "ga", "recompute", "sp", "v", "params", "grads", "optim",
+                "acts", "buffers", "total GiB", "fits", "step s", "tokens/s", "TFLOP/s", "MFU"):
+        table.add_column(col, justify="right")
+    for c in rows:
+        lay, est, mem = c.layout, c.estimate, c.estimate.memory.gib()
+        table.add_row(*map(str, (lay.dp, lay.tp, lay.pp, lay.zero_stage, lay.micro_batch, lay.grad_accum,
+                                 lay.recompute, "y" if lay.sequence_parallel else "", lay.virtual_stages,
+                                 mem["parameters"], mem["gradients"], mem["optimizer"], mem["activations"],
+                                 mem["buffers"], mem["total"], "yes" if est.fits else "NO",
+                                 f"{est.step_time_s:.3g}", f"{est.tokens_per_s:,.0f}",
+                                 f"{est.tflops_per_gpu:.1f}", f"{100 * est.mfu:.1f}%")))
+    console.print(table)
+    if result.best and not result.estimate:
+        console.print(f"chosen: {result.best.reason}", highlight=False)
+    if result.rejected:
+        rej = Table(title=f"rejected ({len(result.rejected)})")
+        rej.add_column("layout")
+        rej.add_column("reason")
+        for r in result.rejected[:top]:
+            rej.add_row(" ".join(f"{k}={v}" for k, v in r.layout.items() if k != "sequence_parallel"), r.reason)
+        console.print(rej)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation.")
+
+
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", help="Preset name (tiny, small, 1b, 7b, 13b, 70b).", rich_help_panel=_MODEL),
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter count, e.g. 70B (standard shape rules).", rich_help_panel=_MODEL),
+    config: Optional[str] = typer.Option(None, "--config", help="Job YAML (model, seq_len, batch, pins).", rich_help_panel=_MODEL),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, rich_help_panel=_MODEL),
+    hidden: Optional[int] = typer.Option(None, "--hidden", min=1, rich_help_panel=_MODEL),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, rich_help_panel=_MODEL),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", min=1, rich_help_panel=_MODEL),
+    ffn_hidden: Optional[int] = typer.Option(None, "--ffn-hidden", min=1, help="Default 8h/3.", rich_help_panel=_MODEL),
+    vocab: Optional[int] = typer.Option(None, "--vocab", min=2, rich_help_panel=_MODEL),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Tokens per sequence.", rich_help_panel=_MODEL),
+    attention: Optional[str] = typer.Option(None, "--attention", help="dense or mla.", rich_help_panel=_MODEL),
+    window: Optional[int] = typer.Option(None, "--window", min=1, rich_help_panel=_MODEL),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, rich_help_panel=_MODEL),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Number of GPUs N.", rich_help_panel=_CLUSTER),
+    gpu: str = typer.Option("a100-80gb", "--gpu", help="Catalogue name (a100-40gb, a100-80gb, h100, h200, l4, t4, cpu).", rich_help_panel=_CLUSTER),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", rich_help_panel=_CLUSTER),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Custom dense peak for --precision.", rich_help_panel=_CLUSTER),
+    memory_gib: Optional[float] = typer.Option(None, "--memory-gib", help="Custom GPU memory.", rich_help_panel=_CLUSTER),
+    intra_node_gbs: Optional[float] = typer.Option(None, "--intra-node-gbs", rich_help_panel=_CLUSTER),
+    inter_node_gbs: Optional[float] = typer.Option(None, "--inter-node-gbs", rich_help_panel=_CLUSTER),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per step.", rich_help_panel=_CLUSTER),
+    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32.", rich_help_panel=_CLUSTER),
+    efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Achievable fraction of peak.", rich_help_panel=_CLUSTER),
+    dp: Optional[int] = typer.Option(None, "--dp", min=1, rich_help_panel=_PIN),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, rich_help_panel=_PIN),
+    pp: Optional[int] = typer.Option(None, "--pp", min=1, rich_help_panel=_PIN),
+    zero: Optional[int] = typer.Option(None, "--zero", min=0, max=3, rich_help_panel=_PIN),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, rich_help_panel=_PIN),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full.", rich_help_panel=_PIN),
+    sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", rich_help_panel=_PIN),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, rich_help_panel=_PIN),
+    estimate_only: bool = typer.Option(False, "--estimate", help="Evaluate exactly the pinned layout (pin every field)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows shown (and listed in --json)."),
+) -> None:
+    """Choose a data x tensor x pipeline layout: memory per GPU and predicted throughput."""
+    from orchestrator.planner import PlanRequest, Pins, get_gpu, plan as run_plan
+
+    if recompute is not None and recompute not in ("none", "selective", "full"):
+        raise PlanError(f"--recompute {recompute!r} must be none, selective or full")
+    dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,
+                seq_len=seq_len, attention=attention, window=window, top_k=top_k)
+    cfg, job_seq = build_model(model, params, config, dims)
+    batch, pins = global_batch, Pins(dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
+                                     recompute=recompute, sequence_parallel=sequence_parallel,
+                                     virtual_stages=virtual_stages)
+    if config:
+        from orchestrator.config import load_job_config
+
+        batch = batch or load_job_config(config).train.global_batch
+    if estimate_only and not pins.complete():
+        missing = [f for f in ("dp", "tp", "pp", "zero_stage", "micro_batch", "recompute", "sequence_parallel",
+                               "virtual_stages") if getattr(pins, f) is None]
+        raise PlanError(f"--estimate needs every layout field pinned; missing: {', '.join(missing)}")
+    if gpus is None:
+        if not pins.complete():
+            raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
+        gpus = dp * tp * pp
+    spec = get_gpu(gpu, memory_gib=memory_gib, intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs,
+                   peak_tflops={precision: peak_tflops} if peak_tflops else None)
+    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=batch or 8 * gpus,
+                          seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
+                          precision=precision, pins=pins, **({"efficiency": efficiency} if efficiency else {}))
+    result = run_plan(request)
+    if json_out:
+        print(json.dumps(result.to_json(limit=top), indent=2))
+    else:
+        print_result(result, top)

@@ -17,6 +17,8 @@ def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
     cfg = req.model
     if tp > req.node_size:
         return f"tp={tp} > {req.node_size} GPUs per node"
+    if req.node_size % tp:
+        return f"tp={tp} does not divide {req.node_size} GPUs per node (tensor groups would straddle nodes)"
     if cfg.n_heads % tp or cfg.kv_heads % tp:
         return f"tp={tp} does not divide heads={cfg.n_heads} and kv_heads={cfg.kv_heads}"
     if pp > cfg.n_layers:
@@ -58,7 +60,7 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
     """
     cfg, seq = req.model, req.seq_len
     memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention)
-    time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency)
+    time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp)
     tokens_per_s = req.global_batch * seq / time.total
     peak = req.gpu.peak_flops(req.precision)
     model_flops = training_flops_per_token(cfg, seq) * tokens_per_s / layout.world_size

@@ -82,9 +82,22 @@ def search_mesh(req: PlanRequest, dp: int, tp: int, pp: int) -> tuple[list[Candi
     return [], Rejection({"dp": dp, "tp": tp, "pp": pp}, problems[0] if problems else "no variant allowed by pins")
 
 
+#: Predictions closer than this fraction are a tie: the step-time model cannot resolve them.
+TIE_TOLERANCE = 0.03
+
+
 def rank(candidates: list[Candidate]) -> list[Candidate]:
-    """Best first: highest tokens/s, then least memory."""
-    return sorted(candidates, key=lambda c: (-round(c.estimate.tokens_per_s, 6), c.estimate.memory.total))
+    """Best first: highest tokens/s, then least memory; the first is the simplest layout within
+    ``TIE_TOLERANCE`` of the fastest (fewest pipeline stages, then no interleaving), following
+    Narayanan et al. SC21 takeaway #1 (tensor parallelism inside a node first, pipelines next).
+    """
+    ordered = sorted(candidates, key=lambda c: (-c.estimate.tokens_per_s, c.estimate.memory.total))
+    if not ordered:
+        return ordered
+    floor = (1 - TIE_TOLERANCE) * ordered[0].estimate.tokens_per_s
+    near = [c for c in ordered if c.estimate.tokens_per_s >= floor]
+    best = min(near, key=lambda c: (c.layout.pp, c.layout.virtual_stages))
+    return [best] + [c for c in ordered if c is not best]
 
 
 def explain(best: Candidate, ranked: list[Candidate]) -> str:
@@ -95,8 +108,11 @@ def explain(best: Candidate, ranked: list[Candidate]) -> str:
     mesh = lambda c: (c.layout.dp, c.layout.tp, c.layout.pp)  # noqa: E731
     other = next((c for c in ranked if mesh(c) != mesh(best)), None)
     if other is not None:
-        slower = 100 * (1 - other.estimate.tokens_per_s / e.tokens_per_s)
-        text += f"; best other degrees dp={other.layout.dp} tp={other.layout.tp} pp={other.layout.pp} {slower:.1f}% slower"
+        delta = 100 * (other.estimate.tokens_per_s / e.tokens_per_s - 1)
+        text += (f"; best other degrees dp={other.layout.dp} tp={other.layout.tp} pp={other.layout.pp}: "
+                 f"{delta:+.1f}% tokens/s")
+        if delta > 0:
+            text += f" (within the {100 * TIE_TOLERANCE:g}% tie tolerance; fewer pipeline stages preferred)"
     return text
 
 
@@ -164,6 +180,9 @@ def no_layout_message(req: PlanRequest, rejected: list[Rejection]) -> str:
                      f"(e.g. {req.gpus * 8}); divisors usable now: {ok}")
     elif any(r.reason.startswith("total") for r in rejected):
         lines.append(min_gpus_hint(req))
+    elif rejected:
+        lines.append(f"fix: tp must divide the heads ({req.model.n_heads}) and the {req.node_size} GPUs per node, "
+                     f"pp at most the layers ({req.model.n_layers}); unpin or change --tp/--pp/--gpus")
     return "\n".join(lines)
 
 

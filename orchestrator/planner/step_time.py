@@ -13,13 +13,18 @@ from dataclasses import dataclass
 
 from mla.config import ModelConfig
 from mla.flops import attention_flops_per_token, layer_parameters
-from orchestrator.planner.memory import LOW_BYTES, layers_on_stage, stage_parameters
+from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layers_on_stage, stage_parameters
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
 #: the published rows of published_layouts.csv (``calibrate.fit_efficiency``).
-DEFAULT_EFFICIENCY = 0.58
-#: Latency of one collective or send, seconds (NCCL small-message latency, order 10 µs).
-COLLECTIVE_LATENCY_S = 10e-6
+DEFAULT_EFFICIENCY = 0.64
+#: Bytes of memory traffic per token and layer of the element-wise kernels (norms, activation,
+#: residual adds, rotary, softmax bookkeeping), in units of the hidden size h: about three read or
+#: write passes, forward and backward, over the ~34·h bytes Korthikanti et al. count per token.
+ELEMENTWISE_BYTES_PER_H = 200
+#: Latency of one send or one ring step, seconds (NCCL small-message latency, order 5-10 µs); a
+#: ring collective over n GPUs takes ``factor·(n-1)`` steps (Patarasuk & Yuan 2009).
+COLLECTIVE_LATENCY_S = 5e-6
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,32 @@ def stage_flops_per_token(cfg: ModelConfig, seq_len: int, pp: int, recompute: st
     return model, extra
 
 
-def ring_time(nbytes: float, n: int, bandwidth_gbs: float, factor: float) -> float:
-    """Seconds for a ring collective moving ``factor·(n-1)/n·nbytes`` per GPU at ``bandwidth_gbs``.
+def ring_time(nbytes: float, n: int, bandwidth_gbs: float, factor: float, pieces: int = 1) -> float:
+    """Seconds for ring collectives moving ``factor·(n-1)/n·nbytes`` per GPU at ``bandwidth_gbs``,
+    issued as ``pieces`` collectives (buckets or layers) of ``factor·(n-1)`` latency steps each.
 
     ``factor`` is 2 for all-reduce, 1 for reduce-scatter or all-gather.
 
-    Example: all-reduce of 1 GB over 8 GPUs at 25 GB/s → 2·7/8·1e9/25e9 = 0.07 s.
+    Example: all-reduce of 1 GB over 8 GPUs at 25 GB/s, one piece → 2·7/8·1e9/25e9 + 14·5 µs
+    = 0.07007 s.
     """
     if n <= 1:
         return 0.0
-    return factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + COLLECTIVE_LATENCY_S
+    return factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + pieces * factor * (n - 1) * COLLECTIVE_LATENCY_S
+
+
+def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu) -> float:
+    """Seconds per token of memory-bound element-wise work on the slowest stage.
+
+    ``layers · ELEMENTWISE_BYTES_PER_H · h / (tp · HBM bandwidth)``: a matmul does ``72h²`` FLOPs
+    per token and layer but the element-wise kernels move ``∝ h`` bytes, so small models reach a
+    lower fraction of peak (the roofline argument, Williams et al. 2009).
+
+    Example: h=2048, 24 layers, tp=1, H100 (3.35 TB/s): 24·200·2048/3.35e12 = 2.9 µs per token,
+    about 24% of the matmul time at 60% of 989 TF/s.
+    """
+    layers = layers_on_stage(cfg.n_layers, pp, 0)
+    return layers * ELEMENTWISE_BYTES_PER_H * cfg.d_model / (tp * gpu.hbm_tbs * 1e12)
 
 
 def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu) -> float:
@@ -113,16 +134,18 @@ def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_p
 
 
 def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node: int,
-                    micro_batch_compute_s: float) -> float:
+                    micro_batch_compute_s: float, overlap: bool = True) -> float:
     """Data-parallel traffic not hidden behind backward compute, seconds per step.
 
     ZeRO §7 volumes per GPU shard of Ψ parameters: stage 0/1 all-reduce the gradients once per
     step (stage 1 as reduce-scatter + parameter all-gather, same volume); stage 2 reduce-scatters
     every micro-batch (DeepSpeed cannot keep full gradients) and all-gathers parameters once;
     stage 3 all-gathers parameters in forward and backward and reduce-scatters gradients, every
-    micro-batch (1.5x). Gradient traffic overlaps the backward pass (2/3 of a micro-batch's
+    micro-batch and layer by layer (1.5x the volume, 3 collectives per layer of latency). Gradient traffic overlaps the backward pass (2/3 of a micro-batch's
     compute), parameter prefetch in ZeRO-3 the whole micro-batch; the step-end parameter
-    all-gather of stages 1-2 is exposed. The group spans nodes when ``dp·tp > gpus_per_node``.
+    all-gather of stages 1-2 is exposed. ``overlap=False`` (Megatron-LM before
+    ``--overlap-grad-reduce``, 2021-2022) exposes all of it. The group spans nodes when
+    ``dp·tp > gpus_per_node``.
 
     Example: Ψ=1.7e9 (stage 0, fp16), dp=32, 25 GB/s, backward window 0.5 s: all-reduce
     2·31/32·3.4e9/25e9 = 0.26 s, fully hidden → 0 s.
@@ -132,8 +155,9 @@ def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node
     psi = stage_parameters(cfg, layout.tp, layout.pp, 0)
     nbytes = LOW_BYTES[precision] * psi
     bw = gpu.inter_node_gbs if layout.dp * layout.tp > gpus_per_node else gpu.intra_node_gbs
-    window = 2 / 3 * micro_batch_compute_s
-    one = ring_time(nbytes, layout.dp, bw, 1)
+    window = 2 / 3 * micro_batch_compute_s if overlap else 0.0
+    buckets = max(1, round(psi / REDUCE_BUCKET_ELEMENTS))
+    one = ring_time(nbytes, layout.dp, bw, 1, buckets)
     m = layout.grad_accum
     if layout.zero_stage == 0:
         return max(0.0, 2 * one - window)
@@ -141,11 +165,12 @@ def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node
         return max(0.0, one - window) + one
     if layout.zero_stage == 2:
         return m * max(0.0, one - window) + one
-    return m * max(0.0, 3 * one - 1.5 * window)
+    per_layer = ring_time(nbytes, layout.dp, bw, 3, layers_on_stage(cfg.n_layers, layout.pp, 0))
+    return m * max(0.0, per_layer - 1.5 * window)
 
 
 def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int,
-              efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:
+              efficiency: float = DEFAULT_EFFICIENCY, overlap: bool = True) -> StepTime:
     """Seconds per optimizer step of ``layout`` (see the module docstring).
 
     Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)``; a step is
@@ -158,10 +183,12 @@ def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_
     model, extra = stage_flops_per_token(cfg, seq_len, layout.pp, layout.recompute)
     rate = layout.tp * efficiency * gpu.peak_flops(precision)
     tokens = layout.micro_batch * seq_len
-    mb_model, mb_extra = model * tokens / rate, extra * tokens / rate
+    elementwise = elementwise_time_per_token(cfg, layout.pp, layout.tp, gpu) * tokens
+    mb_model, mb_extra = model * tokens / rate + elementwise, extra * tokens / rate
     mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu)
     m = layout.grad_accum
     bubble = (layout.pp - 1) / layout.virtual_stages * (mb_model + mb_extra + mb_tp)
     return StepTime(compute_s=m * mb_model, recompute_s=m * mb_extra, tp_comm_s=m * mb_tp, bubble_s=bubble,
                     p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node),
-                    dp_comm_s=dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model + mb_extra))
+                    dp_comm_s=dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model + mb_extra,
+                                                     overlap))

@@ -57,6 +57,7 @@ class PlanRequest:
         pins: Fixed layout fields.
         efficiency: Achievable fraction of peak for hardware FLOPs.
         flash_attention: Dense attention stores no s×s scores (FlashAttention / SDPA).
+        overlap_dp: Data-parallel gradient traffic overlaps the backward pass.
     """
 
     model: ModelConfig
@@ -69,6 +70,7 @@ class PlanRequest:
     pins: Pins = field(default_factory=Pins)
     efficiency: float = DEFAULT_EFFICIENCY
     flash_attention: bool = True
+    overlap_dp: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.gpu, str):
