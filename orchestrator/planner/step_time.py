@@ -54,8 +54,9 @@ def stage_flops_per_token(cfg: ModelConfig, seq_len: int, pp: int, recompute: st
 
     A layer costs ``6·P_layer`` + its share of the PaLM attention term; the output head
     ``6·V·d`` sits on the last stage. Full recompute adds one forward of every layer (1/3 of its
-    training FLOPs); selective recompute adds one forward of the attention core (1/3 of the
-    attention term), Korthikanti et al. 2022 §5: hardware/model = ``(1+s/3h)/(1+s/6h)`` per layer.
+    training FLOPs); selective recompute adds the attention term once more, Korthikanti et al.
+    2022 §5's hardware FLOPs ``72·B·s·L·h²·(1 + s/3h + V/12hL)`` against model FLOPs
+    ``(1 + s/6h + V/12hL)`` (this reproduces their printed HFU, formulas.md §5 check 4).
 
     Example: GPT-3 175B, s=2048, pp=1, full → extra = (96·(6·12h²·…) + attn)/3 ≈ 1/3 of model.
     """
@@ -66,7 +67,7 @@ def stage_flops_per_token(cfg: ModelConfig, seq_len: int, pp: int, recompute: st
     first_cost = first * layer + (head if pp == 1 else 0.0)
     last_cost = last * layer + head
     n, model = (first, first_cost) if first_cost >= last_cost else (last, last_cost)
-    extra = {"none": 0.0, "selective": n * attn / 3, "full": n * layer / 3}[recompute]
+    extra = {"none": 0.0, "selective": n * attn, "full": n * layer / 3}[recompute]
     return model, extra
 
 
