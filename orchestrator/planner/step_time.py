@@ -17,7 +17,7 @@ from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layer
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
 #: the published rows of published_layouts.csv (``calibrate.fit_efficiency``).
-DEFAULT_EFFICIENCY = 0.64
+DEFAULT_EFFICIENCY = 0.59
 #: Bytes of memory traffic per token and layer of the element-wise kernels (norms, activation,
 #: residual adds, rotary, softmax bookkeeping), in units of the hidden size h: about three read or
 #: write passes, forward and backward, over the ~34·h bytes Korthikanti et al. count per token.
