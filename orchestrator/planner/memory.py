@@ -243,7 +243,7 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash
     The first stage holds the embedding and the most in-flight micro-batches; the last holds the
     output head and the logits. Middle stages hold less than the first.
 
-    Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.04 GiB, of which
+    Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.08 GiB, of which
     1 GiB is the fixed runtime overhead.
     """
     first = stage_memory(cfg, seq_len, layout, precision, 0, flash)
