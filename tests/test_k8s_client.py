@@ -109,31 +109,37 @@ def _objects(name="mla-gpu-small"):
     return render_job(load_job_config(GPU_SMALL), RenderOptions(gpus_per_worker=2, namespace=NS, name=name))
 
 
-def _follow(server, name, steps):
-    """Run k8s.watch in this thread while a driver thread applies ``steps`` one change at a time.
+def _follow(server, name, steps, monkeypatch):
+    """Run k8s.watch in this thread while a driver thread applies ``steps``, one per poll.
 
-    Each step waits until the watcher has printed something new, so no state is skipped.
+    A step (several requests) and a poll never overlap: both hold one lock. The driver applies
+    the next step only after a poll has seen the previous one, so every state is observed once.
     """
     lines: list[str] = []
-    seen = threading.Condition()
+    polls = [0]
+    tick = threading.Condition()
+    observe = k8s.observe
 
-    def echo(line: str) -> None:
-        with seen:
-            lines.append(line)
-            seen.notify_all()
+    def counted_observe(*args):
+        with tick:
+            result = observe(*args)
+            polls[0] += 1
+            tick.notify_all()
+        return result
 
     def drive() -> None:
+        seen = 0
         for step in steps:
-            with seen:
-                count = len(lines)
-            step()
-            with seen:
-                seen.wait_for(lambda: len(lines) > count, timeout=10)
+            with tick:
+                tick.wait_for(lambda: polls[0] > seen, timeout=10)
+                step()
+                seen = polls[0]
 
+    monkeypatch.setattr(k8s, "observe", counted_observe)
     api = k8s.connect(server.kubeconfig)
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
-    snap = k8s.watch(api, name, NS, echo, interval_s=0.05, timeout_s=30)
+    snap = k8s.watch(api, name, NS, lines.append, interval_s=0.02, timeout_s=30)
     driver.join(10)
     return snap, lines
 
@@ -151,7 +157,7 @@ def test_submit_creates_rayjob_and_configmap_over_http(server):
         k8s.submit(api, _objects())
 
 
-def test_watch_reports_pending_running_resize_and_success(server):
+def test_watch_reports_pending_running_resize_and_success(server, monkeypatch):
     api = k8s.connect(server.kubeconfig)
     k8s.submit(api, _objects())
     op = Operator(server.url, "mla-gpu-small")
@@ -164,7 +170,7 @@ def test_watch_reports_pending_running_resize_and_success(server):
         lambda: op.status(jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
                           startTime="2025-01-01T10:00:00Z", endTime="2025-01-01T10:20:00Z"),
     ]
-    snap, lines = _follow(server, "mla-gpu-small", steps)
+    snap, lines = _follow(server, "mla-gpu-small", steps, monkeypatch)
     assert snap.succeeded
     expected = [
         "RayJob mla-gpu-small accepted; waiting for the KubeRay operator to create its Ray cluster",
@@ -176,7 +182,7 @@ def test_watch_reports_pending_running_resize_and_success(server):
         "job running with 4 worker pod(s), 8 GPU(s)",
         "RayJob mla-gpu-small succeeded after 0h20m00s",
     ]
-    assert [line for line in lines if line in expected] == expected
+    assert lines == expected
 
 
 def test_failed_job_is_reported_with_reason_and_cli_exits_nonzero(server):
