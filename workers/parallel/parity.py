@@ -1,0 +1,113 @@
+"""Loss parity of layouts: train the same model on the same data under any ``(dp, tp, pp)``.
+
+A parallel layout is correct when it reproduces the single-process run (DeepSpeed's own
+pipeline test compares against data parallel the same way). :func:`parity_worker` trains the
+model for a few steps from fixed weights and data on one rank of a local gloo job
+(:func:`workers.parallel.local.run_local`), optionally resuming from or saving a consolidated
+checkpoint, and returns the per-step losses. The tests compare them across layouts.
+
+Run by hand (prints the per-step losses of each layout)::
+
+    python -m workers.parallel.parity 1,1,1 2,1,1 1,2,1 1,1,2
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.layout import Layout
+
+
+@dataclass(frozen=True)
+class ParityRun:
+    """One parity training run (plain data, crosses into the spawned processes).
+
+    Attributes:
+        dp, tp, pp: The layout's degrees.
+        steps: Optimizer steps to reach (from 0, or from the resumed checkpoint's step).
+        seq_len, micro_batch, global_batch: Batch shape (global batch fixed across layouts).
+        zero_stage: DeepSpeed ZeRO stage over the data-parallel group.
+        recompute: Activation recomputation (``none``, ``selective``, ``full``).
+        model: Overrides of the ``tiny`` preset.
+        train: Overrides of the train section (lr, warm-up, clipping, ...).
+        resume_from: Consolidated checkpoint folder to load first (or ``None``).
+        save_at: Step after which to save a consolidated checkpoint into ``save_dir``.
+        save_dir: Folder for ``save_at`` (and for the final state when ``save_at == steps``).
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    steps: int = 20
+    seq_len: int = 64
+    micro_batch: int = 2
+    global_batch: int = 8
+    zero_stage: int = 1
+    recompute: str = "none"
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    resume_from: str | None = None
+    save_at: int | None = None
+    save_dir: str | None = None
+
+    def layout(self) -> Layout:
+        dp_mb = self.dp * self.micro_batch
+        return Layout(dp=self.dp, tp=self.tp, pp=self.pp, zero_stage=self.zero_stage, micro_batch=self.micro_batch,
+                      grad_accum=self.global_batch // dp_mb, recompute=self.recompute)
+
+    def job(self):
+        from orchestrator.config import JobConfig
+
+        train = {"steps": 20, "micro_batch": self.micro_batch, "global_batch": self.global_batch,
+                 "lr": 3e-3, "warmup_steps": 5, "precision": "fp32", **self.train}
+        return JobConfig(model={"preset": "tiny", **self.model}, data={"seq_len": self.seq_len}, train=train)
+
+
+def corpus_path() -> str:
+    """A ~100 kB text that every Python installation has (``argparse.py``)."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py")
+
+
+def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
+    """Train ``run`` on this rank; returns ``{"losses": [...], "start": step}`` (same on all ranks)."""
+    from orchestrator.deepspeed_config import build_deepspeed_config
+    from workers.data import WindowBatches, load_corpus
+    from workers.parallel.engine import build_engine
+
+    layout, job = run.layout(), run.job()
+    layout.check_world_size(world_size)
+    engine = build_engine(layout, build_deepspeed_config(job, layout), job.model_config_(), job.train.seed,
+                          job.train.weight_decay)
+    start = 0
+    if run.resume_from:
+        start = int(engine.load_checkpoint(str(Path(run.resume_from).parent), Path(run.resume_from).name)[1]["step"])
+    batches = WindowBatches(load_corpus(corpus_path(), 0.05).train, run.seq_len, job.train.seed)
+    dp_rank = layout.coords(rank)[1]
+    losses = []
+    for step in range(start, run.steps):
+        x, y = batches.rank_slice(step, layout.global_batch, dp_rank, layout.dp)
+        losses.append(engine.train_batch(x, y))
+        if run.save_at == step + 1:
+            engine.save_checkpoint(run.save_dir, f"step_{step + 1}", {"step": step + 1})
+    return {"losses": losses, "start": start}
+
+
+def run_parity(run: ParityRun) -> dict:
+    """Run ``run`` on ``dp * tp * pp`` local processes; returns rank 0's result."""
+    from workers.parallel.local import run_local
+
+    return run_local(parity_worker, run.dp * run.tp * run.pp, run)[0]
+
+
+def main(argv: list[str]) -> None:
+    for text in argv or ["1,1,1"]:
+        dp, tp, pp = (int(v) for v in text.split(","))
+        losses = run_parity(ParityRun(dp=dp, tp=tp, pp=pp))["losses"]
+        print(f"(dp, tp, pp) = ({dp}, {tp}, {pp}):", " ".join(f"{v:.6f}" for v in losses))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,183 @@
+"""Layout-independent ("consolidated") checkpoints: save under one layout, load under any other.
+
+Format of a checkpoint folder (``RUN_DIR/checkpoints/step_NNNNNNN/<tag>/``):
+
+* ``stage_PPP.pt`` -- one file per pipeline stage, written by the rank with ``dp_rank == 0`` and
+  ``tp_rank == 0`` of that stage: ``{"param": {name: tensor}, "exp_avg": {...},
+  "exp_avg_sq": {...}}`` with *full* fp32 tensors (tensor shards all-gathered, ZeRO partitions
+  gathered over the data-parallel group) under :class:`mla.model.MLATransformer` names;
+* ``state.json`` -- written by rank 0: the optimizer step count (AdamW's ``t``), the LR
+  scheduler's state, the client state (training step) and the layout that wrote it.
+
+Loading reads every stage file, takes the full tensors of this rank's parameters, slices its
+tensor shard (:func:`workers.parallel.tensor_parallel.shard`) and writes the values into the
+model, into ZeRO's fp32 master partition and into AdamW's state (creating that state when no
+step has run yet). So model *and* optimizer state move between any two layouts, e.g.
+``(dp, tp, pp) = (1, 2, 2) -> (4, 1, 1)``, and the ZeRO stage may change too. Atomicity comes
+from :func:`workers.checkpoint.save_checkpoint` (temporary folder, then rename).
+
+The full tensors of one stage pass through one process, which is fine up to models whose stage
+fits in host memory; very large models would write per-shard files instead (DeepSpeed's
+universal checkpoint does that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from workers.parallel.tensor_parallel import shard, split_dim
+
+FORMAT = "mla-consolidated-v1"
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside DeepSpeed's wrappers."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _zero_optimizer(engine):
+    """DeepSpeed's ZeRO stage 1/2 optimizer, or ``None`` (plain optimizer, no ZeRO)."""
+    opt = engine.optimizer
+    return opt if hasattr(opt, "single_partition_of_fp32_groups") else None
+
+
+def _full_optimizer_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """AdamW state ``key`` of ``p``, whole over the data-parallel group (collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if hasattr(p, "_hp_mapping"):
+        return safe_get_full_optimizer_state(p, key).float()
+    state = _torch_optimizer(engine).state.get(p, {})
+    return state[key].float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+
+
+def _gather_tp(t: torch.Tensor, dim: int | None, groups) -> torch.Tensor:
+    if dim is None or groups.layout.tp == 1:
+        return t.detach().cpu().clone()
+    parts = [torch.empty_like(t) for _ in range(groups.layout.tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=groups.tp_group)
+    return torch.cat(parts, dim=dim).cpu()
+
+
+def adam_step(engine) -> int:
+    """AdamW's step count ``t`` on this rank (0 before the first step)."""
+    for state in _torch_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
+    """Write this rank's share of a consolidated checkpoint into ``folder`` (collective).
+
+    Args:
+        adapter: :class:`workers.parallel.engine.ParallelEngine`.
+        folder: Target folder (created).
+        client_state: JSON-serialisable extra state (e.g. ``{"step": 10}``).
+    """
+    engine, groups = adapter.engine, adapter.groups
+    folder = Path(folder)
+    out: dict[str, dict[str, torch.Tensor]] = {"param": {}, **{k: {} for k in OPTIM_KEYS}}
+    for name, p in adapter.canonical_parameters().items():
+        dim = split_dim(name)
+        out["param"][name] = _gather_tp(p.data.float(), dim, groups)
+        for key in OPTIM_KEYS:
+            out[key][name] = _gather_tp(_full_optimizer_state(engine, p, key), dim, groups)
+    if groups.dp_rank == 0 and groups.tp_rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(out, folder / f"stage_{groups.pp_rank:03d}.pt")
+    if groups.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"format": FORMAT, "adam_step": adam_step(engine), "client_state": client_state,
+                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
+                 "layout": adapter.layout.to_dict()}
+        (folder / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def read_consolidated(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """``(state, tensors)`` of a consolidated checkpoint folder; ``tensors[kind][name]`` is full.
+
+    Raises:
+        RuntimeError: the folder holds no consolidated checkpoint.
+    """
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        raise RuntimeError(f"{folder} holds no consolidated checkpoint (state.json missing)")
+    state = json.loads((folder / "state.json").read_text())
+    tensors: dict[str, dict[str, torch.Tensor]] = {"param": {}, **{k: {} for k in OPTIM_KEYS}}
+    for path in sorted(folder.glob("stage_*.pt")):
+        for kind, values in torch.load(path, map_location="cpu", weights_only=True).items():
+            for name, t in values.items():
+                tensors[kind].setdefault(name, t)  # a tied weight: the first stage's copy
+    return state, tensors
+
+
+def _ensure_optimizer_state(engine, step: int) -> None:
+    """Give AdamW a (zero) state for every tensor it updates, with step count ``step``."""
+    opt, zero = _torch_optimizer(engine), _zero_optimizer(engine)
+    targets = zero.single_partition_of_fp32_groups if zero is not None else \
+        [p for g in opt.param_groups for p in g["params"]]
+    for t in targets:
+        state = opt.state[t]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in OPTIM_KEYS:
+            state.setdefault(key, torch.zeros_like(t, memory_format=torch.preserve_format))
+    if zero is not None:
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()  # point each parameter's fragment at the state
+
+
+def _set_optimizer_state(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if hasattr(p, "_hp_mapping"):
+        safe_set_full_optimizer_state(p, value.to(p.device), key)
+    else:
+        _torch_optimizer(engine).state[p][key].copy_(value)
+
+
+def load_consolidated(adapter, folder: str | Path) -> dict:
+    """Load a consolidated checkpoint written under any layout into this rank's engine.
+
+    Returns:
+        The checkpoint's client state.
+
+    Raises:
+        RuntimeError: a parameter of this rank is missing from the checkpoint or its shape
+            differs (the model shape changed).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    engine, groups = adapter.engine, adapter.groups
+    state, tensors = read_consolidated(folder)
+    _ensure_optimizer_state(engine, state["adam_step"])
+    tp_rank, tp = groups.tp_rank, groups.layout.tp
+    for name, p in adapter.canonical_parameters().items():
+        if name not in tensors["param"]:
+            raise RuntimeError(f"checkpoint {folder} has no parameter {name!r}; was it written for another model?")
+        dim = split_dim(name)
+        value = shard(tensors["param"][name], dim, tp_rank, tp)
+        if value.shape != p.shape:
+            raise RuntimeError(f"checkpoint {folder}: {name} has shape {tuple(value.shape)} for this rank, the "
+                               f"model {tuple(p.shape)}; the model shape changed since it was saved")
+        with torch.no_grad():
+            p.data.copy_(value.to(p.device, p.dtype))
+        safe_set_full_fp32_param(p, value.to(p.device))
+        for key in OPTIM_KEYS:
+            _set_optimizer_state(engine, p, shard(tensors[key][name], dim, tp_rank, tp), key)
+    client = state.get("client_state", {})
+    if engine.lr_scheduler is not None and state.get("scheduler"):
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+        engine.lr_scheduler.step(state["scheduler"]["last_batch_iteration"])  # set the lr it implies
+    if "step" in client:
+        engine.global_steps = int(client["step"])
+        engine.global_samples = int(client["step"]) * engine.train_batch_size()
+    return client
