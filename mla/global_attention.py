@@ -126,14 +126,14 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx: ``(batch, heads, n, m)`` integer row indices into ``x``.
 
     Returns:
-        ``(batch, heads, n, m, d)``. Implemented as one ``index_select`` on the flattened rows,
-        whose backward is an ``index_add`` into ``x``'s shape (memory O(n * m * d), not
-        O(n * rows * d) as with ``gather`` on an expanded view).
+        ``(batch, heads, n, m, d)``. Implemented as an embedding lookup into the flattened
+        rows (the fastest row gather on CPU), whose backward accumulates into ``x``'s shape
+        (memory O(n * m * d), not O(n * rows * d) as with ``gather`` on an expanded view).
     """
     b, h, rows, d = x.shape
     offset = torch.arange(b * h, device=x.device).view(b, h, 1, 1) * rows
     flat = (idx + offset).reshape(-1)
-    return x.reshape(b * h * rows, d).index_select(0, flat).view(*idx.shape, d)
+    return F.embedding(flat, x.reshape(b * h * rows, d)).view(*idx.shape, d)
 
 
 # --------------------------------------------------------------------------- block indexer
@@ -198,7 +198,7 @@ def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def block_candidates(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int):
-    """Candidate keys of every query block and the token mask kept by the block indexer.
+    """Candidate key blocks of every query block and the token mask kept by the block indexer.
 
     Args:
         q, k: ``(batch, heads, seq, head_dim)``.
@@ -209,23 +209,42 @@ def block_candidates(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int):
         ``(blocks, keep)``: ``blocks`` ``(batch, heads, nb, m + 1)`` chosen key blocks (see
         :func:`select_key_blocks`); ``keep`` ``(batch, heads, nb, B, (m + 1) * B)`` bool, True
         where query ``a`` of block ``I`` attends to candidate ``c`` (key ``blocks[c // B] * B + c
-        % B``): the candidate is causal, in a valid block, and among the query's top-k
-        candidates by token score. Computed without gradient.
+        % B``). Computed without gradient.
     """
     blocks, bvalid = select_key_blocks(q, k, top_k, block)
     with torch.no_grad():
-        qb, kc = _query_blocks(q, block), _candidate_blocks(k, blocks, block)
-        s = qb @ kc.transpose(-1, -2)
-        causal = _candidate_causal_mask(blocks, bvalid, block)
-        s = s.masked_fill(~causal, float("-inf"))
-        vals, ids = s.topk(min(top_k, s.shape[-1]), dim=-1)
-        keep = torch.zeros_like(causal).scatter_(-1, ids, torch.isfinite(vals))
-    return blocks, keep
+        scores = _query_blocks(q, block) @ _candidate_blocks(k, blocks, block).transpose(-1, -2)
+        return blocks, token_topk_mask(scores, blocks, bvalid, block, top_k)
+
+
+@torch.no_grad()
+def token_topk_mask(scores: torch.Tensor, blocks: torch.Tensor, bvalid: torch.Tensor, block: int,
+                    top_k: int) -> torch.Tensor:
+    """Keep-mask of each query's top-k causal candidates (no gradient).
+
+    Args:
+        scores: ``(batch, heads, nb, B, C)`` query-candidate scores, ``C = (m + 1) * B``.
+        blocks, bvalid: From :func:`select_key_blocks`.
+        block: B.
+        top_k: k.
+
+    Returns:
+        ``(batch, heads, nb, B, C)`` bool: the candidate is causal, in a valid block, and among
+        the query's ``min(k, C)`` best causal candidates.
+    """
+    causal = _candidate_causal_mask(blocks, bvalid, block)
+    masked = scores.masked_fill(~causal, float("-inf"))
+    vals, ids = masked.topk(min(top_k, scores.shape[-1]), dim=-1, sorted=False)
+    return torch.zeros_like(causal).scatter_(-1, ids, torch.isfinite(vals))
 
 
 def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int,
                          block: int) -> torch.Tensor:
     """Top-k attention restricted to the blocks chosen by :func:`select_key_blocks`.
+
+    Candidate keys and values are gathered per query block, ``(batch, heads, nb, (m+1)*B,
+    head_dim)``; scores are computed once, masked to each query's top-k causal candidates
+    (:func:`token_topk_mask`) and soft-maxed over the kept ones.
 
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)`` (kv heads already repeated).
@@ -236,10 +255,11 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         ``(batch, heads, seq, head_dim)``.
     """
     n = q.shape[-2]
-    blocks, keep = block_candidates(q, k, top_k, block)
-    qb = _query_blocks(q, block)
+    blocks, bvalid = select_key_blocks(q, k, top_k, block)
     kc, vc = _candidate_blocks(k, blocks, block), _candidate_blocks(v, blocks, block)
-    out = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=keep)
+    scores = (_query_blocks(q, block) @ kc.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    keep = token_topk_mask(scores.detach(), blocks, bvalid, block, top_k)
+    out = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ vc
     return out.reshape(*q.shape[:2], -1, q.shape[-1])[..., :n, :]
 
 

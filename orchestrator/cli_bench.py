@@ -1,11 +1,58 @@
-"""``mla bench``: placeholder until the attention benchmark lands (issue 5)."""
+"""``mla bench``: benchmarks of the model library (torch is imported only inside commands)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
 
 import typer
+
+from orchestrator.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command()
-def attention() -> None:
-    """Benchmark MLA against dense attention (not implemented yet)."""
-    raise typer.Exit(2)
+def attention(
+    json_out: bool = typer.Option(False, "--json", help="Print the records as JSON to stdout."),
+    seq_lens: str = typer.Option("1024,2048,4096,8192,16384", "--seq-lens", help="Comma-separated n, in tokens."),
+    window: int = typer.Option(128, "--window", min=1, help="Local sliding window w, in tokens."),
+    top_k: int = typer.Option(16, "--top-k", min=1, help="Global keys per query k."),
+    block: int = typer.Option(64, "--block", min=1, help="Block size of the local path and block indexer, in tokens."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per measurement (after one warm-up)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory measurement."),
+) -> None:
+    """Dense causal SDPA vs MLA attention core: median time, peak memory, ratios, growth exponent."""
+    from rich.console import Console
+
+    settings = _settings(seq_lens, window, top_k, block, repeats, device, threads, not no_memory)
+    from benchmarks.attention import render, run_benchmark
+
+    console = Console(stderr=True)
+    records = run_benchmark(settings, progress=lambda msg: console.log(msg))
+    render(records, settings, console)
+    if json_out:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+
+
+def _settings(seq_lens: str, window: int, top_k: int, block: int, repeats: int, device: str,
+              threads: Optional[int], memory: bool):
+    """Validate the options and build the benchmark settings (imports torch)."""
+    try:
+        lens = tuple(int(x) for x in seq_lens.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--seq-lens={seq_lens!r} must be comma-separated integers, e.g. 1024,2048") from None
+    if not lens or min(lens) < 1:
+        raise ConfigError(f"--seq-lens={seq_lens!r} must list positive lengths, e.g. 1024,2048")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={device!r} must be 'cpu' or 'cuda'")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but torch sees no CUDA device; use --device cpu")
+    from benchmarks.attention import AttentionBenchSettings
+
+    return AttentionBenchSettings(seq_lens=lens, window=window, top_k=top_k, block=block,
+                                  repeats=repeats, device=device, threads=threads, memory=memory)
