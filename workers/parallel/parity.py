@@ -13,8 +13,10 @@ Run by hand (prints the per-step losses of each layout)::
 
 from __future__ import annotations
 
+import functools
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,18 @@ def run_parity(run: ParityRun) -> dict:
     from workers.parallel.local import run_local
 
     return run_local(parity_worker, run.dp * run.tp * run.pp, run)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def reference_run(steps: int = 20) -> dict:
+    """The single-process ``(1, 1, 1)`` run: ``{"losses": [...], "params": {name: tensor}}``
+    (final parameters), cached per process so that several test files share it."""
+    from workers.parallel.reshard import read_consolidated
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_parity(ParityRun(steps=steps, save_at=steps, save_dir=tmp))
+        _, tensors = read_consolidated(Path(tmp) / f"step_{steps}")
+    return {"losses": out["losses"], "params": tensors["param"]}
 
 
 def main(argv: list[str]) -> None:

@@ -86,7 +86,7 @@ class BlockLayer(TransformerBlock):
         """``x``: ``(batch, seq, d_model)`` -> same shape."""
         if self.recompute == "none" or not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
-        from deepspeed.checkpointing import checkpoint
+        from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
 
         if self.recompute == "full":
             return checkpoint(super().forward, x)

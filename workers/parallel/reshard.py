@@ -85,6 +85,7 @@ def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
     """
     engine, groups = adapter.engine, adapter.groups
     folder = Path(folder)
+    _ensure_optimizer_state(engine, adam_step(engine))  # also (re)links ZeRO's fragments to it
     out: dict[str, dict[str, torch.Tensor]] = {"param": {}, **{k: {} for k in OPTIM_KEYS}}
     for name, p in adapter.canonical_parameters().items():
         dim = split_dim(name)
