@@ -1,0 +1,192 @@
+"""Submit training jobs (and sweeps) to a Ray cluster through Ray's Job Submission API.
+
+``mla submit CONFIG --address http://HOST:8265`` validates the config on the client, stages the
+project code plus the resolved job YAML as the job's ``working_dir`` (virtual environments, run
+folders, checkpoints and caches excluded) and starts ``python -m orchestrator.cli train job.yaml``
+on the cluster, where the run folder lives under ``cluster.storage_path`` so that a resubmitted
+job with the same ``run.name`` resumes.
+
+Token authentication (on by default in Ray 2.60): the token is read the way Ray reads it
+(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) or from ``--token-file``;
+it is sent as a header by Ray's client and never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config import JobConfig, load_job_config
+from orchestrator.errors import ClusterError, ConfigError, JobFailedError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Never uploaded with the job: environments, run outputs, checkpoints, caches, VCS data.
+WORKING_DIR_EXCLUDES = [".venv", "venv", "env", "runs", "ray_results", "checkpoints", "*.egg-info", ".git",
+                        "__pycache__", ".pytest_cache", "*.pt", "*.pth", "*.safetensors", ".mypy_cache", "k8s/crds"]
+_CODE = ["mla", "workers", "orchestrator", "benchmarks", "configs", "pyproject.toml"]
+DEFAULT_STORAGE = "/tmp/mla-runs"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def resolve_address(address: str | None) -> str:
+    """``--address`` or ``RAY_ADDRESS``; a bare ``host:port`` gets ``http://``.
+
+    Raises:
+        ClusterError: neither is set.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterError("no Ray cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS "
+                           "(start a cluster with `ray start --head`)")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def configure_token(token_file: str | None) -> bool:
+    """Point Ray's client at the auth token and turn token mode on when a token exists.
+
+    Returns:
+        Whether token authentication will be used. The token itself is never read here.
+
+    Raises:
+        ClusterError: ``token_file`` does not exist.
+    """
+    if token_file:
+        path = Path(token_file).expanduser()
+        if not path.is_file():
+            raise ClusterError(f"--token-file {str(path)!r} does not exist; get the token with "
+                               "`ray get-auth-token` on the head node")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                     or (Path.home() / ".ray" / "auth_token").is_file())
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return has_token
+
+
+def connect(address: str | None, token_file: str | None = None):
+    """A ``JobSubmissionClient`` for the cluster.
+
+    Raises:
+        ClusterError: the dashboard cannot be reached or refused the token; the message says
+            what was tried and how to start a cluster.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    configure_token(token_file)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as exc:  # ConnectionError, RuntimeError with HTTP details
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"cannot reach the Ray cluster at {url} ({reason}). Start one with "
+                           "`ray start --head --dashboard-host 127.0.0.1` (needs ray[default]) and pass its "
+                           "dashboard address (port 8265), or check RAY_ADDRESS and the auth token") from None
+
+
+def stage_working_dir(job: JobConfig, stage: Path) -> Path:
+    """Copy the project code (without excluded paths) and write the resolved job YAML.
+
+    Returns:
+        The staged ``job.yaml`` path (relative name ``job.yaml`` inside ``stage``).
+    """
+    ignore = shutil.ignore_patterns(*WORKING_DIR_EXCLUDES)
+    for name in _CODE:
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, stage / name, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, stage / name)
+    job_yaml = stage / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    return job_yaml
+
+
+def prepare_cluster_job(config: str, overrides: list[str], storage_path: str | None) -> JobConfig:
+    """Validate on the client and point the job at the cluster and its shared storage.
+
+    Raises:
+        ConfigError: the config is invalid (nothing is submitted).
+    """
+    job = load_job_config(config, overrides)
+    job.model_config_()  # model consistency is checked before submitting
+    storage = storage_path or job.cluster.storage_path or DEFAULT_STORAGE
+    data = job.model_dump(mode="json")
+    data["cluster"] = {**data["cluster"], "address": "auto", "storage_path": storage}
+    return JobConfig.model_validate(data)
+
+
+def submit(config: str, overrides: list[str], address: str | None, token_file: str | None = None,
+           storage_path: str | None = None, entrypoint_args: list[str] | None = None,
+           command: str = "train", submission_id: str | None = None) -> tuple[object, str]:
+    """Submit ``mla COMMAND job.yaml`` to the cluster; returns ``(client, submission_id)``."""
+    job = prepare_cluster_job(config, overrides, storage_path)
+    client = connect(address, token_file)
+    sid = submission_id or f"mla-{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="mla-submit-") as tmp:
+        stage_working_dir(job, Path(tmp))
+        args = " ".join(shlex.quote(a) for a in entrypoint_args or [])
+        entrypoint = f"python -m orchestrator.cli {command} job.yaml {args}".strip()
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sid,
+                              runtime_env={"working_dir": tmp, "excludes": WORKING_DIR_EXCLUDES},
+                              metadata={"mla_run": job.run.name, "mla_command": command})
+        except Exception as exc:
+            raise ClusterError(f"the cluster refused the job: {_first_line(exc)}") from None
+    return client, sid
+
+
+def follow(client, submission_id: str, echo) -> str:
+    """Stream the job's logs through ``echo(line)`` until it ends; returns its final status.
+
+    Raises:
+        JobFailedError: the job FAILED or was STOPPED (status, message and last log lines).
+    """
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            for line in chunk.splitlines():
+                echo(line)
+
+    asyncio.run(_tail())
+    status = wait_terminal(client, submission_id)
+    if status != "SUCCEEDED":
+        info = client.get_job_info(submission_id)
+        tail = "\n".join(client.get_job_logs(submission_id).splitlines()[-15:])
+        raise JobFailedError(f"job {submission_id} {status}: {info.message or 'no message'}\nlast log lines:\n{tail}")
+    return status
+
+
+def wait_terminal(client, submission_id: str, timeout_s: float = 60.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED (after its logs ended)."""
+    deadline = time.time() + timeout_s
+    while True:
+        status = str(client.get_job_status(submission_id).value)
+        if status in TERMINAL or time.time() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def require_known_job(client, submission_id: str):
+    """``get_job_info`` with a clear error for an unknown id.
+
+    Raises:
+        ClusterError: no job with that id (lists how to see the known ones).
+    """
+    try:
+        return client.get_job_info(submission_id)
+    except Exception as exc:
+        raise ConfigError(f"no job {submission_id!r} on this cluster ({_first_line(exc)}); "
+                          "see `mla jobs list`") from None

@@ -1,0 +1,221 @@
+"""Ray Tune sweeps over the attention's ``local_window`` and ``global_k`` (or any config field).
+
+Each trial runs a *driver function* (the Ray Train V2 way to combine Train and Tune) that builds
+the normal ``TorchTrainer`` for the trial's config and forwards the workers' reports to Tune with
+``TuneReportCallback``; the workers report ``val_loss`` at every evaluation, so ASHA (Li et al.
+2020, "A System for Massively Parallel Hyperparameter Tuning") can stop bad trials early.
+
+The sweep folder ``SWEEP_DIR = (cluster.storage_path or run.dir) / (run.name + "-sweep")`` holds
+Tune's experiment state (``mla tune ... --resume`` restores an interrupted sweep), one run folder
+per trial under ``trials/``, and at the end ``trials.json``, ``best.yaml`` (a job config that
+``mla train`` accepts unchanged) and ``val_loss.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config import JobConfig, apply_override, validate_job_dict
+from orchestrator.errors import ConfigError, JobFailedError
+from workers.checkpoint import write_json_atomic
+
+
+def parse_search(items: list[str]) -> dict[str, list]:
+    """``["model.local_window=16,32"]`` -> ``{"model.local_window": [16, 32]}`` (values parsed as YAML).
+
+    Raises:
+        ConfigError: an item is not ``KEY=V1,V2,...`` or a value is invalid for its field.
+    """
+    space: dict[str, list] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        if not sep or not key.strip() or not values:
+            raise ConfigError(f"--search {item!r}: expected KEY=V1,V2,..., e.g. --search model.local_window=16,32,64")
+        space[key.strip()] = values
+    if not space:
+        raise ConfigError("give at least one --search KEY=V1,V2,... (e.g. --search model.global_k=4,8,16)")
+    return space
+
+
+def trial_job(base: dict, params: dict, trials_dir: str, trial_id: str) -> JobConfig:
+    """The job of one trial: the base job with ``params`` applied and its own run folder."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        apply_override(data, f"{key}={json.dumps(value)}")
+    data["run"] = {**data.get("run", {}), "name": trial_id, "dir": trials_dir}
+    data["cluster"] = {**data.get("cluster", {}), "storage_path": None, "address": None}
+    return validate_job_dict(data, source=f"trial {trial_id}")
+
+
+def _trial_driver(config: dict) -> None:
+    """Tune trial: run the normal Ray Train + DeepSpeed training for this trial's parameters."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.controller import build_trainer, build_worker_plans
+
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    trial_id = ray.tune.get_context().get_trial_id()
+    job = trial_job(config["_base"], params, config["_trials_dir"], trial_id)
+    run_dir = job.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(job, build_worker_plans(job), run_dir, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def validate_space(job: JobConfig, space: dict[str, list]) -> None:
+    """Every value of the space must give a valid job (checked before any trial starts).
+
+    Raises:
+        ConfigError: naming the field and the value that fails.
+    """
+    base = job.model_dump(mode="json")
+    for key, values in space.items():
+        for value in values:
+            trial_job(base, {key: value}, "/tmp", "check").model_config_()
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: its folder, one row per trial and the best row."""
+
+    sweep_dir: Path
+    rows: list[dict]
+    best: dict
+
+
+def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, scheduler: str = "asha",
+              metric: str = "val_loss", max_steps: int | None = None, search_mode: str = "grid",
+              resume: bool = False) -> SweepResult:
+    """Run (or resume) a Tune sweep of ``space`` and write the sweep's outputs.
+
+    Raises:
+        ConfigError: bad space, scheduler, or nothing to resume.
+        JobFailedError: every trial failed.
+    """
+    from ray import tune
+
+    from orchestrator.controller import connect_ray
+
+    if scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
+    if max_steps:
+        job = validate_job_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "steps": max_steps}})
+    validate_space(job, space)
+    sweep_dir = (Path(job.cluster.storage_path or job.run.dir) / f"{job.run.name}-sweep").resolve()
+    param_space = {key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v)) for key, v in space.items()}
+    param_space |= {"_base": job.model_dump(mode="json"), "_trials_dir": str(sweep_dir / "trials")}
+    handle = connect_ray(job)
+    try:
+        tuner = _restore(sweep_dir) if resume else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)
+        grid = tuner.fit()
+    finally:
+        if handle.started:
+            handle.shutdown()
+    rows = [_row(r, space, job.train.steps, metric) for r in grid]
+    done = [r for r in rows if r[f"best_{metric}"] is not None]
+    if not done:
+        errors = "; ".join(str(r.get("error")) for r in rows if r.get("error"))
+        raise JobFailedError(f"every trial failed: {errors or 'no metrics reported'} (sweep folder: {sweep_dir})")
+    best = min(done, key=lambda r: r[f"best_{metric}"])
+    write_outputs(job, sweep_dir, rows, best, space, metric)
+    return SweepResult(sweep_dir, rows, best)
+
+
+def _new_tuner(job: JobConfig, param_space: dict, sweep_dir: Path, samples: int, scheduler: str, metric: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    steps = job.train.steps
+    sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=max(1, min(job.train.eval_every * 2, steps)),
+                          reduction_factor=2) if scheduler == "asha" else FIFOScheduler()
+    per_trial = job.cluster.num_workers * job.cluster.cpus_per_worker
+    concurrent = max(1, int(_cluster_cpus() // per_trial))
+    return tune.Tuner(
+        tune.with_resources(_trial_driver, {"cpu": 0}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=sched, num_samples=samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0),
+    )
+
+
+def _restore(sweep_dir: Path):
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"--resume: no sweep to restore in {sweep_dir}; run it once without --resume")
+    return tune.Tuner.restore(str(sweep_dir), trainable=tune.with_resources(_trial_driver, {"cpu": 0}),
+                              resume_unfinished=True, resume_errored=True)
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def _row(result, space: dict, max_steps: int, metric: str) -> dict:
+    frame = result.metrics_dataframe
+    history = frame[frame[metric].notna()] if frame is not None and metric in frame else None
+    best = float(history[metric].min()) if history is not None and len(history) else None
+    steps = int(frame["step"].max()) if frame is not None and "step" in frame and len(frame) else 0
+    return {**{k: result.config.get(k) for k in space}, f"best_{metric}": best, "steps": steps,
+            "stopped_early": result.error is None and steps < max_steps,
+            "error": None if result.error is None else str(result.error).splitlines()[0]}
+
+
+def write_outputs(job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict, space: dict, metric: str) -> None:
+    """Write ``trials.json``, ``best.yaml`` and ``val_loss.png`` into the sweep folder."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sweep_dir / "trials.json", {"metric": metric, "trials": rows, "best": best})
+    best_job = trial_job(job.model_dump(mode="json"), {k: best[k] for k in space}, job.run.dir, f"{job.run.name}-best")
+    data = best_job.model_dump(mode="json")
+    data["cluster"]["storage_path"] = job.cluster.storage_path
+    tmp = sweep_dir / "best.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, sweep_dir / "best.yaml")
+    plot_sweep(rows, list(space), metric, sweep_dir / "val_loss.png")
+
+
+def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
+    """Heat map of the best metric over the first two searched fields (a line for one field)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = f"best_{metric}"
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if len(keys) >= 2:
+        xs = sorted({r[keys[0]] for r in rows})
+        ys = sorted({r[keys[1]] for r in rows})
+        grid = [[min((r[col] for r in rows if r[keys[0]] == x and r[keys[1]] == y and r[col] is not None),
+                     default=float("nan")) for x in xs] for y in ys]
+        im = ax.imshow(grid, origin="lower", cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+        ax.set_xlabel(keys[0])
+        ax.set_ylabel(keys[1])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if v != v else f"{v:.3f}", ha="center", va="center", color="w")
+        fig.colorbar(im, ax=ax, label=f"best {metric}")
+    else:
+        pts = sorted((r[keys[0]], r[col]) for r in rows if r[col] is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_xlabel(keys[0])
+        ax.set_ylabel(f"best {metric}")
+    ax.set_title(f"best {metric} per trial (ASHA-stopped trials included)")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,95 @@
+"""A real two-node Ray cluster for tests: `ray start --head` plus a second `ray start --address`
+node process with its own CPU, both pinned to 127.0.0.1, with token authentication on.
+
+Every process the cluster starts is stopped at the end, even when the test fails: each
+`ray start --block` runs in its own session; teardown sends SIGTERM to it (Ray then stops the
+node's processes), then SIGKILL to the whole process group and to any process still naming the
+cluster's GCS port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Cluster:
+    address: str  # dashboard / Job Submission API URL
+    gcs_address: str
+    token_file: Path
+    env: dict
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_nodes(gcs: str, env: dict) -> int:
+    out = subprocess.run([RAY, "status", f"--address={gcs}"], capture_output=True, text=True, env=env, timeout=60)
+    active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return active.count("node_")
+
+
+@contextmanager
+def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1):
+    """Start the cluster, yield a :class:`Cluster`, stop everything it started."""
+    token = tmp / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    gcs_port, dash_port = free_port(), free_port()
+    gcs = f"127.0.0.1:{gcs_port}"
+    common = ["--block", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000", "--disable-usage-stats"]
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_start([RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash_port}", "--include-dashboard=true",
+                             f"--num-cpus={head_cpus}", *common], env, tmp / "head.log"))
+        _wait(lambda: _count_nodes(gcs, env) >= 1, 120, "head node", tmp / "head.log")
+        procs.append(_start([RAY, "start", f"--address={gcs}", f"--num-cpus={worker_cpus}",
+                             '--resources={"second_node": 1}', *common], env, tmp / "worker.log"))
+        _wait(lambda: _count_nodes(gcs, env) >= 2, 120, "second node", tmp / "worker.log")
+        yield Cluster(f"http://127.0.0.1:{dash_port}", gcs, token, env)
+    finally:
+        _stop(procs, gcs_port)
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not start in {timeout}s; log:\n{log.read_text()[-3000:]}")
+
+
+def _stop(procs: list[subprocess.Popen], gcs_port: int) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{gcs_port}"], check=False)
