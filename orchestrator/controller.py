@@ -61,7 +61,8 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         PlanError: the degrees do not divide the world size, the batch, or the model.
     """
     if job.parallel.auto:
-        return _auto_layout(job, world_size)
+        return _runnable(_auto_layout(job, world_size), "the planner's choice for "
+                         f"{world_size} workers (parallel.auto)")
     p, t, model = job.parallel, job.train, job.model_config_()
     unit = p.tensor * p.pipeline
     if world_size % unit:
@@ -82,6 +83,16 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         layout.check_model(model.n_heads, model.kv_heads, model.n_layers)
     except LayoutError as exc:
         raise PlanError(f"parallel: {exc}") from None
+    return _runnable(layout, "parallel")
+
+
+def _runnable(layout: Layout, where: str) -> Layout:
+    """``layout`` if the DeepSpeed workers can run it, else :class:`PlanError` with the reason."""
+    from workers.parallel.support import unsupported_reason
+
+    reason = unsupported_reason(layout)
+    if reason is not None:
+        raise PlanError(f"{where}: {reason}")
     return layout
 
 

@@ -1,6 +1,10 @@
-"""Atomic DeepSpeed checkpoints in ``RUN_DIR/checkpoints/step_NNNNNNN``.
+"""Atomic, layout-independent checkpoints in ``RUN_DIR/checkpoints/step_NNNNNNN``.
 
-Every rank writes its DeepSpeed shards into ``.tmp-step_NNNNNNN``; after a barrier, rank 0
+The engine (:class:`workers.parallel.engine.ParallelEngine`) writes a consolidated checkpoint
+(full model and AdamW tensors under the model's own parameter names, see
+:mod:`workers.parallel.reshard`) into ``step_NNNNNNN/consolidated``, so a checkpoint saved under
+one ``(dp, tp, pp)`` layout loads under any other. Every rank writes its share into
+``.tmp-step_NNNNNNN``; after a barrier, rank 0
 writes ``meta.json`` (step, layout, world size) and renames the folder to its final name, so a
 folder without the ``.tmp-`` prefix is always complete. A run killed mid-save leaves only a
 ``.tmp-`` folder, which the next save or resume removes. Rank 0 then keeps the newest
@@ -19,7 +23,7 @@ import shutil
 from pathlib import Path
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
-TAG = "ds"
+TAG = "consolidated"
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -51,7 +55,8 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, r
     """Save ``engine`` (a DeepSpeed engine) atomically as the checkpoint of ``step``.
 
     Args:
-        engine: ``deepspeed.DeepSpeedEngine`` (or ``PipelineEngine``).
+        engine: Anything with DeepSpeed's ``save_checkpoint(path, tag=, client_state=,
+            save_latest=)``: the :class:`~workers.parallel.engine.ParallelEngine` adapter.
         run_dir: RUN_DIR shared by all ranks.
         step: Optimizer steps completed.
         meta: Extra JSON-serialisable facts (layout, world size, data position).
@@ -83,18 +88,19 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, r
 
 
 def load_checkpoint(engine, path: Path) -> dict:
-    """Load model, optimizer and LR-scheduler state from a complete checkpoint folder.
+    """Load model, optimizer and LR-scheduler state from a complete checkpoint folder (written
+    under any layout).
 
     Returns:
         The checkpoint's ``meta.json`` content.
 
     Raises:
-        RuntimeError: DeepSpeed could not load the checkpoint.
+        RuntimeError: the checkpoint could not be loaded (e.g. another model shape).
     """
     meta = json.loads((path / "meta.json").read_text())
     load_path, _ = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG))
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        raise RuntimeError(f"could not load checkpoint {path}")
     return meta
 
 

@@ -3,9 +3,14 @@
 Order of work on each worker (torchtitan-style named steps):
 1. pick the plan for the actual world size (elastic runs may get fewer or more workers);
 2. ``init_distributed`` (DeepSpeed over the process group Ray Train created: gloo/nccl);
-3. ``build_model`` from the seed, then ``build_engine`` (``deepspeed.initialize``);
-4. resume from the latest complete checkpoint of the run, if any;
-5. loop: micro-batches -> ``engine.backward`` / ``engine.step``; log, evaluate, checkpoint.
+3. ``build_engine`` (:mod:`workers.parallel`): process groups for the layout, the model's layers
+   for this rank (tensor-parallel shards; only this stage's layers when ``pp > 1``), then
+   ``deepspeed.initialize`` (ZeRO over the data-parallel group; ``PipelineEngine`` for pipelines);
+4. resume from the latest complete checkpoint of the run, if any -- checkpoints are
+   layout-independent, so a run resized by an elastic restart continues at the same step with
+   the same global batch under its new layout;
+5. loop: one optimizer step per global batch (``grad_accum`` micro-batches); log, evaluate,
+   checkpoint.
 
 Rank 0 appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss, lr,
 tokens_per_s, elapsed_s, and val_loss when evaluated) and start/resume events to
@@ -33,6 +38,7 @@ from mla.config import ModelConfig
 from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from workers.data import WindowBatches, load_corpus
 from workers.layout import Layout
+from workers.parallel.engine import build_engine
 
 
 @dataclass(frozen=True)
@@ -93,41 +99,19 @@ def init_distributed(use_gpu: bool) -> None:
     On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce op (2-3 minutes of gcc on
     first use); we skip it and let gloo do every collective, unless ``MLA_DS_SHM_COMM=1``.
     """
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
     if not use_gpu and os.environ.get("MLA_DS_SHM_COMM") != "1":
-        ds_torch_comm.build_shm_op = lambda: None
+        # ``import deepspeed.comm.torch as m`` would bind the torch library (the package's
+        # ``torch`` attribute), so fetch the submodule itself.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
 
 
-def build_model(model_cfg: ModelConfig, seed: int) -> torch.nn.Module:
-    """The MLA transformer with deterministic weights for ``seed``."""
-    from mla.model import MLATransformer
-
-    torch.manual_seed(seed)
-    return MLATransformer(model_cfg)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (dim >= 2), none on norms, gates' biases and vectors."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float):
-    """``deepspeed.initialize`` on ``LMWithLoss(model)``; returns the engine."""
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=LMWithLoss(model),
-                                           model_parameters=param_groups(model, weight_decay),
-                                           config=ds_config)
-    return engine
-
-
 class Trainer:
-    """One worker's training run under a fixed layout (data parallel with ZeRO)."""
+    """One worker's training run under a fixed ``(dp, tp, pp)`` layout."""
 
     def __init__(self, plan: WorkerPlan, layout: Layout, ds_config: dict, rank: int, world: int):
         self.plan, self.layout, self.rank, self.world = plan, layout, rank, world
@@ -137,13 +121,14 @@ class Trainer:
         self.model_cfg = ModelConfig(**plan.model)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.job["cluster"]["use_gpu"] \
             else torch.device("cpu")
-        self.engine = build_engine(build_model(self.model_cfg, self.train_cfg["seed"]), ds_config,
-                                   self.train_cfg["weight_decay"])
+        self.engine = build_engine(layout, ds_config, self.model_cfg, self.train_cfg["seed"],
+                                   self.train_cfg["weight_decay"], self.device)
         corpus = load_corpus(self.data_cfg["path"], self.data_cfg["val_fraction"])
         seq = self.data_cfg["seq_len"]
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg["seed"])
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg["seed"] + 1)
         self.dp_rank = layout.coords(rank)[1]
+        self._last: dict = {}
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
@@ -153,75 +138,76 @@ class Trainer:
         ckpt_every = self.job["checkpoint"]["every"]
         if start == 0:
             self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0})
+            self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
             window_loss.append(self.train_step(step - 1))
             tokens += self.layout.global_batch * self.data_cfg["seq_len"]
             last = step == steps
-            if step % log_every == 0 or step % eval_every == 0 or last:
+            evaluate = step % eval_every == 0 or last
+            if step % log_every == 0 or evaluate:
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "loss": float(np.mean(window_loss)), "lr": self.lr(),
                           "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(window_loss)}
-                if step % eval_every == 0 or last:
+                if evaluate:
                     record["val_loss"] = self.evaluate()
                 self.log(record)
                 t0, tokens, window_loss = time.perf_counter(), 0, []
-            if step % ckpt_every == 0 or last:
-                self.checkpoint(step, last)
+            save = step % ckpt_every == 0 or last
+            path = self.checkpoint(step) if save else None
+            if save or evaluate:
+                self.report(step, path)
 
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
         x, y = self.train_batches.rank_slice(step_index, self.layout.global_batch, self.dp_rank, self.layout.dp)
-        mb = self.layout.micro_batch
-        total = torch.zeros((), dtype=torch.float64)
-        for i in range(self.layout.grad_accum):
-            xb, yb = self._to_device(x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb])
-            loss = self.engine(xb, yb)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().double().cpu()
-        return self._mean_over_ranks(total / self.layout.grad_accum)
+        return self.engine.train_batch(x, y)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same held-out sequences for every layout."""
         gb = self.layout.global_batch
         n_batches = max(1, min(self.train_cfg["eval_batches"], self.val_batches.n_windows // gb))
-        self.engine.eval()
-        total = torch.zeros((), dtype=torch.float64)
+        total = 0.0
         for b in range(n_batches):
-            x, y = self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
-            for i in range(0, len(x), self.layout.micro_batch):
-                xb, yb = self._to_device(x[i:i + self.layout.micro_batch], y[i:i + self.layout.micro_batch])
-                total += self.engine(xb, yb).double().cpu() * len(xb)
-        self.engine.train()
-        return self._mean_over_ranks(total / (n_batches * (gb // self.layout.dp)))
+            total += self.engine.eval_batch(*self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp))
+        return total / n_batches
 
     def resume(self) -> int:
         """Load the latest complete checkpoint; returns the step to continue from (0 if none)."""
         found = latest_checkpoint(self.run_dir) if self.job["checkpoint"]["resume"] else None
-        step = 0
+        step, saved_layout = 0, None
         if found is not None:
             step, path = found
+            saved_layout = _saved_layout(path)
+            zero3 = 3 in (self.layout.zero_stage, (saved_layout or {}).get("zero_stage"))
+            if zero3 and saved_layout != self.layout.to_dict():
+                raise RuntimeError(f"checkpoint {path} was written under {saved_layout} in DeepSpeed's ZeRO-3 "
+                                   f"format, which cannot load under {self.layout.describe()}; resume with the "
+                                   "same number of workers or use parallel.zero_stage<=2")
             load_checkpoint(self.engine, path)
         if self.rank == 0:
             self._trim_metrics(step)
             self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
                          "resumed_from_step": step if found else None,
-                         "checkpoint": str(found[1]) if found else None})
+                         "checkpoint": str(found[1]) if found else None, "checkpoint_layout": saved_layout})
         return step
 
-    def checkpoint(self, step: int, last: bool) -> None:
-        """Atomic DeepSpeed checkpoint, then a Ray Train report that references it."""
+    def checkpoint(self, step: int) -> Path:
+        """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
+        meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.plan.model}
+        return save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
+                               self.job["checkpoint"]["keep"], dist.barrier)
+
+    def report(self, step: int, checkpoint: Path | None = None) -> None:
+        """``ray.train.report`` the latest metrics (every rank: it is a collective); rank 0
+        attaches a small checkpoint that references the DeepSpeed checkpoint folder."""
         import ray.train
 
-        meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.plan.model}
-        path = save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
-                               self.job["checkpoint"]["keep"], dist.barrier)
         metrics = {"step": step, **self._last_metrics()}
-        if self.rank == 0:
+        if self.rank == 0 and checkpoint is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                write_json_atomic(Path(tmp) / "mla_checkpoint.json", {"step": step, "path": str(path)})
+                write_json_atomic(Path(tmp) / "mla_checkpoint.json", {"step": step, "path": str(checkpoint)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -230,25 +216,16 @@ class Trainer:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
-
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.to(self.device)
-        dist.all_reduce(value)
-        return float(value) / self.world
-
     def log(self, record: dict) -> None:
+        record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        self._last = {**self._last, **record}
         if self.rank != 0:
             return
-        record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
-        self._last = record
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _last_metrics(self) -> dict:
-        last = getattr(self, "_last", {})
-        return {k: v for k, v in last.items() if k in ("loss", "val_loss", "tokens_per_s")}
+        return {k: v for k, v in self._last.items() if k in ("loss", "val_loss", "tokens_per_s")}
 
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:
@@ -264,6 +241,10 @@ class Trainer:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
+
+
+def _saved_layout(path: Path) -> dict | None:
+    return json.loads((path / "meta.json").read_text()).get("layout")
 
 
 def _record_worker(run_dir: str, rank: int, world: int) -> None:

@@ -115,16 +115,31 @@ class ParallelEngine:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str, tag: str, client_state: dict | None = None,
                         save_latest: bool = False) -> None:
-        """Write a layout-independent checkpoint into ``path/tag`` (collective)."""
+        """Write a checkpoint into ``path/tag`` (collective): layout-independent (consolidated)
+        for ZeRO 0-2; DeepSpeed's own format for ZeRO-3, which loads under the same layout only."""
         from workers.parallel.reshard import save_consolidated
 
+        if self.layout.zero_stage == 3:
+            self.engine.save_checkpoint(path, tag=tag, client_state=client_state or {}, save_latest=False)
+            return
         save_consolidated(self, f"{path}/{tag}", client_state or {})
 
     def load_checkpoint(self, path: str, tag: str) -> tuple[str, dict]:
-        """Load a checkpoint written under any layout; returns ``(path, client_state)``."""
-        from workers.parallel.reshard import load_consolidated
+        """Load a checkpoint; returns ``(path, client_state)``.
 
-        return path, load_consolidated(self, f"{path}/{tag}")
+        Raises:
+            RuntimeError: a ZeRO-3 (DeepSpeed-format) checkpoint and this layout differ, or the
+                checkpoint cannot be read.
+        """
+        from workers.parallel.reshard import is_consolidated, load_consolidated
+
+        if is_consolidated(f"{path}/{tag}"):
+            return path, load_consolidated(self, f"{path}/{tag}")
+        load_path, client = self.engine.load_checkpoint(path, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the ZeRO-3 checkpoint {path}; ZeRO-3 checkpoints "
+                               "load under the layout that wrote them only")
+        return load_path, client
 
 
 def build_engine(layout: Layout, ds_config: dict, model_cfg: ModelConfig, seed: int, weight_decay: float,

@@ -16,7 +16,8 @@ step has run yet). So model *and* optimizer state move between any two layouts, 
 ``(dp, tp, pp) = (1, 2, 2) -> (4, 1, 1)``, and the ZeRO stage may change too. Atomicity comes
 from :func:`workers.checkpoint.save_checkpoint` (temporary folder, then rename).
 
-The full tensors of one stage pass through one process, which is fine up to models whose stage
+ZeRO-3 runs keep DeepSpeed's own checkpoint format (loadable under the same layout only; see
+:meth:`workers.parallel.engine.ParallelEngine.save_checkpoint`). The full tensors of one stage pass through one process, which is fine up to models whose stage
 fits in host memory; very large models would write per-shard files instead (DeepSpeed's
 universal checkpoint does that).
 """
@@ -101,6 +102,11 @@ def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
                  "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
                  "layout": adapter.layout.to_dict()}
         (folder / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def is_consolidated(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a consolidated checkpoint."""
+    return (Path(folder) / "state.json").is_file()
 
 
 def read_consolidated(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
