@@ -103,6 +103,27 @@ def _auto_layout(job: JobConfig, world_size: int) -> Layout:
     return result.best.layout
 
 
+def check_resumable(job: JobConfig, plans: dict) -> None:
+    """Refuse, before launch, a resume the workers cannot do.
+
+    Checkpoints of ZeRO 0-2 runs are layout-independent (any plan may load them); ZeRO-3 runs
+    keep DeepSpeed's own format, which loads under the layout that wrote it only.
+
+    Raises:
+        PlanError: the latest checkpoint and a planned layout differ while either uses ZeRO-3.
+    """
+    found = latest_checkpoint(job.run_dir.resolve()) if job.checkpoint.resume else None
+    if found is None:
+        return
+    saved = json.loads((found[1] / "meta.json").read_text()).get("layout")
+    for w, entry in plans.items():
+        if saved and entry["layout"] != saved and 3 in (saved.get("zero_stage"), entry["layout"]["zero_stage"]):
+            raise PlanError(f"checkpoint {found[1]} was written under {Layout(**saved).describe()} and the plan for "
+                            f"{w} workers is {Layout(**entry['layout']).describe()}; ZeRO-3 checkpoints load under "
+                            "the same layout only: resume with the same workers and parallel settings, use "
+                            "parallel.zero_stage<=2, or start a new run name")
+
+
 def world_sizes(job: JobConfig) -> list[int]:
     """World sizes the job may run on: ``num_workers``, or the elastic range's runnable sizes."""
     hi = job.cluster.num_workers
@@ -224,6 +245,7 @@ def run_training(job: JobConfig) -> dict:
     """
     data_text = check_data(job)
     plans = build_worker_plans(job)
+    check_resumable(job, plans)
     run_dir = job.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     main_layout = Layout(**plans[str(max(int(w) for w in plans))]["layout"])

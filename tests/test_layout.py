@@ -4,10 +4,12 @@ workers cannot run rejected before launch with the reason."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from orchestrator.config import JobConfig
-from orchestrator.controller import layout_for_world
+from orchestrator.controller import build_worker_plans, check_resumable, layout_for_world
 from orchestrator.errors import PlanError
 from workers.layout import Layout, LayoutError
 from workers.parallel.groups import layout_groups, topology_groups
@@ -91,3 +93,22 @@ def test_controller_rejects_unrunnable_layouts_before_launch(parallel, workers, 
                     train={"micro_batch": 1, "global_batch": 24})
     with pytest.raises(PlanError, match=reason):
         layout_for_world(job, workers)
+
+
+def _job_with_checkpoint(tmp_path, saved: Layout, **parallel) -> JobConfig:
+    folder = tmp_path / "r" / "checkpoints" / "step_0000010"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"step": 10, "layout": saved.to_dict()}))
+    return JobConfig(model={"preset": "tiny"}, parallel=parallel, cluster={"num_workers": 1},
+                     train={"micro_batch": 4, "global_batch": 16}, run={"name": "r", "dir": str(tmp_path)})
+
+
+def test_zero3_checkpoint_under_another_layout_is_refused_before_launch(tmp_path):
+    job = _job_with_checkpoint(tmp_path, Layout(dp=2, zero_stage=3, micro_batch=4, grad_accum=2), zero_stage=3)
+    with pytest.raises(PlanError, match="ZeRO-3 checkpoints load under the same layout only"):
+        check_resumable(job, build_worker_plans(job))
+
+
+def test_layout_independent_checkpoint_resumes_under_another_layout(tmp_path):
+    job = _job_with_checkpoint(tmp_path, Layout(dp=2, zero_stage=1, micro_batch=4, grad_accum=2), zero_stage=2)
+    check_resumable(job, build_worker_plans(job))  # dp=2 ZeRO-1 -> dp=1 ZeRO-2: allowed
