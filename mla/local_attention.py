@@ -57,7 +57,7 @@ def local_backend(q: torch.Tensor) -> str:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return "blocked"
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return "blocked"
     return "flex"
@@ -145,4 +145,15 @@ def _flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
     if _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     mask = _flex_block_mask(q.shape[-2], _positive("window", window), str(q.device))
-    return _COMPILED_FLEX(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    with _recompile_limit(64):
+        return _COMPILED_FLEX(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def _recompile_limit(limit: int):
+    """Let dynamo compile flex attention for up to ``limit`` shapes (default 8): past the limit
+    it would silently run flex attention eagerly, which materialises the n x n score matrix."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(limit, getattr(cfg, name))})

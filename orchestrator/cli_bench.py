@@ -56,3 +56,26 @@ def _settings(seq_lens: str, window: int, top_k: int, block: int, repeats: int, 
 
     return AttentionBenchSettings(seq_lens=lens, window=window, top_k=top_k, block=block,
                                   repeats=repeats, device=device, threads=threads, memory=memory)
+
+
+@app.command()
+def quality(
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON to stdout."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps per model (default: the benchmark's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+) -> None:
+    """Train dense and MLA versions of one small LM on the same tokens; compare validation loss."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from benchmarks.quality import QualitySettings, render, run_quality
+
+    settings = QualitySettings(threads=threads)
+    if steps is not None:
+        settings = dataclasses.replace(settings, steps=steps)
+    console = Console(stderr=True)
+    report = run_quality(settings, log=console.log)
+    render(report, console)
+    if json_out:
+        print(json.dumps(report, indent=2))

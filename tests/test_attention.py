@@ -25,7 +25,6 @@ CASES = [
 MODES = [("exact", True), ("exact", False), ("block", True), ("block", False)]
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny ops: one intra-op thread avoids spin-wait slowdowns on a shared 2-core machine."""
@@ -33,6 +32,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def _inputs(n, kv, heads=3, d=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -44,7 +44,7 @@ def _inputs(n, kv, heads=3, d=8, seed=0):
 
 
 def _grads(out, inputs):
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return torch.autograd.grad((out * weights).sum(), inputs, allow_unused=True)
 
 
@@ -197,3 +197,34 @@ def test_mla_with_full_window_and_k_equals_dense_module(indexer):
 def test_module_rejects_sequences_longer_than_the_rope_cache():
     with pytest.raises(ValueError, match="max_seq_len"):
         _module()(torch.randn(1, 41, 24, dtype=torch.float64))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,w", [(1000, 128), (2048, 300)])
+def test_flex_local_path_matches_blocked_path_on_cuda(n, w):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", requires_grad=True) for _ in range(3))
+    assert local_backend(q) == "flex"
+    from mla.local_attention import local_attention
+
+    flex = local_attention(q, k, v, w, 64)
+    blocked = blocked_local_attention(q, k, v, w, 64)
+    torch.testing.assert_close(flex, blocked, rtol=1e-3, atol=1e-3)
+    for got, want in zip(_grads(flex, (q, k, v)), _grads(blocked, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("indexer", ["exact", "block"])
+def test_cuda_bf16_multi_level_attention_matches_fp64_reference(indexer):
+    q, k, v, gate = (x.detach() for x in _inputs(1000, 2, heads=4, d=64))
+    cuda = [x.cuda().bfloat16().requires_grad_() for x in (q, k, v, gate)]
+    out = multi_level_attention(*cuda, window=128, top_k=16, indexer=indexer, block=64)
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in cuda)
+    ref = multi_level_attention(q, k, v, gate, window=128, top_k=16, indexer=indexer, block=64)
+    close = torch.isclose(out.double().cpu(), ref, rtol=0.05, atol=0.05).float().mean()
+    assert close > 0.99  # bf16 may flip a few near-tied top-k choices, not more

@@ -23,7 +23,6 @@ CONFIGS = {
 }
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny ops: one intra-op thread avoids spin-wait slowdowns on a shared 2-core machine."""
@@ -31,6 +30,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def _expected_parameters(c: ModelConfig) -> int:
     d, h, kv, hd, f = c.d_model, c.n_heads, c.kv_heads, c.head_dim, c.ffn_hidden
