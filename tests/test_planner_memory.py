@@ -81,3 +81,12 @@ def test_embedding_and_head_sit_on_first_and_last_stage():
     first, middle, last = (stage_parameters(cfg, 1, 4, s) for s in (0, 1, 3))
     assert first - middle == cfg.vocab_size * cfg.d_model
     assert last - middle == cfg.vocab_size * cfg.d_model + cfg.d_model
+
+
+@pytest.mark.parametrize("stage,dp,per_param", [(0, 8, 18.0), (1, 8, 6 + 12 / 8), (1, 64, 6 + 12 / 64)])
+def test_megatron_bf16_fp32_main_grads_match_the_readme_table(stage, dp, per_param):
+    # Megatron-LM README "Distributed Optimizer", bf16 param / fp32 grads row: 18 and 6 + 12/d
+    assert sum(model_state_bytes(1.0, stage, dp, "bf16", fp32_main_grads=True)) == pytest.approx(per_param)
+    # fp16 rows are unchanged (20 and 4 + 16/d): the flag concerns bf16 only
+    assert sum(model_state_bytes(1.0, stage, dp, "fp16", fp32_main_grads=True)) == pytest.approx(
+        sum(model_state_bytes(1.0, stage, dp, "fp16")))

@@ -108,3 +108,34 @@ def test_to_json_has_the_documented_fields():
     assert set(doc["best"]["estimate"]["memory_gib"]) == {"parameters", "gradients", "optimizer", "activations",
                                                           "buffers", "total"}
     assert doc["candidates"][0] == doc["best"]
+
+
+def test_allowed_zero_stages_restrict_the_search():
+    req = PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64, allowed_zero_stages=(0, 1))
+    assert {c.layout.zero_stage for c in plan(req).candidates} <= {0, 1}
+    assert 3 in {c.layout.zero_stage for c in plan(req.replace(allowed_zero_stages=None)).candidates}
+
+
+@pytest.mark.parametrize("stages,pins,match", [((), Pins(), "non-empty set of ZeRO stages"),
+                                               ((0, 4), Pins(), "allowed_zero_stages=\\(0, 4\\)"),
+                                               ((0, 1), Pins(zero_stage=3), "pinned zero_stage=3 is not in")])
+def test_bad_allowed_zero_stages_are_plan_errors(stages, pins, match):
+    with pytest.raises(PlanError, match=match):
+        PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", allowed_zero_stages=stages, pins=pins)
+
+
+def test_tie_break_prefers_room_then_small_model_parallel_size_then_tensor_parallelism():
+    from orchestrator.planner.search import preference, rank
+
+    best = plan(PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64)).best
+    lay, est = best.layout, best.estimate
+
+    def cand(dp, tp, pp, gib):
+        mem = est.memory.__class__(0, 0, 0, 0, gib * 2**30)
+        layout = lay.replace(dp=dp, tp=tp, pp=pp, zero_stage=1, virtual_stages=1, sequence_parallel=True)
+        return best.__class__(layout, est.__class__(**{**est.__dict__, "memory": mem}))
+
+    roomy_tp, roomy_pp, small_mp, full = cand(2, 8, 1, 40), cand(2, 4, 2, 40), cand(4, 4, 1, 40), cand(8, 2, 1, 79)
+    assert sorted([roomy_pp, roomy_tp], key=preference)[0] is roomy_tp
+    assert sorted([roomy_tp, small_mp], key=preference)[0] is small_mp
+    assert rank([full, roomy_tp])[0] is roomy_tp  # equal speed: the layout near the memory limit loses

@@ -81,3 +81,39 @@ def test_estimate_mode_reports_not_fitting_layout():
     assert "GiB >" in result.estimate.estimate.reason
     doc = result.to_json()["estimate"]
     assert doc["estimate"]["fits"] is False and doc["layout"]["dp"] == 1
+
+
+LLAMA8B = ModelConfig(vocab_size=128000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+                      max_seq_len=8192, attention="dense")
+
+
+def test_zero3_gathers_are_exposed_once_they_outgrow_forward_compute():
+    # ZeRO-3 gathers parameters in forward and again in backward (ZeRO §7: 1.5x the DP volume): on
+    # 1,024 GPUs with one short sequence each, the gathers outgrow the compute and are exposed,
+    # while on 64 GPUs with 8K tokens each they hide behind it.
+    small = Layout(dp=1024, tp=1, pp=1, zero_stage=3, micro_batch=1, grad_accum=1)
+    big = Layout(dp=64, tp=1, pp=1, zero_stage=3, micro_batch=1, grad_accum=1)
+    short = PlanRequest(model=LLAMA8B, gpus=1024, gpu="h100", global_batch=1024, seq_len=512)
+    long = PlanRequest(model=LLAMA8B, gpus=64, gpu="h100", global_batch=64, seq_len=8192)
+    t_short, t_long = estimate(short, small).time, estimate(long, big).time
+    assert t_short.dp_comm_s > 0.5 * t_short.compute_s
+    assert t_long.dp_comm_s < 0.05 * t_long.compute_s
+
+
+def test_zero3_moves_more_exposed_traffic_than_zero1_per_step():
+    lay1 = Layout(dp=256, tp=1, pp=1, zero_stage=1, micro_batch=1, grad_accum=4)
+    req = PlanRequest(model=LLAMA8B, gpus=256, gpu="a100-80gb", global_batch=1024, seq_len=1024)
+    assert estimate(req, lay1.replace(zero_stage=3)).time.dp_comm_s > estimate(req, lay1).time.dp_comm_s
+
+
+def test_tp_comm_overlap_leaves_one_chunk_in_tp_exposed():
+    lay = Layout(dp=6, tp=8, pp=64, zero_stage=1, micro_batch=1, grad_accum=512, recompute="full")
+    plain = estimate(_req(), lay).time.tp_comm_s
+    assert estimate(_req(overlap_tp=True), lay).time.tp_comm_s == pytest.approx(plain / 8)
+
+
+def test_param_gather_overlap_hides_the_zero1_all_gather():
+    lay = Layout(dp=64, tp=1, pp=1, zero_stage=1, micro_batch=1, grad_accum=4)
+    req = PlanRequest(model=LLAMA8B, gpus=64, gpu="h100", global_batch=256, seq_len=8192)
+    assert estimate(req, lay).time.dp_comm_s > 0
+    assert estimate(req.replace(overlap_param_gather=True), lay).time.dp_comm_s < estimate(req, lay).time.dp_comm_s

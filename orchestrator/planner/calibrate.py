@@ -57,11 +57,42 @@ def _gpu(row: dict) -> str | None:
     return None
 
 
-def _zero(text: str) -> int | None:
-    text = text.strip()
+#: Frameworks that offer no ZeRO stage above 1, recognised by a word of the row's source or notes.
+#: Megatron-LM (SC21, Korthikanti et al., the Megatron-Core README) and NeMo: the distributed
+#: optimizer shards only the optimizer state, ZeRO-1-like (Megatron-LM README "Distributed
+#: Optimizer"); MT-NLG ran Megatron-DeepSpeed and GPT-NeoX DeepSpeed's pipeline engine, which
+#: support ZeRO 0-1 with pipelines (Smith et al. 2022 §2.2, Black et al. 2022 §2.3); TII's
+#: Gigatron uses "3D parallelism and ZeRO optimizer sharding" (Almazrouei et al. 2023,
+#: arXiv:2311.16867 §4.3) for all three Falcon models (source "tiiuae").
+MEGATRON_STYLE = ("SC21", "Korthikanti", "Megatron-LM", "NeMo", "MT-NLG", "gpt-neox", "Gigatron", "tiiuae")
+
+
+#: Frameworks whose bf16 gradients live in an unsharded fp32 buffer (``PlanRequest.fp32_main_grads``):
+#: Megatron-LM and NeMo (``main_grad``; Megatron-LM README "Distributed Optimizer" bf16 row) and
+#: Megatron-DeepSpeed's BF16 optimizer (BigScience tr11 chronicles: "4bytes x params and it's not
+#: sharded across gpus"). No effect on fp16 rows.
+FP32_MAIN_GRADS = ("SC21", "Korthikanti", "Megatron-LM", "NeMo", "MT-NLG")
+
+
+def _zero_stages(row: dict) -> tuple | None:
+    """ZeRO stages the row's run could use: the stated stage, else its framework's (``None`` = any).
+
+    ``ZeRO-3`` / ``FULL_SHARD`` → (3,); Llama 3's "FSDP (~ZeRO-2)" → (1, 2), since a layout with
+    pipelines represents ZeRO-2-like sharding only as ZeRO-1 (``workers.layout.Layout``);
+    "stage 1" in the text → (1,); a Megatron-style framework (:data:`MEGATRON_STYLE`) → (0, 1).
+    """
+    text = row["zero_stage"].strip()
     if text in ("0", "1", "2", "3"):
-        return int(text)
-    return 3 if ("ZeRO-3" in text or "FULL_SHARD" in text) else None
+        return (int(text),)
+    if "ZeRO-3" in text or "FULL_SHARD" in text:
+        return (3,)
+    if "ZeRO-2" in text:
+        return (1, 2)
+    if "stage 1" in text:
+        return (1,)
+    if any(k in row["source"] or k in row["notes"] for k in MEGATRON_STYLE):
+        return (0, 1)
+    return None
 
 
 def _recompute(row: dict) -> str | None:
@@ -120,12 +151,15 @@ def to_published(row: dict) -> PublishedRow:
     """Convert a usable row (see :func:`row_problem`)."""
     gpus, tp, pp = (int(_num(row[k])) for k in ("num_gpus", "tp", "pp"))
     old = any(k in row["source"] for k in ("SC21", "Korthikanti", "MT-NLG", "gpt-neox"))
-    pins = Pins(zero_stage=_zero(row["zero_stage"]), recompute=_recompute(row))
+    pins = Pins(recompute=_recompute(row))
     request = PlanRequest(model=_model(row), gpus=gpus, gpu=_gpu(row), global_batch=int(_num(row["global_batch"])),
                           precision="fp16" if "fp16" in row["notes"] else "bf16", pins=pins,
-                          flash_attention=not old, overlap_dp=not old)
+                          flash_attention=not old, overlap_dp=not old, allowed_zero_stages=_zero_stages(row),
+                          fp32_main_grads=any(k in row["source"] for k in FP32_MAIN_GRADS),
+                          overlap_param_gather="--overlap-param-gather" in row["notes"],
+                          overlap_tp="--tp-comm-overlap" in row["notes"])
     mb, v = _num(row["micro_batch"]), _num(row["interleave_v"])
-    published = Pins(dp=gpus // (tp * pp), tp=tp, pp=pp, zero_stage=pins.zero_stage, recompute=pins.recompute,
+    published = Pins(dp=gpus // (tp * pp), tp=tp, pp=pp, recompute=pins.recompute,
                      micro_batch=int(mb) if mb else None, virtual_stages=int(v) if v else None,
                      sequence_parallel=True if "sequence parallel" in row["recompute"] else None)
     achieved, metric = _metric(row)

@@ -59,8 +59,9 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
     Example: tiny preset on 2 CPU workers, dp=2, ZeRO-2, mb=8, B=32, s=256 → ~1.08 GiB per worker.
     """
     cfg, seq = req.model, req.seq_len
-    memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention)
-    time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp)
+    memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention, req.fp32_main_grads)
+    time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp,
+                     req.overlap_param_gather, req.overlap_tp)
     tokens_per_s = req.global_batch * seq / time.total
     peak = req.gpu.peak_flops(req.precision)
     model_flops = training_flops_per_token(cfg, seq) * tokens_per_s / layout.world_size

@@ -66,7 +66,8 @@ def zero_paper_bytes(psi: float, stage: int, nd: int, k: int = 12) -> float:
     return 2 * psi / shards[0] + 2 * psi / shards[1] + k * psi / shards[2]
 
 
-def model_state_bytes(psi: float, stage: int, dp: int, precision: str) -> tuple[float, float, float]:
+def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
+                      fp32_main_grads: bool = False) -> tuple[float, float, float]:
     """``(parameters, gradients, optimizer)`` bytes per GPU for ``psi`` parameters on this GPU.
 
     Mixed precision (bf16/fp16) as DeepSpeed allocates it: 2-byte parameters, 2-byte gradients,
@@ -77,14 +78,22 @@ def model_state_bytes(psi: float, stage: int, dp: int, precision: str) -> tuple[
     gradients, 8-byte Adam moments, no extra copies. Stage 0 mixed precision costs 20 B/param
     (Megatron-LM README "Distributed Optimizer" table: 20, and ``4 + 16/d`` for ZeRO-1).
 
+    ``fp32_main_grads`` is Megatron-LM's bf16 layout (README "Distributed Optimizer" table, bf16
+    row: 18 B/param, ``6 + 12/d`` distributed): gradients accumulate and are reduced in an fp32
+    ``main_grad`` buffer that the distributed optimizer does not shard, and there is no separate
+    2-byte gradient. It applies to bf16 only (Megatron's fp16 row is DeepSpeed's 20 / 4 + 16/d).
+
     Example: Ψ = 7.5e9, ZeRO-2, dp = 64, bf16 → (15e9, 2.11e9, 1.41e9): total 2Ψ + 18Ψ/64 =
-    17.11e9 B, DeepSpeed's ``estimate_zero2_model_states_mem_needs`` without offload.
+    17.11e9 B, DeepSpeed's ``estimate_zero2_model_states_mem_needs`` without offload. With
+    ``fp32_main_grads``, ZeRO-1, dp = 8: (15e9, 30e9, 11.25e9) = (6 + 12/8)·Ψ.
     """
     if precision == "fp32":
         p_b, g_b, fp32_grad, opt = 4, 4, 0, 8
     else:
         p_b, g_b, fp32_grad, opt = 2, 2, 4, 12
-    if stage == 3:
+    if fp32_main_grads and precision == "bf16":
+        g_b, fp32_grad = 4, 0
+    elif stage == 3:
         g_b = 0
     params = p_b * psi / (dp if stage >= 3 else 1)
     grads = g_b * psi / (dp if stage >= 2 else 1) + fp32_grad * psi / (dp if stage >= 1 else 1)
@@ -229,15 +238,16 @@ def buffer_bytes(cfg: ModelConfig, psi: float, layout, precision: str, gpu_name:
 
 
 def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: int,
-                 flash: bool = True) -> MemoryBreakdown:
+                 flash: bool = True, fp32_main_grads: bool = False) -> MemoryBreakdown:
     """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources)."""
     psi = stage_parameters(cfg, layout.tp, layout.pp, stage)
-    params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision)
+    params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision, fp32_main_grads)
     act = stage_activation_bytes(cfg, seq_len, layout, stage, flash)
     return MemoryBreakdown(params, grads, opt, act, buffer_bytes(cfg, psi, layout, precision))
 
 
-def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True) -> MemoryBreakdown:
+def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True,
+                   fp32_main_grads: bool = False) -> MemoryBreakdown:
     """Memory of the most loaded GPU: the larger of the first and the last pipeline stage.
 
     The first stage holds the embedding and the most in-flight micro-batches; the last holds the
@@ -246,8 +256,8 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash
     Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.08 GiB, of which
     1 GiB is the fixed runtime overhead.
     """
-    first = stage_memory(cfg, seq_len, layout, precision, 0, flash)
+    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads)
     if layout.pp == 1:
         return first
-    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash)
+    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads)
     return first if first.total >= last.total else last

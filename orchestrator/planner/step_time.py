@@ -17,7 +17,7 @@ from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layer
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
 #: the published rows of published_layouts.csv (``calibrate.fit_efficiency``).
-DEFAULT_EFFICIENCY = 0.59
+DEFAULT_EFFICIENCY = 0.53
 #: Bytes of memory traffic per token and layer of the element-wise kernels (norms, activation,
 #: residual adds, rotary, softmax bookkeeping), in units of the hidden size h: about three read or
 #: write passes, forward and backward, over the ~34·h bytes Korthikanti et al. count per token.
@@ -99,22 +99,29 @@ def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu) -> float
     return layers * ELEMENTWISE_BYTES_PER_H * cfg.d_model / (tp * gpu.hbm_tbs * 1e12)
 
 
-def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu) -> float:
-    """Tensor-parallel all-reduces of one micro-batch on one stage, seconds (not overlapped).
+def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu,
+                            overlap: bool = False) -> float:
+    """Exposed tensor-parallel communication of one micro-batch on one stage, seconds.
 
     Megatron: 2 all-reduces of the ``(s, b, h)`` activation per layer forward, 2 backward, 2 more
-    with full recompute (Korthikanti §5; sequence parallelism swaps each for an all-gather plus a
-    reduce-scatter of the same total volume). Over the intra-node link.
+    with full recompute, i.e. ``8·b·s·h·(t-1)/t`` elements per layer and micro-batch (Narayanan
+    et al. SC21 §3.2; Korthikanti §5; sequence parallelism swaps each for an all-gather plus a
+    reduce-scatter of the same total volume). Over the intra-node link, not overlapped, unless
+    ``overlap`` (Megatron-Core ``--tp-comm-overlap``, PyTorch async TP): each collective is then
+    decomposed into ``t`` chunks pipelined with the chunks of its GEMM, and only one chunk in
+    ``t`` stays exposed (Wang et al., ASPLOS'23, "Overlap communication with dependent
+    computation via decomposition", §3).
 
     Example: h=12288, s=2048, b=1, bf16, t=8, 12 layers, A100 (300 GB/s): 48 · 2·7/8·50.3 MB /
-    300 GB/s = 14.1 ms.
+    300 GB/s = 14.1 ms; with ``overlap`` 14.1/8 = 1.76 ms.
     """
     if layout.tp == 1:
         return 0.0
     n = 4 + (2 if layout.recompute == "full" else 0)
     nbytes = LOW_BYTES[precision] * seq_len * layout.micro_batch * cfg.d_model
     layers = layers_on_stage(cfg.n_layers, layout.pp, 0)
-    return n * layers * ring_time(nbytes, layout.tp, gpu.intra_node_gbs, 2)
+    total = n * layers * ring_time(nbytes, layout.tp, gpu.intra_node_gbs, 2)
+    return total / layout.tp if overlap else total
 
 
 def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int) -> float:
@@ -135,48 +142,66 @@ def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_p
 
 
 def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node: int,
-                    micro_batch_compute_s: float, overlap: bool = True) -> float:
-    """Data-parallel traffic not hidden behind backward compute, seconds per step.
+                    forward_s: float, backward_s: float, overlap: bool = True,
+                    overlap_param_gather: bool = False) -> float:
+    """Data-parallel traffic not hidden behind compute, seconds per step.
 
-    ZeRO §7 volumes per GPU shard of Ψ parameters: stage 0/1 all-reduce the gradients once per
-    step (stage 1 as reduce-scatter + parameter all-gather, same volume); stage 2 reduce-scatters
-    every micro-batch (DeepSpeed cannot keep full gradients) and all-gathers parameters once;
-    stage 3 all-gathers parameters in forward and backward and reduce-scatters gradients, every
-    micro-batch and layer by layer (1.5x the volume, 3 collectives per layer of latency). Gradient traffic overlaps the backward pass (2/3 of a micro-batch's
-    compute), parameter prefetch in ZeRO-3 the whole micro-batch; the step-end parameter
-    all-gather of stages 1-2 is exposed. ``overlap=False`` (Megatron-LM before
-    ``--overlap-grad-reduce``, 2021-2022) exposes all of it. The group spans nodes when
-    ``dp·tp > gpus_per_node``.
+    ``forward_s`` and ``backward_s`` are one micro-batch's forward and backward compute on the
+    slowest stage (backward includes recomputation). ZeRO §7 volumes per GPU shard of Ψ
+    parameters (Rajbhandari et al. 2020): stage 0/1 all-reduce the gradients once per step
+    (stage 1 as reduce-scatter + parameter all-gather, same volume); stage 2 reduce-scatters every
+    micro-batch (DeepSpeed cannot keep full gradients) and all-gathers parameters once; stage 3
+    all-gathers the parameters in forward AND again in backward and reduce-scatters gradients,
+    every micro-batch, layer by layer: 1.5x the volume of stages 0-2.
 
-    Example: Ψ=1.7e9 (stage 0, fp16), dp=32, 25 GB/s, backward window 0.5 s: all-reduce
-    2·31/32·3.4e9/25e9 = 0.26 s, fully hidden → 0 s.
+    Overlap: gradient reduction hides behind the last micro-batch's backward; the step-end
+    parameter all-gather of stages 1-2 is exposed, unless ``overlap_param_gather`` (Megatron
+    ``--overlap-param-gather``) hides it behind the next forward. ZeRO-3's forward gather can
+    only hide behind forward compute and its backward gather + reduce-scatter behind backward
+    compute, per phase; the first layer's gather and the last layer's reduce-scatter have nothing
+    to hide behind (prefetch is one layer ahead, Zhao et al. 2023, PyTorch FSDP, §3.3-3.4). With
+    small micro-batches on many GPUs ZeRO-3 is therefore communication-bound. ``overlap=False``
+    (Megatron-LM before ``--overlap-grad-reduce``, 2021-2022) exposes all of it. The group spans
+    nodes (inter-node link) when ``dp·tp > gpus_per_node``.
+
+    Example: Ψ=1.7e9 (stage 0, fp16), dp=32, 25 GB/s, backward 0.5 s: all-reduce
+    2·31/32·3.4e9/25e9 = 0.26 s, fully hidden → 0 s. ZeRO-3 with Ψ=8e9 bf16, dp=64, 25 GB/s,
+    32 layers, forward 1 s, backward 2 s: one gather 63/64·16e9/25e9 = 0.63 s hides in both
+    phases; exposed 2·0.63/32 = 0.04 s per micro-batch.
     """
     if layout.dp == 1:
         return 0.0
     psi = stage_parameters(cfg, layout.tp, layout.pp, 0)
     nbytes = LOW_BYTES[precision] * psi
     bw = gpu.inter_node_gbs if layout.dp * layout.tp > gpus_per_node else gpu.intra_node_gbs
-    window = 2 / 3 * micro_batch_compute_s if overlap else 0.0
+    m = layout.grad_accum
+    if layout.zero_stage == 3:
+        layers = layers_on_stage(cfg.n_layers, layout.pp, 0)
+        gather = ring_time(nbytes, layout.dp, bw, 1, layers)
+        if not overlap:
+            return m * 3 * gather
+        edges = 2 * gather / layers
+        return m * (max(0.0, gather - forward_s) + max(0.0, 2 * gather - backward_s) + edges)
     buckets = max(1, round(psi / REDUCE_BUCKET_ELEMENTS))
     one = ring_time(nbytes, layout.dp, bw, 1, buckets)
-    m = layout.grad_accum
+    grads_window = backward_s if overlap else 0.0
+    gather = max(0.0, one - forward_s) if (overlap and overlap_param_gather) else one
     if layout.zero_stage == 0:
-        return max(0.0, 2 * one - window)
+        return max(0.0, 2 * one - grads_window)
     if layout.zero_stage == 1:
-        return max(0.0, one - window) + one
-    if layout.zero_stage == 2:
-        return m * max(0.0, one - window) + one
-    per_layer = ring_time(nbytes, layout.dp, bw, 3, layers_on_stage(cfg.n_layers, layout.pp, 0))
-    return m * max(0.0, per_layer - 1.5 * window)
+        return max(0.0, one - grads_window) + gather
+    return m * max(0.0, one - grads_window) + gather
 
 
 def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int,
-              efficiency: float = DEFAULT_EFFICIENCY, overlap: bool = True) -> StepTime:
+              efficiency: float = DEFAULT_EFFICIENCY, overlap: bool = True, overlap_param_gather: bool = False,
+              overlap_tp: bool = False) -> StepTime:
     """Seconds per optimizer step of ``layout`` (see the module docstring).
 
     Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)``; a step is
-    ``m`` of them plus the bubble ``(p-1)/v`` micro-batch slots, tensor-parallel all-reduces,
-    pipeline sends and exposed data-parallel traffic.
+    ``m`` of them plus the bubble ``(p-1)/v`` micro-batch slots, tensor-parallel communication,
+    pipeline sends and exposed data-parallel traffic. The overlap flags are
+    :func:`dp_comm_exposed`'s and :func:`tp_comm_per_micro_batch`'s.
 
     Example: 1.7B GPT (24×2304), s=2048, b=16, m=1, dp=32, fp16 full recompute, A100 at eff 0.58:
     compute ≈ 16·2048·(6·1.7e9·4/3 …)/(0.58·312e12) ≈ 2.5 s per step.
@@ -186,10 +211,10 @@ def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_
     tokens = layout.micro_batch * seq_len
     elementwise = elementwise_time_per_token(cfg, layout.pp, layout.tp, gpu) * tokens
     mb_model, mb_extra = model * tokens / rate + elementwise, extra * tokens / rate
-    mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu)
+    mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu, overlap_tp)
     m = layout.grad_accum
     bubble = (layout.pp - 1) / layout.virtual_stages * (mb_model + mb_extra + mb_tp)
+    dp = dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model / 3, 2 * mb_model / 3 + mb_extra,
+                         overlap, overlap_param_gather)
     return StepTime(compute_s=m * mb_model, recompute_s=m * mb_extra, tp_comm_s=m * mb_tp, bubble_s=bubble,
-                    p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node),
-                    dp_comm_s=dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model + mb_extra,
-                                                     overlap))
+                    p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node), dp_comm_s=dp)

@@ -58,6 +58,16 @@ class PlanRequest:
         efficiency: Achievable fraction of peak for hardware FLOPs.
         flash_attention: Dense attention stores no s×s scores (FlashAttention / SDPA).
         overlap_dp: Data-parallel gradient traffic overlaps the backward pass.
+        overlap_param_gather: The ZeRO-1/2 parameter all-gather after the optimizer step overlaps
+            the next forward pass (Megatron-Core ``--overlap-param-gather``; DeepSpeed: no).
+        overlap_tp: Tensor-parallel collectives are decomposed and overlapped with their GEMMs
+            (Megatron-Core ``--tp-comm-overlap``, PyTorch async TP); DeepSpeed/``workers``: no.
+        allowed_zero_stages: ZeRO stages the training framework offers, a constraint of the
+            request like the precision: ``None`` = DeepSpeed's 0-3 (0-1 with pipelines);
+            ``(0, 1)`` for Megatron-LM, NeMo and GPT-NeoX, whose distributed optimizer shards only
+            the optimizer state (ZeRO-1-like; Megatron-LM README "Distributed Optimizer").
+            With pipelines stages 2-3 are never searched (DeepSpeed's pipeline engine, which
+            ``workers/`` runs, supports 0-1; ``workers.layout.Layout`` enforces it).
     """
 
     model: ModelConfig
@@ -71,6 +81,10 @@ class PlanRequest:
     efficiency: float = DEFAULT_EFFICIENCY
     flash_attention: bool = True
     overlap_dp: bool = True
+    overlap_param_gather: bool = False
+    overlap_tp: bool = False
+    allowed_zero_stages: tuple | None = None
+    fp32_main_grads: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.gpu, str):
@@ -86,6 +100,32 @@ class PlanRequest:
             raise PlanError(f"gpus_per_node={self.gpus_per_node} must be >= 1")
         if not 0 < self.efficiency <= 1:
             raise PlanError(f"efficiency={self.efficiency} must be in (0, 1]")
+        if self.allowed_zero_stages is not None:
+            stages = tuple(sorted(set(self.allowed_zero_stages)))
+            if not stages or any(z not in (0, 1, 2, 3) for z in stages):
+                raise PlanError(f"allowed_zero_stages={self.allowed_zero_stages!r} must be a non-empty set of "
+                                f"ZeRO stages 0-3, e.g. (0, 1) for Megatron-LM")
+            object.__setattr__(self, "allowed_zero_stages", stages)
+            if self.pins.zero_stage is not None and self.pins.zero_stage not in stages:
+                raise PlanError(f"pinned zero_stage={self.pins.zero_stage} is not in allowed_zero_stages={stages}; "
+                                f"pin one of {stages} or widen allowed_zero_stages")
+
+    def zero_allowed(self, stage: int, pp: int) -> bool:
+        """True when ZeRO ``stage`` may be used with ``pp`` pipeline stages.
+
+        Pins and ``allowed_zero_stages`` restrict the stage; with pipelines only stages 0-1 are
+        searched (DeepSpeed's pipeline engine) unless a pin names the stage (the layout check then
+        reports why it cannot run).
+
+        Example:
+            >>> req.replace(allowed_zero_stages=(0, 1)).zero_allowed(3, 1)
+            False
+        """
+        if not self.pins.allows("zero_stage", stage):
+            return False
+        if self.allowed_zero_stages is not None and stage not in self.allowed_zero_stages:
+            return False
+        return pp == 1 or stage <= 1 or self.pins.zero_stage == stage
 
     @property
     def node_size(self) -> int:
@@ -196,7 +236,8 @@ class PlanResult:
         return {
             "request": {"model": describe_model(req.model), "gpus": req.gpus, "gpu": req.gpu.name,
                         "gpus_per_node": req.node_size, "global_batch": req.global_batch, "seq_len": req.seq_len,
-                        "precision": req.precision, "pins": req.pins.to_dict(), "efficiency": req.efficiency},
+                        "precision": req.precision, "pins": req.pins.to_dict(), "efficiency": req.efficiency,
+                        "allowed_zero_stages": list(req.allowed_zero_stages) if req.allowed_zero_stages else None},
             "best": self.best.to_dict() if self.best else None,
             "candidates": [c.to_dict() for c in self.candidates[:limit]],
             "num_candidates": len(self.candidates),
