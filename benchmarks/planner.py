@@ -4,8 +4,11 @@ Run: ``.venv/bin/python benchmarks/planner.py`` (about 15 s on 2 cores). Prints
 
 1. every usable row of tests/fixtures/planner/published_layouts.csv: the published (tp, pp), whether
    it is predicted to fit, the planner's best (tp, pp) under the same constraints (GPUs, batch,
-   precision, recompute policy, ZeRO stage where stated) and the achieved vs predicted throughput;
+   precision, recompute policy, the framework's ZeRO stages) and the achieved vs predicted
+   throughput; for each miss, the published mesh's predicted speed relative to the fastest;
 2. the efficiency fitted to those rows, with in-sample and leave-one-out median errors;
+2b. the tie-break sweep (tie tolerance x comfortable memory fraction) and a leave-one-out check of
+   choosing those two numbers on the same rows;
 3. the smallest number of 80 GB GPUs for a 100B-parameter model with pure data parallelism
    (tp = pp = 1, any ZeRO stage; and plain DDP) versus any hybrid layout;
 4. the time to plan a 70B model on 4,096 GPUs, next to planning 64 GPUs in the same run.
@@ -21,27 +24,43 @@ from orchestrator.errors import PlanError
 from orchestrator.planner import PlanRequest, Pins, min_gpus, model_from_params, plan
 from orchestrator.planner.calibrate import (fit_efficiency, leave_one_out, load_published, median, predicted,
                                             published_candidate)
+from orchestrator.planner.search import COMFORTABLE_MEMORY_FRACTION, TIE_TOLERANCE, rank
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
 CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "planner" / "published_layouts.csv"
 
 
-def published_table() -> None:
+def miss_note(row, result) -> str:
+    """For a miss: the published mesh's best predicted speed relative to the chosen layout."""
+    pub = [c for c in result.candidates if (c.layout.tp, c.layout.pp) == (row.published.tp, row.published.pp)]
+    if not pub:
+        return "published mesh not among fitting candidates"
+    best, top = result.best.estimate, max(pub, key=lambda c: c.estimate.tokens_per_s).estimate
+    return (f"published mesh {100 * (top.tokens_per_s / best.tokens_per_s - 1):+.1f}% tokens/s, "
+            f"{top.memory.total / 2**30:.0f} vs {best.memory.total / 2**30:.0f} GiB")
+
+
+def published_table() -> list:
     rows, skipped = load_published(CSV)
     print(f"== published layouts: {len(rows)} usable rows, {len(skipped)} skipped "
           f"(missing dims/batch, MoE/CP, TPU/H800)")
     print(f"{'model':34s} {'GPUs':>5s} {'pub tp,pp':>9s} {'fits':>5s} {'GiB':>5s} {'best tp,pp':>10s} "
           f"{'match':>5s}  achieved vs predicted (eff {DEFAULT_EFFICIENCY})")
-    pairs, matches = [], 0
+    pairs, matches, results, misses = [], 0, [], []
     for row in rows:
         try:
             cand = published_candidate(row)
             fits, gib = "yes", f"{cand.estimate.memory.total / 2**30:5.1f}"
         except PlanError:
             cand, fits, gib = None, "NO", "  -  "
-        best = plan(row.request).best.layout
+        result = plan(row.request)
+        results.append((row, result.candidates))
+        best = result.best.layout
         same = (best.tp, best.pp) == (row.published.tp, row.published.pp)
         matches += same
+        if not same:
+            misses.append(f"  {row.name[:34]:34s} {row.request.gpus:5d} GPUs: chose {best.describe()}; "
+                          + miss_note(row, result))
         perf = ""
         if cand and row.achieved:
             pairs.append((row, cand))
@@ -49,24 +68,55 @@ def published_table() -> None:
             perf = f"{row.metric} {row.achieved:.3g} vs {pred:.3g} ({100 * (pred / row.achieved - 1):+.0f}%)"
         print(f"{row.name[:34]:34s} {row.request.gpus:5d} {row.published.tp:>4d},{row.published.pp:<4d} {fits:>5s} "
               f"{gib:>5s} {best.tp:>5d},{best.pp:<4d} {'yes' if same else 'MISS':>5s}  {perf}")
-    print(f"tp/pp match: {matches}/{len(rows)} = {100 * matches / len(rows):.0f}% (target 80%)")
+    print(f"tp/pp match: {matches}/{len(rows)} = {100 * matches / len(rows):.0f}% (target 80%); misses:")
+    print("\n".join(misses))
     errors = [abs(predicted(r, c, DEFAULT_EFFICIENCY) / r.achieved - 1) for r, c in pairs]
     print(f"throughput: median |error| {100 * median(errors):.1f}% over {len(errors)} rows at eff "
           f"{DEFAULT_EFFICIENCY}")
     eff = fit_efficiency(pairs)
     loo = [abs(e) for e in leave_one_out(pairs)]
-    print(f"fitted efficiency {eff:.3f}; leave-one-out median |error| {100 * median(loo):.1f}%")
+    fitted = [abs(predicted(r, c, eff) / r.achieved - 1) for r, c in pairs]
+    print(f"fitted efficiency {eff:.3f}: in-sample median |error| {100 * median(fitted):.1f}%; "
+          f"leave-one-out median |error| {100 * median(loo):.1f}%")
+    return results
+
+
+TOLERANCES = (0.0, 0.03, 0.05, 0.07, 0.10)
+COMFORT = (0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
+
+
+def tie_break_sweep(results: list) -> None:
+    """Matches for each (tolerance, comfortable fraction), and leave-one-out over that choice."""
+    hit = {(t, f): [(lambda b: (b.tp, b.pp))(rank(cands, t, f)[0].layout) == (r.published.tp, r.published.pp)
+                    for r, cands in results] for t in TOLERANCES for f in COMFORT}
+    print(f"\n== tie-break sweep: tp/pp matches of {len(results)} rows (chosen: tolerance {TIE_TOLERANCE}, "
+          f"comfortable memory fraction {COMFORTABLE_MEMORY_FRACTION})")
+    print("tolerance \\ fraction " + " ".join(f"{f:>5g}" for f in COMFORT))
+    for t in TOLERANCES:
+        print(f"{t:>20g} " + " ".join(f"{sum(hit[t, f]):>5d}" for f in COMFORT))
+
+    def choose(held_out: int) -> tuple:
+        score = {k: sum(v) - (v[held_out] if held_out >= 0 else 0) for k, v in hit.items()}
+        top = max(score.values())
+        return max((k for k, v in score.items() if v == top), key=lambda k: (k[1], -k[0]))
+
+    chosen = choose(-1)
+    loo = sum(hit[choose(i)][i] for i in range(len(results)))
+    print(f"selection rule (most matches; then largest fraction, smallest tolerance) picks {chosen}; "
+          f"leave-one-out over that selection: {loo}/{len(results)} = {100 * loo / len(results):.0f}%")
 
 
 def seed_claim() -> None:
     print("\n== seed claim: 100B parameters on 80 GB GPUs (A100-80GB, seq 2048, bf16, global batch >= N)")
     model = model_from_params("100B", seq_len=2048)
     base = PlanRequest(model=model, gpus=8, gpu="a100-80gb", global_batch=1024)
-    for label, pins in (("plain DDP (tp=pp=1, ZeRO-0)", Pins(tp=1, pp=1, zero_stage=0)),
-                        ("pure data parallel, best ZeRO (tp=pp=1)", Pins(tp=1, pp=1)),
-                        ("hybrid (any layout)", Pins())):
-        n, layout = min_gpus(base.replace(pins=pins))
-        print(f"{label:42s}: " + (f"{n} GPUs ({layout.describe()})" if n else "does not fit on any GPU count"))
+    for label, pins, stages in (("plain DDP (tp=pp=1, ZeRO-0)", Pins(tp=1, pp=1, zero_stage=0), None),
+                                ("pure data parallel, best ZeRO (tp=pp=1)", Pins(tp=1, pp=1), None),
+                                ("pure data parallel, ZeRO <= 1 (Megatron-style)", Pins(tp=1, pp=1), (0, 1)),
+                                ("hybrid, ZeRO <= 1 (Megatron-style)", Pins(), (0, 1)),
+                                ("hybrid (any layout)", Pins(), None)):
+        n, layout = min_gpus(base.replace(pins=pins, allowed_zero_stages=stages))
+        print(f"{label:48s}: " + (f"{n} GPUs ({layout.describe()})" if n else "does not fit on any GPU count"))
 
 
 def planning_speed() -> None:
@@ -85,6 +135,6 @@ def planning_speed() -> None:
 
 
 if __name__ == "__main__":
-    published_table()
+    tie_break_sweep(published_table())
     seed_claim()
     planning_speed()

@@ -60,6 +60,20 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
     return cfg, None
 
 
+def parse_zero_stages(text: str | None) -> tuple | None:
+    """``"0,1"`` → ``(0, 1)``; ``None`` → ``None``.
+
+    Raises:
+        PlanError: an entry is not an integer (range checks are ``PlanRequest``'s).
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise PlanError(f"--zero-stages {text!r} must be comma-separated ZeRO stages, e.g. 0,1") from None
+
+
 def print_result(result, top: int) -> None:
     """Rich tables: best layouts, rejected ones, or the pinned estimate."""
     from rich.console import Console
@@ -130,6 +144,7 @@ def plan(
     tp: Optional[int] = typer.Option(None, "--tp", min=1, rich_help_panel=_PIN),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, rich_help_panel=_PIN),
     zero: Optional[int] = typer.Option(None, "--zero", min=0, max=3, rich_help_panel=_PIN),
+    zero_stages: Optional[str] = typer.Option(None, "--zero-stages", help="ZeRO stages the framework offers, e.g. 0,1 for Megatron-LM (default: DeepSpeed's 0-3).", rich_help_panel=_PIN),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, rich_help_panel=_PIN),
     recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full.", rich_help_panel=_PIN),
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", rich_help_panel=_PIN),
@@ -165,7 +180,8 @@ def plan(
                    peak_tflops={precision: peak_tflops} if peak_tflops else None)
     request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=batch or 8 * gpus,
                           seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
-                          precision=precision, pins=pins, **({"efficiency": efficiency} if efficiency else {}))
+                          precision=precision, pins=pins, allowed_zero_stages=parse_zero_stages(zero_stages),
+                          **({"efficiency": efficiency} if efficiency else {}))
     result = run_plan(request)
     if json_out:
         print(json.dumps(result.to_json(limit=top), indent=2))

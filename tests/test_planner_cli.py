@@ -43,3 +43,12 @@ def test_explicit_dims_table():
 def test_estimate_without_all_pins_is_an_error():
     res = runner.invoke(app, ["plan", "--model", "tiny", "--gpus", "2", "--estimate"])
     assert isinstance(res.exception, PlanError) and "missing" in str(res.exception)
+
+
+def test_zero_stages_option_restricts_the_plan():
+    res = runner.invoke(app, ["plan", "--model", "tiny", "--gpus", "4", "--gpu", "cpu", "--global-batch", "32",
+                              "--zero-stages", "0,1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["request"]["allowed_zero_stages"] == [0, 1]
+    assert {c["layout"]["zero_stage"] for c in doc["candidates"]} <= {0, 1}

@@ -10,7 +10,9 @@ MLP width ``8h/3`` SwiGLU (the same ``12h²`` parameters per layer as GPT's 4h G
 heads = heads (the CSV has no GQA column); dropout 0.1 for GPT-style Megatron rows; no
 FlashAttention and no overlap of the data-parallel all-reduce with backward before 2022 (SC21,
 Korthikanti, MT-NLG, GPT-NeoX); GQA and FFN width of Llama/Falcon from their papers; fp16 where the notes say so,
-else bf16. Achieved TFLOP/s counted with recomputation (SC21 eq. 3, MT-NLG) are compared with the
+else bf16. The run's framework is part of the request: ZeRO stages from the ZeRO column, else the
+framework's (:func:`_zero_stages`), Megatron's fp32 main gradients, and the overlap flags the notes
+state (``--overlap-param-gather``, ``--tp-comm-overlap``). Achieved TFLOP/s counted with recomputation (SC21 eq. 3, MT-NLG) are compared with the
 predicted *hardware* TFLOP/s, the others with model TFLOP/s or MFU.
 """
 

@@ -16,7 +16,8 @@ from mla.flops import attention_flops_per_token, layer_parameters
 from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layers_on_stage, stage_parameters
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
-#: the published rows of published_layouts.csv (``calibrate.fit_efficiency``).
+#: the published rows of published_layouts.csv (``calibrate.fit_efficiency``: 0.532 after the
+#: framework constraints and overlap flags; 0.59 before).
 DEFAULT_EFFICIENCY = 0.53
 #: Bytes of memory traffic per token and layer of the element-wise kernels (norms, activation,
 #: residual adds, rotary, softmax bookkeeping), in units of the hidden size h: about three read or
@@ -203,8 +204,8 @@ def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_
     pipeline sends and exposed data-parallel traffic. The overlap flags are
     :func:`dp_comm_exposed`'s and :func:`tp_comm_per_micro_batch`'s.
 
-    Example: 1.7B GPT (24×2304), s=2048, b=16, m=1, dp=32, fp16 full recompute, A100 at eff 0.58:
-    compute ≈ 16·2048·(6·1.7e9·4/3 …)/(0.58·312e12) ≈ 2.5 s per step.
+    Example: 1.7B GPT (24×2304), s=2048, b=16, m=1, dp=32, fp16 full recompute, A100 at eff 0.53:
+    compute ≈ 16·2048·(6·1.7e9·4/3 …)/(0.53·312e12) ≈ 2.7 s per step.
     """
     model, extra = stage_flops_per_token(cfg, seq_len, layout.pp, layout.recompute)
     rate = layout.tp * efficiency * gpu.peak_flops(precision)
