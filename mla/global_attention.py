@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mla.tensor_ops import check_qkv, num_blocks, pad_seq, repeat_kv
+from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
 
 #: Queries scored at once by the exact indexer (bounds its scoring memory to chunk x n).
 EXACT_CHUNK = 1024
@@ -213,26 +213,29 @@ def block_candidates(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int):
     """
     blocks, bvalid = select_key_blocks(q, k, top_k, block)
     with torch.no_grad():
-        scores = _query_blocks(q, block) @ _candidate_blocks(k, blocks, block).transpose(-1, -2)
-        return blocks, token_topk_mask(scores, blocks, bvalid, block, top_k)
+        kb = _query_blocks(k, block).flatten(-2)
+        scores = _query_blocks(q, block) @ _candidate_blocks(kb, blocks, q.shape[-1]).transpose(-1, -2)
+        return blocks, token_topk_mask(scores, blocks, bvalid, block, top_k, first_block=0)
 
 
 @torch.no_grad()
 def token_topk_mask(scores: torch.Tensor, blocks: torch.Tensor, bvalid: torch.Tensor, block: int,
-                    top_k: int) -> torch.Tensor:
+                    top_k: int, first_block: int) -> torch.Tensor:
     """Keep-mask of each query's top-k causal candidates (no gradient).
 
     Args:
-        scores: ``(batch, heads, nb, B, C)`` query-candidate scores, ``C = (m + 1) * B``.
-        blocks, bvalid: From :func:`select_key_blocks`.
+        scores: ``(batch, heads, nc, B, C)`` query-candidate scores of query blocks
+            ``first_block .. first_block + nc - 1``, ``C = (m + 1) * B``.
+        blocks, bvalid: ``(batch, heads, nc, m + 1)``, from :func:`select_key_blocks`.
         block: B.
         top_k: k.
+        first_block: Index of the first query block in ``scores``.
 
     Returns:
-        ``(batch, heads, nb, B, C)`` bool: the candidate is causal, in a valid block, and among
+        ``(batch, heads, nc, B, C)`` bool: the candidate is causal, in a valid block, and among
         the query's ``min(k, C)`` best causal candidates.
     """
-    causal = _candidate_causal_mask(blocks, bvalid, block)
+    causal = _candidate_causal_mask(blocks, bvalid, block, first_block)
     masked = scores.masked_fill(~causal, float("-inf"))
     vals, ids = masked.topk(min(top_k, scores.shape[-1]), dim=-1, sorted=False)
     return torch.zeros_like(causal).scatter_(-1, ids, torch.isfinite(vals))
@@ -244,7 +247,8 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
 
     Candidate keys and values are gathered per query block, ``(batch, heads, nb, (m+1)*B,
     head_dim)``; scores are computed once, masked to each query's top-k causal candidates
-    (:func:`token_topk_mask`) and soft-maxed over the kept ones.
+    (:func:`token_topk_mask`) and soft-maxed over the kept ones. Query blocks are processed in
+    chunks (:func:`mla.tensor_ops.block_chunks`) so no score tensor exceeds ``CHUNK_ELEMENTS``.
 
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)`` (kv heads already repeated).
@@ -254,13 +258,18 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
     Returns:
         ``(batch, heads, seq, head_dim)``.
     """
-    n = q.shape[-2]
+    b, h, n, d = q.shape
     blocks, bvalid = select_key_blocks(q, k, top_k, block)
-    kc, vc = _candidate_blocks(k, blocks, block), _candidate_blocks(v, blocks, block)
-    scores = (_query_blocks(q, block) @ kc.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    keep = token_topk_mask(scores.detach(), blocks, bvalid, block, top_k)
-    out = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ vc
-    return out.reshape(*q.shape[:2], -1, q.shape[-1])[..., :n, :]
+    qb = _query_blocks(q * (1.0 / math.sqrt(d)), block)
+    kb, vb = _query_blocks(k, block).flatten(-2), _query_blocks(v, block).flatten(-2)
+    outs = []
+    for c0, c1 in block_chunks(blocks.shape[2], b * h * block * blocks.shape[-1] * block):
+        sel, ok = blocks[:, :, c0:c1], bvalid[:, :, c0:c1]
+        kc, vc = _candidate_blocks(kb, sel, d), _candidate_blocks(vb, sel, d)
+        scores = qb[:, :, c0:c1] @ kc.transpose(-1, -2)
+        keep = token_topk_mask(scores.detach(), sel, ok, block, top_k, first_block=c0)
+        outs.append(scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ vc)
+    return torch.cat(outs, dim=2).reshape(b, h, -1, d)[..., :n, :]
 
 
 def _query_blocks(q: torch.Tensor, block: int) -> torch.Tensor:
@@ -269,20 +278,21 @@ def _query_blocks(q: torch.Tensor, block: int) -> torch.Tensor:
     return pad_seq(q, 0, nb * block - q.shape[-2]).reshape(*q.shape[:2], nb, block, q.shape[-1])
 
 
-def _candidate_blocks(x: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
-    """Rows of the chosen blocks: ``(b, h, nb, (m + 1) * B, d)``."""
-    xb = _query_blocks(x, block).flatten(-2)  # (b, h, nb, B * d)
-    rows = gather_rows(xb, blocks)  # (b, h, nb, m + 1, B * d)
-    return rows.reshape(*blocks.shape[:3], -1, x.shape[-1])
+def _candidate_blocks(xb: torch.Tensor, blocks: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of the chosen blocks: ``xb`` ``(b, h, nb, B * d)``, ``blocks`` ``(b, h, nc, m + 1)``
+    -> ``(b, h, nc, (m + 1) * B, d)``."""
+    rows = gather_rows(xb, blocks)  # (b, h, nc, m + 1, B * d)
+    return rows.reshape(*blocks.shape[:3], -1, head_dim)
 
 
-def _candidate_causal_mask(blocks: torch.Tensor, bvalid: torch.Tensor, block: int) -> torch.Tensor:
-    """``(b, h, nb, B, (m + 1) * B)``: candidate key position <= query position, valid block."""
-    nb = blocks.shape[2]
+def _candidate_causal_mask(blocks: torch.Tensor, bvalid: torch.Tensor, block: int,
+                           first_block: int) -> torch.Tensor:
+    """``(b, h, nc, B, (m + 1) * B)``: candidate key position <= query position, valid block."""
+    nc = blocks.shape[2]
     ar = torch.arange(block, device=blocks.device)
-    kpos = (blocks.unsqueeze(-1) * block + ar).flatten(-2)  # (b, h, nb, C)
+    kpos = (blocks.unsqueeze(-1) * block + ar).flatten(-2)  # (b, h, nc, C)
     kvalid = bvalid.unsqueeze(-1).expand(*bvalid.shape, block).flatten(-2)
-    qpos = torch.arange(nb, device=blocks.device).view(nb, 1) * block + ar  # (nb, B)
+    qpos = torch.arange(first_block, first_block + nc, device=blocks.device).view(nc, 1) * block + ar
     return (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)) & kvalid.unsqueeze(-2)
 
 

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mla.tensor_ops import check_qkv, num_blocks, pad_seq, repeat_kv
+from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
 
 #: Set this environment variable to ``1`` to force the blocked path on CUDA too.
 DISABLE_FLEX_ENV = "MLA_DISABLE_FLEX"
@@ -67,6 +67,9 @@ def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
                             block: int | None = None) -> torch.Tensor:
     """Blocked causal sliding-window attention, O(n * w) time and memory.
 
+    Query blocks are processed in chunks (:func:`mla.tensor_ops.block_chunks`) so that no score
+    tensor exceeds ``CHUNK_ELEMENTS``.
+
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)`` (kv heads already repeated).
         window: Window w >= 1, in tokens.
@@ -85,19 +88,22 @@ def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     n_prev = num_blocks(w - 1, p)  # previous key blocks each query block needs
     nb = num_blocks(n, p)
     pad = nb * p - n
-    shape = (*q.shape[:2], nb, p, q.shape[-1])
-    qb = pad_seq(q, 0, pad).reshape(shape)
-    kw = _key_windows(k, n_prev, p, nb, pad)
-    vw = _key_windows(v, n_prev, p, nb, pad)
+    b, h, _, d = q.shape
+    qb = pad_seq(q, 0, pad).reshape(b, h, nb, p, d)
+    kb = pad_seq(k, n_prev * p, pad).reshape(b, h, nb + n_prev, p, d)
+    vb = pad_seq(v, n_prev * p, pad).reshape(b, h, nb + n_prev, p, d)
     mask = band_mask(nb, p, n_prev, w, q.device)
-    out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask)
-    return out.reshape(*q.shape[:2], nb * p, q.shape[-1])[..., :n, :]
+    outs = []
+    for c0, c1 in block_chunks(nb, b * h * p * (n_prev + 1) * p):
+        kw, vw = _key_windows(kb, n_prev, c0, c1), _key_windows(vb, n_prev, c0, c1)
+        outs.append(F.scaled_dot_product_attention(qb[:, :, c0:c1], kw, vw, attn_mask=mask[c0:c1]))
+    return torch.cat(outs, dim=2).reshape(b, h, nb * p, d)[..., :n, :]
 
 
-def _key_windows(x: torch.Tensor, n_prev: int, p: int, nb: int, pad: int) -> torch.Tensor:
-    """Keys (or values) seen by each query block: ``(batch, heads, nb, (n_prev+1)*p, d)``."""
-    xb = pad_seq(x, n_prev * p, pad).reshape(*x.shape[:2], nb + n_prev, p, x.shape[-1])
-    return torch.cat([xb[:, :, j:j + nb] for j in range(n_prev + 1)], dim=3)
+def _key_windows(xb: torch.Tensor, n_prev: int, c0: int, c1: int) -> torch.Tensor:
+    """Keys (or values) seen by query blocks ``c0..c1-1``: ``(batch, heads, c1 - c0, (n_prev+1)*p,
+    d)`` from ``xb`` ``(batch, heads, nb + n_prev, p, d)`` (front-padded by ``n_prev`` blocks)."""
+    return torch.cat([xb[:, :, c0 + j:c1 + j] for j in range(n_prev + 1)], dim=3)
 
 
 @functools.lru_cache(maxsize=64)

@@ -52,3 +52,23 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} disagree "
                          "on batch, seq or head_dim")
+
+
+#: Elements of the largest per-chunk score tensor (16 MiB in fp32). Larger tensors would be
+#: served by fresh mmap()s on glibc (above its 32 MiB dynamic threshold) and page-faulted on
+#: every call, which made the n=16k CPU path several times slower than n=8k.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def block_chunks(n_blocks: int, elements_per_block: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """Split ``range(n_blocks)`` into consecutive ``(start, stop)`` chunks of query blocks whose
+    score tensors hold at most ``budget`` (default :data:`CHUNK_ELEMENTS`) elements each (at
+    least one block per chunk).
+
+    Example:
+        >>> block_chunks(10, 3, budget=9)
+        [(0, 3), (3, 6), (6, 9), (9, 10)]
+    """
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    per_chunk = max(1, budget // max(1, elements_per_block))
+    return [(start, min(n_blocks, start + per_chunk)) for start in range(0, n_blocks, per_chunk)]

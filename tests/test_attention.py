@@ -62,6 +62,25 @@ def test_efficient_path_matches_dense_reference(n, w, k, b, kv, indexer, gated):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("indexer", ["exact", "block"])
+def test_chunked_block_paths_match_dense_reference(indexer, monkeypatch):
+    monkeypatch.setattr("mla.tensor_ops.CHUNK_ELEMENTS", 3000)  # 1-3 query blocks per chunk
+    q, key, v, gate = _inputs(70, 1)
+    out = multi_level_attention(q, key, v, gate, window=9, top_k=5, indexer=indexer, block=8)
+    mask = block_indexer_reference_mask(q.detach(), key.detach(), 5, 8) if indexer == "block" else None
+    ref = dense_reference_attention(q, key, v, gate, window=9, top_k=5, global_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_block_chunks_cover_every_block_once():
+    from mla.tensor_ops import block_chunks
+
+    assert block_chunks(10, 3, budget=9) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert block_chunks(4, 100, budget=9) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
 @pytest.mark.parametrize("indexer,gated", MODES)
 def test_no_output_depends_on_a_future_token(indexer, gated):
     n, t = 45, 29
