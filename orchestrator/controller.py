@@ -183,7 +183,11 @@ def connect_ray(job: JobConfig) -> RayHandle:
         return RayHandle(started=False)
     c = job.cluster
     num_cpus = c.ray_num_cpus or max(1, int(round(c.num_workers * c.cpus_per_worker)))
-    ray.init(num_cpus=num_cpus, num_gpus=None if c.use_gpu else 0,
+    # Keep the embedded cluster on the loopback interface: with this set, Ray's node-IP lookup
+    # returns 127.0.0.1 instead of the machine's external address (ray_constants.ENABLE_RAY_CLUSTER).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # address="local" always starts a new cluster, even if `ray start` runs on this machine.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if c.use_gpu else 0,
              object_store_memory=c.object_store_mb * 1024 * 1024, include_dashboard=False,
              log_to_driver=verbose, logging_level="WARNING", _node_ip_address="127.0.0.1",
              configure_logging=True)
@@ -257,7 +261,7 @@ def run_training(job: JobConfig) -> dict:
     started = time.time()
     try:
         tail.start()
-        result = _fit(job, plans, model.to_dict(), run_dir)
+        result = _fit(job, plans, run_dir)
     finally:
         tail.stop_event.set()
         tail.join(timeout=5)
@@ -273,7 +277,10 @@ def run_training(job: JobConfig) -> dict:
     return summary
 
 
-def _fit(job: JobConfig, plans: dict, model: dict, run_dir: Path):
+def build_trainer(job: JobConfig, plans: dict, run_dir: Path, callbacks: list | tuple = ()):
+    """The ``TorchTrainer`` for ``job``: one worker per process of the plan (an elastic
+    ``(min, max)`` range when ``cluster.min_workers`` is set), gloo on CPU / nccl on GPU,
+    ``FailureConfig`` retries, and the run folder as Ray Train's storage (``RUN_DIR``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -282,19 +289,23 @@ def _fit(job: JobConfig, plans: dict, model: dict, run_dir: Path):
     c = job.cluster
     sizes = sorted(int(w) for w in plans)
     num_workers = (sizes[0], sizes[-1]) if len(sizes) > 1 else sizes[0]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "model": model, "run_dir": str(run_dir),
-                           "plans": plans},
+        train_loop_config={"job": job.model_dump(mode="json"), "model": job.model_config_().to_dict(),
+                           "run_dir": str(run_dir), "plans": plans},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
+                             callbacks=list(callbacks)),
     )
+
+
+def _fit(job: JobConfig, plans: dict, run_dir: Path):
     try:
-        return trainer.fit()
+        return build_trainer(job, plans, run_dir).fit()
     except Exception as exc:  # Train V2 raises TrainingFailedError from fit()
         return _FailedResult(exc)
 
