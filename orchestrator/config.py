@@ -157,6 +157,8 @@ class ClusterSection(_Section):
     """Elastic lower bound; set it to let Ray Train run with min_workers..num_workers."""
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
+    gpu: str = "h100"
+    """GPU model the planner sizes `parallel: auto` for (see `mla plan --help` for the catalogue)."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """CPU cores reserved per worker."""
     torch_threads: int | None = Field(None, ge=1)

@@ -99,8 +99,11 @@ def _runnable(layout: Layout, where: str) -> Layout:
 def _auto_layout(job: JobConfig, world_size: int) -> Layout:
     from orchestrator.planner import plan_job
 
-    result = plan_job(job, world_size=world_size, gpu="cpu" if not job.cluster.use_gpu else "H100-80GB")
-    return result.best.layout
+    result = plan_job(job, world_size=world_size, gpu=job.cluster.gpu if job.cluster.use_gpu else "cpu")
+    layout = result.best.layout
+    if layout.world_size != world_size:
+        raise PlanError(f"parallel.auto: {'; '.join(result.notes)}; set cluster.num_workers={layout.world_size}")
+    return layout
 
 
 def check_resumable(job: JobConfig, plans: dict) -> None:

@@ -23,7 +23,16 @@ def job_pins(job: JobConfig) -> Pins:
     if not job.parallel.auto:
         for name in job.parallel.model_fields_set & set(_PARALLEL_TO_PIN):
             pins[_PARALLEL_TO_PIN[name]] = getattr(job.parallel, name)
+    else:
+        # What the DeepSpeed workers run (workers.parallel.support): no Megatron sequence
+        # parallelism, no interleaved virtual stages.
+        pins |= {"sequence_parallel": False, "virtual_stages": 1}
     return Pins(**pins)
+
+
+#: ZeRO stages a ``parallel: auto`` job may be given: ZeRO-3 checkpoints keep DeepSpeed's own
+#: per-layout format, so a job re-planned on resume (elastic restarts) could not load them.
+AUTO_ZERO_STAGES = (0, 1, 2)
 
 
 def job_precision(job: JobConfig, gpu: str) -> str:
@@ -53,7 +62,8 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
     for n in range(world_size, 0, -1):
         req = PlanRequest(model=job.model_config_(), gpus=n, gpu=gpu, global_batch=job.train.global_batch,
                           seq_len=job.data.seq_len, gpus_per_node=gpus_per_node,
-                          precision=job_precision(job, gpu), pins=job_pins(job))
+                          precision=job_precision(job, gpu), pins=job_pins(job),
+                          allowed_zero_stages=AUTO_ZERO_STAGES if job.parallel.auto else None)
         try:
             result = plan(req)
         except PlanError as exc:
