@@ -30,7 +30,7 @@ from workers.checkpoint import latest_checkpoint, write_json_atomic
 from workers.data import check_corpus, load_corpus
 from workers.layout import Layout, LayoutError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, markup=False)
 
 
 def check_data(job: JobConfig) -> str:
@@ -127,20 +127,28 @@ def check_resumable(job: JobConfig, plans: dict) -> None:
                             "parallel.zero_stage<=2, or start a new run name")
 
 
-def world_sizes(job: JobConfig) -> list[int]:
-    """World sizes the job may run on: ``num_workers``, or the elastic range's runnable sizes."""
-    hi = job.cluster.num_workers
-    lo = job.cluster.min_workers or hi
+def runnable_sizes(job: JobConfig, lo: int, hi: int) -> list[int]:
+    """World sizes in ``[lo, hi]`` for which :func:`layout_for_world` finds a layout (pinned
+    degrees that divide the size and the batch, or a planner choice for ``parallel: auto``)."""
     sizes = []
-    for w in range(lo, hi + 1):
+    for w in range(max(1, lo), hi + 1):
         try:
             layout_for_world(job, w)
         except PlanError:
-            if w == hi:
-                raise
             continue
         sizes.append(w)
     return sizes
+
+
+def world_sizes(job: JobConfig) -> list[int]:
+    """World sizes the job may run on: ``num_workers``, or the elastic range's runnable sizes.
+
+    Raises:
+        PlanError: ``cluster.num_workers`` itself has no layout (the message says why).
+    """
+    hi = job.cluster.num_workers
+    layout_for_world(job, hi)  # raises with the reason
+    return runnable_sizes(job, job.cluster.min_workers or hi, hi)
 
 
 def build_worker_plans(job: JobConfig) -> dict[str, dict]:
@@ -274,9 +282,9 @@ def run_training(job: JobConfig) -> dict:
         raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})")
     summary = build_summary(job, run_dir, time.time() - started)
     write_json_atomic(run_dir / "summary.json", summary)
-    console.print(f"[bold green]done[/]: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
+    console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
                   f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
-                  f"{run_dir / 'summary.json'}", markup=True)
+                  f"{run_dir / 'summary.json'}")
     return summary
 
 
@@ -362,7 +370,7 @@ def _print_header(job: JobConfig, data_text: str, layout: Layout, plans: dict, r
 
     model = job.model_config_()
     sizes = ", ".join(sorted(plans, key=int))
-    console.print(f"[bold]mla train[/] {job.run.name}: {count_parameters(model):,} parameters, "
-                  f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})", markup=True)
+    console.print(f"mla train {job.run.name}: {count_parameters(model):,} parameters, "
+                  f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})")
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")

@@ -79,17 +79,21 @@ def connect(address: str | None, token_file: str | None = None):
         ClusterError: the dashboard cannot be reached or refused the token; the message says
             what was tried and how to start a cluster.
     """
+    url = resolve_address(address)
+    configure_token(token_file)  # before Ray is imported: Ray reads the auth mode once
     from ray.job_submission import JobSubmissionClient
 
-    url = resolve_address(address)
-    configure_token(token_file)
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # ConnectionError, RuntimeError with HTTP details
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
+        if "authentication" in reason.lower():
+            raise ClusterError(f"the Ray cluster at {url} refused the auth token ({reason}); pass the "
+                               "cluster's token with --token-file (`ray get-auth-token` on the head node) "
+                               "or set RAY_AUTH_TOKEN_PATH") from None
         raise ClusterError(f"cannot reach the Ray cluster at {url} ({reason}). Start one with "
-                           "`ray start --head --dashboard-host 127.0.0.1` (needs ray[default]) and pass its "
-                           "dashboard address (port 8265), or check RAY_ADDRESS and the auth token") from None
+                           "`ray start --head` (needs ray[default]) and pass its dashboard address "
+                           "(port 8265), or check RAY_ADDRESS") from None
 
 
 def stage_working_dir(job: JobConfig, stage: Path) -> Path:

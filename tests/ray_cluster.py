@@ -1,5 +1,7 @@
 """A real two-node Ray cluster for tests: `ray start --head` plus a second `ray start --address`
-node process with its own CPU, both pinned to 127.0.0.1, with token authentication on.
+node process with its own CPU, with token authentication on. The two nodes live on two loopback
+addresses (127.0.0.2 and 127.0.0.3): Ray rewrites 127.0.0.1 to the machine's external address,
+but leaves other loopback addresses alone, so all traffic stays on this machine.
 
 Every process the cluster starts is stopped at the end, even when the test fails: each
 `ray start --block` runs in its own session; teardown sends SIGTERM to it (Ray then stops the
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Cluster:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -47,21 +50,23 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1):
     """Start the cluster, yield a :class:`Cluster`, stop everything it started."""
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(), free_port()
-    gcs = f"127.0.0.1:{gcs_port}"
-    common = ["--block", "--node-ip-address=127.0.0.1", "--object-store-memory=100000000", "--disable-usage-stats"]
+    gcs = f"{HEAD_IP}:{gcs_port}"
+    common = ["--block", "--object-store-memory=100000000", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start([RAY, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash_port}", "--include-dashboard=true",
-                             f"--num-cpus={head_cpus}", *common], env, tmp / "head.log"))
+        procs.append(_start([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
+                             f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
+                             "--include-dashboard=true", f"--num-cpus={head_cpus}", *common], env, tmp / "head.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 1, 120, "head node", tmp / "head.log")
-        procs.append(_start([RAY, "start", f"--address={gcs}", f"--num-cpus={worker_cpus}",
+        procs.append(_start([RAY, "start", f"--address={gcs}", f"--node-ip-address={SECOND_IP}",
+                             f"--num-cpus={worker_cpus}",
                              '--resources={"second_node": 1}', *common], env, tmp / "worker.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 2, 120, "second node", tmp / "worker.log")
-        yield Cluster(f"http://127.0.0.1:{dash_port}", gcs, token, env)
+        yield Cluster(f"http://{HEAD_IP}:{dash_port}", gcs, token, env)
     finally:
         _stop(procs, gcs_port)
 
@@ -92,4 +97,4 @@ def _stop(procs: list[subprocess.Popen], gcs_port: int) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{gcs_port}"], check=False)
+    subprocess.run(["pkill", "-9", "-f", f"{HEAD_IP}:{gcs_port}"], check=False)
