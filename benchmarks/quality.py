@@ -44,7 +44,7 @@ class QualitySettings:
         local_window, global_k, block_size, indexer: MLA settings.
     """
 
-    steps: int = 300
+    steps: int = 96
     batch: int = 8
     train_seq_len: int = 1024
     eval_contexts: tuple[int, ...] = (256, 1024)

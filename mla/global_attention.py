@@ -268,7 +268,7 @@ def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_
         kc, vc = _candidate_blocks(kb, sel, d), _candidate_blocks(vb, sel, d)
         scores = qb[:, :, c0:c1] @ kc.transpose(-1, -2)
         keep = token_topk_mask(scores.detach(), sel, ok, block, top_k, first_block=c0)
-        outs.append(scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ vc)
+        outs.append(scores.masked_fill_(~keep, float("-inf")).softmax(dim=-1) @ vc)
     return torch.cat(outs, dim=2).reshape(b, h, -1, d)[..., :n, :]
 
 

@@ -17,7 +17,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
 
@@ -89,14 +88,15 @@ def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     nb = num_blocks(n, p)
     pad = nb * p - n
     b, h, _, d = q.shape
-    qb = pad_seq(q, 0, pad).reshape(b, h, nb, p, d)
+    qb = pad_seq(q * (1.0 / math.sqrt(d)), 0, pad).reshape(b, h, nb, p, d)
     kb = pad_seq(k, n_prev * p, pad).reshape(b, h, nb + n_prev, p, d)
     vb = pad_seq(v, n_prev * p, pad).reshape(b, h, nb + n_prev, p, d)
-    mask = band_mask(nb, p, n_prev, w, q.device)
+    bias = band_bias(nb, p, n_prev, w, q.device, q.dtype)
     outs = []
     for c0, c1 in block_chunks(nb, b * h * p * (n_prev + 1) * p):
         kw, vw = _key_windows(kb, n_prev, c0, c1), _key_windows(vb, n_prev, c0, c1)
-        outs.append(F.scaled_dot_product_attention(qb[:, :, c0:c1], kw, vw, attn_mask=mask[c0:c1]))
+        scores = (qb[:, :, c0:c1] @ kw.transpose(-1, -2)).add_(bias[c0:c1])
+        outs.append(scores.softmax(dim=-1) @ vw)
     return torch.cat(outs, dim=2).reshape(b, h, nb * p, d)[..., :n, :]
 
 
@@ -122,6 +122,17 @@ def band_mask(nb: int, p: int, n_prev: int, w: int, device: torch.device) -> tor
     + c``; it is kept iff ``0 <= qpos - kpos < w`` and ``kpos >= 0`` (Longformer's band).
     """
     return _band_mask_cached(nb, p, n_prev, w, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _band_bias_cached(nb: int, p: int, n_prev: int, w: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    keep = _band_mask_cached(nb, p, n_prev, w, device)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+
+
+def band_bias(nb: int, p: int, n_prev: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive form of :func:`band_mask`: 0 where kept, ``-inf`` elsewhere, in ``dtype``."""
+    return _band_bias_cached(nb, p, n_prev, w, str(device), dtype)
 
 
 def _positive(name: str, value: int) -> int:
