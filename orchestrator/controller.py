@@ -267,6 +267,7 @@ def run_training(job: JobConfig) -> dict:
     model = job.model_config_()
     _print_header(job, data_text, main_layout, plans, run_dir)
     write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
+    load_torch_before_ray()
     handle = connect_ray(job)
     tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps, main_layout.describe())
     started = time.time()
@@ -295,7 +296,7 @@ def build_trainer(job: JobConfig, plans: dict, run_dir: Path, callbacks: list | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.train_loop import train_loop_per_worker
+    from workers.entry import train_loop_per_worker
 
     c = job.cluster
     sizes = sorted(int(w) for w in plans)
@@ -312,6 +313,14 @@ def build_trainer(job: JobConfig, plans: dict, run_dir: Path, callbacks: list | 
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=list(callbacks)),
     )
+
+
+def load_torch_before_ray() -> None:
+    """Import torch before Ray connects: Ray Train's torch integration loads it in the driver
+    anyway, and loaded after ``ray.init(address="auto")`` inside a Ray job's driver process its
+    bundled oneMKL fails with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (seen with
+    Ray 2.60 / torch 2.13 CPU)."""
+    import torch  # noqa: F401
 
 
 def _fit(job: JobConfig, plans: dict, run_dir: Path):

@@ -139,13 +139,29 @@ def submit(config: str, overrides: list[str], address: str | None, token_file: s
         stage_working_dir(job, Path(tmp))
         args = " ".join(shlex.quote(a) for a in entrypoint_args or [])
         entrypoint = f"python -m orchestrator.cli {command} job.yaml {args}".strip()
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=sid,
-                              runtime_env={"working_dir": tmp, "excludes": WORKING_DIR_EXCLUDES},
-                              metadata={"mla_run": job.run.name, "mla_command": command})
-        except Exception as exc:
-            raise ClusterError(f"the cluster refused the job: {_first_line(exc)}") from None
+        _submit_with_retry(client, entrypoint=entrypoint, submission_id=sid,
+                           runtime_env={"working_dir": tmp, "excludes": WORKING_DIR_EXCLUDES},
+                           metadata={"mla_run": job.run.name, "mla_command": command})
     return client, sid
+
+
+def _submit_with_retry(client, retry_s: float = 90.0, **kwargs) -> None:
+    """``client.submit_job`` that waits while a freshly started head has no job agent yet
+    (Ray answers HTTP 500 "No available agent ... try again later").
+
+    Raises:
+        ClusterError: the cluster refused the job for another reason, or kept refusing.
+    """
+    deadline = time.time() + retry_s
+    while True:
+        try:
+            client.submit_job(**kwargs)
+            return
+        except Exception as exc:
+            reason = _first_line(exc)
+            if "try again later" not in reason or time.time() > deadline:
+                raise ClusterError(f"the cluster refused the job: {reason}") from None
+            time.sleep(2)
 
 
 def follow(client, submission_id: str, echo) -> str:

@@ -102,7 +102,7 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     """
     from ray import tune
 
-    from orchestrator.controller import connect_ray
+    from orchestrator.controller import connect_ray, load_torch_before_ray
 
     if scheduler not in ("asha", "fifo"):
         raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
@@ -112,6 +112,7 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     sweep_dir = (Path(job.cluster.storage_path or job.run.dir) / f"{job.run.name}-sweep").resolve()
     param_space = {key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v)) for key, v in space.items()}
     param_space |= {"_base": job.model_dump(mode="json"), "_trials_dir": str(sweep_dir / "trials")}
+    load_torch_before_ray()
     handle = connect_ray(job)
     try:
         tuner = _restore(sweep_dir) if resume else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)

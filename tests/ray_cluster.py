@@ -50,7 +50,9 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1):
     """Start the cluster, yield a :class:`Cluster`, stop everything it started."""
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           # the nodes run jobs with this virtual environment's python, as an activated venv would
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(), free_port()

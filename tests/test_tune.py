@@ -69,6 +69,10 @@ def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_
     assert best["model"]["local_window"] == winner["model.local_window"]
     assert best["model"]["global_k"] == winner["model.global_k"]
 
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]  # Tune restored the finished sweep
+    assert json.loads((sweep / "trials.json").read_text())["trials"] == trials
+
     train = subprocess.run([*MLA, "train", str(sweep / "best.yaml")], capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-4000:]
     summary = json.loads((tmp_path / "sweep-best" / "summary.json").read_text())
