@@ -173,12 +173,21 @@ class RayHandle:
             ray.shutdown()
 
 
-def connect_ray(job: JobConfig) -> RayHandle:
+def connect_ray(job: JobConfig, num_cpus: int | None = None, dashboard: bool = False) -> RayHandle:
     """Start an embedded local Ray, or connect to ``cluster.address``.
+
+    The embedded Ray gets ``cluster.ray_num_cpus`` CPUs, else ``num_cpus``, else what the
+    workers reserve (``num_workers * cpus_per_worker``), and listens on 127.0.0.1 only.
+    ``dashboard`` starts Ray's dashboard (on 127.0.0.1) for its state API, which Ray Train's
+    placement-group cleaner needs when Tune stops a trial's driver.
 
     Raises:
         ClusterError: the address cannot be reached (says what was tried and how to start one).
     """
+    if not job.cluster.address:
+        # Must be set before Ray is first imported: with it, Ray's node-IP lookup returns
+        # 127.0.0.1 instead of the machine's external address (ray_constants.ENABLE_RAY_CLUSTER).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -193,16 +202,27 @@ def connect_ray(job: JobConfig) -> RayHandle:
                                "an embedded local Ray") from None
         return RayHandle(started=False)
     c = job.cluster
-    num_cpus = c.ray_num_cpus or max(1, int(round(c.num_workers * c.cpus_per_worker)))
-    # Keep the embedded cluster on the loopback interface: with this set, Ray's node-IP lookup
-    # returns 127.0.0.1 instead of the machine's external address (ray_constants.ENABLE_RAY_CLUSTER).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    num_cpus = c.ray_num_cpus or num_cpus or max(1, int(round(c.num_workers * c.cpus_per_worker)))
+    # Fix the GCS port and publish it as RAY_ADDRESS, which Ray's processes inherit: Ray's own
+    # helpers that look the cluster up (the state API used by Ray Train's placement-group
+    # cleaner) would otherwise find the last `ray start` cluster of this machine, or none.
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     # address="local" always starts a new cluster, even if `ray start` runs on this machine.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=None if c.use_gpu else 0,
-             object_store_memory=c.object_store_mb * 1024 * 1024, include_dashboard=False,
-             log_to_driver=verbose, logging_level="WARNING", _node_ip_address="127.0.0.1",
-             configure_logging=True)
+             object_store_memory=c.object_store_mb * 1024 * 1024, include_dashboard=dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level="WARNING",
+             _node_ip_address="127.0.0.1", configure_logging=True)
     return RayHandle(started=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ProgressTail(threading.Thread):

@@ -26,6 +26,11 @@ from orchestrator.errors import ConfigError, JobFailedError
 from workers.checkpoint import write_json_atomic
 
 
+#: A trial's driver only waits on its Ray Train run, whose workers hold the CPUs; Tune refuses an
+#: empty request, so the driver asks for a little memory and no CPU.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
+
+
 def parse_search(items: list[str]) -> dict[str, list]:
     """``["model.local_window=16,32"]`` -> ``{"model.local_window": [16, 32]}`` (values parsed as YAML).
 
@@ -100,8 +105,6 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
         ConfigError: bad space, scheduler, or nothing to resume.
         JobFailedError: every trial failed.
     """
-    from ray import tune
-
     from orchestrator.controller import connect_ray, load_torch_before_ray
 
     if scheduler not in ("asha", "fifo"):
@@ -110,17 +113,19 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
         job = validate_job_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "steps": max_steps}})
     validate_space(job, space)
     sweep_dir = (Path(job.cluster.storage_path or job.run.dir) / f"{job.run.name}-sweep").resolve()
+    load_torch_before_ray()
+    handle = connect_ray(job, num_cpus=os.cpu_count(), dashboard=True)
+    from ray import tune
+
     param_space = {key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v)) for key, v in space.items()}
     param_space |= {"_base": job.model_dump(mode="json"), "_trials_dir": str(sweep_dir / "trials")}
-    load_torch_before_ray()
-    handle = connect_ray(job)
     try:
         tuner = _restore(sweep_dir) if resume else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)
         grid = tuner.fit()
     finally:
         if handle.started:
             handle.shutdown()
-    rows = [_row(r, space, job.train.steps, metric) for r in grid]
+    rows = sorted((_row(r, space, job.train.steps, metric) for r in grid), key=lambda r: [str(r[k]) for k in space])
     done = [r for r in rows if r[f"best_{metric}"] is not None]
     if not done:
         errors = "; ".join(str(r.get("error")) for r in rows if r.get("error"))
@@ -140,7 +145,7 @@ def _new_tuner(job: JobConfig, param_space: dict, sweep_dir: Path, samples: int,
     per_trial = job.cluster.num_workers * job.cluster.cpus_per_worker
     concurrent = max(1, int(_cluster_cpus() // per_trial))
     return tune.Tuner(
-        tune.with_resources(_trial_driver, {"cpu": 0}),
+        tune.with_resources(_trial_driver, DRIVER_RESOURCES),
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=sched, num_samples=samples,
                                     max_concurrent_trials=concurrent),
@@ -153,7 +158,7 @@ def _restore(sweep_dir: Path):
 
     if not tune.Tuner.can_restore(str(sweep_dir)):
         raise ConfigError(f"--resume: no sweep to restore in {sweep_dir}; run it once without --resume")
-    return tune.Tuner.restore(str(sweep_dir), trainable=tune.with_resources(_trial_driver, {"cpu": 0}),
+    return tune.Tuner.restore(str(sweep_dir), trainable=tune.with_resources(_trial_driver, DRIVER_RESOURCES),
                               resume_unfinished=True, resume_errored=True)
 
 

@@ -62,7 +62,7 @@ def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_
     trials = json.loads((sweep / "trials.json").read_text())["trials"]
     assert len(trials) == 6 and all(t["best_val_loss"] is not None for t in trials)
     assert any(t["stopped_early"] for t in trials)  # ASHA cut at least one trial short
-    assert "stopped early" in result.stderr  # the table reached the user
+    assert "best: model.local_window=" in result.stderr  # the summary reached the user
     assert (sweep / "val_loss.png").stat().st_size > 1000
     best = yaml.safe_load((sweep / "best.yaml").read_text())
     winner = min(trials, key=lambda t: t["best_val_loss"])
