@@ -25,13 +25,7 @@ CASES = [
 MODES = [("exact", True), ("exact", False), ("block", True), ("block", False)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread avoids spin-wait slowdowns on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(n, kv, heads=3, d=8, seed=0):
