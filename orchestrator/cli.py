@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from orchestrator.errors import MLAError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
 err_console = Console(stderr=True)
 
@@ -68,8 +68,27 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _click_exception_types() -> tuple[type, ...]:
+    """Click's exception base, and the copy of click that typer >= 0.2x vendors."""
+    import click
+
+    types: list[type] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        types.append(VendoredClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
 def main() -> None:
-    """Console-script entry point: run the app, turning user errors into one-line messages."""
+    """Console-script entry point: run the app, turning user errors into one-line messages.
+
+    Usage errors (unknown command or option, missing argument, bad value) print click's usage
+    message and exit 2; :class:`MLAError` prints ``error: ...`` and exits with its code; set
+    ``MLA_TRACEBACK=1`` to see the traceback of either.
+    """
     try:
         app(standalone_mode=False)
     except MLAError as exc:
@@ -78,15 +97,14 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:
+        if os.environ.get("MLA_TRACEBACK"):
+            raise
+        if isinstance(exc, _click_exception_types()):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(0 if type(exc).__name__ == "NoArgsIsHelpError" else exc.exit_code)
+        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
             sys.exit(130)
         raise
 

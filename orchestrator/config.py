@@ -311,9 +311,11 @@ def format_validation_error(exc: ValidationError) -> str:
             if hint:
                 msg += f" (did you mean {hint[0]!r}?)"
             msg += f"; allowed keys: {', '.join(allowed)}"
+        elif err["type"] == "value_error":  # our own validators: the message names field and value
+            msg = err["msg"].removeprefix("Value error, ")
         else:
             msg = f"{err['msg']} (got {err.get('input')!r})"
-        lines.append(f"- {loc or '<top>'}: {msg}")
+        lines.append(f"- {loc}: {msg}" if loc else f"- {msg}")
     return "\n".join(lines)
 
 

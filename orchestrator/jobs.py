@@ -86,7 +86,7 @@ def connect(address: str | None, token_file: str | None = None):
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # ConnectionError, RuntimeError with HTTP details
-        reason = _first_line(exc)
+        reason = _first_line(exc).rstrip(".")
         if "authentication" in reason.lower():
             raise ClusterError(f"the Ray cluster at {url} refused the auth token ({reason}); pass the "
                                "cluster's token with --token-file (`ray get-auth-token` on the head node) "

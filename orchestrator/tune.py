@@ -13,6 +13,7 @@ per trial under ``trials/``, and at the end ``trials.json``, ``best.yaml`` (a jo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -121,7 +122,8 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     param_space |= {"_base": job.model_dump(mode="json"), "_trials_dir": str(sweep_dir / "trials")}
     try:
         tuner = _restore(sweep_dir) if resume else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)
-        grid = tuner.fit()
+        with _inside(sweep_dir):
+            grid = tuner.fit()
     finally:
         if handle.started:
             handle.shutdown()
@@ -160,6 +162,24 @@ def _restore(sweep_dir: Path):
         raise ConfigError(f"--resume: no sweep to restore in {sweep_dir}; run it once without --resume")
     return tune.Tuner.restore(str(sweep_dir), trainable=tune.with_resources(_trial_driver, DRIVER_RESOURCES),
                               resume_unfinished=True, resume_errored=True)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path):
+    """Run with ``folder`` as the working directory. In a Ray job the driver's working directory
+    is the job's unpacked ``working_dir``, which Ray may garbage-collect once the trials' workers
+    release it; Tune's final listing of the experiment folder then fails in ``os.getcwd()``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = None
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if before and os.path.isdir(before):
+            os.chdir(before)
 
 
 def _cluster_cpus() -> float:

@@ -1,6 +1,6 @@
-"""Elastic re-plan under Ray: a tensor-parallel run started on 4 workers, restarted on 2, then on
+"""Elastic re-plan under Ray: a `parallel: auto` run started on 4 workers, restarted on 2, then on
 4 again (same run name), continues each time from its last checkpoint at the same step, under
-the layout the controller plans for the new world size, with the same global batch."""
+the layout the planner chooses for the new world size, with the same global batch."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import load_job_config
+from orchestrator.controller import layout_for_world
+
 pytestmark = pytest.mark.slow
 MLA = [sys.executable, "-m", "orchestrator.cli"]
 FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=3",
         "train.log_every=5", "train.eval_every=10", "train.eval_batches=1", "checkpoint.every=10",
-        "parallel.tensor=2", "parallel.zero_stage=1", "run.name=elastic"]
+        "parallel=auto", "run.name=elastic"]
 
 
 def _train(tmp_path: Path, workers: int, steps: int) -> subprocess.CompletedProcess:
@@ -29,21 +32,26 @@ def _starts(run_dir: Path) -> list[dict]:
     return [e for e in events if e["event"] == "start"]
 
 
+def _planned(workers: int):
+    job = load_job_config("configs/tiny.yaml", [*FAST, f"cluster.num_workers={workers}"])
+    return layout_for_world(job, workers)
+
+
 def test_restart_with_fewer_then_more_workers_replans_and_continues(tmp_path):
     run_dir = tmp_path / "elastic"
-    for workers, steps, layout_text in ((4, 10, "dp=2 tp=2 pp=1"), (2, 20, "dp=1 tp=2 pp=1"),
-                                        (4, 30, "dp=2 tp=2 pp=1")):
+    for workers, steps in ((4, 10), (2, 20), (4, 30)):
         done = _train(tmp_path, workers, steps)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert layout_text in done.stderr  # the layout shows in the progress output
+        assert _planned(workers).describe() in done.stderr  # the planner's layout shows in the progress output
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == steps and summary["world_size"] == workers
     starts = _starts(run_dir)
     assert [(s["world_size"], s["resumed_from_step"]) for s in starts] == [(4, None), (2, 10), (4, 20)]
     layouts = [s["layout"] for s in starts]
-    assert [(lay["dp"], lay["tp"], lay["grad_accum"]) for lay in layouts] == [(2, 2, 2), (1, 2, 4), (2, 2, 2)]
+    assert layouts == [_planned(4).to_dict(), _planned(2).to_dict(), _planned(4).to_dict()]
+    assert layouts[0] != layouts[1]  # re-planned for the new world size
     assert {lay["dp"] * lay["micro_batch"] * lay["grad_accum"] for lay in layouts} == {16}  # global batch kept
-    assert starts[1]["checkpoint_layout"]["dp"] == 2 and starts[2]["checkpoint_layout"]["dp"] == 1
+    assert starts[1]["checkpoint_layout"] == layouts[0] and starts[2]["checkpoint_layout"] == layouts[1]
     assert summary["resumes"] == [{"step": 10, "world_size": 2}, {"step": 20, "world_size": 4}]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]

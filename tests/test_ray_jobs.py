@@ -25,7 +25,7 @@ def sets(*items: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_submit_follow_logs_resubmit_and_failure_on_a_two_node_cluster(tmp_path):
+def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(tmp_path):
     storage = tmp_path / "storage"
     with ray_cluster(tmp_path) as cluster:
         auth = ["--address", cluster.address, "--token-file", str(cluster.token_file)]
@@ -48,13 +48,22 @@ def test_submit_follow_logs_resubmit_and_failure_on_a_two_node_cluster(tmp_path)
         assert again.returncode == 0, again.stderr[-4000:]
         assert json.loads((storage / "remote" / "summary.json").read_text())["resumed_from_step"] == 20
 
+        sweep = mla("submit", "configs/tiny.yaml", *auth, "--storage-path", str(storage), "--follow", "--tune",
+                    "--search", "model.global_k=2,8", "--scheduler", "fifo", "--max-steps", "10",
+                    *sets("run.name=remote"))
+        assert sweep.returncode == 0, sweep.stderr[-4000:]
+        trials = json.loads((storage / "remote-sweep" / "trials.json").read_text())["trials"]
+        assert sorted(t["model.global_k"] for t in trials) == [2, 8]
+        assert all(t["steps"] == 10 for t in trials)
+        assert (storage / "remote-sweep" / "best.yaml").is_file()
+
         bad = mla("submit", "configs/tiny.yaml", *auth, "--storage-path", str(storage), "--follow",
                   *sets("data.path=/no/such/corpus.txt", "run.name=broken"))
         assert bad.returncode != 0
         assert "FAILED" in bad.stderr and "does not exist" in bad.stderr
 
         token = cluster.token_file.read_text().strip()
-        for result in (ok, logs, again, bad):
+        for result in (ok, logs, again, sweep, bad):
             assert token not in result.stdout + result.stderr
 
 
