@@ -10,7 +10,7 @@ import yaml
 from orchestrator.config import validate_job_dict
 from orchestrator.k8s.validate import (CRD_FILES, extract_crd_schemas, load_manifests, strict_schema,
                                        validation_errors, vendored_schemas)
-from workers.layout import runnable_world_sizes
+from orchestrator.controller import runnable_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
@@ -71,8 +71,7 @@ def test_train_manifest_bounds_match_the_runnable_world_sizes_of_its_job():
     group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     lo, hi = group["minReplicas"] * gpus, group["maxReplicas"] * gpus
-    sizes = runnable_world_sizes(job.parallel.tensor, job.parallel.pipeline, job.train.global_batch,
-                                 job.train.micro_batch, lo, hi)
+    sizes = runnable_sizes(job, lo, hi)
     assert (sizes[0], sizes[-1]) == (lo, hi)
     assert rayjob["metadata"]["annotations"]["mla.io/world-sizes"] == ",".join(map(str, sizes))
     assert f"cluster.num_workers={hi}" in rayjob["spec"]["entrypoint"]

@@ -143,20 +143,3 @@ class Layout:
     def pp_groups(self) -> list[list[int]]:
         """Pipeline groups: ranks that hold consecutive stages of one replica shard."""
         return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
-
-
-def runnable_world_sizes(tp: int, pp: int, global_batch: int, micro_batch: int,
-                         lo: int, hi: int) -> list[int]:
-    """World sizes in ``[lo, hi]`` that a job with fixed tp, pp and global batch can run on.
-
-    A world size W works when it is a multiple of ``tp * pp`` and the data-parallel degree
-    ``dp = W / (tp * pp)`` divides the global batch into whole micro-batches per rank, i.e.
-    ``global_batch % (dp * micro_batch) == 0`` (gradient accumulation makes up the rest).
-
-    Example:
-        >>> runnable_world_sizes(tp=2, pp=1, global_batch=32, micro_batch=4, lo=1, hi=16)
-        [2, 4, 8, 16]
-    """
-    unit = tp * pp
-    return [w for w in range(max(lo, unit), hi + 1)
-            if w % unit == 0 and global_batch % ((w // unit) * micro_batch) == 0]
