@@ -127,17 +127,35 @@ def check_resumable(job: JobConfig, plans: dict) -> None:
                             "parallel.zero_stage<=2, or start a new run name")
 
 
-def runnable_sizes(job: JobConfig, lo: int, hi: int) -> list[int]:
-    """World sizes in ``[lo, hi]`` for which :func:`layout_for_world` finds a layout (pinned
-    degrees that divide the size and the batch, or a planner choice for ``parallel: auto``)."""
-    sizes = []
+def runnable_layouts(job: JobConfig, lo: int, hi: int) -> dict[int, Layout]:
+    """World size -> layout for every size in ``[lo, hi]`` for which :func:`layout_for_world`
+    finds one (pinned degrees that divide the size and the batch, or the planner's choice for
+    ``parallel: auto``)."""
+    layouts = {}
     for w in range(max(1, lo), hi + 1):
         try:
-            layout_for_world(job, w)
+            layouts[w] = layout_for_world(job, w)
         except PlanError:
             continue
-        sizes.append(w)
-    return sizes
+    return layouts
+
+
+def runnable_sizes(job: JobConfig, lo: int, hi: int) -> list[int]:
+    """The world sizes of :func:`runnable_layouts`, ascending."""
+    return list(runnable_layouts(job, lo, hi))
+
+
+def _job_layouts(job: JobConfig) -> dict[int, Layout]:
+    """Layouts for ``num_workers``, or for each runnable size of the elastic range.
+
+    Raises:
+        PlanError: ``cluster.num_workers`` itself has no layout (the message says why).
+    """
+    hi = job.cluster.num_workers
+    layouts = runnable_layouts(job, job.cluster.min_workers or hi, hi)
+    if hi not in layouts:
+        layout_for_world(job, hi)  # raises with the reason
+    return layouts
 
 
 def world_sizes(job: JobConfig) -> list[int]:
@@ -146,18 +164,13 @@ def world_sizes(job: JobConfig) -> list[int]:
     Raises:
         PlanError: ``cluster.num_workers`` itself has no layout (the message says why).
     """
-    hi = job.cluster.num_workers
-    layout_for_world(job, hi)  # raises with the reason
-    return runnable_sizes(job, job.cluster.min_workers or hi, hi)
+    return list(_job_layouts(job))
 
 
 def build_worker_plans(job: JobConfig) -> dict[str, dict]:
     """World size (str) -> ``{"layout": ..., "deepspeed": ...}`` for every runnable size."""
-    plans = {}
-    for w in world_sizes(job):
-        layout = layout_for_world(job, w)
-        plans[str(w)] = {"layout": layout.to_dict(), "deepspeed": build_deepspeed_config(job, layout)}
-    return plans
+    return {str(w): {"layout": layout.to_dict(), "deepspeed": build_deepspeed_config(job, layout)}
+            for w, layout in _job_layouts(job).items()}
 
 
 @dataclass
