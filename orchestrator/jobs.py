@@ -203,7 +203,7 @@ def require_known_job(client, submission_id: str):
     """``get_job_info`` with a clear error for an unknown id.
 
     Raises:
-        ClusterError: no job with that id (lists how to see the known ones).
+        ConfigError: no job with that id (says how to list the known ones).
     """
     try:
         return client.get_job_info(submission_id)

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mla.config import ModelConfig
 from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
@@ -56,22 +55,6 @@ class WorkerPlan:
     model: dict
     run_dir: str
     plans: dict
-
-
-class LMWithLoss(torch.nn.Module):
-    """Wraps a language model so that ``forward(inputs, targets)`` returns the mean token loss.
-
-    Args:
-        model: Maps token ids ``(batch, seq)`` to logits ``(batch, seq, vocab)``.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def train_loop_per_worker(config: dict) -> None:
