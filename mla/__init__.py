@@ -19,6 +19,8 @@ _LAZY = {
     "MultiLevelAttention": "mla.attention",
     "dense_reference_attention": "mla.reference",
     "MLATransformer": "mla.model",
+    "load_pretrained": "mla.pretrained",
+    "save_pretrained": "mla.pretrained",
     "count_parameters": "mla.flops",
     "training_flops_per_token": "mla.flops",
 }

@@ -115,29 +115,36 @@ def logits_at_last(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_step(model: MLATransformer, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+def decode_step(model: MLATransformer, tokens: torch.Tensor, state: DecodeState,
+                active: list[bool] | None = None) -> torch.Tensor:
     """Feed one token per row and return the next-token logits.
 
     Args:
         model: The model that filled ``state``.
         tokens: ``(batch,)`` int64 ids, placed at positions ``state.lengths``.
-        state: Advanced in place (each row's length grows by one).
+        state: Advanced in place (each active row's length grows by one).
+        active: Rows that go on (default all). An inactive row (one that has finished) is fed
+            at its current position again without advancing, so it never outgrows the cache;
+            its cache and logits are meaningless from then on.
 
     Returns:
         ``(batch, vocab)`` logits predicting the token after ``tokens``.
 
     Raises:
-        ValueError: a row would exceed ``state.capacity``.
+        ValueError: an active row would exceed ``state.capacity``.
     """
-    if max(state.lengths) >= state.capacity:
-        raise ValueError(f"a row already holds {max(state.lengths)} tokens, the cache capacity "
-                         f"{state.capacity} (max_seq_len={model.cfg.max_seq_len}); generate fewer tokens")
-    at = StepPositions.of(state.lengths, tokens.device)
+    active = [True] * len(state.lengths) if active is None else list(active)
+    full = [n for n, a in zip(state.lengths, active) if a and n >= state.capacity]
+    if full:
+        raise ValueError(f"a row already holds {full[0]} tokens, the cache capacity {state.capacity} "
+                         f"(max_seq_len={model.cfg.max_seq_len}); generate fewer tokens")
+    at = StepPositions.of([n if a else min(n, state.capacity - 1) for n, a in zip(state.lengths, active)],
+                          tokens.device)
     x = model.tok_emb(tokens.view(-1, 1))  # (b, 1, d)
     for block, cache in zip(model.blocks, state.caches):
         h = x + _attention_step(block.attn, block.attn_norm(x), cache, at)
         x = h + block.mlp_dropout(block.mlp(block.mlp_norm(h)))
-    state.lengths = [n + 1 for n in state.lengths]
+    state.lengths = [n + 1 if a else n for n, a in zip(state.lengths, active)]
     return model.head(model.norm(x))[:, 0]
 
 
