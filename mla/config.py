@@ -32,15 +32,21 @@ class ModelConfig:
             ``"dense"`` (plain causal softmax attention, the baseline).
         local_window: Sliding-window size w of the local branch: query i sees keys
             ``i - w < j <= i``, in tokens.
-        global_k: Number of keys k each query attends to in the sparse global branch, in tokens.
+        global_k: Budget of the sparse global branch, in tokens. With ``indexer="block"`` it is
+            rounded up to ``n_sel = ceil(global_k / block_size)`` whole earlier key blocks, so
+            each query attends to up to ``(n_sel + 1) * block_size`` keys (the selected blocks
+            plus the causal part of its own block; :mod:`mla.block_selection`). With
+            ``indexer="exact"`` it is the number of keys k per query (token top-k).
         mix: ``"gate"`` mixes the branches per head with a learned sigmoid gate computed from
             the input; ``"sum"`` adds the two branch outputs.
-        indexer: How the global branch selects its keys: ``"exact"`` scores every causal key
-            and keeps the exact token-level top-k; ``"block"`` scores mean-pooled key blocks
-            first (Native Sparse Attention style) and picks the top-k tokens inside the best
-            blocks.
-        block_size: Key-block size B of the block indexer and of the blocked local branch, in
-            tokens.
+        indexer: How the global branch selects its keys: ``"block"`` (the model's fast path)
+            selects whole key blocks per query block from causal mean-pooled queries and keys,
+            one choice per key/value head shared by its GQA group (Native Sparse Attention's
+            selection branch); ``"exact"`` (reference option, O(n^2) scoring) keeps the exact
+            token-level top-k causal keys of each query.
+        block_size: Block size B of the block selection (query and key blocks) and of the
+            blocked local branch, in tokens. 128 is the block size of the FlexAttention path on
+            CUDA (:mod:`mla.flex_attention`).
         rope_theta: Base of the rotary position embedding (RoFormer, Su et al. 2021, eq. 15).
         norm_eps: Epsilon of RMSNorm.
         dropout: Dropout probability on attention output and MLP output (0 disables it).
