@@ -63,7 +63,7 @@ class ModelConfig:
     local_window: int = 32
     global_k: int = 8
     mix: MixKind = "gate"
-    indexer: IndexerKind = "exact"
+    indexer: IndexerKind = "block"
     block_size: int = 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -136,15 +136,19 @@ PRESETS: dict[str, ModelConfig] = {
                         max_seq_len=256, local_window=32, global_k=8, block_size=32),
     "small": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
                          ffn_hidden=_swiglu_hidden(768), max_seq_len=2048,
-                         local_window=256, global_k=64),
+                         local_window=256, global_k=64, block_size=128),
     "1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                      ffn_hidden=5632, max_seq_len=4096, local_window=512, global_k=128),
+                      ffn_hidden=5632, max_seq_len=4096, local_window=512, global_k=128,
+                      block_size=128),
     "7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
-                      ffn_hidden=11008, max_seq_len=4096, local_window=1024, global_k=256),
+                      ffn_hidden=11008, max_seq_len=4096, local_window=1024, global_k=256,
+                      block_size=128),
     "13b": ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
-                       ffn_hidden=13824, max_seq_len=4096, local_window=1024, global_k=256),
+                       ffn_hidden=13824, max_seq_len=4096, local_window=1024, global_k=256,
+                       block_size=128),
     "70b": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                       ffn_hidden=28672, max_seq_len=4096, local_window=1024, global_k=256),
+                       ffn_hidden=28672, max_seq_len=4096, local_window=1024, global_k=256,
+                       block_size=128),
 }
 
 
