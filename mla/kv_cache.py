@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mla.block_selection import num_selected_blocks, pooled_keys, select_blocks
 from mla.tensor_ops import num_blocks
 
 
@@ -181,7 +182,8 @@ class MLACache(LayerCache):
             raise ValueError(f"indexer={indexer!r} must be 'block' or 'exact'")
         self.window, self.top_k, self.block, self.indexer = window, top_k, block, indexer
         self.n_blocks = num_blocks(capacity, block)
-        self.n_sel = num_blocks(top_k, block)
+        self.n_sel = num_selected_blocks(top_k, block)
+        self.score_dtype = torch.promote_types(dtype, torch.float32)  # as mla.block_selection scores
         shape = dict(device=device, dtype=dtype)
         self.k = torch.zeros(batch, kv_heads, self.n_blocks * block, head_dim, **shape)
         self.v = torch.zeros_like(self.k)
@@ -190,7 +192,8 @@ class MLACache(LayerCache):
         self.local_v = torch.zeros_like(self.local_k)
         self.local_pos = torch.full((batch, ring), -1, dtype=torch.long, device=device)
         if indexer == "block":
-            self.pooled_k = torch.zeros(batch, kv_heads, self.n_blocks, head_dim, **shape)
+            self.pooled_k = torch.zeros(batch, kv_heads, self.n_blocks, head_dim, device=device,
+                                        dtype=self.score_dtype)
             self.q_ring = torch.zeros(batch, n_heads, block, head_dim, **shape)
             self.sel = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.long, device=device)
             self.sel_valid = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.bool, device=device)
@@ -208,18 +211,23 @@ class MLACache(LayerCache):
             return
         full = n // self.block
         if full:
-            blocks = k[:, :, :full * self.block].reshape(self.batch, self.kv_heads, full, self.block, -1)
-            self.pooled_k[:, :, :full] = blocks.sum(-2) / self.block
+            self.pooled_k[:, :, :full] = pooled_keys(k[:, :, :full * self.block], self.block)
+        chosen = select_blocks(q, k, self.top_k, self.block)  # the training path's own selection
         for row, length in enumerate(lengths):
             lo = max(0, length - self.block)
             pos = torch.arange(lo, length, device=self.device)
             self.q_ring[row, :, pos % self.block] = q[row, :, lo:length]
-            first = (length - 1) // self.block * self.block  # first position of the current block
-            rows = torch.tensor([row], device=self.device)
-            if first > 0:
-                self._select(rows, q[row:row + 1, :, first - self.block + 1:first + 1], [first // self.block])
-            else:
-                self.sel_valid[row] = False
+            self._set_selection(row, chosen, (length - 1) // self.block)
+
+    def _set_selection(self, row: int, chosen, query_block: int) -> None:
+        """Copy query block ``query_block``'s selection of ``row`` from a :class:`BlockSelection`."""
+        idx, counts = chosen.indices[row, :, query_block], chosen.counts[row, :, query_block]
+        width = idx.shape[-1]
+        self.sel[row], self.sel_valid[row] = 0, False
+        if width:
+            valid = torch.arange(width, device=self.device) < counts.unsqueeze(-1)
+            self.sel[row, :, :width] = idx.clamp(min=0)
+            self.sel_valid[row, :, :width] = valid
 
     def _fill_ring(self, row: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         ring = self.local_k.shape[2]
@@ -264,7 +272,7 @@ class MLACache(LayerCache):
         rows = torch.tensor(done, device=self.device)
         j = torch.tensor([at.host[r] // self.block for r in done], device=self.device)
         blocks = self.k.view(self.batch, self.kv_heads, self.n_blocks, self.block, -1)
-        self.pooled_k[rows, :, j] = blocks[rows, :, j].sum(-2) / self.block
+        self.pooled_k[rows, :, j] = pooled_keys(blocks[rows, :, j], self.block)[:, :, 0]
 
     def _select_at_block_start(self, at: StepPositions) -> None:
         """Selection of each row whose new token is the first of a query block."""
@@ -286,14 +294,15 @@ class MLACache(LayerCache):
         Args:
             rows: ``(r,)`` row indices.
             q_last: ``(r, H, B, d)`` the B queries ending at the block's first position ``I * B``,
-                in position order (I >= 1, so all B are real).
+                in position order (I >= 1, so all B are real). Pooled and scored as
+                :mod:`mla.block_selection` does (mean per head in at least float32, summed over
+                the GQA group, dot the pooled keys of blocks ``J < I``).
             query_blocks: I of each row.
         """
-        q_bar = q_last.sum(-2) / self.block  # (r, H, d), causal pooled query
-        pooled = self.pooled_k[rows]  # (r, kv, nb, d)
         r = rows.shape[0]
-        scores = (q_bar.view(r, self.kv_heads, self.group, 1, self.head_dim)
-                  @ pooled.unsqueeze(2).transpose(-1, -2)).squeeze(-2).sum(2)  # (r, kv, nb)
+        means = q_last.to(self.score_dtype).sum(-2) / self.block  # (r, H, d), as pooled_queries
+        q_bar = means.view(r, self.kv_heads, self.group, self.head_dim).sum(2)  # summed over the group
+        scores = (q_bar.unsqueeze(-2) @ self.pooled_k[rows].transpose(-1, -2)).squeeze(-2)  # (r, kv, nb)
         qb = torch.tensor(query_blocks, device=self.device).view(r, 1, 1)
         scores = scores.masked_fill(torch.arange(self.n_blocks, device=self.device) >= qb, float("-inf"))
         m = min(self.n_sel, self.n_blocks)
