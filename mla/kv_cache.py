@@ -51,15 +51,18 @@ class StepPositions:
         pos: ``(batch,)`` int64 positions on the cache's device.
         host: The same positions as Python ints (used for shapes and for which rows start or
             complete a block, so that no step synchronises with the device).
+        rows: ``arange(batch)`` on the device (shared by every layer of the step).
     """
 
     pos: torch.Tensor
     host: tuple[int, ...]
+    rows: torch.Tensor
 
     @classmethod
     def of(cls, host: list[int] | tuple[int, ...], device: torch.device | str) -> "StepPositions":
         """Build from host positions."""
-        return cls(torch.tensor(list(host), dtype=torch.long, device=device), tuple(int(p) for p in host))
+        return cls(torch.tensor(list(host), dtype=torch.long, device=device), tuple(int(p) for p in host),
+                   torch.arange(len(host), device=device))
 
 
 class LayerCache(abc.ABC):
@@ -144,7 +147,7 @@ class DenseKVCache(LayerCache):
     def attend(self, q, k, v, gate, at):
         """Softmax over the row's keys ``0..pos`` (see :meth:`LayerCache.attend`)."""
         self._check_positions(at)
-        rows = torch.arange(self.batch, device=self.device)
+        rows = at.rows
         self.k[rows, :, at.pos] = k[:, :, 0]
         self.v[rows, :, at.pos] = v[:, :, 0]
         t = max(at.host) + 1
@@ -187,6 +190,8 @@ class MLACache(LayerCache):
         shape = dict(device=device, dtype=dtype)
         self.k = torch.zeros(batch, kv_heads, self.n_blocks * block, head_dim, **shape)
         self.v = torch.zeros_like(self.k)
+        self._kv_index = torch.arange(kv_heads, device=device)
+        self._block_offsets = torch.arange(block, device=device)
         ring = min(window, capacity)
         self.local_k = torch.zeros(batch, kv_heads, ring, head_dim, **shape)
         self.local_v = torch.zeros_like(self.local_k)
@@ -251,7 +256,7 @@ class MLACache(LayerCache):
         return g * local + (1 - g) * glob
 
     def _write(self, q, k, v, at: StepPositions) -> None:
-        rows = torch.arange(self.batch, device=self.device)
+        rows = at.rows
         self.k[rows, :, at.pos] = k[:, :, 0]
         self.v[rows, :, at.pos] = v[:, :, 0]
         slot = at.pos % self.local_k.shape[2]
@@ -324,13 +329,12 @@ class MLACache(LayerCache):
         b, kv, bsz = self.batch, self.kv_heads, self.block
         kb = self.k.view(b, kv, self.n_blocks, -1)
         vb = self.v.view(b, kv, self.n_blocks, -1)
-        bi = torch.arange(b, device=self.device).view(b, 1, 1)
-        hi = torch.arange(kv, device=self.device).view(1, kv, 1)
+        bi, hi = at.rows.view(b, 1, 1), self._kv_index.view(1, kv, 1)
         diag = (at.pos // bsz).view(b, 1, 1).expand(b, kv, 1)
         blocks = torch.cat([self.sel, diag], dim=-1)  # (b, kv, n_sel + 1)
         keys = kb[bi, hi, blocks].view(b, kv, -1, self.head_dim)
         values = vb[bi, hi, blocks].view(b, kv, -1, self.head_dim)
-        offs = torch.arange(bsz, device=self.device)
+        offs = self._block_offsets
         diag_ok = (diag * bsz + offs) <= at.pos.view(b, 1, 1)  # (b, kv, B)
         keep = torch.cat([self.sel_valid.repeat_interleave(bsz, dim=-1), diag_ok], dim=-1)
         s = (self._grouped(q) * self.scale) @ keys.transpose(-1, -2)  # (b, kv, g, C)
@@ -346,8 +350,7 @@ class MLACache(LayerCache):
                               > at.pos.view(-1, 1, 1, 1), float("-inf"))
         vals, ids = raw.topk(min(self.top_k, t), dim=-1)
         p = (vals * self.scale).softmax(dim=-1)  # -inf stays -inf: not a causal key
-        bi = torch.arange(self.batch, device=self.device).view(-1, 1, 1, 1)
-        hi = torch.arange(self.kv_heads, device=self.device).view(1, -1, 1, 1)
+        bi, hi = at.rows.view(-1, 1, 1, 1), self._kv_index.view(1, -1, 1, 1)
         values = self.v[bi, hi, ids]  # (b, kv, g, kk, d)
         return self._ungrouped(torch.einsum("bhgk,bhgkd->bhgd", p, values))
 
