@@ -1,7 +1,7 @@
 """The ``mla`` command line: train, plan, bench, submit/jobs/tune, k8s.
 
 Human progress goes to stderr, machine-readable output (``--json``) to stdout. User errors
-(:class:`orchestrator.errors.MLAError`) print one message and exit non-zero; set
+(:class:`orchestrator.contract.errors.MLAError`) print one message and exit non-zero; set
 ``MLA_TRACEBACK=1`` to see the traceback.
 """
 
@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import MLAError
+from orchestrator.contract.errors import MLAError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
@@ -33,7 +33,7 @@ def train(
 ) -> None:
     """Train a model: plan the layout, start (or connect to) Ray and run DeepSpeed workers."""
     from orchestrator.config import load_job_config
-    from orchestrator.controller import run_training
+    from orchestrator.launcher import run_training
 
     job = load_job_config(config, set_ or [])
     summary = run_training(job)
@@ -50,12 +50,12 @@ def schema() -> None:
 
 
 def _register_subcommands() -> None:
-    from orchestrator.cli_plan import plan
-    from orchestrator.k8s.cli import app as k8s_app
     from orchestrator.cli_bench import app as bench_app
     from orchestrator.cli_jobs import app as jobs_app
     from orchestrator.cli_jobs import submit
+    from orchestrator.cli_plan import plan
     from orchestrator.cli_tune import tune
+    from orchestrator.k8s.cli import app as k8s_app
 
     app.command("plan")(plan)
     app.add_typer(bench_app, name="bench", help="Benchmarks (attention speed and memory).")

@@ -10,7 +10,7 @@ import yaml
 from orchestrator.config import validate_job_dict
 from orchestrator.k8s.validate import (CRD_FILES, extract_crd_schemas, load_manifests, strict_schema,
                                        validation_errors, vendored_schemas)
-from orchestrator.controller import runnable_sizes
+from orchestrator.layouts import runnable_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
@@ -71,7 +71,7 @@ def test_train_manifest_bounds_match_the_runnable_world_sizes_of_its_job():
     group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     lo, hi = group["minReplicas"] * gpus, group["maxReplicas"] * gpus
-    sizes = runnable_sizes(job, lo, hi)
+    sizes = list(runnable_layouts(job, range(lo, hi + 1)))
     assert (sizes[0], sizes[-1]) == (lo, hi)
     assert rayjob["metadata"]["annotations"]["mla.io/world-sizes"] == ",".join(map(str, sizes))
     assert f"cluster.num_workers={hi}" in rayjob["spec"]["entrypoint"]
