@@ -111,7 +111,7 @@ def runnable_layouts(job: JobConfig, sizes: range | None = None) -> dict[int, La
     Example:
         >>> from orchestrator.config import load_job_config
         >>> sorted(runnable_layouts(load_job_config("configs/tiny.yaml"), range(1, 9)))
-        [1, 2, 4, 8]
+        [1, 2, 4]
     """
     hi = job.cluster.num_workers
     tried = sizes if sizes is not None else range(job.cluster.min_workers or hi, hi + 1)

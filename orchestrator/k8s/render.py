@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import yaml
 
@@ -32,6 +31,9 @@ from orchestrator.contract.errors import ConfigError, PlanError
 JOB_CONFIG_DIR = "/etc/mla"
 """Where the head pod mounts the job ConfigMap; the job YAML is ``JOB_CONFIG_DIR/job.yaml``."""
 DEFAULT_IMAGE = "ghcr.io/mla-train/mla-train:0.1.0-gpu"
+#: The Ray version inside DEFAULT_IMAGE (KubeRay's ``rayVersion`` describes the image, not the
+#: submitting machine); keep it equal to the ``ray`` pin of the ``[train]`` extra.
+RAY_VERSION = "2.60.0"
 """Container image with Ray, torch (CUDA), DeepSpeed and this package installed."""
 WORKER_GROUP = "gpu"
 """Name of the GPU worker group (pod label ``ray.io/group``)."""
@@ -231,7 +233,7 @@ def config_map_name(rayjob: str) -> str:
 def raycluster_spec(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dict:
     """RayCluster spec: CPU head with the job ConfigMap, autoscaled GPU worker group."""
     return {
-        "rayVersion": _ray_version(),
+        "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": opts.idle_timeout_seconds,
                               "resources": _resources(cpu="500m", memory="512Mi")},
@@ -293,13 +295,6 @@ def _ckpt_volumes(opts: RenderOptions) -> list[dict]:
     if "://" in opts.storage_path:
         return []
     return [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": opts.checkpoint_pvc}}]
-
-
-def _ray_version() -> str:
-    try:
-        return metadata.version("ray")
-    except metadata.PackageNotFoundError:  # pragma: no cover - ray is a dependency
-        return "2.60.0"
 
 
 class _Dumper(yaml.SafeDumper):

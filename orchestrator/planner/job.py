@@ -55,6 +55,7 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
         PlanError: no worker count from ``world_size`` down to 1 has a layout.
 
     Example:
+        >>> from orchestrator.config import load_job_config
         >>> plan_job(load_job_config("configs/tiny.yaml"), 2).best.layout.describe()
         'dp=2 tp=1 pp=1 zero=2 mb=8 ga=2'
     """

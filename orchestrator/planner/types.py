@@ -118,6 +118,8 @@ class PlanRequest:
         reports why it cannot run).
 
         Example:
+            >>> from mla.config import PRESETS
+            >>> req = PlanRequest(model=PRESETS["tiny"], gpus=2, gpu="cpu", global_batch=32)
             >>> req.replace(allowed_zero_stages=(0, 1)).zero_allowed(3, 1)
             False
         """
