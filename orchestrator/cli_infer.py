@@ -4,7 +4,7 @@ Each command takes a run folder (its newest complete checkpoint), a checkpoint f
 export folder, loaded by :func:`workers.inference.load_model`. Generated text streams to stdout;
 progress and notes go to stderr; ``--json`` prints one machine-readable document to stdout. Bad
 input (missing or unfinished checkpoint, empty or too long prompt, out-of-range sampling
-options, a sequence length the model cannot take) raises an :class:`~orchestrator.errors.MLAError`
+options, a sequence length the model cannot take) raises an :class:`~orchestrator.contract.errors.MLAError`
 subclass: one message, exit status 2.
 """
 
@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.contract.errors import CheckpointError, ConfigError
 
 SourceArg = typer.Argument(..., help="Run folder (runs/NAME), checkpoint folder (runs/NAME/checkpoints/"
                                      "step_NNNNNNN) or export folder (mla export).")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import mla
 from mla.pretrained import save_pretrained
-from orchestrator.errors import CheckpointError
+from orchestrator.contract.errors import CheckpointError
 from tests.checkpoint_fixture import write_run
 from workers.inference import load_model
 

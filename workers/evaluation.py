@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mla.model import MLATransformer
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 from workers.data import WindowBatches, load_corpus
 
 #: Defaults of the training loop, used when a run folder has no ``job.json``.

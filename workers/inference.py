@@ -9,7 +9,7 @@ later ``--onnx`` variants): :func:`load_model` accepts
   parameter names, :mod:`workers.parallel.reshard`), or
 * an export folder (:mod:`mla.pretrained`).
 
-Incomplete input is refused with :class:`orchestrator.errors.CheckpointError` naming the path
+Incomplete input is refused with :class:`orchestrator.contract.errors.CheckpointError` naming the path
 and what is missing: a ``.tmp-`` folder (a save that did not finish), a step folder without
 ``meta.json``, missing or truncated stage files. Only the model weights are read (not the AdamW
 state); no Ray, no DeepSpeed.
@@ -27,8 +27,8 @@ import torch
 from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.pretrained import build_model, is_pretrained_dir, load_pretrained
-from orchestrator.errors import CheckpointError
-from workers.checkpoint import TAG, checkpoint_root, complete_checkpoints
+from orchestrator.contract.errors import CheckpointError
+from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints
 
 _STEP = re.compile(r"^step_(\d{7})$")
 
