@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mla.block_selection import num_selected_blocks
-from mla.config import ModelConfig
+from mla.config import AttentionKind, ModelConfig
 from mla.decoding import DecodeState, build_caches, decode_step
 from mla.model import MLATransformer
 
-IMPLS = ("dense", "mla")
+IMPLS: tuple[AttentionKind, ...] = ("dense", "mla")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class DecodeBenchSettings:
         """fp32 on CPU, bf16 on GPU."""
         return torch.float32 if self.device == "cpu" else torch.bfloat16
 
-    def model_config(self, attention: str, max_seq_len: int) -> ModelConfig:
+    def model_config(self, attention: AttentionKind, max_seq_len: int) -> ModelConfig:
         """Shape of the benchmarked model (``attention`` is ``"mla"`` or ``"dense"``)."""
         return ModelConfig(vocab_size=256, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, ffn_hidden=self.ffn_hidden, max_seq_len=max_seq_len,

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import cast
+
 import torch
 
+from mla.attention import MultiLevelAttention
 from mla.kv_cache import DenseKVCache, LayerCache, MLACache, StepPositions
-from mla.model import MLATransformer
+from mla.model import MLATransformer, TransformerBlock
 from mla.rope import apply_rope_at
 
 
@@ -98,7 +101,7 @@ def prefill(model: MLATransformer, tokens: torch.Tensor, lengths: list[int] | No
                          f"(max_seq_len={model.cfg.max_seq_len})")
     caches = build_caches(model, b, capacity, tokens.device)
     x = model.tok_emb(tokens)
-    for block, cache in zip(model.blocks, caches):
+    for block, cache in zip(blocks_of(model), caches, strict=False):
         xn = block.attn_norm(x)
         q, k, v = block.attn._project(xn)
         cache.prefill(q, k, v, tuple(lengths))
@@ -134,28 +137,34 @@ def decode_step(model: MLATransformer, tokens: torch.Tensor, state: DecodeState,
         ValueError: an active row would exceed ``state.capacity``.
     """
     active = [True] * len(state.lengths) if active is None else list(active)
-    full = [n for n, a in zip(state.lengths, active) if a and n >= state.capacity]
+    full = [n for n, a in zip(state.lengths, active, strict=False) if a and n >= state.capacity]
     if full:
         raise ValueError(f"a row already holds {full[0]} tokens, the cache capacity {state.capacity} "
                          f"(max_seq_len={model.cfg.max_seq_len}); generate fewer tokens")
-    at = StepPositions.of([n if a else min(n, state.capacity - 1) for n, a in zip(state.lengths, active)],
+    at = StepPositions.of([n if a else min(n, state.capacity - 1) for n, a in zip(state.lengths, active, strict=False)],
                           tokens.device)
     x = model.tok_emb(tokens.view(-1, 1))  # (b, 1, d)
-    for block, cache in zip(model.blocks, state.caches):
+    for block, cache in zip(blocks_of(model), state.caches, strict=False):
         h = x + _attention_step(block.attn, block.attn_norm(x), cache, at)
         x = h + block.mlp_dropout(block.mlp(block.mlp_norm(h)))
-    state.lengths = [n + 1 if a else n for n, a in zip(state.lengths, active)]
+    state.lengths = [n + 1 if a else n for n, a in zip(state.lengths, active, strict=False)]
     return model.head(model.norm(x))[:, 0]
 
 
-def _attention_step(attn, x: torch.Tensor, cache: LayerCache, at: StepPositions) -> torch.Tensor:
+def blocks_of(model: MLATransformer) -> list[TransformerBlock]:
+    """The model's transformer blocks, typed (``nn.ModuleList`` items are plain modules)."""
+    return [cast(TransformerBlock, b) for b in model.blocks]
+
+
+def _attention_step(attn: MultiLevelAttention, x: torch.Tensor, cache: LayerCache, at: StepPositions) -> torch.Tensor:
     """One token through :class:`mla.attention.MultiLevelAttention`: ``(b, 1, d)`` -> ``(b, 1, d)``."""
     b = x.shape[0]
     hd = attn.cfg.head_dim
     q = attn.wq(x).view(b, 1, -1, hd).transpose(1, 2)
     k = attn.wk(x).view(b, 1, -1, hd).transpose(1, 2)
     v = attn.wv(x).view(b, 1, -1, hd).transpose(1, 2)
-    q = apply_rope_at(q, attn.rope_cos, attn.rope_sin, at.pos)
-    k = apply_rope_at(k, attn.rope_cos, attn.rope_sin, at.pos)
+    cos, sin = cast(torch.Tensor, attn.rope_cos), cast(torch.Tensor, attn.rope_sin)
+    q = apply_rope_at(q, cos, sin, at.pos)
+    k = apply_rope_at(k, cos, sin, at.pos)
     o = cache.attend(q, k, v, attn._gate(x), at)  # (b, H, 1, hd)
     return attn.dropout(attn.wo(o.transpose(1, 2).reshape(b, 1, -1)))

@@ -5,7 +5,7 @@ sequence).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -68,12 +68,12 @@ def generate(model: MLATransformer, prompts: list[list[int]], max_new_tokens: in
     padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    capacity = max(max(lengths), max(n + b - 1 for n, b in zip(lengths, budget)))
+    capacity = max(max(lengths), max(n + b - 1 for n, b in zip(lengths, budget, strict=False)))
     state, logits = prefill(model, padded.to(device), lengths, capacity=capacity)
     generator = make_generator(sampling.seed, device)
     nxt = sample_next(logits_at_last(logits, state), sampling, generator)
     for step in range(max(budget)):
-        emitted: list[int | None] = [tok if step < b else None for tok, b in zip(nxt.tolist(), budget)]
+        emitted: list[int | None] = [tok if step < b else None for tok, b in zip(nxt.tolist(), budget, strict=False)]
         for row, tok in enumerate(emitted):
             if tok is not None:
                 out[row].append(tok)

@@ -59,7 +59,7 @@ class StepPositions:
     rows: torch.Tensor
 
     @classmethod
-    def of(cls, host: list[int] | tuple[int, ...], device: torch.device | str) -> "StepPositions":
+    def of(cls, host: list[int] | tuple[int, ...], device: torch.device | str) -> StepPositions:
         """Build from host positions."""
         return cls(torch.tensor(list(host), dtype=torch.long, device=device), tuple(int(p) for p in host),
                    torch.arange(len(host), device=device))
@@ -187,19 +187,18 @@ class MLACache(LayerCache):
         self.n_blocks = num_blocks(capacity, block)
         self.n_sel = num_selected_blocks(top_k, block)
         self.score_dtype = torch.promote_types(dtype, torch.float32)  # as mla.block_selection scores
-        shape = dict(device=device, dtype=dtype)
-        self.k = torch.zeros(batch, kv_heads, self.n_blocks * block, head_dim, **shape)
+        self.k = torch.zeros(batch, kv_heads, self.n_blocks * block, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self._kv_index = torch.arange(kv_heads, device=device)
         self._block_offsets = torch.arange(block, device=device)
         ring = min(window, capacity)
-        self.local_k = torch.zeros(batch, kv_heads, ring, head_dim, **shape)
+        self.local_k = torch.zeros(batch, kv_heads, ring, head_dim, device=device, dtype=dtype)
         self.local_v = torch.zeros_like(self.local_k)
         self.local_pos = torch.full((batch, ring), -1, dtype=torch.long, device=device)
         if indexer == "block":
             self.pooled_k = torch.zeros(batch, kv_heads, self.n_blocks, head_dim, device=device,
                                         dtype=self.score_dtype)
-            self.q_ring = torch.zeros(batch, n_heads, block, head_dim, **shape)
+            self.q_ring = torch.zeros(batch, n_heads, block, head_dim, device=device, dtype=dtype)
             self.sel = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.long, device=device)
             self.sel_valid = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.bool, device=device)
 

@@ -133,11 +133,12 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) 
 
 def _rebuild_buffers(model: MLATransformer) -> None:
     """Recompute the non-persistent rotary tables that ``to_empty`` left uninitialised."""
+    from mla.decoding import blocks_of
     from mla.rope import rope_cache
 
     cfg = model.cfg
     cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-    for block in model.blocks:
+    for block in blocks_of(model):
         block.attn.rope_cos, block.attn.rope_sin = cos.clone(), sin.clone()
 
 

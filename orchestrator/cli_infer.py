@@ -43,7 +43,8 @@ def generate(
     prompts = _read_prompts(prompt, prompt_file)
     loaded = _load(source, device)
     from mla import tokenizer
-    from mla.generate import check_prompts, generate as run_generate
+    from mla.generate import check_prompts
+    from mla.generate import generate as run_generate
 
     ids = [tokenizer.encode(p) for p in prompts]
     try:
@@ -57,7 +58,7 @@ def generate(
         stream.close()
     else:
         print(json.dumps([{"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
-                          for p, o in zip(prompts, out)], indent=2))
+                          for p, o in zip(prompts, out, strict=False)], indent=2))
 
 
 class _Streamer:

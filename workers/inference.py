@@ -27,8 +27,8 @@ import torch
 from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.pretrained import build_model, is_pretrained_dir, load_pretrained
-from orchestrator.contract.errors import CheckpointError
 from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints
+from orchestrator.contract.errors import CheckpointError
 
 _STEP = re.compile(r"^step_(\d{7})$")
 
