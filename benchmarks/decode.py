@@ -235,7 +235,7 @@ def render(records: list[Record], s: DecodeBenchSettings, console) -> None:
                       f"{d.cache_mib:,.0f}/{m.cache_mib:,.0f}", f"{d.peak_mib:,.0f}/{m.peak_mib:,.0f}",
                       f"{d.keys_per_token:,.0f}/{m.keys_per_token:,.0f}",
                       f"{d.kv_mib_per_token:,.2f}/{m.kv_mib_per_token:,.2f}")
-    console.print(t, width=max(console.width, 172))
+    console.print(t)
 
 
 def main() -> None:
@@ -244,7 +244,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
     s = DecodeBenchSettings()
     records = run_benchmark(s, progress=console.log)
     render(records, s, console)

@@ -120,15 +120,14 @@ def decode(
     """Incremental decoding with the KV cache: MLA vs the same model with dense attention, side by side."""
     from rich.console import Console
 
-    from benchmarks.decode import DecodeBenchSettings, render, run_benchmark
-
+    bench = load_benchmark("decode")
     ctx, bs = _int_list("--contexts", contexts), _int_list("--batches", batches)
     _check_device(device)
-    settings = DecodeBenchSettings(contexts=ctx, batches=bs, tokens=tokens, window=window, global_k=global_k,
+    settings = bench.DecodeBenchSettings(contexts=ctx, batches=bs, tokens=tokens, window=window, global_k=global_k,
                                    block=block, device=device, threads=threads)
-    console = Console(stderr=True)
-    records = run_benchmark(settings, progress=lambda msg: console.log(msg))
-    render(records, settings, console)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)  # the table has 11 columns
+    records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
+    bench.render(records, settings, console)
     if json_out:
         print(json.dumps([r.to_json() for r in records], indent=2))
 
