@@ -36,12 +36,11 @@ import os
 import torch
 
 from mla.block_selection import BlockSelection, select_blocks
+from mla.local_attention import DISABLE_FLEX_ENV
 from mla.tensor_ops import check_qkv, num_blocks
 
 #: Set to ``1`` to compile the core with CUDA graphs (``mode="reduce-overhead"``).
 CUDA_GRAPHS_ENV = "MLA_FLEX_CUDA_GRAPHS"
-#: Set to ``1`` to force the blocked path on CUDA (shared with the local branch).
-DISABLE_FLEX_ENV = "MLA_DISABLE_FLEX"
 #: BlockMask block sizes the CUDA flex path accepts (multiples of flex's 128).
 FLEX_BLOCK_MULTIPLE = 128
 
