@@ -60,7 +60,7 @@ def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     check_qkv(q, k, v)
     if gate is not None and gate.shape != q.shape[:3]:
         raise ValueError(f"gate must be (batch, heads, seq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
-    if indexer == "block" and flex_backend(q, block) == "flex":
+    if indexer == "block" and flex_backend(q, block, k, v, gate) == "flex":
         return flex_multi_level_attention(q, k, v, gate, window=window, top_k=top_k, block=block)
     local = local_attention(q, k, v, window, block)
     glob = global_topk_attention(q, k, v, top_k, indexer, block)

@@ -205,3 +205,16 @@ def test_negative_control_compiled_flex_reads_indices_that_eager_ignores(compile
         compiled = torch.compile(fa.flex_attention, fullgraph=True, dynamic=False)(q, k, v, block_mask=bad)
     eager = fa.flex_attention(q, k, v, block_mask=bad)
     assert (compiled - eager).abs().max() > 1e-2
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    from mla.flex_attention import CPU_FORWARD_ENV, flex_backend
+
+    q = torch.zeros(1, 2, 64, 8)
+    assert flex_backend(q, 64) == "blocked"  # CPU flex forward is opt-in
+    monkeypatch.setenv(CPU_FORWARD_ENV, "1")
+    assert flex_backend(q, 64) == "flex"
+    assert flex_backend(q, 64, q.clone().requires_grad_()) == "blocked"  # training: CPU flex has no backward
+    with torch.no_grad():
+        assert flex_backend(q, 64, q.clone().requires_grad_()) == "flex"
+    assert flex_backend(q.double(), 64) == "blocked"
