@@ -35,6 +35,7 @@ section at toy sizes on any device (what the CPU test of this script does).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -153,9 +154,9 @@ def dense_candidates(x, device: str) -> dict:
             rep = q.shape[1] // k.shape[1]
             expanded = [t.detach().repeat_interleave(rep, dim=1).requires_grad_() for t in (k, v)]
 
-        def repeated(backend=backend):
+        def repeated(backend=backend, kv=expanded):
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, expanded[0], expanded[1], is_causal=True)
+                return F.scaled_dot_product_attention(q, kv[0], kv[1], is_causal=True)
         try:
             repeated()
             out[name + "+expanded_kv"] = (repeated, (q, *expanded))
@@ -213,14 +214,14 @@ def bench_attention(report: Report, args, device: str, dtype, seq_lens, until_s:
             graphs0, t0 = unique_graphs(), time.perf_counter()
             out = mla_fn(x).detach()  # autograd on: the same compiled graph as training
             check = check_prefix(x, out, report, f"{shape} n={n}")
-            mla_fwd_bwd = pass_fn(lambda: mla_fn(x), x, "forward_backward")
-            mla_fwd_bwd()
+            mla = functools.partial(mla_fn, x)
+            pass_fn(mla, x, "forward_backward")()
             compile_s = time.perf_counter() - t0
             base = unique_graphs()
             cands = dense_candidates(x, device)
             for pass_ in ("forward", "forward_backward"):
                 dense = {name: timer.median_ms(pass_fn(f, inp, pass_)) for name, (f, inp) in cands.items()}
-                mla_ms = timer.median_ms(pass_fn(lambda: mla_fn(x), x, pass_))
+                mla_ms = timer.median_ms(pass_fn(mla, x, pass_))
                 best = min(dense, key=dense.get)
                 row = {"shape": shape, "n": n, "pass": pass_, "dense_ms": dense, "dense_best": best,
                        "mla_ms": round(mla_ms, 4), "ratio_dense_over_mla": round(dense[best] / mla_ms, 3),
@@ -235,7 +236,7 @@ def bench_attention(report: Report, args, device: str, dtype, seq_lens, until_s:
                 report.fail(f"{shape} n={n}: {unique_graphs() - base} recompiles while timing a fixed shape")
             if n in args.cuda_graph_seq_lens and device == "cuda":
                 rows["rows"].extend(_cuda_graph_rows(x, shape, n, timer, report))
-            del x, out, cands
+            x = out = cands = mla = None  # free this size before the next one
             report.write()
 
 
@@ -274,7 +275,7 @@ def recompile_check(report: Report, device: str, dtype, n: int) -> None:
     first = unique_graphs() - g0
     for seed in range(1, 6):
         with torch.no_grad():
-            for t, new in zip(x, make_inputs(4, 4, 64, n, device, dtype, seed=seed)):
+            for t, new in zip(x, make_inputs(4, 4, 64, n, device, dtype, seed=seed), strict=False):
                 t.copy_(new)
         step()
     again = unique_graphs() - g0 - first
@@ -320,8 +321,8 @@ def block64_probe(report: Report, device: str, dtype, n: int) -> None:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
-            flex = flex_attention if opts is None else (lambda *a, **kw: flex_attention(*a, kernel_options=opts, **kw))
-            core = torch.compile(lambda *a, **kw: mla_core(*a, flex=flex, **kw), fullgraph=True, dynamic=False)
+            flex = flex_attention if opts is None else functools.partial(flex_attention, kernel_options=opts)
+            core = torch.compile(functools.partial(mla_core, flex=flex), fullgraph=True, dynamic=False)
             out = core(*x, window_block_mask(n, WINDOW, 64, device), top_k=GLOBAL_K, block=64)
             torch.autograd.grad(out.float().sum(), x)
             result[key] = "forward+backward ok"
@@ -392,7 +393,7 @@ def _deepspeed_step(cfg, device: str):
     import deepspeed
     import torch.distributed as dist
 
-    from workers.layout import Layout
+    from orchestrator.contract.layout import Layout
     from workers.parallel.engine import build_engine
 
     if not dist.is_initialized():
