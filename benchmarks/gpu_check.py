@@ -327,7 +327,8 @@ def block64_probe(report: Report, device: str, dtype, n: int) -> None:
             torch.autograd.grad(out.float().sum(), x)
             result[key] = "forward+backward ok"
         except Exception as err:
-            result[key] = repr(err)[:400]
+            text = f"{type(err).__name__}: {err}"
+            result[key] = text if len(text) < 900 else text[:300] + " ... " + text[-600:]
     report.data["sections"]["block64_probe"] = result
     print(f"block-64 probe: {result}", flush=True)
 
