@@ -12,7 +12,11 @@ For query i (causal), with ``s_ij = q_i . k_j / sqrt(d)``:
   (``mix="gate"``), or ``out_i = L_i + G_i`` (``mix="sum"``).
 
 The core (:func:`multi_level_attention`) works on ``(batch, heads, seq, head_dim)`` tensors, so a
-tensor-parallel wrapper can call it with only its local heads. :class:`MultiLevelAttention` adds
+tensor-parallel wrapper can call it with only its local heads. Backends, all held to the dense
+references of :mod:`mla.reference`: on CUDA with ``indexer="block"`` and a block size that is a
+multiple of 128, one compiled FlexAttention region (:mod:`mla.flex_attention`); elsewhere the
+blocked sliding window (:mod:`mla.local_attention`) plus the blocked block-selection branch
+(:mod:`mla.global_attention`). :class:`MultiLevelAttention` adds
 the projections (``wq``, ``wk``, ``wv``, ``wo``, ``w_gate``) and rotary embeddings.
 """
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla.config import ModelConfig
+from mla.flex_attention import flex_backend, flex_multi_level_attention
 from mla.global_attention import global_topk_attention
 from mla.local_attention import local_attention
 from mla.rope import apply_rope, rope_cache
@@ -55,6 +60,8 @@ def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     check_qkv(q, k, v)
     if gate is not None and gate.shape != q.shape[:3]:
         raise ValueError(f"gate must be (batch, heads, seq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
+    if indexer == "block" and flex_backend(q, block, k, v, gate) == "flex":
+        return flex_multi_level_attention(q, k, v, gate, window=window, top_k=top_k, block=block)
     local = local_attention(q, k, v, window, block)
     glob = global_topk_attention(q, k, v, top_k, indexer, block)
     if gate is None:

@@ -10,7 +10,11 @@ from mla.attention import MultiLevelAttention, multi_level_attention
 from mla.config import ModelConfig
 from mla.global_attention import global_topk_attention
 from mla.local_attention import DISABLE_FLEX_ENV, blocked_local_attention, local_backend
-from mla.reference import block_selection_reference_attention, dense_reference_attention, reference_select_blocks
+from mla.reference import (
+    block_selection_reference_attention,
+    dense_reference_attention,
+    reference_select_blocks,
+)
 from mla.rope import apply_rope, rope_cache
 
 # (seq, window, top_k, block, kv_heads): n not a multiple of B, w >= n, k >= n, GQA, tiny n.
@@ -59,7 +63,7 @@ def test_efficient_path_matches_dense_reference(n, w, k, b, kv, indexer, gated):
     ref = _reference(q, key, v, g, w, k, indexer, b)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     wrt = (q, key, v, gate) if gated else (q, key, v)
-    for got, want in zip(_grads(out, wrt), _grads(ref, wrt)):
+    for got, want in zip(_grads(out, wrt), _grads(ref, wrt), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -70,7 +74,7 @@ def test_chunked_block_paths_match_dense_reference(indexer, monkeypatch):
     out = multi_level_attention(q, key, v, gate, window=9, top_k=5, indexer=indexer, block=8)
     ref = _reference(q, key, v, gate, 9, 5, indexer, 8)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate))):
+    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate)), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -86,7 +90,8 @@ def test_no_output_depends_on_a_future_token(indexer, gated):
     n, t = 45, 29
     q, k, v, gate = (x.detach() for x in _inputs(n, 3))
     g = gate if gated else None
-    run = lambda q, k, v, g: multi_level_attention(q, k, v, g, window=6, top_k=5, indexer=indexer, block=8)
+    def run(q, k, v, g):
+        return multi_level_attention(q, k, v, g, window=6, top_k=5, indexer=indexer, block=8)
     base = run(q, k, v, g)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
@@ -165,7 +170,8 @@ def test_rope_scores_depend_only_on_relative_position():
     cos, sin = rope_cache(64, 8)
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
-    rows = lambda x: apply_rope(x.expand(1, 1, 64, 8), cos, sin)[0, 0]
+    def rows(x):
+        return apply_rope(x.expand(1, 1, 64, 8), cos, sin)[0, 0]
     rq, rk = rows(q), rows(k)
     torch.testing.assert_close(rq[10] @ rk[7], rq[40] @ rk[37], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(rq[10] @ rk[7], rq[10] @ rk[3])
@@ -214,7 +220,7 @@ def test_flex_local_path_matches_blocked_path_on_cuda(n, w):
     flex = local_attention(q, k, v, w, 64)
     blocked = blocked_local_attention(q, k, v, w, 64)
     torch.testing.assert_close(flex, blocked, rtol=1e-3, atol=1e-3)
-    for got, want in zip(_grads(flex, (q, k, v)), _grads(blocked, (q, k, v))):
+    for got, want in zip(_grads(flex, (q, k, v)), _grads(blocked, (q, k, v)), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 

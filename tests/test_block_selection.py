@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla.block_selection import (BlockSelection, block_scores, num_selected_blocks, pooled_queries,
-                                 select_blocks, selection_token_mask)
+from mla.block_selection import (
+    BlockSelection,
+    block_scores,
+    num_selected_blocks,
+    pooled_queries,
+    select_blocks,
+    selection_token_mask,
+)
 from mla.reference import block_selection_reference_attention, reference_select_blocks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +46,7 @@ def test_selection_shapes_counts_and_padding():
     assert (idx[~valid] == -1).all()  # padding after the valid ids
     blk = torch.arange(9).view(1, 1, 9, 1).expand_as(idx)
     assert ((idx < blk) & (idx >= 0))[valid].all()  # never J >= I
-    assert all(len(set(row[:c].tolist())) == c for row, c in zip(idx.reshape(-1, 3), counts.reshape(-1)))
+    assert all(len(set(row[:c].tolist())) == c for row, c in zip(idx.reshape(-1, 3), counts.reshape(-1), strict=False))
 
 
 def test_selection_is_best_first_by_group_score():
@@ -96,7 +102,8 @@ def test_selection_and_output_are_causal_bitwise(t):
     s1, s2 = select_blocks(q, k, 16, block), select_blocks(q2, k2, 16, block)
     first_blocks = (t - 1) // block + 1  # blocks I with I*B <= t - 1: they read positions < t only
     assert torch.equal(s1.indices[:, :, :first_blocks], s2.indices[:, :, :first_blocks])
-    run = lambda *x: multi_level_attention(*x, window=6, top_k=16, indexer="block", block=block)
+    def run(*x):
+        return multi_level_attention(*x, window=6, top_k=16, indexer="block", block=block)
     base, moved = run(q, k, v, gate), run(q2, k2, v2, g2)
     assert torch.equal(moved[:, :, :t], base[:, :, :t])
     assert not torch.allclose(moved[:, :, t:], base[:, :, t:])
@@ -133,7 +140,8 @@ def test_negative_control_a_future_block_in_the_selection_is_caught_by_the_refer
     v = torch.randn_like(k)
     only_global = torch.zeros(2, 2, 40, dtype=torch.float64)  # gate 0: the reference's global branch
     sel = select_blocks(q, k, 8, 8)
-    ref = lambda s: block_selection_reference_attention(q, k, v, only_global, window=4, selection=s, block=8)
+    def ref(s):
+        return block_selection_reference_attention(q, k, v, only_global, window=4, selection=s, block=8)
     torch.testing.assert_close(block_selection_attention(q, k, v, sel, 8), ref(sel), rtol=1e-12, atol=1e-12)
     bad = sel.indices.clone()
     bad[:, :, 2, 0] = 4  # block 2 "selects" block 4
