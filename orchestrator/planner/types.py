@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from mla.config import ModelConfig
 from orchestrator.errors import PlanError
 from orchestrator.planner.catalogue import GpuSpec, get_gpu
+from orchestrator.planner.constants import CALIBRATED, CostConstants
+from orchestrator.planner.kernels import get_kernel
 from orchestrator.planner.memory import GIB, MemoryBreakdown
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY, StepTime
 from workers.layout import Layout
@@ -62,6 +64,10 @@ class PlanRequest:
             the next forward pass (Megatron-Core ``--overlap-param-gather``; DeepSpeed: no).
         overlap_tp: Tensor-parallel collectives are decomposed and overlapped with their GEMMs
             (Megatron-Core ``--tp-comm-overlap``, PyTorch async TP); DeepSpeed/``workers``: no.
+        kernel: Attention/norm kernel set (:data:`.kernels.KERNELS`): ``flash2+rms`` (FlashAttention-2
+            and a fused RMSNorm, the default), ``flash2``, ``flash1``, ``fused`` or ``torch``.
+            ``flash_attention=False`` turns a flash kernel into ``fused``.
+        constants: The cost model's fitted constants (:data:`.constants.CALIBRATED`).
         allowed_zero_stages: ZeRO stages the training framework offers, a constraint of the
             request like the precision: ``None`` = DeepSpeed's 0-3 (0-1 with pipelines);
             ``(0, 1)`` for Megatron-LM, NeMo and GPT-NeoX, whose distributed optimizer shards only
@@ -85,6 +91,8 @@ class PlanRequest:
     overlap_tp: bool = False
     allowed_zero_stages: tuple | None = None
     fp32_main_grads: bool = False
+    kernel: str = "flash2+rms"
+    constants: CostConstants = CALIBRATED
 
     def __post_init__(self) -> None:
         if isinstance(self.gpu, str):
@@ -92,6 +100,9 @@ class PlanRequest:
         if self.seq_len is None:
             object.__setattr__(self, "seq_len", self.model.max_seq_len)
         self.gpu.peak_flops(self.precision)  # raises PlanError on an unsupported precision
+        get_kernel(self.kernel)  # raises PlanError on an unknown kernel
+        if not self.flash_attention and get_kernel(self.kernel).flash:
+            object.__setattr__(self, "kernel", "fused")  # pre-FlashAttention runs: Megatron's fused softmax
         for name in ("gpus", "global_batch", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
