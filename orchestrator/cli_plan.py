@@ -91,7 +91,7 @@ def print_result(result, top: int) -> None:
     rows = [result.estimate] if result.estimate else result.candidates[:top]
     table = Table(title="estimate" if result.estimate else f"best {len(rows)} of {len(result.candidates)} layouts")
     for col in ("dp", "tp", "pp", "zero", "mb", "ga", "recompute", "sp", "v", "params", "grads", "optim",
-                "acts", "buffers", "total GiB", "fits", "step s", "tokens/s", "TFLOP/s", "MFU"):
+                "acts", "buffers", "total GiB", "fits", "step s", "80% range s", "tokens/s", "TFLOP/s", "MFU"):
         table.add_column(col, justify="right")
     for c in rows:
         lay, est, mem = c.layout, c.estimate, c.estimate.memory.gib()
@@ -99,7 +99,8 @@ def print_result(result, top: int) -> None:
                                  lay.recompute, "y" if lay.sequence_parallel else "", lay.virtual_stages,
                                  mem["parameters"], mem["gradients"], mem["optimizer"], mem["activations"],
                                  mem["buffers"], mem["total"], "yes" if est.fits else "NO",
-                                 f"{est.step_time_s:.3g}", f"{est.tokens_per_s:,.0f}",
+                                 f"{est.step_time_s:.3g}",
+                                 "{:.3g}-{:.3g}".format(*est.step_time_interval_s), f"{est.tokens_per_s:,.0f}",
                                  f"{est.tflops_per_gpu:.1f}", f"{100 * est.mfu:.1f}%")))
     console.print(table)
     if result.best and not result.estimate:
@@ -113,7 +114,10 @@ def print_result(result, top: int) -> None:
         console.print(rej)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
-    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation.")
+    if result.close_call:
+        console.print(f"close call: {result.close_call}", highlight=False)
+    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation. "
+                  "80% range: the step time the calibration residuals expect (benchmarks/planner.py).")
 
 
 def plan(

@@ -18,7 +18,15 @@ its leave-one-group-out validation; no constant is tuned to a single run):
 * ``tp_link_fraction``: achieved share of the intra-node link bandwidth in tensor-parallel
   all-reduces of activations (NCCL bus bandwidth below the NVLink peak; the collectives contend
   with the GEMMs for SMs and HBM).
-* ``efficiency``: achievable fraction of dense peak for GEMMs (hardware FLOPs).
+* ``efficiency``: achievable fraction of dense peak for GEMMs (hardware FLOPs), a field of the
+  request (``PlanRequest.efficiency``), fitted on the published layouts (:mod:`.calibrate`).
+
+Two more numbers are not fitted but measured from the held-out residuals
+``log(measured/predicted)`` of the leave-one-group-out validation (:func:`.fit.residual_band`):
+``step_time_band``, the central 80% of the residuals (a predicted step time ``t`` is expected in
+``[t·e^low, t·e^high]``), and ``relative_error``, the central-80% half-width once each group's
+common offset is removed: two layouts of one job whose predictions differ by less than that
+cannot be told apart by the model.
 
 Example:
     >>> CALIBRATED.usable_memory_fraction
@@ -40,6 +48,8 @@ class CostConstants:
     transient_layers: float = 0.0
     usable_memory_fraction: float = 1.0
     tp_link_fraction: float = 1.0
+    step_time_band: tuple = (0.0, 0.0)
+    relative_error: float = 0.0
 
     def replace(self, **changes: float) -> "CostConstants":
         """Copy with ``changes`` applied."""
@@ -50,4 +60,12 @@ class CostConstants:
 COUNTED = CostConstants()
 #: Fitted on all ten Aleph Alpha groups (``benchmarks/planner.py --fit`` prints them).
 CALIBRATED = CostConstants(activation_scale=1.4, loss_bytes_per_logit=56.0, transient_layers=2.0,
-                           usable_memory_fraction=1.0, tp_link_fraction=0.2)
+                           usable_memory_fraction=1.0, tp_link_fraction=0.2, step_time_band=(-0.27, 0.09),
+                           relative_error=0.12)
+#: Published Megatron-LM / NeMo / torchtitan runs on DGX-class nodes (published_layouts.csv): the
+#: counted memory fits every published layout as it is, and their tensor-parallel collectives
+#: reach the NVLink datasheet bandwidth the catalogue holds, so only the counted model applies.
+#: The fitted memory transients and link share are properties of the sweeps' framework and
+#: cluster (plain PyTorch loss, allocator settings, a slower intra-node path), which
+#: :data:`CALIBRATED` carries to users as the conservative default.
+MEGATRON_DGX = COUNTED

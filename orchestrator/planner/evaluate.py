@@ -61,7 +61,7 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
     """
     cfg, seq, kernel = req.model, req.seq_len, get_kernel(req.kernel)
     memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention, req.fp32_main_grads, kernel,
-                            req.constants)
+                            req.constants, req.fused_loss)
     time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp,
                      req.overlap_param_gather, req.overlap_tp, kernel, req.constants)
     tokens_per_s = req.global_batch * seq / time.total
@@ -72,4 +72,4 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
     limit = req.gpu.memory_gib * req.constants.usable_memory_fraction
     return Estimate(memory=memory, memory_limit_gib=limit, time=time, tokens_per_s=tokens_per_s,
                     tflops_per_gpu=model_flops / 1e12, hardware_tflops_per_gpu=hardware / 1e12,
-                    mfu=model_flops / peak, hfu=hardware / peak)
+                    mfu=model_flops / peak, hfu=hardware / peak, step_time_band=req.constants.step_time_band)

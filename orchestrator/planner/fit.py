@@ -52,7 +52,8 @@ def memory_terms(run) -> list[tuple[float, float, float, float]]:
         layer = activation_bytes_per_layer(q.model, q.seq_len, lay.micro_batch, lay.tp,
                                            sequence_parallel=lay.sequence_parallel, flash=q.flash_attention,
                                            norm_bytes=kernel.norm_activation_bytes)
-        logits = q.seq_len * lay.micro_batch * q.model.vocab_size if stage == lay.pp - 1 else 0.0
+        last = stage == lay.pp - 1 and not q.fused_loss
+        logits = q.seq_len * lay.micro_batch * q.model.vocab_size if last else 0.0
         out.append((fixed, act, layer, logits))
     return out
 
@@ -127,6 +128,7 @@ class GroupScore:
     regret: float
     pick: str
     constants: CostConstants
+    log_errors: tuple = ()
 
 
 def score_group(runs: list, constants: CostConstants) -> GroupScore:
@@ -142,7 +144,27 @@ def score_group(runs: list, constants: CostConstants) -> GroupScore:
     pick = runs[chosen] if chosen is not None else None
     regret = math.inf if pick is None or pick.oom else pick.step_time_s / best - 1
     text = f"{pick.layout.describe()} {pick.kernel}" if pick else "none predicted to fit"
-    return GroupScore(runs[0].group, len(runs), len(fit), accuracy, rho, regret, text, constants)
+    errors = tuple(math.log(m / p) for p, m in fit)
+    return GroupScore(runs[0].group, len(runs), len(fit), accuracy, rho, regret, text, constants, errors)
+
+
+def residual_band(scores: list[GroupScore], coverage: float = 0.8) -> tuple[float, float, float]:
+    """``(low, high, relative)`` from held-out residuals ``log(measured/predicted)``.
+
+    ``low``/``high``: the central ``coverage`` quantiles of all residuals (a predicted step time
+    ``t`` is expected in ``[t·e^low, t·e^high]``); ``relative``: half the central ``coverage``
+    width of the residuals minus their group's median, i.e. the error of a *comparison* of two
+    layouts of one job (a common offset cancels).
+
+    Example: residuals spread ±0.1 around a group offset of -0.05 → (-0.15, 0.05, 0.1).
+    """
+    every = sorted(e for s in scores for e in s.log_errors)
+    centred = sorted(e - _median(list(s.log_errors)) for s in scores for e in s.log_errors)
+    q = (1 - coverage) / 2
+
+    def quantile(values: list[float], p: float) -> float:
+        return values[min(len(values) - 1, max(0, round(p * (len(values) - 1))))]
+    return quantile(every, q), quantile(every, 1 - q), (quantile(centred, 1 - q) - quantile(centred, q)) / 2
 
 
 def leave_one_group_out(runs: list) -> list[GroupScore]:

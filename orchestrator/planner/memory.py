@@ -241,11 +241,14 @@ def buffer_bytes(cfg: ModelConfig, psi: float, layout, precision: str, gpu_name:
 
 
 def calibrated_extra_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool,
-                           norm_bytes: float, constants) -> float:
+                           norm_bytes: float, constants, fused_loss: bool = True) -> float:
     """Transient peak bytes the counted activations miss, with the fitted constants
     (:mod:`.constants`): ``transient_layers`` × one layer's full activations (the backward of
-    one block: its saved tensors, their gradients and the recomputed forward) and, on the last
-    stage, ``loss_bytes_per_logit · s·b·V`` for the loss (not split by tp).
+    one block: its ``(s, b, h)``-shaped tensors and their gradients, counted without ``s × s``
+    scores only with a non-flash kernel) and, on the last
+    stage, unless the loss is a fused vocab-parallel one (``fused_loss``, Megatron-LM's
+    ``vocab_parallel_cross_entropy``, already counted as 6 B per logit ``/tp``),
+    ``loss_bytes_per_logit · s·b·V`` for a plain full-vocabulary loss (not split by tp).
 
     Example: 13B at 8k, mb=4, tp=4, pp=4, last stage, flash, 6 layers and 24 B/logit:
     6 · 8192·4·5120·(8 + 4 + 4 + 6·2.7)/4 B + 24 · 8192·4·32000 B = 8.1e9 + 25.2e9 B.
@@ -253,13 +256,14 @@ def calibrated_extra_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, f
     layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
                                        sequence_parallel=layout.sequence_parallel, flash=flash, norm_bytes=norm_bytes)
     extra = constants.transient_layers * layer
-    if stage == layout.pp - 1:
+    if stage == layout.pp - 1 and not fused_loss:
         extra += constants.loss_bytes_per_logit * seq_len * layout.micro_batch * cfg.vocab_size
     return extra
 
 
 def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: int,
-                 flash: bool = True, fp32_main_grads: bool = False, kernel=None, constants=None) -> MemoryBreakdown:
+                 flash: bool = True, fp32_main_grads: bool = False, kernel=None, constants=None,
+                 fused_loss: bool = True) -> MemoryBreakdown:
     """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources).
 
     ``kernel`` (:class:`.kernels.KernelSpec`) adds unfused-norm activations; ``constants``
@@ -272,12 +276,13 @@ def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: 
     act = stage_activation_bytes(cfg, seq_len, layout, stage, flash, norm)
     if constants is not None:
         act = constants.activation_scale * act + calibrated_extra_bytes(cfg, seq_len, layout, stage, flash, norm,
-                                                                        constants)
+                                                                        constants, fused_loss)
     return MemoryBreakdown(params, grads, opt, act, buffer_bytes(cfg, psi, layout, precision))
 
 
 def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True,
-                   fp32_main_grads: bool = False, kernel=None, constants=None) -> MemoryBreakdown:
+                   fp32_main_grads: bool = False, kernel=None, constants=None,
+                   fused_loss: bool = True) -> MemoryBreakdown:
     """Memory of the most loaded GPU: the larger of the first and the last pipeline stage.
 
     The first stage holds the embedding and the most in-flight micro-batches; the last holds the
@@ -287,8 +292,9 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash
     Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.08 GiB, of which
     1 GiB is the fixed runtime overhead (counted, no constants).
     """
-    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads, kernel, constants)
+    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads, kernel, constants, fused_loss)
     if layout.pp == 1:
         return first
-    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads, kernel, constants)
+    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads, kernel, constants,
+                        fused_loss)
     return first if first.total >= last.total else last

@@ -90,7 +90,8 @@ def to_run(row: dict) -> SweepRun:
     kernel = row["kernel"].strip()
     request = PlanRequest(model=llama1(row["model"], seq), gpus=n, gpu=SWEEP_GPU, global_batch=batch,
                           seq_len=seq, precision="bf16", flash_attention="flash" in kernel,
-                          allowed_zero_stages=(SWEEP_ZERO_STAGE,), kernel=kernel_class(kernel))
+                          allowed_zero_stages=(SWEEP_ZERO_STAGE,), kernel=kernel_class(kernel),
+                          fused_loss=False)
     group = f"{row['model']} {seq // 1024}k {n} GPUs"
     return SweepRun(group, request, layout, kernel, _outcome(row)[1])
 
