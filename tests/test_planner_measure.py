@@ -1,6 +1,7 @@
 """``mla plan --measure``: candidate jobs and a real measured run of the tiny model on 2 workers."""
 
 import json
+from pathlib import Path
 
 import pytest
 import typer
@@ -19,7 +20,7 @@ app.command("noop")(lambda: None)
 
 @pytest.fixture
 def tiny(tmp_path):
-    text = open("configs/tiny.yaml").read().replace("  dir: runs", f"  dir: {tmp_path}")
+    text = (Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text().replace("  dir: runs", f"  dir: {tmp_path}")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
     return path

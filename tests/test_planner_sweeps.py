@@ -15,8 +15,8 @@ from orchestrator.planner import PlanRequest, estimate, plan
 from orchestrator.planner.constants import CALIBRATED, COUNTED
 from orchestrator.planner.fit import fit_constants, memory_terms
 from orchestrator.planner.memory import calibrated_extra_bytes
-from orchestrator.planner.sweeps import groups, load_sweeps
 from orchestrator.planner.step_time import tp_comm_per_micro_batch
+from orchestrator.planner.sweeps import groups, load_sweeps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "planner"
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "anchors" / "planner" / "sweeps_aleph_alpha.csv"

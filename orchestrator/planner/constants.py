@@ -51,7 +51,7 @@ class CostConstants:
     step_time_band: tuple = (0.0, 0.0)
     relative_error: float = 0.0
 
-    def replace(self, **changes: float) -> "CostConstants":
+    def replace(self, **changes: float) -> CostConstants:
         """Copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 

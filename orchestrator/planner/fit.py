@@ -25,8 +25,13 @@ from dataclasses import dataclass
 from orchestrator.planner.constants import CALIBRATED, CostConstants
 from orchestrator.planner.evaluate import estimate
 from orchestrator.planner.kernels import get_kernel
-from orchestrator.planner.memory import (activation_bytes_per_layer, buffer_bytes, model_state_bytes,
-                                         stage_activation_bytes, stage_parameters)
+from orchestrator.planner.memory import (
+    activation_bytes_per_layer,
+    buffer_bytes,
+    model_state_bytes,
+    stage_activation_bytes,
+    stage_parameters,
+)
 
 ACTIVATION_SCALES = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 LOSS_BYTES = (0.0, 16.0, 32.0, 48.0, 56.0, 64.0)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from orchestrator.config import JobConfig, validate_job_dict
 from orchestrator.errors import PlanError
@@ -125,7 +125,7 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
             run(sub)
             out.append(Measurement(cand.layout, est.step_time_s, est.step_time_interval_s,
                                    measured_step_time(sub.run_dir.resolve())))
-        except Exception as exc:  # a candidate that fails (e.g. out of memory) is reported, not fatal
+        except Exception as exc:  # noqa: BLE001 - a failing candidate (e.g. out of memory) is reported, not fatal
             out.append(Measurement(cand.layout, est.step_time_s, est.step_time_interval_s, None,
                                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__))
     return sorted(out, key=lambda m: (m.measured_step_s is None, m.measured_step_s or 0.0))
