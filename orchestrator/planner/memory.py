@@ -10,10 +10,16 @@ tensors. All results are in bytes unless a name says ``gib``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from mla import flops
 from mla.config import ModelConfig
-from mla.flops import layer_parameters
+
+#: ``mla.flops`` counts, memoised per (frozen, hashable) model config: a 4,096-GPU search asks
+#: for the same model's counts thousands of times.
+layer_parameters = functools.lru_cache(maxsize=256)(flops.layer_parameters)
+attention_flops_per_token = functools.lru_cache(maxsize=256)(flops.attention_flops_per_token)
 
 GIB = 2**30
 LOW_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

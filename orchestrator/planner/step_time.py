@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mla.config import ModelConfig
-from mla.flops import attention_flops_per_token, layer_parameters
-from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layers_on_stage, stage_parameters
+from orchestrator.planner.memory import (LOW_BYTES, REDUCE_BUCKET_ELEMENTS, attention_flops_per_token,
+                                         layer_parameters, layers_on_stage, stage_parameters)
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
 #: the published rows of published_layouts.csv (``calibrate.fit_efficiency``: 0.532 after the
