@@ -2,13 +2,13 @@
 
 Run: ``.venv/bin/python benchmarks/planner.py`` (about 1.5 min on 2 cores). Prints
 
-0. the Aleph Alpha sweeps (tests/fixtures/planner/sweeps_aleph_alpha.csv, 964 usable runs in 10
+0. the Aleph Alpha sweeps (benchmarks/data/sweeps_aleph_alpha.csv, 964 usable runs in 10
    model/sequence/world-size groups), leave-one-group-out: per group the OOM prediction accuracy,
    Spearman's rank correlation of predicted and measured throughput among the runs that fit, and
    the top-pick regret, for the counted model before calibration and for the calibrated one; the
    constants fitted on all groups next to ``constants.CALIBRATED``; the residual band;
 
-1. every usable row of tests/fixtures/planner/published_layouts.csv: the published (tp, pp), whether
+1. every usable row of benchmarks/data/published_layouts.csv: the published (tp, pp), whether
    it is predicted to fit, the planner's best (tp, pp) under the same constraints (GPUs, batch,
    precision, recompute policy, the framework's ZeRO stages) and the achieved vs predicted
    throughput; for each miss, the published mesh's predicted speed relative to the fastest;
@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 from mla.config import PRESETS
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 from orchestrator.planner import PlanRequest, Pins, min_gpus, model_from_params, plan
 from orchestrator.planner.calibrate import (fit_efficiency, leave_one_out, load_published, median, predicted,
                                             published_candidate)
 from orchestrator.planner.search import COMFORTABLE_MEMORY_FRACTION, TIE_TOLERANCE, rank
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
-CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "planner" / "published_layouts.csv"
+CSV = Path(__file__).resolve().parent / "data" / "published_layouts.csv"
 SWEEPS = CSV.parent / "sweeps_aleph_alpha.csv"
 
 

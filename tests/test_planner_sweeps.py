@@ -18,7 +18,7 @@ from orchestrator.planner.memory import calibrated_extra_bytes
 from orchestrator.planner.step_time import tp_comm_per_micro_batch
 from orchestrator.planner.sweeps import groups, load_sweeps
 
-FIXTURES = Path(__file__).parent / "fixtures" / "planner"
+FIXTURES = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "anchors" / "planner" / "sweeps_aleph_alpha.csv"
 
 
@@ -73,7 +73,7 @@ def test_slow_tensor_parallel_link_reorders_layouts_as_measured(runs):
 
 
 def test_tp_link_fraction_scales_the_bandwidth_term():
-    from workers.layout import Layout
+    from orchestrator.contract.layout import Layout
 
     lay = Layout(dp=8, tp=4, pp=1, zero_stage=1, micro_batch=1, grad_accum=8)
     req = PlanRequest(model=PRESETS["13b"], gpus=32, gpu="a100-80gb", global_batch=64, seq_len=2048)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 
 #: Extra HBM bytes per token and layer, in units of h, of two unfused RMSNorms against fused
 #: ones: ~6 passes forward over 2-4 byte elements (~24 B), about twice that backward, ×2 norms,

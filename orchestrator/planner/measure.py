@@ -5,7 +5,7 @@ fastest measured one (the DeepSpeed autotuner's idea, Rajbhandari et al. / DeepS
 Each candidate becomes a copy of the job with the layout pinned (``parallel`` degrees, ZeRO
 stage, recomputation, micro-batch), ``train.steps`` short, one log record per step, no
 checkpoint before the end and a run folder of its own (``RUN_DIR-measure-N``); it runs through
-the controller's one entry point, :func:`orchestrator.controller.run_training` (imported
+the controller's one entry point, :func:`orchestrator.launcher.run_training` (imported
 lazily, so this module stays torch- and Ray-free at import). The measured step time is the
 median ``step_time_s`` of the logged steps after the first (compile and allocator warm-up).
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import JobConfig, validate_job_dict
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 from orchestrator.planner.types import Candidate
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Measurement:
 def runnable_candidates(candidates: list[Candidate], top: int) -> list[Candidate]:
     """The first ``top`` candidates the DeepSpeed workers can run, the best of each distinct
     ``(dp, tp, pp)`` mesh (close calls are between meshes; a mesh's variants differ less)."""
-    from workers.parallel.support import unsupported_reason
+    from orchestrator.contract.layout import unsupported_reason
 
     out, seen = [], set()
     for c in candidates:
@@ -104,7 +104,7 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
         candidates: Ranked planner candidates (``PlanResult.candidates``).
         top: How many to run.
         steps: Steps per candidate (>= 2: the first is not timed).
-        run: Runs one job; default :func:`orchestrator.controller.run_training`.
+        run: Runs one job; default :func:`orchestrator.launcher.run_training`.
 
     Raises:
         PlanError: ``steps`` < 2 or no candidate can run on the workers.
@@ -116,7 +116,7 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
         raise PlanError("no planned layout can run on the DeepSpeed workers (sequence parallelism and "
                         "interleaving are not implemented); pin --no-sequence-parallel --virtual-stages 1")
     if run is None:
-        from orchestrator.controller import run_training as run
+        from orchestrator.launcher import run_training as run
     out = []
     for i, cand in enumerate(chosen):
         sub = candidate_job(job, cand.layout, i, steps)

@@ -1,6 +1,6 @@
 """Measured layout sweeps as planner requests: the Aleph Alpha study (Hagemann et al. 2023).
 
-``tests/fixtures/planner/sweeps_aleph_alpha.csv`` holds every run of "Efficient Parallelization
+``benchmarks/data/sweeps_aleph_alpha.csv`` holds every run of "Efficient Parallelization
 Layouts for Large-Scale Distributed Model Training" (Hagemann et al., arXiv:2311.05610; the
 authors' repository Aleph-Alpha/NeurIPS-WANT-submission-efficient-parallelization-layouts,
 commit e13c2cb): LLaMA 13B/30B/65B at 2k and 8k tokens on 32-256 A100s, sweeping micro-batch,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mla.config import ModelConfig
 from orchestrator.planner.types import PlanRequest
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 #: LLaMA-1 shapes: (layers, hidden, heads, SwiGLU width); vocabulary 32,000.
 LLAMA1 = {"LLaMA 13B": (40, 5120, 40, 13824), "LLaMA 30B": (60, 6656, 52, 17920),
