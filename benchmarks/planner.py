@@ -28,9 +28,15 @@ from pathlib import Path
 
 from mla.config import PRESETS
 from orchestrator.contract.errors import PlanError
-from orchestrator.planner import PlanRequest, Pins, min_gpus, model_from_params, plan
-from orchestrator.planner.calibrate import (fit_efficiency, leave_one_out, load_published, median, predicted,
-                                            published_candidate)
+from orchestrator.planner import Pins, PlanRequest, min_gpus, model_from_params, plan
+from orchestrator.planner.calibrate import (
+    fit_efficiency,
+    leave_one_out,
+    load_published,
+    median,
+    predicted,
+    published_candidate,
+)
 from orchestrator.planner.search import COMFORTABLE_MEMORY_FRACTION, TIE_TOLERANCE, rank
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
@@ -55,7 +61,12 @@ def _summary(scores: list) -> str:
 def sweeps_table() -> None:
     """Section 0: leave-one-group-out on the Aleph Alpha sweeps, before and after calibration."""
     from orchestrator.planner.constants import CALIBRATED, COUNTED
-    from orchestrator.planner.fit import fit_constants, leave_one_group_out, residual_band, score_group
+    from orchestrator.planner.fit import (
+        fit_constants,
+        leave_one_group_out,
+        residual_band,
+        score_group,
+    )
     from orchestrator.planner.sweeps import groups, load_sweeps
 
     runs = load_sweeps(SWEEPS)
@@ -67,7 +78,7 @@ def sweeps_table() -> None:
     after = leave_one_group_out(runs)
     print(f"{'group':24s} {'runs':>4s} {'fit':>4s} | {'before: OOM acc':>15s} {'Spearman':>8s} {'regret':>8s} | "
           f"{'LOGO: OOM acc':>13s} {'Spearman':>8s} {'regret':>8s}  pick (LOGO)")
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=False):
         print(f"{a.group:24s} {a.runs:4d} {a.measured:4d} | {100 * b.oom_accuracy:14.1f}% {b.spearman:8.2f} "
               f"{_fmt_regret(b.regret):>8s} | {100 * a.oom_accuracy:12.1f}% {a.spearman:8.2f} {_fmt_regret(a.regret):>8s}"
               f"  {a.pick}")

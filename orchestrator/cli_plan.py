@@ -164,6 +164,7 @@ def plan(
     """Choose a data x tensor x pipeline layout: memory per GPU and predicted throughput."""
     from orchestrator.planner import Pins, PlanRequest, get_gpu
     from orchestrator.planner import plan as run_plan
+    from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
     if recompute is not None and recompute not in RECOMPUTE_CHOICES:
         raise PlanError(f"--recompute {recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
@@ -190,7 +191,7 @@ def plan(
     request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=batch or 8 * gpus,
                           seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
                           precision=precision, pins=pins, allowed_zero_stages=parse_zero_stages(zero_stages),
-                          **({"efficiency": efficiency} if efficiency else {}))
+                          efficiency=efficiency or DEFAULT_EFFICIENCY)
     if measure_run and not config:
         raise PlanError("--measure needs --config JOB.yaml (the job whose candidates are run)")
     result = run_plan(request)

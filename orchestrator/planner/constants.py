@@ -51,9 +51,9 @@ class CostConstants:
     step_time_band: tuple = (0.0, 0.0)
     relative_error: float = 0.0
 
-    def replace(self, **changes: float) -> CostConstants:
+    def replace(self, **changes: object) -> CostConstants:
         """Copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 #: Uncalibrated: the counted model as it stood before the sweeps were used.

@@ -75,14 +75,14 @@ def oom_predictions(runs: list, grid: list) -> list[list[bool]]:
     out = []
     for a, c, t, u in grid:
         out.append([max(f + a * act + t * lay + c * lg for f, act, lay, lg in ts) > u * lim
-                    for ts, lim in zip(terms, limits)])
+                    for ts, lim in zip(terms, limits, strict=False)])
     return out
 
 
 def best_memory_point(runs: list, grid: list, predictions: list, keep: list[bool]) -> tuple:
     """Grid point with the most correct OOM predictions over the runs where ``keep`` is True."""
     def score(i: int) -> int:
-        return sum(p == r.oom for p, r, k in zip(predictions[i], runs, keep) if k)
+        return sum(p == r.oom for p, r, k in zip(predictions[i], runs, keep, strict=False) if k)
     return grid[max(range(len(grid)), key=lambda i: (score(i), -i))]
 
 
@@ -94,10 +94,10 @@ def step_times(runs: list, constants: CostConstants) -> list[float]:
 def demeaned_log_errors(runs: list, predicted: list[float]) -> list[float]:
     """``log(measured/predicted)`` of measured runs minus their group's median of the same."""
     by_group: dict[str, list[float]] = {}
-    for r, p in zip(runs, predicted):
+    for r, p in zip(runs, predicted, strict=False):
         by_group.setdefault(r.group, []).append(math.log(r.step_time_s / p))
     med = {g: _median(v) for g, v in by_group.items()}
-    return [math.log(r.step_time_s / p) - med[r.group] for r, p in zip(runs, predicted)]
+    return [math.log(r.step_time_s / p) - med[r.group] for r, p in zip(runs, predicted, strict=False)]
 
 
 def best_link_fraction(runs: list, base: CostConstants) -> float:
@@ -118,7 +118,7 @@ def fit_constants(runs: list, keep: list[bool] | None = None, predictions: list 
     a, c, t, u = best_memory_point(runs, grid, predictions, keep)
     base = CALIBRATED.replace(activation_scale=a, loss_bytes_per_logit=c, transient_layers=t,
                               usable_memory_fraction=u)
-    return base.replace(tp_link_fraction=best_link_fraction([r for r, k in zip(runs, keep) if k], base))
+    return base.replace(tp_link_fraction=best_link_fraction([r for r, k in zip(runs, keep, strict=False) if k], base))
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def score_group(runs: list, constants: CostConstants) -> GroupScore:
     from scipy.stats import spearmanr
 
     ests = [estimate(r.request.replace(constants=constants), r.layout) for r in runs]
-    accuracy = sum((not e.fits) == r.oom for e, r in zip(ests, runs)) / len(runs)
-    fit = [(e.step_time_s, r.step_time_s) for e, r in zip(ests, runs) if not r.oom]
+    accuracy = sum((not e.fits) == r.oom for e, r in zip(ests, runs, strict=False)) / len(runs)
+    fit = [(e.step_time_s, r.step_time_s) for e, r in zip(ests, runs, strict=False) if not r.oom]
     rho = float(spearmanr([1 / p for p, _ in fit], [1 / m for _, m in fit]).statistic) if len(fit) > 2 else math.nan
     chosen = min((i for i, e in enumerate(ests) if e.fits), key=lambda i: ests[i].step_time_s, default=None)
     best = min(m for _, m in fit)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from orchestrator.config import JobConfig, validate_job_dict
 from orchestrator.contract.errors import PlanError
-from orchestrator.planner.types import Candidate
 from orchestrator.contract.layout import Layout
+from orchestrator.planner.types import Candidate
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,9 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
         raise PlanError("no planned layout can run on the DeepSpeed workers (sequence parallelism and "
                         "interleaving are not implemented); pin --no-sequence-parallel --virtual-stages 1")
     if run is None:
-        from orchestrator.launcher import run_training as run
+        from orchestrator.launcher import run_training
+
+        run = run_training
     out = []
     for i, cand in enumerate(chosen):
         sub = candidate_job(job, cand.layout, i, steps)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mla.config import ModelConfig
-from orchestrator.planner.types import PlanRequest
 from orchestrator.contract.layout import Layout
+from orchestrator.planner.types import PlanRequest
 
 #: LLaMA-1 shapes: (layers, hidden, heads, SwiGLU width); vocabulary 32,000.
 LLAMA1 = {"LLaMA 13B": (40, 5120, 40, 13824), "LLaMA 30B": (60, 6656, 52, 17920),
