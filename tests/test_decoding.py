@@ -78,14 +78,14 @@ def test_batched_rows_of_different_lengths_equal_per_row_decoding(attention):
     lengths, steps = [9, 3, 14], 25
     seqs = [torch.randint(0, 256, (n + steps,), generator=g) for n in lengths]
     padded = torch.zeros(3, max(lengths), dtype=torch.long)
-    for i, (s, n) in enumerate(zip(seqs, lengths)):
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=False)):
         padded[i, :n] = s[:n]
     state, logits = prefill(model, padded, lengths)
     batched = [logits_at_last(logits, state)]
     for t in range(steps - 1):
-        batched.append(decode_step(model, torch.stack([s[n + t] for s, n in zip(seqs, lengths)]), state))
+        batched.append(decode_step(model, torch.stack([s[n + t] for s, n in zip(seqs, lengths, strict=False)]), state))
     batched = torch.stack(batched, dim=1)
-    for i, (s, n) in enumerate(zip(seqs, lengths)):
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=False)):
         alone = incremental_logits(model, s.view(1, -1), n)
         assert_close_rel(batched[i:i + 1], alone)
 
