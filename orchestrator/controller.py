@@ -26,6 +26,8 @@ from rich.console import Console
 from orchestrator.config import JobConfig
 from orchestrator.deepspeed_config import build_deepspeed_config
 from orchestrator.errors import ClusterError, ConfigError, JobFailedError, PlanError
+from orchestrator.privacy import attach_privacy
+from orchestrator.privacy import describe as describe_privacy
 from workers.checkpoint import latest_checkpoint, write_json_atomic
 from workers.data import check_corpus, load_corpus
 from workers.layout import Layout, LayoutError
@@ -279,6 +281,8 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
         parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
     if "lr" in record:
         parts.append(f"lr {record['lr']:.2e}")
+    if "epsilon" in record:
+        parts.append(f"eps {record['epsilon']:.3g}")
     parts.append(f"{elapsed_s:,.0f}s")
     return "  ".join(parts)
 
@@ -294,11 +298,14 @@ def run_training(job: JobConfig) -> dict:
     data_text = check_data(job)
     plans = build_worker_plans(job)
     check_resumable(job, plans)
+    privacy = attach_privacy(job, plans)
     run_dir = job.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     main_layout = Layout(**plans[str(max(int(w) for w in plans))]["layout"])
     model = job.model_config_()
     _print_header(job, data_text, main_layout, plans, run_dir)
+    if privacy is not None:
+        console.print(describe_privacy(privacy, job.train.steps))
     write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
     load_torch_before_ray()
     handle = connect_ray(job)
@@ -314,10 +321,11 @@ def run_training(job: JobConfig) -> dict:
             handle.shutdown()
     if result.error is not None:
         raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})")
-    summary = build_summary(job, run_dir, time.time() - started)
+    summary = build_summary(job, run_dir, time.time() - started, privacy)
     write_json_atomic(run_dir / "summary.json", summary)
+    spent = f", epsilon {summary['epsilon']:.3g}" if privacy is not None else ""
     console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
-                  f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
+                  f"{summary['last_val_loss']}{spent}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
                   f"{run_dir / 'summary.json'}")
     return summary
 
@@ -375,8 +383,9 @@ def _root_cause(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
-    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run."""
+def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy=None) -> dict:
+    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run (with the epsilon spent
+    and the privacy plan when ``privacy``, a :class:`~workers.privacy.accounting.PrivacyPlan`, is given)."""
     records = _read_jsonl(run_dir / "metrics.jsonl")
     events = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     vals = [r for r in records if "val_loss" in r]
@@ -398,7 +407,15 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
         "resumed_from_step": resumes[-1]["resumed_from_step"] if resumes else None,
         "resumes": [{"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes],
         "checkpoint": str(found[1]) if found else None,
+        **(_privacy_summary(records, privacy) if privacy is not None else {}),
     }
+
+
+def _privacy_summary(records: list[dict], privacy) -> dict:
+    spent = [r for r in records if "epsilon" in r]
+    return {"epsilon": spent[-1]["epsilon"] if spent else 0.0, "delta": privacy.delta,
+            "epsilon_per_eval": [{"step": r["step"], "epsilon": r["epsilon"]} for r in spent],
+            "privacy": privacy.to_dict()}
 
 
 def _read_jsonl(path: Path) -> list[dict]:

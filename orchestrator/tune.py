@@ -66,13 +66,16 @@ def _trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.controller import build_trainer, build_worker_plans
+    from orchestrator.privacy import attach_privacy
 
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     trial_id = ray.tune.get_context().get_trial_id()
     job = trial_job(config["_base"], params, config["_trials_dir"], trial_id)
     run_dir = job.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(job, build_worker_plans(job), run_dir, callbacks=[TuneReportCallback()])
+    plans = build_worker_plans(job)
+    attach_privacy(job, plans)
+    trainer = build_trainer(job, plans, run_dir, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
