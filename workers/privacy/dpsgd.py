@@ -126,9 +126,9 @@ class DPSGD:
 
     def add_noise(self, sums: dict[str, torch.Tensor]) -> None:
         """Data-parallel rank 0 adds ``N(0, (sigma C)^2)`` to every coordinate, in place."""
-        std = self.plan.noise_multiplier * self.plan.max_grad_norm
-        if self.dp_rank != 0 or std == 0:
+        if self.dp_rank != 0 or self.plan.noise_multiplier == 0:
             return
+        std = self.plan.noise_multiplier * self.plan.max_grad_norm
         for t in sums.values():
             t += torch.normal(0.0, std, size=t.shape, generator=self.generator, device=t.device)
 
