@@ -136,10 +136,14 @@ def check_budget(plan: PrivacyPlan, history: list, start: int, steps: int) -> fl
     afford = affordable_steps(plan.accountant, history, plan.noise_multiplier, plan.sample_rate, plan.delta,
                               target, start, steps)
     resumed = f" (resuming at step {start})" if start else ""
-    raise PlanError(f"train.privacy: noise_multiplier {plan.noise_multiplier:.4g} at sampling rate "
-                    f"{plan.sample_rate:.4g} spends epsilon {projected:.3g} by train.steps={steps}{resumed}, over "
-                    f"target_epsilon({target:g}) at delta {plan.delta:.3g}; the budget affords {afford} steps: set "
-                    f"train.steps={afford}, raise train.privacy.noise_multiplier, or raise target_epsilon")
+    head = (f"train.privacy: noise_multiplier {plan.noise_multiplier:.4g} at sampling rate {plan.sample_rate:.4g} "
+            f"spends epsilon {projected:.3g} by train.steps={steps}{resumed}, over target_epsilon({target:g}) at "
+            f"delta {plan.delta:.3g}; ")
+    if afford <= start:
+        raise PlanError(head + f"the budget affords no step after step {start}: raise "
+                        "train.privacy.noise_multiplier or target_epsilon")
+    raise PlanError(head + f"the budget affords {afford} steps: set train.steps={afford}, raise "
+                    "train.privacy.noise_multiplier, or raise target_epsilon")
 
 
 def training_sequences(job: JobConfig) -> int:
