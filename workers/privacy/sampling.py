@@ -17,7 +17,7 @@ def poisson_sample(seed: int, step: int, n_sequences: int, sample_rate: float) -
 
     Example:
         >>> idx = poisson_sample(0, 3, 100_000, 0.001)
-        >>> 60 < len(idx) < 140, (idx == poisson_sample(0, 3, 100_000, 0.001)).all()
+        >>> 60 < len(idx) < 140, bool((idx == poisson_sample(0, 3, 100_000, 0.001)).all())
         (True, True)
     """
     rng = np.random.default_rng([seed, step, 0x0D9])
