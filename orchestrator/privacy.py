@@ -27,8 +27,7 @@ import json
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlanError
 from workers.layout import Layout
-from workers.privacy.accounting import (PrivacyPlan, add_steps, affordable_steps, calibrate_noise,
-                                        spent_epsilon)
+from workers.privacy.accounting import PrivacyPlan, add_steps, affordable_steps, calibrate_noise, spent_epsilon
 
 
 def privacy_layout_reason(layout: Layout) -> str | None:
