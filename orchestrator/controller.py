@@ -3,7 +3,9 @@
 ``run_training(job)``:
 1. validates the data on the driver, before any worker starts;
 2. plans a layout for every world size the job may run on (``cluster.min_workers`` ..
-   ``cluster.num_workers`` for elastic runs) and generates each DeepSpeed config;
+   ``cluster.num_workers`` for elastic runs) and generates each DeepSpeed config; under
+   ``train.privacy`` also the DP-SGD plan (:mod:`orchestrator.privacy`), refused before launch
+   when over budget or for a layout DP-SGD cannot run;
 3. starts an embedded local Ray (or connects to ``cluster.address``);
 4. runs ``TorchTrainer`` (gloo on CPU, nccl on GPU) with ``FailureConfig`` retries, streaming
    one progress line per logged step from ``RUN_DIR/metrics.jsonl`` to stderr;

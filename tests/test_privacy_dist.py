@@ -21,7 +21,7 @@ from workers.privacy.accounting import PrivacyPlan
 from workers.privacy.dpsgd import DPSGD
 
 pytestmark = pytest.mark.slow
-SIGMA, CLIP, STEPS, MB = 2.0, 0.05, 10, 2
+SIGMA, CLIP, STEPS, MB = 2.0, 0.05, 30, 2
 
 
 def _ds_config(layout: Layout, lr: float | None = None) -> dict:
