@@ -22,12 +22,20 @@ Torch-free at import (Opacus is imported by the accounting functions when called
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 from orchestrator.config import JobConfig
-from orchestrator.errors import PlanError
-from workers.layout import Layout
-from workers.privacy.accounting import PrivacyPlan, add_steps, affordable_steps, calibrate_noise, spent_epsilon
+from orchestrator.contract.checkpoints import latest_checkpoint, read_meta
+from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import Layout
+from orchestrator.contract.run_plan import RunPlan
+from workers.privacy.accounting import (
+    PrivacyPlan,
+    add_steps,
+    affordable_steps,
+    calibrate_noise,
+    spent_epsilon,
+)
 
 
 def privacy_layout_reason(layout: Layout) -> str | None:
@@ -58,13 +66,10 @@ def privacy_layout_reason(layout: Layout) -> str | None:
 def prior_privacy(job: JobConfig) -> tuple[int, dict | None] | None:
     """``(step, privacy state)`` of the checkpoint a resume would load, or ``None`` (fresh run).
     The state is ``None`` when that checkpoint was trained without privacy."""
-    from workers.checkpoint import latest_checkpoint
-
     found = latest_checkpoint(job.run_dir.resolve()) if job.checkpoint.resume else None
     if found is None:
         return None
-    meta = json.loads((found[1] / "meta.json").read_text())
-    return found[0], meta.get("privacy")
+    return found[0], read_meta(found[1]).get("privacy")
 
 
 def plan_privacy(job: JobConfig, n_sequences: int, layouts: list[Layout],
@@ -100,8 +105,10 @@ def plan_privacy(job: JobConfig, n_sequences: int, layouts: list[Layout],
                         "for 1/(2N)")
     start, history = _prior_history(job, prior)
     sigma = cfg.noise_multiplier
-    if sigma is None:
+    if sigma is None and cfg.target_epsilon is not None:  # PrivacySection requires one of the two
         sigma = calibrate_noise(cfg.target_epsilon, delta, q, job.train.steps, cfg.accountant)
+    if sigma is None:
+        raise PlanError("train.privacy needs target_epsilon or noise_multiplier; set train.privacy.target_epsilon=8")
     plan = PrivacyPlan(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sample_rate=q,
                        expected_batch=batch, n_sequences=n_sequences, delta=delta, accountant=cfg.accountant,
                        target_epsilon=cfg.target_epsilon)
@@ -154,24 +161,14 @@ def training_sequences(job: JobConfig) -> int:
     return (len(corpus.train) - 1) // job.data.seq_len
 
 
-def attach_privacy(job: JobConfig, plans: dict) -> PrivacyPlan | None:
-    """Plan the run's privacy and add it to every world size's worker plan (``"privacy"``).
+def attach_privacy(job: JobConfig, plan: RunPlan) -> RunPlan:
+    """``plan`` with the run's :class:`PrivacyPlan` (unchanged without ``train.privacy``).
 
     Raises:
         PlanError: see :func:`plan_privacy`.
     """
     if job.train.privacy is None:
-        return None
-    plan = plan_privacy(job, training_sequences(job), [Layout(**e["layout"]) for e in plans.values()],
-                        prior_privacy(job))
-    for entry in plans.values():
-        entry["privacy"] = plan.to_dict()
-    return plan
+        return plan
+    privacy = plan_privacy(job, training_sequences(job), list(plan.layouts.values()), prior_privacy(job))
+    return dataclasses.replace(plan, privacy=privacy)
 
-
-def describe(plan: PrivacyPlan, steps: int) -> str:
-    """One line for the run header."""
-    budget = f"target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "no target epsilon"
-    return (f"privacy: DP-SGD, Poisson sampling q={plan.sample_rate:.3g} (N={plan.n_sequences:,}), noise_multiplier "
-            f"{plan.noise_multiplier:.4g}, max_grad_norm {plan.max_grad_norm:g}, delta {plan.delta:.3g}, "
-            f"{plan.accountant} accountant, {budget} over {steps} steps")

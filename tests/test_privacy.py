@@ -13,13 +13,19 @@ import torch
 
 from mla.config import ModelConfig
 from orchestrator.config import load_job_config
-from orchestrator.controller import format_progress
-from orchestrator.deepspeed_config import build_deepspeed_config
-from orchestrator.errors import ConfigError, PlanError
+from orchestrator.contract.deepspeed_config import build_deepspeed_config
+from orchestrator.contract.errors import ConfigError, PlanError
+from orchestrator.contract.layout import Layout
 from orchestrator.privacy import check_budget, plan_privacy, privacy_layout_reason
-from workers.layout import Layout
+from orchestrator.progress import format_progress
 from workers.parallel.pipeline import SequentialLM, VocabParallelLoss, layer_specs
-from workers.privacy.accounting import PrivacyPlan, add_steps, affordable_steps, calibrate_noise, spent_epsilon
+from workers.privacy.accounting import (
+    PrivacyPlan,
+    add_steps,
+    affordable_steps,
+    calibrate_noise,
+    spent_epsilon,
+)
 from workers.privacy.dpsgd import clip_and_sum, per_sequence_gradients
 from workers.privacy.sampling import poisson_sample, rank_share
 
@@ -68,9 +74,9 @@ def test_each_sequence_is_clipped_to_max_grad_norm(one_torch_thread):
     torch.testing.assert_close(got_norms, torch.tensor(norms), rtol=1e-4, atol=0)
     factors = [min(1.0, clip / (n + 1e-6)) for n in norms]
     for name in summed:
-        expected = sum(f * ref[name] for f, ref in zip(factors, loop))
+        expected = sum(f * ref[name] for f, ref in zip(factors, loop, strict=True))
         torch.testing.assert_close(summed[name], expected, rtol=1e-4, atol=1e-6)
-    clipped_norms = [f * n for f, n in zip(factors, norms)]
+    clipped_norms = [f * n for f, n in zip(factors, norms, strict=True)]
     assert max(clipped_norms) <= clip * (1 + 1e-6) and sum(n > clip for n in norms) >= 2
 
 

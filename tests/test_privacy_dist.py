@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from orchestrator.config import load_job_config
-from orchestrator.deepspeed_config import build_deepspeed_config
+from orchestrator.contract.deepspeed_config import build_deepspeed_config
+from orchestrator.contract.layout import Layout
+from tests.harness.local import run_local
 from tests.test_privacy import SMALL
-from workers.layout import Layout
 from workers.parallel.engine import build_engine
-from workers.parallel.local import run_local
 from workers.privacy.accounting import PrivacyPlan
 from workers.privacy.dpsgd import DPSGD
 
@@ -78,7 +78,7 @@ def _parity(rank: int, world: int) -> dict:
         losses.append((plain.train_batch(x, y), dpsgd.train_batch(x, y)))
     a, b = plain.canonical_parameters(), private.canonical_parameters()
     moved = max(float((p - q).abs().max()) for p, q in zip(a.values(), build_engine(
-        layout, cfg, SMALL, 0, 0.1).canonical_parameters().values()))
+        layout, cfg, SMALL, 0, 0.1).canonical_parameters().values(), strict=True))
     diff = max(float((a[n] - b[n]).abs().max()) for n in a)
     return {"losses": losses, "max_param_diff": diff, "max_update": moved}
 

@@ -1,7 +1,8 @@
-"""The privacy plan and its accountant (Opacus' RDP and PRV accountants).
+"""The privacy accountant (Opacus' RDP and PRV accountants) of a DP-SGD run.
 
-The plan is plain data built by the controller (:func:`orchestrator.privacy.plan_privacy`) and
-shipped to every worker. The accountant state is a *history* of ``(noise_multiplier,
+The plan (:class:`~orchestrator.contract.privacy.PrivacyPlan`) is built by the controller
+(:func:`orchestrator.privacy.plan_privacy`) and shipped to every worker in the ``RunPlan``. The
+accountant state is a *history* of ``(noise_multiplier,
 sample_rate, steps)`` triples, Opacus' own representation (``IAccountant.history``): it is
 JSON-friendly, goes into every checkpoint's ``meta.json`` and composes correctly when a resumed
 run changes the noise or the batch.
@@ -12,48 +13,14 @@ controller can use this module.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+
+from orchestrator.contract.privacy import PrivacyPlan
+
+__all__ = ["ACCOUNTANTS", "PrivacyPlan", "add_steps", "affordable_steps", "build_accountant", "calibrate_noise",
+           "spent_epsilon"]
 
 ACCOUNTANTS = ("rdp", "prv")
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """DP-SGD settings of one run, as the workers use them.
-
-    Attributes:
-        noise_multiplier: sigma; the noise added to the *summed* clipped gradient of a step has
-            standard deviation ``sigma * max_grad_norm`` per coordinate.
-        max_grad_norm: Per-sequence clipping norm C (L2 over all parameters).
-        sample_rate: Poisson sampling rate q = expected_batch / n_sequences.
-        expected_batch: Expected sequences per step (``train.global_batch``); the noisy sum is
-            divided by it.
-        n_sequences: Training sequences N (windows of ``seq_len + 1`` tokens).
-        delta: Privacy parameter delta (< 1 / N).
-        accountant: ``"rdp"`` or ``"prv"``.
-        target_epsilon: Budget for the run, or ``None`` when only the noise was given.
-        sampling: ``"poisson"``.
-
-    Example:
-        >>> PrivacyPlan(1.1, 1.0, 32 / 10_000, 32, 10_000, 5e-5, "rdp").sample_rate
-        0.0032
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    expected_batch: int
-    n_sequences: int
-    delta: float
-    accountant: str
-    target_epsilon: float | None = None
-    sampling: str = "poisson"
-
-    def to_dict(self) -> dict:
-        """Plain-dict form (JSON, Ray's config)."""
-        return dataclasses.asdict(self)
 
 
 History = list[tuple[float, float, int]]
@@ -62,7 +29,7 @@ History = list[tuple[float, float, int]]
 def add_steps(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> History:
     """``history`` with ``steps`` more steps at ``(noise_multiplier, sample_rate)`` (merged into
     the last entry when it has the same settings, as Opacus' ``RDPAccountant.step`` does)."""
-    out = [tuple(h) for h in history]
+    out: History = [(float(s), float(q), int(n)) for s, q, n in history]
     if steps <= 0:
         return out
     if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:

@@ -60,6 +60,6 @@ class PrivateTraining:
         self.history = [tuple(h) for h in (state or {}).get("history", [])]
 
 
-def build_private_training(plan: dict | None, engine, batches, seed: int) -> PrivateTraining | None:
+def build_private_training(plan: PrivacyPlan | dict | None, engine, batches, seed: int) -> PrivateTraining | None:
     """:class:`PrivateTraining` for a worker plan's ``"privacy"`` entry, or ``None`` without one."""
     return None if plan is None else PrivateTraining(plan, engine, batches, seed)
