@@ -49,13 +49,13 @@ class ModelSection(_Section):
     local_window: int | None = Field(None, ge=1)
     """Sliding-window size of the local branch, in tokens."""
     global_k: int | None = Field(None, ge=1)
-    """Keys per query in the sparse global branch (top-k), in tokens."""
+    """Earlier-key budget of the sparse global branch, in tokens: ceil(global_k / block_size) whole key blocks (indexer 'block'), or k keys per query (indexer 'exact')."""
     mix: Literal["gate", "sum"] | None = None
     """How the two branches are combined: learned sigmoid gate or plain sum."""
     indexer: Literal["exact", "block"] | None = None
-    """Global-branch key selection: exact token top-k or block indexer."""
+    """Global-branch key selection: 'block' (whole key blocks per query block, the fast path) or 'exact' (token top-k, O(n^2) reference)."""
     block_size: int | None = Field(None, ge=1)
-    """Key-block size of the block indexer and the blocked local branch, in tokens."""
+    """Block size of the block selection and the blocked local branch, in tokens (128 for FlexAttention on CUDA)."""
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     """Dropout probability (0 disables it)."""
 
