@@ -93,6 +93,37 @@ class DataSection(_Section):
     """Tokenizer; 'byte' maps each UTF-8 byte to one of 256 ids."""
 
 
+class PrivacySection(_Section):
+    """Differentially private training (DP-SGD, Abadi et al. 2016): per-sequence gradient
+    clipping and Gaussian noise, with Poisson sampling of sequences and a privacy accountant.
+    Setting any field turns it on; see :mod:`orchestrator.privacy` for what it checks."""
+
+    target_epsilon: float | None = None
+    """Privacy budget epsilon for the whole run; the noise is calibrated to spend it by train.steps."""
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    """Noise standard deviation / max_grad_norm (sigma); set it instead of (or with) target_epsilon."""
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    """Privacy parameter delta; unset means 1 / (2 N) for N training sequences; must be < 1 / N."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Per-sequence gradient clipping norm C (L2 over all parameters)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Privacy accountant: 'rdp' (Renyi DP, Mironov 2017) or 'prv' (privacy random variables,
+    Gopi et al. 2021; tighter, slower)."""
+    sampling: Literal["poisson"] = "poisson"
+    """How each step's sequences are drawn: 'poisson' (each sequence independently with rate
+    global_batch / N), the sampling both accountants assume."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> PrivacySection:
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("train.privacy needs target_epsilon or noise_multiplier; set for example "
+                             "train.privacy.target_epsilon=8")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"train.privacy.target_epsilon({self.target_epsilon}) must be > 0; a budget "
+                             "such as 1, 3 or 8 is usual")
+        return self
+
+
 class TrainSection(_Section):
     """Optimisation schedule."""
 
@@ -124,6 +155,8 @@ class TrainSection(_Section):
     """Steps between validation passes (also at the last step)."""
     eval_batches: int = Field(4, ge=1)
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
+    privacy: PrivacySection | None = None
+    """Differentially private training (DP-SGD); unset trains without privacy."""
 
 
 class ParallelSection(_Section):

@@ -4,7 +4,8 @@
 1. validates the data on the driver, before any worker starts;
 2. builds the :class:`~orchestrator.contract.run_plan.RunPlan` (:mod:`orchestrator.layouts`: a
    layout and DeepSpeed config for every world size the job may run on) and refuses a resume
-   the workers cannot do;
+   the workers cannot do; under ``train.privacy`` adds the DP-SGD plan
+   (:mod:`orchestrator.privacy`), refused when over budget or for a layout DP-SGD cannot run;
 3. starts an embedded local Ray (or connects to ``cluster.address``);
 4. runs ``TorchTrainer`` (gloo on CPU, nccl on GPU) with ``FailureConfig`` retries, streaming
    one progress line per logged step (:mod:`orchestrator.progress`);
@@ -27,6 +28,7 @@ from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedErr
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
 from orchestrator.layouts import build_run_plan, check_resumable
+from orchestrator.privacy import attach_privacy
 from orchestrator.progress import ProgressTail, build_summary, console, print_header
 from workers.data import check_corpus, load_corpus
 
@@ -171,6 +173,7 @@ def run_training(job: JobConfig) -> dict:
     data_text = check_data(job)
     plan = build_run_plan(job)
     check_resumable(job, plan)
+    plan = attach_privacy(job, plan)
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     print_header(plan, data_text)
@@ -188,10 +191,11 @@ def run_training(job: JobConfig) -> dict:
     if result.error is not None:
         raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})") \
             from result.error
-    summary = build_summary(job, run_dir, time.time() - started)
+    summary = build_summary(job, run_dir, time.time() - started, plan.privacy)
     write_json_atomic(run_dir / "summary.json", summary)
+    spent = f", epsilon {summary['epsilon']:.3g}" if plan.privacy is not None else ""
     console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
-                  f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
+                  f"{summary['last_val_loss']}{spent}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
                   f"{run_dir / 'summary.json'}")
     return summary
 

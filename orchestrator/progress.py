@@ -18,6 +18,7 @@ from rich.console import Console
 
 from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import latest_checkpoint
+from orchestrator.contract.privacy import PrivacyPlan
 from orchestrator.contract.run_plan import RunPlan
 
 #: The driver's human-readable output (stderr; machine-readable output goes to stdout).
@@ -66,12 +67,15 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
         parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
     if "lr" in record:
         parts.append(f"lr {record['lr']:.2e}")
+    if "epsilon" in record:
+        parts.append(f"eps {record['epsilon']:.3g}")
     parts.append(f"{elapsed_s:,.0f}s")
     return "  ".join(parts)
 
 
-def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
-    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run."""
+def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy: PrivacyPlan | None = None) -> dict:
+    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run (with the epsilon spent
+    and the privacy plan when ``privacy`` is given)."""
     records = _read_jsonl(run_dir / "metrics.jsonl")
     events = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     vals = [r for r in records if "val_loss" in r]
@@ -93,7 +97,15 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
         "resumed_from_step": resumes[-1]["resumed_from_step"] if resumes else None,
         "resumes": [{"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes],
         "checkpoint": str(found[1]) if found else None,
+        **(_privacy_summary(records, privacy) if privacy is not None else {}),
     }
+
+
+def _privacy_summary(records: list[dict], privacy: PrivacyPlan) -> dict:
+    spent = [r for r in records if "epsilon" in r]
+    return {"epsilon": spent[-1]["epsilon"] if spent else 0.0, "delta": privacy.delta,
+            "epsilon_per_eval": [{"step": r["step"], "epsilon": r["epsilon"]} for r in spent],
+            "privacy": privacy.to_dict()}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -113,3 +125,13 @@ def print_header(plan: RunPlan, data_text: str) -> None:
                   f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})")
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")
+    if plan.privacy is not None:
+        console.print(describe_privacy(plan.privacy, job.train.steps))
+
+
+def describe_privacy(plan: PrivacyPlan, steps: int) -> str:
+    """One header line for a DP-SGD run."""
+    budget = f"target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "no target epsilon"
+    return (f"privacy: DP-SGD, Poisson sampling q={plan.sample_rate:.3g} (N={plan.n_sequences:,}), noise_multiplier "
+            f"{plan.noise_multiplier:.4g}, max_grad_norm {plan.max_grad_norm:g}, delta {plan.delta:.3g}, "
+            f"{plan.accountant} accountant, {budget} over {steps} steps")

@@ -13,7 +13,8 @@ Order of work on each worker (torchtitan-style named steps):
    checkpoint.
 
 Rank 0 appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss, lr,
-tokens_per_s, elapsed_s, and val_loss when evaluated) and start/resume events to
+tokens_per_s, elapsed_s, and val_loss when evaluated, with the epsilon spent under
+``train.privacy``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
 """
@@ -38,6 +39,7 @@ from orchestrator.contract.run_plan import RunPlan
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
 from workers.parallel.engine import build_engine
+from workers.privacy.session import build_private_training
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -91,6 +93,7 @@ class Trainer:
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
         self.dp_rank = layout.coords(rank)[1]
+        self.private = build_private_training(plan.privacy, self.engine, self.train_batches, self.train_cfg.seed)
         self._last: dict = {}
 
     # ------------------------------------------------------------------ steps
@@ -100,7 +103,7 @@ class Trainer:
         log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
         ckpt_every = self.job.checkpoint.every
         if start == 0:
-            self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0})
+            self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0, **self._privacy_metrics()})
             self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
@@ -113,7 +116,7 @@ class Trainer:
                 record = {"step": step, "loss": float(np.mean(window_loss)), "lr": self.lr(),
                           "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(window_loss)}
                 if evaluate:
-                    record["val_loss"] = self.evaluate()
+                    record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
                 t0, tokens, window_loss = time.perf_counter(), 0, []
             save = step % ckpt_every == 0 or last
@@ -124,6 +127,8 @@ class Trainer:
 
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
+        if self.private is not None:  # DP-SGD on a Poisson sample (workers.privacy)
+            return self.private.train_step(step_index)
         x, y = self.train_batches.rank_slice(step_index, self.layout.global_batch, self.dp_rank, self.layout.dp)
         return self.engine.train_batch(x, y)
 
@@ -148,7 +153,9 @@ class Trainer:
             if problem:
                 raise RuntimeError(f"checkpoint {path} was written under {saved.describe() if saved else '?'} "
                                    f"and cannot load under {self.layout.describe()}: {problem}")
-            load_checkpoint(self.engine, path)
+            meta = load_checkpoint(self.engine, path)
+            if self.private is not None:
+                self.private.load_state(meta.get("privacy"))
         if self.rank == 0:
             self._trim_metrics(step)
             self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
@@ -160,6 +167,8 @@ class Trainer:
     def checkpoint(self, step: int) -> Path:
         """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
         meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.model_cfg.to_dict()}
+        if self.private is not None:
+            meta["privacy"] = self.private.state()
         return save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
                                self.job.checkpoint.keep, dist.barrier)
 
@@ -186,8 +195,11 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _privacy_metrics(self) -> dict:
+        return {} if self.private is None else {"epsilon": self.private.epsilon()}
+
     def _last_metrics(self) -> dict:
-        return {k: v for k, v in self._last.items() if k in ("loss", "val_loss", "tokens_per_s")}
+        return {k: v for k, v in self._last.items() if k in ("loss", "val_loss", "tokens_per_s", "epsilon")}
 
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:

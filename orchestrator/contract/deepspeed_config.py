@@ -37,7 +37,8 @@ def build_deepspeed_config(job: JobConfig, layout: Layout) -> dict:
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        # Under DP-SGD each sequence's gradient is clipped instead (workers.privacy.dpsgd).
+        "gradient_clipping": 0.0 if t.privacy is not None else t.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "optimizer": {
