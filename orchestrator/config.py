@@ -123,6 +123,9 @@ class TrainSection(_Section):
     """Steps between validation passes (also at the last step)."""
     eval_batches: int = Field(4, ge=1)
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
+    (overflow), that stop the run as diverged."""
 
 
 class ParallelSection(_Section):

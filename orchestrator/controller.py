@@ -26,9 +26,12 @@ from rich.console import Console
 from orchestrator.config import JobConfig
 from orchestrator.deepspeed_config import build_deepspeed_config
 from orchestrator.errors import ClusterError, ConfigError, JobFailedError, PlanError
-from workers.checkpoint import latest_checkpoint, write_json_atomic
+from workers.checkpoint import find_resumable, latest_checkpoint, write_json_atomic
 from workers.data import check_corpus, load_corpus
 from workers.layout import Layout, LayoutError
+
+#: Same name as :data:`workers.train_loop.FAILURE_FILE` (that module imports torch).
+FAILURE_FILE = "failure.json"
 
 console = Console(stderr=True, highlight=False, markup=False)
 
@@ -115,9 +118,15 @@ def check_resumable(job: JobConfig, plans: dict) -> None:
     Raises:
         PlanError: the latest checkpoint and a planned layout differ while either uses ZeRO-3.
     """
-    found = latest_checkpoint(job.run_dir.resolve()) if job.checkpoint.resume else None
+    found, rejected = find_resumable(job.run_dir.resolve()) if job.checkpoint.resume else (None, [])
+    for path, reason in rejected:
+        console.print(f"checkpoint {path.name} rejected: {reason}")
     if found is None:
+        if rejected:
+            console.print("no complete checkpoint left: starting from step 0")
         return
+    if rejected:
+        console.print(f"resuming from {found[1].name}, the newest complete checkpoint")
     saved = json.loads((found[1] / "meta.json").read_text()).get("layout")
     for w, entry in plans.items():
         if saved and entry["layout"] != saved and 3 in (saved.get("zero_stage"), entry["layout"]["zero_stage"]):
@@ -271,14 +280,13 @@ class ProgressTail(threading.Thread):
 def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     """One progress line: ``step 40/200  loss 2.3141  val 2.2810  tok/s 5,210  lr 2.9e-03  12s``."""
     parts = [f"step {record['step']:>5}/{total_steps}"]
-    if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
-    if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}")
-    if "tokens_per_s" in record:
-        parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
-    if "lr" in record:
-        parts.append(f"lr {record['lr']:.2e}")
+    for key, label, fmt in (("loss", "loss", ".4f"), ("val_loss", "val", ".4f"), ("tokens_per_s", "tok/s", ",.0f"),
+                            ("lr", "lr", ".2e")):
+        if key in record:
+            value = record[key]
+            parts.append(f"{label} {'nan' if value is None else format(value, fmt)}")
+    if record.get("diverged"):
+        parts.append("DIVERGED")
     parts.append(f"{elapsed_s:,.0f}s")
     return "  ".join(parts)
 
@@ -302,6 +310,7 @@ def run_training(job: JobConfig) -> dict:
     write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
     load_torch_before_ray()
     handle = connect_ray(job)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
     tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps, main_layout.describe())
     started = time.time()
     try:
@@ -315,6 +324,13 @@ def run_training(job: JobConfig) -> dict:
     if result.error is not None:
         raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})")
     summary = build_summary(job, run_dir, time.time() - started)
+    failure = _read_failure(run_dir)
+    if failure is not None:
+        summary.update(status="diverged", error=failure.get("message"))
+        write_json_atomic(run_dir / "summary.json", summary)
+        raise JobFailedError(f"{failure.get('message')} (run folder: {run_dir}; the last good checkpoint is "
+                             f"{summary['checkpoint']})")
+    summary["status"] = "done"
     write_json_atomic(run_dir / "summary.json", summary)
     console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
                   f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
@@ -399,6 +415,15 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
         "resumes": [{"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes],
         "checkpoint": str(found[1]) if found else None,
     }
+
+
+def _read_failure(run_dir: Path) -> dict | None:
+    """The divergence record the workers wrote (:data:`workers.train_loop.FAILURE_FILE`), if any."""
+    path = run_dir / FAILURE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

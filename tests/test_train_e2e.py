@@ -85,3 +85,24 @@ def test_bad_data_fails_before_anything_starts(tmp_path):
     assert "data.path '/no/such/corpus.txt' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
+    """lr=1e6 on a resumed run: DeepSpeed skips every step (loss stuck at ln 256); the guard stops
+    the run with exit 1 naming the step, writes no checkpoint from the bad streak and keeps the
+    good ones; metrics and summary stay strict JSON."""
+    run_dir = tmp_path / "div"
+    good = _run(_cmd(tmp_path, "train.steps=10", "run.name=div", "checkpoint.every=5", "train.log_every=1"))
+    assert good.returncode == 0, good.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["step"] == 1 and records[1]["lr"] == pytest.approx(3e-3 / 5)  # the lr step 1 used
+    bad = _run(_cmd(tmp_path, "train.steps=30", "run.name=div", "checkpoint.every=5", "train.lr=1e6",
+                    "train.min_lr=0", "train.max_bad_steps=4"))
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "training diverged" in bad.stderr and "lower train.lr" in bad.stderr
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10]
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-strict JSON constant {c}")}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, **strict)
+    summary = json.loads((run_dir / "summary.json").read_text(), **strict)
+    assert summary["status"] == "diverged" and summary["steps"] < 30

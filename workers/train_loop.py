@@ -34,10 +34,18 @@ import torch
 import torch.distributed as dist
 
 from mla.config import ModelConfig
-from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from workers.checkpoint import (find_resumable, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                                set_aside, write_json_atomic)
 from workers.data import WindowBatches, load_corpus
+from workers.guard import DivergenceGuard, Diverged
 from workers.layout import Layout
 from workers.parallel.engine import build_engine
+from workers.schedule import train_lr
+from workers.strict_json import strict_record
+
+#: Written by rank 0 when the divergence guard stops the run; the controller turns it into the
+#: job's error. The workers then end normally, so Ray Train does not retry a deterministic failure.
+FAILURE_FILE = "failure.json"  # orchestrator.controller.FAILURE_FILE reads it
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class Trainer:
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg["seed"])
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg["seed"] + 1)
         self.dp_rank = layout.coords(rank)[1]
+        self.guard = DivergenceGuard(int(self.train_cfg.get("max_bad_steps", 5)))
         self._last: dict = {}
 
     # ------------------------------------------------------------------ steps
@@ -124,22 +133,54 @@ class Trainer:
             self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
+            lr = train_lr(self.train_cfg, step)
+            self.engine.set_lr(lr)
+            skipped = self.engine.skipped_steps()
             window_loss.append(self.train_step(step - 1))
             tokens += self.layout.global_batch * self.data_cfg["seq_len"]
             last = step == steps
             evaluate = step % eval_every == 0 or last
+            save = step % ckpt_every == 0 or last
+            try:
+                save = self.check_step(step, window_loss[-1], self.engine.skipped_steps() - skipped, save)
+            except Diverged as exc:
+                self.log({"step": step, "loss": window_loss[-1], "lr": lr, "diverged": True})
+                self.fail(exc)
+                return
             if step % log_every == 0 or evaluate:
                 elapsed = time.perf_counter() - t0
-                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": self.lr(),
+                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr,
                           "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(window_loss)}
                 if evaluate:
                     record["val_loss"] = self.evaluate()
                 self.log(record)
                 t0, tokens, window_loss = time.perf_counter(), 0, []
-            save = step % ckpt_every == 0 or last
             path = self.checkpoint(step) if save else None
             if save or evaluate:
                 self.report(step, path)
+
+    def check_step(self, step: int, loss: float, skipped: int, save: bool) -> bool:
+        """Feed the divergence guard; returns whether the checkpoint due at ``step`` may be written.
+
+        Raises:
+            Diverged: too many bad steps in a row, or non-finite parameters at a checkpoint.
+        """
+        self.guard.observe(step, loss, self.engine.grad_norm(), skipped)
+        if save and not self.engine.params_finite():
+            raise DivergenceGuard.params_diverged(step)
+        if save and self.guard.bad:  # parameters of a bad streak are suspect: keep the older ones
+            if self.rank == 0:
+                self._event({"event": "checkpoint_skipped", "step": step,
+                             "reason": f"{self.guard.bad} bad steps in a row"})
+            return False
+        return save
+
+    def fail(self, exc: Diverged) -> None:
+        """Record why the run stopped (rank 0) and report it; the worker then returns normally."""
+        if self.rank == 0:
+            write_json_atomic(self.run_dir / FAILURE_FILE, {"error": "diverged", "step": exc.step,
+                                                             "message": str(exc)})
+        self.report(exc.step)
 
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
@@ -158,7 +199,7 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the latest complete checkpoint; returns the step to continue from (0 if none)."""
-        found = latest_checkpoint(self.run_dir) if self.job["checkpoint"]["resume"] else None
+        found, rejected = self._choose_checkpoint()
         step, saved_layout = 0, None
         if found is not None:
             step, path = found
@@ -173,8 +214,23 @@ class Trainer:
             self._trim_metrics(step)
             self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
                          "resumed_from_step": step if found else None,
-                         "checkpoint": str(found[1]) if found else None, "checkpoint_layout": saved_layout})
+                         "checkpoint": str(found[1]) if found else None, "checkpoint_layout": saved_layout,
+                         "rejected_checkpoints": [{"path": str(p), "reason": r} for p, r in rejected]})
         return step
+
+    def _choose_checkpoint(self) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+        """Rank 0 removes stale ``.tmp-`` folders and verifies checkpoints newest first; every
+        rank gets its choice (one verification, and the same choice everywhere)."""
+        choice = [None]
+        if self.rank == 0:
+            remove_stale_temporaries(self.run_dir)
+            found, rejected = find_resumable(self.run_dir) if self.job["checkpoint"]["resume"] else (None, [])
+            for path, _ in rejected:
+                set_aside(path)
+            choice = [(found, rejected)]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
     def checkpoint(self, step: int) -> Path:
         """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
@@ -196,19 +252,18 @@ class Trainer:
             ray.train.report(metrics)
 
     # ------------------------------------------------------------------ helpers
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
-
     def log(self, record: dict) -> None:
         record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        record = strict_record(record)
         self._last = {**self._last, **record}
         if self.rank != 0:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
 
     def _last_metrics(self) -> dict:
-        return {k: v for k, v in self._last.items() if k in ("loss", "val_loss", "tokens_per_s")}
+        return {k: v for k, v in self._last.items()
+                if k in ("loss", "val_loss", "tokens_per_s", "diverged") and v is not None}
 
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:
