@@ -72,6 +72,11 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         raise PlanError(f"parallel.tensor({p.tensor}) * parallel.pipeline({p.pipeline}) = {unit} does not divide "
                         f"{world_size} workers; use a worker count that is a multiple of {unit}")
     dp = world_size // unit
+    if model.vocab_size % p.tensor:
+        raise PlanError(f"model.vocab_size({model.vocab_size}) is not divisible by parallel.tensor({p.tensor}): the "
+                        "vocabulary-parallel embedding splits it; set model.vocab_size to a multiple of "
+                        f"{p.tensor} (e.g. {-(-model.vocab_size // p.tensor) * p.tensor}; ids above the tokenizer's "
+                        "are never targets) or lower parallel.tensor")
     if p.data is not None and p.data != dp and world_size == job.cluster.num_workers:
         raise PlanError(f"parallel.data({p.data}) * tensor({p.tensor}) * pipeline({p.pipeline}) = "
                         f"{p.data * unit} != cluster.num_workers({world_size}); fix one of them or unset parallel.data")
