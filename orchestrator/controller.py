@@ -50,7 +50,23 @@ def check_data(job: JobConfig) -> str:
                           "set model.vocab_size to at least 256")
     corpus = load_corpus(job.data.path, job.data.val_fraction)
     check_corpus(corpus, job.data.seq_len)
+    warn_small_corpus(len(corpus.train), len(corpus.val), job.data.seq_len, job.train.global_batch)
     return f"{corpus.source}: {corpus.n_docs} documents, {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
+
+
+def warn_small_corpus(train_tokens: int, val_tokens: int, seq_len: int, global_batch: int) -> list[str]:
+    """Warn (on the console; returned too) when a split holds fewer ``seq_len`` windows than one
+    global batch: every step then repeats windows within the batch."""
+    warnings = []
+    for split, n in (("train", train_tokens), ("validation", val_tokens)):
+        windows = max(0, (n - 1) // seq_len)
+        if windows < global_batch:
+            warnings.append(f"warning: the {split} split holds {windows} windows of data.seq_len={seq_len} tokens, "
+                            f"fewer than one global batch (train.global_batch={global_batch}): each batch repeats "
+                            "windows; add text or lower data.seq_len / train.global_batch")
+    for text in warnings:
+        console.print(text)
+    return warnings
 
 
 def layout_for_world(job: JobConfig, world_size: int) -> Layout:
