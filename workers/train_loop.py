@@ -40,6 +40,7 @@ from workers.data import WindowBatches, load_corpus
 from workers.guard import DivergenceGuard, Diverged
 from workers.layout import Layout
 from workers.parallel.engine import build_engine
+from workers.rng import seed_step
 from workers.schedule import train_lr
 from workers.strict_json import strict_record
 
@@ -185,6 +186,7 @@ class Trainer:
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
         x, y = self.train_batches.rank_slice(step_index, self.layout.global_batch, self.dp_rank, self.layout.dp)
+        seed_step(self.train_cfg["seed"], step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0])
         return self.engine.train_batch(x, y)
 
     @torch.no_grad()
