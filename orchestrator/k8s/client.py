@@ -11,6 +11,8 @@ RayCluster: with in-tree autoscaling the Ray autoscaler owns the worker group's 
 from __future__ import annotations
 
 import os
+
+import yaml
 import time
 from typing import Any, Callable
 
@@ -42,6 +44,12 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
     except (config.ConfigException, OSError) as exc:
         raise ClusterError(f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig FILE "
                            "[--context NAME], set $KUBECONFIG, or run inside a pod with a service account") from None
+    except (ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as exc:
+        # the kubernetes client lets a malformed file escape as YAML/Unicode/Type errors
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a UTF-8 "
+                           "YAML kubeconfig with clusters, users and contexts lists (see `kubectl config view`)") from None
 
 
 def submit(api: Any, objs: list[dict]) -> dict:
