@@ -269,12 +269,21 @@ def _free_port() -> int:
 
 
 class ProgressTail(threading.Thread):
-    """Print new ``metrics.jsonl`` records as progress lines while training runs."""
+    """Print new ``metrics.jsonl`` records as progress lines while training runs, and each
+    (re)start of the worker group from ``events.jsonl``.
+
+    After a restart the workers trim ``metrics.jsonl`` back to the checkpoint they resumed from;
+    those records were printed already, so the tail skips what the trimmed file holds and
+    prints "worker group restarted (attempt k), resumed from step N", then steps N + 1 onwards.
+    """
 
     def __init__(self, path: Path, total_steps: int, layout_text: str):
         super().__init__(daemon=True)
         self.path, self.total_steps, self.layout_text = path, total_steps, layout_text
+        self.events_path = path.with_name("events.jsonl")
         self.offset = path.stat().st_size if path.exists() else 0
+        self.events_offset = self.events_path.stat().st_size if self.events_path.exists() else 0
+        self.attempts = 0
         self.stop_event = threading.Event()
         self.started_at = time.time()
 
@@ -284,18 +293,43 @@ class ProgressTail(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path) as fh:
-            if self.path.stat().st_size < self.offset:  # trimmed on resume
-                self.offset = 0
-            fh.seek(self.offset)
+        for event in self._new_lines(self.events_path, "events_offset"):
+            if event.get("event") == "start":
+                self.attempts += 1
+                console.print(restart_line(self.attempts, event.get("resumed_from_step")))
+        for record in self._new_lines(self.path, "offset"):
+            console.print(format_progress(record, self.total_steps, time.time() - self.started_at))
+
+    def _new_lines(self, path: Path, attr: str) -> list[dict]:
+        """Complete JSON lines appended to ``path`` since the last poll; a file that shrank
+        (trimmed on resume) holds only records printed before, so reading restarts at its end."""
+        if not path.exists():
+            return []
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < getattr(self, attr):
+                setattr(self, attr, size)
+            fh.seek(getattr(self, attr))
             chunk = fh.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            if line.strip():
-                console.print(format_progress(json.loads(line), self.total_steps, time.time() - self.started_at))
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        setattr(self, attr, getattr(self, attr) + len(complete))
+        out = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+def restart_line(attempt: int, resumed_from: int | None) -> str:
+    """The console line for the ``attempt``-th start of the worker group in this invocation."""
+    if attempt > 1:
+        return (f"worker group restarted (attempt {attempt}), resumed from step {resumed_from or 0}; "
+                f"progress continues at step {(resumed_from or 0) + 1}")
+    if resumed_from is not None:
+        return f"resumed from step {resumed_from}"
+    return "workers started"
 
 
 def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
