@@ -183,6 +183,9 @@ class ClusterSection(_Section):
     """CPU cores reserved per worker."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker; unset uses cpus_per_worker."""
+    startup_timeout_s: float = Field(600.0, gt=0.0)
+    """Seconds to wait for the worker group to be placed and started before the job fails with
+    the resources asked vs available."""
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts Ray Train allows before failing the run (-1 is unlimited)."""
     ray_num_cpus: int | None = Field(None, ge=1)

@@ -368,9 +368,21 @@ def run_training(job: JobConfig) -> dict:
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
     tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps, main_layout.describe())
     started = time.time()
+    from orchestrator.startup import StartupWatchdog, check_placeable
+
+    watchdog = StartupWatchdog(job, plans, run_dir, job.cluster.startup_timeout_s)
     try:
         tail.start()
-        result = _fit(job, plans, run_dir)
+        check_placeable(job, plans)
+        watchdog.start()
+        try:
+            result = _fit(job, plans, run_dir)
+        except KeyboardInterrupt:
+            if watchdog.reason is None:
+                raise
+            raise ClusterError(watchdog.reason) from None
+        finally:
+            watchdog.done.set()
     finally:
         tail.stop_event.set()
         tail.join(timeout=5)

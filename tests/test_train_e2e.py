@@ -106,3 +106,11 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
         json.loads(line, **strict)
     summary = json.loads((run_dir / "summary.json").read_text(), **strict)
     assert summary["status"] == "diverged" and summary["steps"] < 30
+
+
+def test_more_workers_than_the_embedded_ray_has_fails_with_the_reason(tmp_path):
+    result = _run(_cmd(tmp_path, "cluster.num_workers=3", "cluster.ray_num_cpus=2", "train.global_batch=24",
+                       "run.name=big"), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the workers cannot be placed: CPU 3 asked, 2 in the cluster" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
