@@ -277,6 +277,8 @@ def load_job_config(path: str | os.PathLike | None, overrides: list[str] | tuple
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; pass a YAML file such as configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/tiny.yaml")
         data = load_yaml_file(p)

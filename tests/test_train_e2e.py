@@ -48,11 +48,23 @@ def test_two_worker_run_learns_and_a_rerun_resumes(tmp_path):
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[1])
     assert "step    30/30" in first.stderr  # progress lines reach the user
 
+    # a crash during a write (or a full disk) left a zero-byte file in the newest checkpoint, and
+    # an earlier attempt left a temporary folder of another step
+    newest = complete_checkpoints(run_dir)[-1][1]
+    assert newest.name == "step_0000030" and (newest / "manifest.json").is_file()
+    victim = next(p for p in sorted((newest / "consolidated").iterdir()) if p.suffix == ".pt")
+    victim.write_bytes(b"")
+    (run_dir / "checkpoints" / ".tmp-step_0000005").mkdir()
     again = _run(_cmd(tmp_path, "train.steps=40", "run.name=learn"))
     assert again.returncode == 0, again.stderr[-3000:]
+    err = " ".join(again.stderr.split())
+    assert f"checkpoint step_0000030 rejected: consolidated/{victim.name} has 0 bytes" in err
+    assert "resuming from step_0000020" in err and "Traceback" not in again.stderr
     summary = _summary(run_dir)
-    assert summary["resumed_from_step"] == 30 and summary["steps"] == 40
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 40
     assert [s for s, _ in complete_checkpoints(run_dir)] == [30, 40]  # checkpoint.keep = 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step_")) == [
+        "rejected-step_0000030"]  # the stale .tmp- folder is gone, the corrupt one set aside
 
 
 def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
