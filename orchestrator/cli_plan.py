@@ -184,6 +184,8 @@ def plan(
                        efficiency=efficiency)
     if precision not in ("bf16", "fp16", "fp32"):
         raise PlanError(f"--precision {precision!r} must be bf16, fp16 or fp32")
+    if attention is not None and attention not in ("dense", "mla"):
+        raise PlanError(f"--attention {attention!r} must be dense or mla")
     if recompute is not None and recompute not in ("none", "selective", "full"):
         raise PlanError(f"--recompute {recompute!r} must be none, selective or full")
     dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,

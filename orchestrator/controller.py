@@ -357,8 +357,7 @@ def run_training(job: JobConfig) -> dict:
     data_text = check_data(job)
     plans = build_worker_plans(job)
     check_resumable(job, plans)
-    run_dir = job.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_run_dir(job)
     main_layout = Layout(**plans[str(max(int(w) for w in plans))]["layout"])
     model = job.model_config_()
     _print_header(job, data_text, main_layout, plans, run_dir)
@@ -403,6 +402,25 @@ def run_training(job: JobConfig) -> dict:
                   f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
                   f"{run_dir / 'summary.json'}")
     return summary
+
+
+def make_run_dir(job: JobConfig) -> Path:
+    """Create RUN_DIR (absolute).
+
+    Raises:
+        ConfigError: it cannot be created or written (names run.dir / cluster.storage_path).
+    """
+    run_dir = job.run_dir.resolve()
+    field = "cluster.storage_path" if job.cluster.storage_path else "run.dir"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot create or write the run folder {run_dir} ({exc.strerror}); choose a "
+                          f"writable folder, e.g. --set {field}=runs") from None
+    return run_dir
 
 
 def build_trainer(job: JobConfig, plans: dict, run_dir: Path, callbacks: list | tuple = ()):
