@@ -197,6 +197,8 @@ def check_options(opts: RenderOptions) -> None:
                                         label_value_error, mount_path_error)
 
     checks = [("--namespace", dns1123_label_error(opts.namespace))]
+    if not opts.image.strip() or any(c.isspace() for c in opts.image):
+        checks.append(("--image", f"{opts.image!r} is not a container image reference (e.g. rayproject/ray:2.60.0)"))
     if opts.queue is not None:
         checks.append(("--queue", label_value_error(opts.queue)))
     if "://" not in opts.storage_path:
