@@ -9,11 +9,15 @@ Order of work on each worker (torchtitan-style named steps):
 4. resume from the latest complete checkpoint of the run, if any -- checkpoints are
    layout-independent, so a run resized by an elastic restart continues at the same step with
    the same global batch under its new layout;
-5. loop: one optimizer step per global batch (``grad_accum`` micro-batches); log, evaluate,
-   checkpoint.
+5. loop: one optimizer step per global batch (``grad_accum`` micro-batches) at the lr of
+   :mod:`workers.schedule`, with dropout seeded per step (:mod:`workers.rng`); the divergence
+   guard (:mod:`workers.guard`) checks every step; log, evaluate, checkpoint (never from
+   non-finite parameters or during a bad streak). A diverged run writes ``RUN_DIR/failure.json``
+   and ends normally (Ray Train would retry a deterministic failure); the controller fails it.
 
-Rank 0 appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss, lr,
-tokens_per_s, elapsed_s, and val_loss when evaluated) and start/resume events to
+Rank 0 appends one strict-JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss,
+lr the step used, tokens_per_s, elapsed_s, and val_loss when evaluated; non-finite values as
+``null`` listed under ``nonfinite``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
 """
