@@ -102,18 +102,35 @@ class Soak:
     stderr: str = ""
 
 
-def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, timeout_s: float) -> Soak:
-    """Train ``faulty`` and SIGKILL a random rank ``n_kills`` times; returns what happened."""
+def _wait_for_kill_moment(proc, run_dir: Path, target: int, during_write: bool, deadline: float) -> bool:
+    """Wait until the run reached step ``target`` (and, for ``during_write``, until a checkpoint
+    is being written after it); ``False`` if the run ended or the kill window closed first."""
+    root = run_dir / "checkpoints"
+    while proc.poll() is None and time.time() < deadline:
+        if _last_step(run_dir) >= target:
+            if not during_write:
+                return True
+            if root.is_dir() and any(p.name.startswith(".tmp-step_") for p in root.iterdir()):
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, kill_window_s: float,
+                   timeout_s: float) -> Soak:
+    """Train ``faulty`` and SIGKILL a random rank ``n_kills`` times (within ``kill_window_s``),
+    each after 1..2*``every`` new steps of its attempt; returns what happened."""
     rng = random.Random(seed)
     run_dir = out / "faulty"
     log = open(out / "faulty.log", "w")
     proc = subprocess.Popen(_cmd(out, "faulty", steps, every, [f"cluster.max_failures={n_kills + 2}"]),
                             stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-    soak, killed_pids, deadline = Soak(), set(), time.time() + timeout_s
+    soak, killed_pids = Soak(), set()
+    start, deadline = time.time(), time.time() + kill_window_s
     try:
         while len(soak.kills) < n_kills and proc.poll() is None and time.time() < deadline:
-            starts = len(_starts(run_dir))
-            if starts != len(soak.kills) + 1:  # wait for the worker group of this attempt
+            starts = _starts(run_dir)
+            if len(starts) != len(soak.kills) + 1:  # wait for the worker group of this attempt
                 time.sleep(0.2)
                 continue
             rank = rng.randrange(2)
@@ -121,19 +138,10 @@ def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, t
             if pid is None or pid in killed_pids or not _alive(pid):
                 time.sleep(0.2)
                 continue
-            first = _last_step(run_dir)
+            resumed = starts[-1].get("resumed_from_step") or 0
             during_write = rng.random() < 0.35
-            wait_until = time.time() + rng.uniform(0.5, 4.0)
-            while proc.poll() is None and time.time() < deadline:  # make some progress first
-                if during_write:
-                    root = run_dir / "checkpoints"
-                    if _last_step(run_dir) > first and root.is_dir() and \
-                            any(p.name.startswith(".tmp-step_") for p in root.iterdir()):
-                        break
-                elif time.time() > wait_until and _last_step(run_dir) > first:
-                    break
-                time.sleep(0.01)
-            if proc.poll() is not None:
+            target = min(steps - 1, resumed + rng.randint(1, 2 * every))
+            if not _wait_for_kill_moment(proc, run_dir, target, during_write, deadline):
                 break
             kill = Kill(rank, "during checkpoint write" if during_write else "random", newest_complete(run_dir),
                         _last_step(run_dir))
@@ -143,19 +151,24 @@ def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, t
                 continue
             killed_pids.add(pid)
             soak.kills.append(kill)
-            print(f"kill {len(soak.kills):>2}: rank {rank} at step {kill.step_at_kill} ({kill.moment}), newest "
-                  f"complete checkpoint {kill.checkpoint_at_kill}", flush=True)
-        proc.wait(timeout=max(1.0, deadline - time.time()))
+            print(f"kill {len(soak.kills):>2} at {time.time() - start:6.0f} s: rank {rank} at step "
+                  f"{kill.step_at_kill} ({kill.moment}), newest complete checkpoint {kill.checkpoint_at_kill}",
+                  flush=True)
+        proc.wait(timeout=timeout_s)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
     soak.returncode = proc.returncode
     soak.stderr = (out / "faulty.log").read_text()
     starts = _starts(run_dir)
-    for kill, start in zip(soak.kills, starts[1:]):
-        kill.resumed_from = start.get("resumed_from_step")
+    for kill, start_event in zip(soak.kills, starts[1:]):
+        kill.resumed_from = start_event.get("resumed_from_step")
     return soak
 
 
@@ -185,7 +198,8 @@ def final_parameter_difference(a: Path, b: Path) -> float:
     return worst
 
 
-def soak(out: Path, kills: int, steps: int, every: int, seed: int = 0, timeout_s: float = 3600) -> dict:
+def soak(out: Path, kills: int, steps: int, every: int, seed: int = 0, timeout_s: float = 3600,
+         kill_window_s: float | None = None) -> dict:
     """The whole benchmark; returns the figures (also printed)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -194,7 +208,7 @@ def soak(out: Path, kills: int, steps: int, every: int, seed: int = 0, timeout_s
     if ref.returncode:
         raise RuntimeError(f"uninterrupted run failed:\n{ref.stderr[-3000:]}")
     t_ref = time.time() - t0
-    result = run_with_kills(out, steps, every, kills, seed, timeout_s)
+    result = run_with_kills(out, steps, every, kills, seed, kill_window_s or timeout_s, timeout_s)
     t_faulty = time.time() - t0 - t_ref
     if result.returncode:
         raise RuntimeError(f"killed run failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
@@ -227,13 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/faults"))
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--kill-window-s", type=float, default=None,
+                        help="Stop killing after this many seconds of the killed run (default: --timeout-s)")
     args = parser.parse_args(argv)
     if args.kills < 0 or args.steps < 1 or args.checkpoint_every < 1:
         parser.error("--kills >= 0, --steps >= 1 and --checkpoint-every >= 1")
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)
-    return 0 if soak(args.out, args.kills, args.steps, args.checkpoint_every, args.seed, args.timeout_s)["ok"] else 1
+    figures = soak(args.out, args.kills, args.steps, args.checkpoint_every, args.seed, args.timeout_s,
+                   args.kill_window_s)
+    return 0 if figures["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -238,7 +238,8 @@ def _row(result, space: dict, max_steps: int, metric: str) -> dict:
     error = None if result.error is None else str(result.error).splitlines()[0]
     return {**{k: result.config.get(k) for k in space}, f"best_{metric}": best, "steps": steps,
             "stopped_early": result.error is None and not diverged and steps < max_steps,
-            "diverged": diverged, "error": error or ("diverged (non-finite loss or skipped steps)" if diverged else None)}
+            "diverged": diverged,
+            "error": error or ("diverged (non-finite loss or skipped steps)" if diverged else None)}
 
 
 def write_outputs(job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict, space: dict, metric: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app

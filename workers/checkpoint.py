@@ -10,7 +10,8 @@ writes ``meta.json`` (step, layout, world size), then -- last, atomically -- ``m
 A checkpoint proves it is complete by its manifest: :func:`verify_checkpoint` re-checks every
 size and checksum, and :func:`find_resumable` takes the newest checkpoint that passes, listing
 the newer ones it rejected and why (a zero-byte file after a crash or a full disk, a missing
-manifest); the workers rename those to ``rejected-step_NNNNNNN``. A run killed mid-save leaves only a ``.tmp-`` folder, which the next save or resume
+manifest); the workers rename those to ``rejected-step_NNNNNNN``. A run killed mid-save leaves
+only a ``.tmp-`` folder, which the next save or resume
 removes (:func:`remove_stale_temporaries`). Rank 0 then keeps the newest ``checkpoint.keep``
 folders.
 

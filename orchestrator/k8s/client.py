@@ -48,8 +48,9 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
         # the kubernetes client lets a malformed file escape as YAML/Unicode/Type errors
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClusterError(f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a UTF-8 "
-                           "YAML kubeconfig with clusters, users and contexts lists (see `kubectl config view`)") from None
+        raise ClusterError(f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a "
+                           "UTF-8 YAML kubeconfig with clusters, users and contexts lists (see `kubectl config "
+                           "view`)") from None
 
 
 def submit(api: Any, objs: list[dict]) -> dict:
