@@ -7,13 +7,13 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install train test clean
+.PHONY: install train test lint clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.19,<0.20"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]"  # dev pulls [train,k8s]: everything
 	touch $@
 
 install: $(BIN)/.installed
@@ -23,6 +23,12 @@ train: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff lint + mypy on the product code (configured in pyproject.toml). `ruff format --check` joins
+# once the tree has been formatted.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check mla workers orchestrator
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs

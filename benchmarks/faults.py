@@ -48,7 +48,7 @@ def _env() -> dict:
 
 def newest_complete(run_dir: Path) -> int:
     """Step of the newest checkpoint folder that has its manifest (0 if none)."""
-    from workers.checkpoint import complete_checkpoints
+    from orchestrator.contract.checkpoints import complete_checkpoints
 
     found = complete_checkpoints(run_dir)
     return found[-1][0] if found else 0
@@ -167,7 +167,7 @@ def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, k
     soak.returncode = proc.returncode
     soak.stderr = (out / "faulty.log").read_text()
     starts = _starts(run_dir)
-    for kill, start_event in zip(soak.kills, starts[1:]):
+    for kill, start_event in zip(soak.kills, starts[1:], strict=False):
         kill.resumed_from = start_event.get("resumed_from_step")
     return soak
 
@@ -185,7 +185,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 def final_parameter_difference(a: Path, b: Path) -> float:
     """Max absolute difference over every tensor (parameters and AdamW moments) of two final
     consolidated checkpoints."""
-    from workers.checkpoint import latest_checkpoint
+    from orchestrator.contract.checkpoints import latest_checkpoint
     from workers.parallel.reshard import read_consolidated
 
     _, ta = read_consolidated(latest_checkpoint(a)[1] / "consolidated")

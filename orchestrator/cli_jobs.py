@@ -35,7 +35,8 @@ def submit(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="With --tune: steps per trial."),
 ) -> None:
     """Submit a training job (or with --tune a sweep) to a Ray cluster through the Job Submission API."""
-    from orchestrator.jobs import follow, submit as submit_job
+    from orchestrator.jobs import follow
+    from orchestrator.jobs import submit as submit_job
 
     args: list[str] = []
     command = "train"

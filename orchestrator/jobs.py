@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.config import JobConfig, load_job_config
-from orchestrator.errors import ClusterError, ConfigError, JobFailedError
+from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Never uploaded with the job: environments, run outputs, checkpoints, caches, VCS data.

@@ -16,15 +16,17 @@ from __future__ import annotations
 import _thread
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from orchestrator.config import JobConfig
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 
 
-def resources_asked(job: JobConfig, plans: dict) -> dict[str, float]:
-    """Resources of the smallest worker group the job can start with (``{"CPU": .., "GPU": ..}``)."""
-    workers = min(int(w) for w in plans)
+def resources_asked(job: JobConfig, sizes: Iterable[int | str]) -> dict[str, float]:
+    """Resources of the smallest worker group (of the runnable world ``sizes``) the job can start
+    with: ``{"CPU": .., "GPU": ..}``."""
+    workers = min(int(w) for w in sizes)
     asked = {"CPU": workers * job.cluster.cpus_per_worker}
     if job.cluster.use_gpu:
         asked["GPU"] = float(workers)
@@ -43,7 +45,7 @@ def _fix(job: JobConfig) -> str:
             "or add nodes" + ("" if job.cluster.address else " / raise cluster.ray_num_cpus"))
 
 
-def check_placeable(job: JobConfig, plans: dict) -> None:
+def check_placeable(job: JobConfig, sizes: Iterable[int | str]) -> None:
     """Refuse a job the embedded Ray can never place (its resources are fixed at start).
 
     Raises:
@@ -53,7 +55,7 @@ def check_placeable(job: JobConfig, plans: dict) -> None:
         return
     import ray
 
-    problem = shortfall(resources_asked(job, plans), ray.cluster_resources())
+    problem = shortfall(resources_asked(job, sizes), ray.cluster_resources())
     if problem:
         raise ClusterError(f"the workers cannot be placed: {problem}; {_fix(job)}")
 
@@ -65,9 +67,9 @@ class StartupWatchdog(threading.Thread):
     group start). ``reason`` holds the message once it fired.
     """
 
-    def __init__(self, job: JobConfig, plans: dict, run_dir: Path, timeout_s: float):
+    def __init__(self, job: JobConfig, sizes: Iterable[int | str], run_dir: Path, timeout_s: float):
         super().__init__(daemon=True)
-        self.job, self.plans, self.timeout_s = job, plans, timeout_s
+        self.job, self.sizes, self.timeout_s = job, list(sizes), timeout_s
         self.events = run_dir / "events.jsonl"
         self.before = self._starts()
         self.done = threading.Event()
@@ -90,7 +92,7 @@ class StartupWatchdog(threading.Thread):
                 return
 
     def _message(self) -> str:
-        asked = resources_asked(self.job, self.plans)
+        asked = resources_asked(self.job, self.sizes)
         try:
             import ray
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.launcher import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
@@ -31,12 +32,6 @@ class Cluster:
     gcs_address: str
     token_file: Path
     env: dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _count_nodes(gcs: str, env: dict) -> int:
@@ -55,7 +50,7 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port = free_port(""), free_port("")
     gcs = f"{HEAD_IP}:{gcs_port}"
     common = ["--block", "--object-store-memory=100000000", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []

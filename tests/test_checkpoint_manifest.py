@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from workers.checkpoint import (MANIFEST, complete_checkpoints, find_resumable, load_checkpoint,
-                                remove_stale_temporaries, save_checkpoint, set_aside, verify_checkpoint)
+from orchestrator.contract.checkpoints import (
+    MANIFEST,
+    complete_checkpoints,
+    find_resumable,
+    remove_stale_temporaries,
+    set_aside,
+    verify_checkpoint,
+)
+from workers.checkpoint import load_checkpoint, save_checkpoint
 
 
 class FakeEngine:
@@ -98,7 +105,7 @@ def test_unloadable_checkpoint_is_a_runtime_error_with_the_fix(tmp_path):
 
 def test_driver_resume_check_reports_rejected_checkpoints_without_a_traceback(tmp_path, capsys):
     from orchestrator.config import JobConfig
-    from orchestrator.controller import build_worker_plans, check_resumable
+    from orchestrator.layouts import build_run_plan, check_resumable
 
     job = JobConfig(run={"dir": str(tmp_path), "name": "r"})
     run_dir = tmp_path / "r"
@@ -106,7 +113,7 @@ def test_driver_resume_check_reports_rejected_checkpoints_without_a_traceback(tm
     meta = json.loads((good / "meta.json").read_text())
     bad = _save(run_dir, 20)
     (bad / "meta.json").write_text("")  # the JSONDecodeError of the issue
-    check_resumable(job, build_worker_plans(job))
+    check_resumable(job, build_run_plan(job))
     err = capsys.readouterr().err
     assert "step_0000020 rejected: meta.json has 0 bytes" in err and "resuming from step_0000010" in err
     assert meta["step"] == 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import load_job_config
-from orchestrator.errors import ConfigError, PlanError
+from orchestrator.contract.errors import ConfigError, PlanError
 
 
 @pytest.mark.parametrize("override, words", [
@@ -45,11 +45,11 @@ def test_non_utf8_yaml_is_a_message(tmp_path):
 
 
 def test_vocab_not_divisible_by_tensor_parallel_is_refused_before_launch():
-    from orchestrator.controller import build_worker_plans
+    from orchestrator.layouts import build_run_plan
 
     job = load_job_config("configs/tiny.yaml", ["model.vocab_size=257", "parallel.tensor=2"])
     with pytest.raises(PlanError, match=r"model.vocab_size\(257\) is not divisible by parallel.tensor\(2\).*258"):
-        build_worker_plans(job)
+        build_run_plan(job)
 
 
 def test_planner_does_not_rank_a_tp_that_splits_the_vocabulary_unevenly():
@@ -90,8 +90,8 @@ def test_mla_plan_checks_every_number(args, words):
 
 def test_fp32_memory_counts_fp32_activations_and_zero3_gradients():
     from mla.config import PRESETS
+    from orchestrator.contract.layout import Layout
     from orchestrator.planner.memory import memory_per_gpu
-    from workers.layout import Layout
 
     cfg = PRESETS["7b"]
     layout = Layout(dp=8, zero_stage=3, micro_batch=1, grad_accum=1)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from orchestrator.errors import DataError
+from orchestrator.contract.errors import DataError
 from workers.data import load_corpus
 
 
@@ -31,7 +31,7 @@ def test_text_with_a_few_invalid_bytes_is_still_text(tmp_path):
 
 
 def test_fewer_windows_than_a_global_batch_warns(capsys):
-    from orchestrator.controller import warn_small_corpus
+    from orchestrator.launcher import warn_small_corpus
 
     assert warn_small_corpus(10 * 64 + 1, 100 * 64, 64, 32)[0].startswith("warning: the train split holds 10 windows")
     assert "fewer than one global batch" in " ".join(capsys.readouterr().err.split())

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from workers.guard import DivergenceGuard, Diverged
+from orchestrator.contract.strict_json import finite_or_none, strict_record
+from workers.guard import Diverged, DivergenceGuard
 from workers.schedule import lr_at
-from workers.strict_json import finite_or_none, strict_record
 
 
 def test_guard_stops_after_max_bad_steps_in_a_row_and_names_step_values_and_fixes():
@@ -39,13 +39,13 @@ def test_first_step_runs_at_a_positive_lr_and_warmup_zero_means_peak_at_once():
     assert lr_at(100, 100, 3e-3, 3e-4, 0) == pytest.approx(3e-4)
     assert lr_at(1, 1, 3e-3, 3e-4, 0) == pytest.approx(3e-4)  # one step: its end is the schedule's end
     lrs = [lr_at(s, 100, 3e-3, 3e-4, 20) for s in range(1, 101)]
-    assert min(lrs) > 0 and all(a >= b for a, b in zip(lrs[19:], lrs[20:]))
+    assert min(lrs) > 0 and all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False))
 
 
 def test_deepspeed_config_has_no_scheduler_that_would_run_step_one_at_lr_zero():
     from orchestrator.config import JobConfig
-    from orchestrator.deepspeed_config import build_deepspeed_config
-    from workers.layout import Layout
+    from orchestrator.contract.deepspeed_config import build_deepspeed_config
+    from orchestrator.contract.layout import Layout
 
     cfg = build_deepspeed_config(JobConfig(), Layout(dp=2, zero_stage=2, micro_batch=8, grad_accum=2))
     assert "scheduler" not in cfg
@@ -66,7 +66,7 @@ def test_atomic_json_writer_never_writes_nan(tmp_path):
 
 
 def test_progress_line_prints_null_losses_and_the_divergence():
-    from orchestrator.controller import format_progress
+    from orchestrator.progress import format_progress
 
     line = format_progress({"step": 16, "loss": None, "lr": 8e5, "diverged": True}, 20, 3.0)
     assert "loss nan" in line and "DIVERGED" in line

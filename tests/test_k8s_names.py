@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.config import load_job_config
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 from orchestrator.k8s.render import RenderOptions, render_job, to_yaml
 from orchestrator.k8s.validate import validation_errors
 
@@ -68,7 +68,7 @@ def test_mla_k8s_validate_fails_on_them_and_on_a_non_mapping_document(tmp_path):
 
 @pytest.mark.parametrize("text", [b"apiVersion: v1\nclusters: [oops\n", b"\xff\xfe bad", b"clusters: 5\n"])
 def test_malformed_kubeconfig_is_a_message(tmp_path, text):
-    from orchestrator.errors import ClusterError
+    from orchestrator.contract.errors import ClusterError
     from orchestrator.k8s.client import connect
 
     path = tmp_path / "kubeconfig"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from orchestrator.controller import ProgressTail
+from orchestrator.progress import ProgressTail
 
 
 def _write(path, records, mode="a"):
@@ -17,7 +17,7 @@ def _write(path, records, mode="a"):
 
 def test_restart_prints_attempt_and_resumes_progress_after_the_checkpoint(tmp_path, capsys):
     metrics, events = tmp_path / "metrics.jsonl", tmp_path / "events.jsonl"
-    tail = ProgressTail(metrics, 30, "dp=2")
+    tail = ProgressTail(metrics, 30)
     _write(events, [{"event": "start", "resumed_from_step": None}])
     _write(metrics, [{"step": 0, "val_loss": 5.2}] + [{"step": s, "loss": 4.0, "lr": 1e-3} for s in (5, 10, 15)])
     tail.poll()

@@ -38,7 +38,6 @@ def lr_at(step: int, steps: int, lr: float, min_lr: float, warmup: int) -> float
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def train_lr(train_cfg: dict, step: int) -> float:
-    """:func:`lr_at` for a job's ``train`` section (a plain dict)."""
-    return lr_at(step, int(train_cfg["steps"]), float(train_cfg["lr"]), float(train_cfg["min_lr"]),
-                 int(train_cfg["warmup_steps"]))
+def train_lr(train, step: int) -> float:
+    """:func:`lr_at` for a job's ``train`` section (:class:`orchestrator.config.TrainSection`)."""
+    return lr_at(step, train.steps, train.lr, train.min_lr, train.warmup_steps)

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from orchestrator.errors import ConfigError, JobFailedError
+from orchestrator.contract.errors import ConfigError, JobFailedError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 err = Console(stderr=True, highlight=False)
@@ -93,7 +93,7 @@ def _write_atomic(path: Path, text: str) -> None:
     """
     import os
 
-    from orchestrator.errors import ConfigError
+    from orchestrator.contract.errors import ConfigError
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:

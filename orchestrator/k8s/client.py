@@ -11,12 +11,13 @@ RayCluster: with in-tree autoscaling the Ray autoscaler owns the worker group's 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import yaml
-import time
-from typing import Any, Callable
 
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 from orchestrator.k8s.render import config_map_name
 from orchestrator.k8s.status import Snapshot, changes, snapshot
 
