@@ -61,6 +61,29 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
     return cfg, None
 
 
+def check_plan_numbers(**values: float | None) -> None:
+    """Refuse impossible numbers before planning: counts >= 1, rates and sizes finite and > 0,
+    ``--efficiency`` in (0, 1].
+
+    Raises:
+        PlanError: naming the option, the value and the allowed range.
+    """
+    import math
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise PlanError(f"{option} {value}: give a finite number")
+        if name in ("gpus", "gpus_per_node", "global_batch") and value < 1:
+            raise PlanError(f"{option} {value}: must be at least 1")
+        if name == "efficiency" and not 0 < value <= 1:
+            raise PlanError(f"{option} {value}: the achievable fraction of peak must be in (0, 1], e.g. 0.5")
+        if value <= 0:
+            raise PlanError(f"{option} {value}: must be greater than 0")
+
+
 def parse_zero_stages(text: str | None) -> tuple | None:
     """``"0,1"`` → ``(0, 1)``; ``None`` → ``None``.
 
@@ -166,6 +189,13 @@ def plan(
     from orchestrator.planner import plan as run_plan
     from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
+    check_plan_numbers(gpus=gpus, gpus_per_node=gpus_per_node, peak_tflops=peak_tflops, memory_gib=memory_gib,
+                       intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs, global_batch=global_batch,
+                       efficiency=efficiency)
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise PlanError(f"--precision {precision!r} must be bf16, fp16 or fp32")
+    if attention is not None and attention not in ("dense", "mla"):
+        raise PlanError(f"--attention {attention!r} must be dense or mla")
     if recompute is not None and recompute not in RECOMPUTE_CHOICES:
         raise PlanError(f"--recompute {recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
     dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,
@@ -187,11 +217,11 @@ def plan(
             raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
         gpus = dp * tp * pp
     spec = get_gpu(gpu, memory_gib=memory_gib, intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs,
-                   peak_tflops={precision: peak_tflops} if peak_tflops else None)
-    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=batch or 8 * gpus,
+                   peak_tflops={precision: peak_tflops} if peak_tflops is not None else None)
+    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=8 * gpus if batch is None else batch,
                           seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
                           precision=precision, pins=pins, allowed_zero_stages=parse_zero_stages(zero_stages),
-                          efficiency=efficiency or DEFAULT_EFFICIENCY)
+                          efficiency=DEFAULT_EFFICIENCY if efficiency is None else efficiency)
     if measure_run and not config:
         raise PlanError("--measure needs --config JOB.yaml (the job whose candidates are run)")
     result = run_plan(request)

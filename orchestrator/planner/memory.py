@@ -99,8 +99,8 @@ def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
         p_b, g_b, fp32_grad, opt = 2, 2, 4, 12
     if fp32_main_grads and precision == "bf16":
         g_b, fp32_grad = 4, 0
-    elif stage == 3:
-        g_b = 0
+    elif stage == 3 and precision != "fp32":
+        g_b = 0  # mixed precision: the fp32 gradient partition (fp32_grad) is what remains
     params = p_b * psi / (dp if stage >= 3 else 1)
     grads = g_b * psi / (dp if stage >= 2 else 1) + fp32_grad * psi / (dp if stage >= 1 else 1)
     return params, grads, opt * psi / (dp if stage >= 1 else 1)
@@ -205,12 +205,14 @@ def in_flight_micro_batches(pp: int, stage: int, grad_accum: int, virtual_stages
 
 
 def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool = True,
-                           norm_bytes: float = 0.0) -> float:
+                           norm_bytes: float = 0.0, precision: str = "bf16") -> float:
     """Activation bytes of one GPU on pipeline ``stage`` at its peak.
 
     In-flight micro-batches × layers on the stage × :func:`activation_bytes_per_layer`; full
     recompute adds one layer's complete activations (the block being recomputed); the last stage
     adds the logits, 2 bytes saved plus 4 bytes for the fp32 softmax of the loss, ``6·s·b·V/t``.
+    ``precision="fp32"`` stores every activation in 4 bytes: the 16-bit counts double and the
+    logits take ``8·s·b·V/t``.
 
     Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
     8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
@@ -224,8 +226,9 @@ def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, f
         total += activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
                                             sequence_parallel=layout.sequence_parallel, flash=flash,
                                             norm_bytes=norm_bytes)
+    total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
-        total += 6 * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+        total += (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
     return total
 
 
@@ -279,7 +282,7 @@ def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: 
     psi = stage_parameters(cfg, layout.tp, layout.pp, stage)
     params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision, fp32_main_grads)
     norm = kernel.norm_activation_bytes if kernel is not None else 0.0
-    act = stage_activation_bytes(cfg, seq_len, layout, stage, flash, norm)
+    act = stage_activation_bytes(cfg, seq_len, layout, stage, flash, norm, precision)
     if constants is not None:
         act = constants.activation_scale * act + calibrated_extra_bytes(cfg, seq_len, layout, stage, flash, norm,
                                                                         constants, fused_loss)
