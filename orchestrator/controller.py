@@ -207,12 +207,7 @@ def connect_ray(job: JobConfig, num_cpus: int | None = None, dashboard: bool = F
         return RayHandle(started=False)
     verbose = bool(os.environ.get("MLA_VERBOSE"))
     if job.cluster.address:
-        try:
-            ray.init(address=job.cluster.address, log_to_driver=verbose, logging_level="WARNING")
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
-            raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
-                               f"({exc}); start one with `ray start --head` or unset cluster.address to use "
-                               "an embedded local Ray") from None
+        _connect_address(job, verbose)
         return RayHandle(started=False)
     c = job.cluster
     num_cpus = c.ray_num_cpus or num_cpus or max(1, int(round(c.num_workers * c.cpus_per_worker)))
@@ -228,6 +223,35 @@ def connect_ray(job: JobConfig, num_cpus: int | None = None, dashboard: bool = F
              dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level="WARNING",
              _node_ip_address="127.0.0.1", configure_logging=True)
     return RayHandle(started=True)
+
+
+def _connect_address(job: JobConfig, verbose: bool) -> None:
+    """``ray.init(cluster.address)`` with the job's runtime env: the project code as the
+    ``working_dir`` merged with ``cluster.runtime_env``. Inside a Ray job (``mla submit``) the
+    job's own runtime env already carries both, and Ray would refuse a second one.
+
+    Raises:
+        ClusterError: the address cannot be reached.
+    """
+    import tempfile
+
+    import ray
+
+    from orchestrator.jobs import stage_code
+    from orchestrator.runtime_env import build_runtime_env
+
+    with tempfile.TemporaryDirectory(prefix="mla-code-") as tmp:
+        runtime_env = None
+        if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            stage_code(Path(tmp))
+            runtime_env = build_runtime_env(job.cluster, working_dir=tmp)
+        try:  # ray.init uploads the working_dir before it returns
+            ray.init(address=job.cluster.address, runtime_env=runtime_env, log_to_driver=verbose,
+                     logging_level="WARNING")
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
+            raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
+                               f"({exc}); start one with `ray start --head` or unset cluster.address to use "
+                               "an embedded local Ray") from None
 
 
 def _free_port() -> int:
@@ -283,25 +307,29 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     return "  ".join(parts)
 
 
-def run_training(job: JobConfig) -> dict:
+def run_training(job: JobConfig, preflight: bool = True) -> dict:
     """Run the job to completion and return the summary (also written to ``RUN_DIR/summary.json``).
+
+    With ``cluster.address`` set and ``preflight``, every node's Python (and the job's paths) is
+    checked before the workers start (:func:`orchestrator.preflight.preflight_connected`).
 
     Raises:
         DataError, ConfigError, PlanError: before anything starts.
-        ClusterError: Ray cannot be reached.
+        ClusterError: Ray cannot be reached, or a node fails the preflight.
         JobFailedError: the workers failed more often than ``cluster.max_failures`` allows.
     """
     data_text = check_data(job)
     plans = build_worker_plans(job)
     check_resumable(job, plans)
     run_dir = job.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     main_layout = Layout(**plans[str(max(int(w) for w in plans))]["layout"])
-    model = job.model_config_()
-    _print_header(job, data_text, main_layout, plans, run_dir)
-    write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
     load_torch_before_ray()
     handle = connect_ray(job)
+    if preflight and job.cluster.address:
+        check_cluster(job, handle)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _print_header(job, data_text, main_layout, plans, run_dir)
+    write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
     tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps, main_layout.describe())
     started = time.time()
     try:
@@ -320,6 +348,21 @@ def run_training(job: JobConfig) -> dict:
                   f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
                   f"{run_dir / 'summary.json'}")
     return summary
+
+
+def check_cluster(job: JobConfig, handle: RayHandle) -> None:
+    """Preflight of a connected driver; disconnects (when ours) and re-raises on failure.
+
+    Raises:
+        ClusterError: see :func:`orchestrator.preflight.check_result`.
+    """
+    from orchestrator.preflight import preflight_connected
+
+    try:
+        preflight_connected(job, check_storage=job.cluster.storage_path is not None)
+    except ClusterError:
+        handle.shutdown()
+        raise
 
 
 def build_trainer(job: JobConfig, plans: dict, run_dir: Path, callbacks: list | tuple = ()):

@@ -19,6 +19,7 @@ This module is pure: no Kubernetes client, no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -26,13 +27,11 @@ from importlib import metadata
 
 import yaml
 
-from orchestrator.config import JobConfig
+from orchestrator.config import DEFAULT_IMAGE, JobConfig  # noqa: F401 (DEFAULT_IMAGE: re-exported)
 from orchestrator.errors import ConfigError, PlanError
 
 JOB_CONFIG_DIR = "/etc/mla"
 """Where the head pod mounts the job ConfigMap; the job YAML is ``JOB_CONFIG_DIR/job.yaml``."""
-DEFAULT_IMAGE = "ghcr.io/mla-train/mla-train:0.1.0-gpu"
-"""Container image with Ray, torch (CUDA), DeepSpeed and this package installed."""
 WORKER_GROUP = "gpu"
 """Name of the GPU worker group (pod label ``ray.io/group``)."""
 LABEL_RUN = "mla.io/run"
@@ -50,7 +49,7 @@ class RenderOptions:
         min_gpus: Fewest GPUs the job may run on; unset uses ``cluster.min_workers`` or
             ``cluster.num_workers``.
         max_gpus: Most GPUs the job may use; unset uses ``cluster.num_workers``.
-        image: Container image of head and workers.
+        image: Container image of head and workers; unset uses the job's ``cluster.image``.
         namespace: Kubernetes namespace of the objects.
         name: RayJob name; unset derives ``mla-<run.name>`` (DNS-1035, at most 47 characters).
         queue: Kueue LocalQueue name (``kueue.x-k8s.io/queue-name`` label); unset: no Kueue.
@@ -72,7 +71,7 @@ class RenderOptions:
     gpus_per_worker: int = 1
     min_gpus: int | None = None
     max_gpus: int | None = None
-    image: str = DEFAULT_IMAGE
+    image: str | None = None
     namespace: str = "default"
     name: str | None = None
     queue: str | None = None
@@ -194,6 +193,8 @@ def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
         ConfigError, PlanError: see :func:`worker_bounds` and :func:`rayjob_name`.
     """
     opts = opts or RenderOptions()
+    if opts.image is None:
+        opts = dataclasses.replace(opts, image=job.cluster.image)
     bounds = worker_bounds(job, opts)
     name = rayjob_name(job, opts)
     labels = {"app.kubernetes.io/name": "mla-train", "app.kubernetes.io/managed-by": "mla",
