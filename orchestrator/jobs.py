@@ -168,7 +168,7 @@ def submit(config: str, overrides: list[str], address: str | None, token_file: s
     return client, sid
 
 
-def _submit_with_retry(client, retry_s: float = 90.0, **kwargs) -> None:
+def _submit_with_retry(client, retry_s: float = 180.0, **kwargs) -> None:
     """``client.submit_job`` that waits while a freshly started head has no job agent yet
     (Ray answers HTTP 500 "No available agent ... try again later").
 
