@@ -4,7 +4,9 @@
 project code plus the resolved job YAML as the job's ``working_dir`` (virtual environments, run
 folders, checkpoints and caches excluded) and starts ``python -m orchestrator.cli train job.yaml``
 on the cluster, where the run folder lives under ``cluster.storage_path`` so that a resubmitted
-job with the same ``run.name`` resumes.
+job with the same ``run.name`` resumes. ``cluster.runtime_env`` joins the code upload in the job's
+runtime env (:mod:`orchestrator.runtime_env`), and a small preflight job with the same runtime env
+checks every node's Python and the job's paths first (:mod:`orchestrator.preflight`).
 
 Token authentication (on by default in Ray 2.60): the token is read the way Ray reads it
 (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) or from ``--token-file``;
