@@ -1,12 +1,14 @@
 """A real two-node Ray cluster whose `python` lacks the project (a bare virtual environment with
 only `ray[default]`, first on PATH when `ray start` runs): `mla submit` stops before any worker
-starts with one message naming the missing packages, the nodes and the fixes; the same submit
+starts with one message naming the missing packages, the nodes and the fixes; a runtime-env
+install that hangs fails after `setup_timeout_s` with Ray's message; the same submit
 with `cluster.runtime_env.py_executable` pointing at a working environment trains; a data path
 that exists only on the submitting machine fails the preflight naming the path."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -54,6 +56,18 @@ def test_preflight_names_what_the_cluster_python_lacks_and_a_runtime_env_fixes_i
         listed = json.loads(mla("jobs", "list", "--json", *auth).stdout)
         assert len(listed) == 1 and listed[0]["id"].endswith("-preflight")  # the training job never went in
         assert not (storage / "bare").exists()
+
+        with socket.socket() as silent:  # accepts connections, never answers: an install that hangs
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)
+            index = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+            hang = mla("submit", CONFIG, *auth, "--storage-path", str(storage),
+                       *sets(f"cluster.runtime_env.pip=['--index-url {index}', 'mla-no-such-package']",
+                             "cluster.runtime_env.setup_timeout_s=20", "run.name=hang"))
+        assert hang.returncode == 2, hang.stderr[-3000:]
+        text = " ".join(hang.stderr.split())
+        assert "the preflight check could not run on the cluster" in text and "FAILED" in text
+        assert "runtime" in text.lower() and "timeout" in text.lower()
 
         fixed = ["cluster.runtime_env.py_executable=" + str(WORKING_PYTHON)]
         (tmp_path / "corpus.txt").write_text("only on the submitting machine\n" * 2000)
