@@ -35,7 +35,7 @@ WORKDIR /home/ray/src
 COPY --chown=ray:users . .
 ENV PIP_NO_CACHE_DIR=1
 RUN python -c "import sys; assert sys.prefix == '${PYTHON_PREFIX}', sys.prefix" \
-    && TORCH_INDEX_URL=${TORCH_INDEX_URL} scripts/install.sh python
+    && TORCH_INDEX_URL=${TORCH_INDEX_URL} scripts/install.sh python --extras train
 
 FROM base-gpu AS build-gpu
 ARG PYTHON_PREFIX
@@ -52,7 +52,7 @@ COPY --chown=ray:users . .
 ENV PIP_NO_CACHE_DIR=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
 RUN python -c "import sys; assert sys.prefix == '${PYTHON_PREFIX}', sys.prefix" \
-    && TORCH_INDEX_URL=${TORCH_INDEX_URL} scripts/install.sh python
+    && TORCH_INDEX_URL=${TORCH_INDEX_URL} scripts/install.sh python --extras train
 
 # ---- runtime stages -----------------------------------------------------------------------------
 FROM base-cpu AS cpu

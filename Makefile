@@ -8,11 +8,11 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install train test clean
+.PHONY: install train test lint clean
 
 $(BIN)/.installed: pyproject.toml Makefile scripts/install.sh
 	$(PYTHON) -m venv $(VENV)
-	scripts/install.sh $(BIN)/python --editable --extras dev
+	scripts/install.sh $(BIN)/python --editable --extras dev  # dev pulls [train,k8s]: everything
 	touch $@
 
 install: $(BIN)/.installed
@@ -22,6 +22,12 @@ train: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff lint + mypy on the product code (configured in pyproject.toml). `ruff format --check` joins
+# once the tree has been formatted.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check mla workers orchestrator
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs

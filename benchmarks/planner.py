@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/planner.py`` (about 15 s on 2 cores). Prints
 
-1. every usable row of tests/fixtures/planner/published_layouts.csv: the published (tp, pp), whether
+1. every usable row of benchmarks/data/published_layouts.csv: the published (tp, pp), whether
    it is predicted to fit, the planner's best (tp, pp) under the same constraints (GPUs, batch,
    precision, recompute policy, the framework's ZeRO stages) and the achieved vs predicted
    throughput; for each miss, the published mesh's predicted speed relative to the fastest;
@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 from mla.config import PRESETS
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 from orchestrator.planner import PlanRequest, Pins, min_gpus, model_from_params, plan
 from orchestrator.planner.calibrate import (fit_efficiency, leave_one_out, load_published, median, predicted,
                                             published_candidate)
 from orchestrator.planner.search import COMFORTABLE_MEMORY_FRACTION, TIE_TOLERANCE, rank
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
-CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "planner" / "published_layouts.csv"
+CSV = Path(__file__).resolve().parent / "data" / "published_layouts.csv"
 
 
 def miss_note(row, result) -> str:

@@ -104,7 +104,7 @@ class ModelConfig:
         """Number of key/value heads (``n_kv_heads`` or ``n_heads``)."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
-    def replace(self, **changes: object) -> "ModelConfig":
+    def replace(self, **changes: object) -> ModelConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 

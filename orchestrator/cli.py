@@ -1,7 +1,7 @@
 """The ``mla`` command line: train, plan, bench, submit/jobs/tune, k8s.
 
 Human progress goes to stderr, machine-readable output (``--json``) to stdout. User errors
-(:class:`orchestrator.errors.MLAError`) print one message and exit non-zero; set
+(:class:`orchestrator.contract.errors.MLAError`) print one message and exit non-zero; set
 ``MLA_TRACEBACK=1`` to see the traceback.
 """
 
@@ -16,11 +16,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import MLAError
+from orchestrator.contract.errors import MLAError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
 err_console = Console(stderr=True)
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    """Bare ``mla`` prints the help and succeeds (exit 0)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+
 
 SetOption = typer.Option(None, "--set", help="Override a config field: --set train.steps=100 (repeatable).")
 
@@ -35,7 +43,7 @@ def train(
 ) -> None:
     """Train a model: plan the layout, start (or connect to) Ray and run DeepSpeed workers."""
     from orchestrator.config import load_job_config
-    from orchestrator.controller import run_training
+    from orchestrator.launcher import run_training
 
     job = load_job_config(config, set_ or [])
     summary = run_training(job, preflight=preflight)
@@ -52,12 +60,12 @@ def schema() -> None:
 
 
 def _register_subcommands() -> None:
-    from orchestrator.cli_plan import plan
-    from orchestrator.k8s.cli import app as k8s_app
     from orchestrator.cli_bench import app as bench_app
     from orchestrator.cli_jobs import app as jobs_app
     from orchestrator.cli_jobs import submit
+    from orchestrator.cli_plan import plan
     from orchestrator.cli_tune import tune
+    from orchestrator.k8s.cli import app as k8s_app
 
     app.command("plan")(plan)
     app.add_typer(bench_app, name="bench", help="Benchmarks (attention speed and memory).")
@@ -70,45 +78,20 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
-def _click_exception_types() -> tuple[type, ...]:
-    """Click's exception base, and the copy of click that typer >= 0.2x vendors."""
-    import click
-
-    types: list[type] = [click.ClickException]
-    try:
-        from typer._click.exceptions import ClickException as VendoredClickException
-
-        types.append(VendoredClickException)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def main() -> None:
-    """Console-script entry point: run the app, turning user errors into one-line messages.
+    """Console-script entry point: click's standalone mode plus one catch for user errors.
 
-    Usage errors (unknown command or option, missing argument, bad value) print click's usage
-    message and exit 2; :class:`MLAError` prints ``error: ...`` and exits with its code; set
-    ``MLA_TRACEBACK=1`` to see the traceback of either.
+    Usage errors (unknown command or option, missing argument, bad value) are click's own: its
+    usage message and exit 2. :class:`MLAError` prints ``error: ...`` and exits with its code
+    (2; 1 for a failed job); set ``MLA_TRACEBACK=1`` to see its traceback instead.
     """
     try:
-        app(standalone_mode=False)
+        app()
     except MLAError as exc:
         if os.environ.get("MLA_TRACEBACK"):
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(exc.exit_code)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except Exception as exc:
-        if os.environ.get("MLA_TRACEBACK"):
-            raise
-        if isinstance(exc, _click_exception_types()):
-            exc.show()
-            sys.exit(0 if type(exc).__name__ == "NoArgsIsHelpError" else exc.exit_code)
-        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

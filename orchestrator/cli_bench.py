@@ -1,15 +1,42 @@
-"""``mla bench``: benchmarks of the model library (torch is imported only inside commands)."""
+"""``mla bench``: benchmarks of the model library (torch is imported only inside commands).
+
+The benchmark code lives in the checkout's ``benchmarks/`` folder, which is not installed (a
+generic top-level name must not land in site-packages); :func:`load_benchmark` imports it from
+the checkout this package runs from, so ``mla bench`` works from a clone (editable install or
+``python -m orchestrator.cli``) and says so elsewhere.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import typer
 
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
+
+#: The source checkout, if this package runs from one (``benchmarks/`` sits beside it).
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>`` from the source checkout.
+
+    Raises:
+        ConfigError: not running from a checkout (no ``benchmarks/`` beside the package).
+    """
+    if not (CHECKOUT / "benchmarks" / "__init__.py").is_file():
+        raise ConfigError(f"mla bench runs from a source checkout (no benchmarks/ folder in {CHECKOUT}); "
+                          "clone the repository and run it there")
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @app.command()
@@ -28,11 +55,11 @@ def attention(
     from rich.console import Console
 
     settings = _settings(seq_lens, window, top_k, block, repeats, device, threads, not no_memory)
-    from benchmarks.attention import render, run_benchmark
+    bench = load_benchmark("attention")
 
     console = Console(stderr=True)
-    records = run_benchmark(settings, progress=lambda msg: console.log(msg))
-    render(records, settings, console)
+    records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
+    bench.render(records, settings, console)
     if json_out:
         print(json.dumps([r.to_json() for r in records], indent=2))
 
@@ -52,9 +79,7 @@ def _settings(seq_lens: str, window: int, top_k: int, block: int, repeats: int, 
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but torch sees no CUDA device; use --device cpu")
-    from benchmarks.attention import AttentionBenchSettings
-
-    return AttentionBenchSettings(seq_lens=lens, window=window, top_k=top_k, block=block,
+    return load_benchmark("attention").AttentionBenchSettings(seq_lens=lens, window=window, top_k=top_k, block=block,
                                   repeats=repeats, device=device, threads=threads, memory=memory)
 
 
@@ -69,13 +94,12 @@ def quality(
 
     from rich.console import Console
 
-    from benchmarks.quality import QualitySettings, render, run_quality
-
-    settings = QualitySettings(threads=threads)
+    bench = load_benchmark("quality")
+    settings = bench.QualitySettings(threads=threads)
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
     console = Console(stderr=True)
-    report = run_quality(settings, log=console.log)
-    render(report, console)
+    report = bench.run_quality(settings, log=console.log)
+    bench.render(report, console)
     if json_out:
         print(json.dumps(report, indent=2))

@@ -37,7 +37,8 @@ def submit(
                                    help="First run a small job that checks every node's Python and the job's paths."),
 ) -> None:
     """Submit a training job (or with --tune a sweep) to a Ray cluster through the Job Submission API."""
-    from orchestrator.jobs import follow, submit as submit_job
+    from orchestrator.jobs import follow
+    from orchestrator.jobs import submit as submit_job
 
     args: list[str] = []
     command = "train"

@@ -1,7 +1,7 @@
 """``mla plan``: choose a data x tensor x pipeline layout and print its memory and speed.
 
 Human tables go to stdout (rich); ``--json`` prints one JSON document to stdout instead. User
-errors are :class:`orchestrator.errors.PlanError`, printed by ``orchestrator.cli.main``.
+errors are :class:`orchestrator.contract.errors.PlanError`, printed by ``orchestrator.cli.main``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import RECOMPUTE_CHOICES
 
 _MODEL = "Model (one of --model, --params, --config, or explicit dims)"
 _CLUSTER = "Cluster"
@@ -154,10 +155,11 @@ def plan(
     top: int = typer.Option(10, "--top", min=1, help="Rows shown (and listed in --json)."),
 ) -> None:
     """Choose a data x tensor x pipeline layout: memory per GPU and predicted throughput."""
-    from orchestrator.planner import PlanRequest, Pins, get_gpu, plan as run_plan
+    from orchestrator.planner import Pins, PlanRequest, get_gpu
+    from orchestrator.planner import plan as run_plan
 
-    if recompute is not None and recompute not in ("none", "selective", "full"):
-        raise PlanError(f"--recompute {recompute!r} must be none, selective or full")
+    if recompute is not None and recompute not in RECOMPUTE_CHOICES:
+        raise PlanError(f"--recompute {recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
     dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,
                 seq_len=seq_len, attention=attention, window=window, top_k=top_k)
     cfg, job_seq = build_model(model, params, config, dims)

@@ -28,7 +28,7 @@ def tune(
 ) -> None:
     """Sweep attention settings with Ray Tune; writes trials.json, best.yaml and val_loss.png."""
     from orchestrator.config import load_job_config
-    from orchestrator.errors import ConfigError
+    from orchestrator.contract.errors import ConfigError
     from orchestrator.tune import parse_search, run_sweep
 
     if search_mode not in ("grid", "random"):

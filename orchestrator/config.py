@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mla.config import PRESETS, ModelConfig
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
+from orchestrator.contract.layout import Recompute
 
 
 class _Section(BaseModel):
@@ -59,7 +60,7 @@ class ModelSection(_Section):
     """Dropout probability (0 disables it)."""
 
     @model_validator(mode="after")
-    def _known_preset(self) -> "ModelSection":
+    def _known_preset(self) -> ModelSection:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
         return self
@@ -138,7 +139,7 @@ class ParallelSection(_Section):
     """Pipeline-parallel degree (number of stages)."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage (0-3); pipelines allow at most 1."""
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Recompute = "none"
     """Activation recomputation policy."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism alongside tensor parallelism."""
@@ -234,6 +235,17 @@ class RunSection(_Section):
     """Parent folder of run folders (RUN_DIR = dir/name)."""
 
 
+def expand_shorthand(section: str, value: Any) -> Any:
+    """A section written as a shorthand string, as the mapping it stands for (the one place of
+    the ``parallel: auto`` sentinel); any other value is returned unchanged.
+
+    Example:
+        >>> expand_shorthand("parallel", "auto"), expand_shorthand("parallel", {"tensor": 2})
+        ({'auto': True}, {'tensor': 2})
+    """
+    return {"auto": True} if (section, value) == ("parallel", "auto") else value
+
+
 class JobConfig(_Section):
     """A training job: what to train, on what data, how, and where."""
 
@@ -248,12 +260,12 @@ class JobConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _parallel_auto(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("parallel") == "auto":
-            data = {**data, "parallel": {"auto": True}}
+        if isinstance(data, dict) and "parallel" in data:
+            data = {**data, "parallel": expand_shorthand("parallel", data["parallel"])}
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobConfig":
+    def _consistent(self) -> JobConfig:
         if self.train.global_batch % self.train.micro_batch:
             raise ValueError(
                 f"train.global_batch({self.train.global_batch}) is not a multiple of "
@@ -320,7 +332,8 @@ def apply_override(data: dict, item: str) -> None:
     for part in parts[:-1]:
         child = node.get(part)
         if not isinstance(child, dict):
-            child = {"auto": True} if (part, child) == ("parallel", "auto") else {}
+            child = expand_shorthand(part, child)
+            child = child if isinstance(child, dict) else {}
             node[part] = child
         node = child
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.config import JobConfig, load_job_config
-from orchestrator.errors import ClusterError, ConfigError, JobFailedError
+from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 from orchestrator.runtime_env import WORKING_DIR_EXCLUDES, build_runtime_env, driver_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ The submitter states what it expects (:class:`Expectations`: its Python version,
 runtime requirements with their pins, the modules the driver and workers import, the paths the
 job reads, whether it needs CUDA); :mod:`orchestrator.cluster_probe` reports from every node of
 the cluster, in the job's own runtime env; :func:`check_result` turns every mismatch into one
-:class:`~orchestrator.errors.ClusterError` that names what is missing, the nodes, and the two
+:class:`~orchestrator.contract.errors.ClusterError` that names what is missing, the nodes, and the two
 fixes (run the nodes from the project's image, or pass a runtime env).
 
 ``mla submit`` runs the probe as a small job through the Job Submission API
@@ -23,14 +23,14 @@ from importlib import metadata
 from pathlib import Path
 
 from orchestrator.cluster_probe import MARKER
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTION = "mla-train"
 #: Extras whose requirements a cluster node needs ("" is the core list); dev tools are not.
 RUNTIME_EXTRAS = ("", "train")
 #: What the job's driver and workers import; tried on each node once every requirement is there.
-IMPORTS = ["orchestrator.cli", "orchestrator.controller", "workers.train_loop", "deepspeed", "ray.train.torch"]
+IMPORTS = ["orchestrator.cli", "orchestrator.launcher", "workers.train_loop", "deepspeed", "ray.train.torch"]
 EXPECT_FILE = ".mla-preflight.json"
 """Name of the expectations file inside the uploaded working_dir."""
 
@@ -40,7 +40,7 @@ FIXES = (
     "-t REGISTRY/mla-train:0.1.0-gpu .` (or --target cpu), push it, and start Ray inside it "
     "(KubeRay: set cluster.image, or `mla k8s render --image`); or\n"
     "  2. give the job a Ray runtime env: --set cluster.runtime_env.py_executable=/path/to/venv/bin/python "
-    "(a virtual environment on every node, made with `scripts/install.sh /path/to/venv/bin/python`), "
+    "(a virtual environment on every node, made with `scripts/install.sh /path/to/venv/bin/python --extras train`), "
     "or cluster.runtime_env.pip: [...] (installed by Ray for the job; see the README)")
 
 

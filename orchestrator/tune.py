@@ -23,9 +23,8 @@ from pathlib import Path
 import yaml
 
 from orchestrator.config import JobConfig, apply_override, validate_job_dict
-from orchestrator.errors import ConfigError, JobFailedError
-from workers.checkpoint import write_json_atomic
-
+from orchestrator.contract.errors import ConfigError, JobFailedError
+from orchestrator.contract.io import atomic_write, atomic_write_with, write_json_atomic
 
 #: A trial's driver only waits on its Ray Train run, whose workers hold the CPUs; Tune refuses an
 #: empty request, so the driver asks for a little memory and no CPU.
@@ -65,14 +64,15 @@ def _trial_driver(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.controller import build_trainer, build_worker_plans
+    from orchestrator.launcher import build_trainer
+    from orchestrator.layouts import build_run_plan
 
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     trial_id = ray.tune.get_context().get_trial_id()
     job = trial_job(config["_base"], params, config["_trials_dir"], trial_id)
-    run_dir = job.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(job, build_worker_plans(job), run_dir, callbacks=[TuneReportCallback()])
+    plan = build_run_plan(job)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(plan, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -110,7 +110,7 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
         ClusterError: a node of ``cluster.address`` fails the preflight.
         JobFailedError: every trial failed.
     """
-    from orchestrator.controller import connect_ray, load_torch_before_ray
+    from orchestrator.launcher import connect_ray, load_torch_before_ray
 
     if scheduler not in ("asha", "fifo"):
         raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
@@ -121,7 +121,7 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     load_torch_before_ray()
     handle = connect_ray(job, num_cpus=os.cpu_count(), dashboard=True)
     if preflight and job.cluster.address:
-        from orchestrator.controller import check_cluster
+        from orchestrator.launcher import check_cluster
 
         check_cluster(job, handle)
     from ray import tune
@@ -133,8 +133,7 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
         with _inside(sweep_dir):
             grid = tuner.fit()
     finally:
-        if handle.started:
-            handle.shutdown()
+        handle.close()
     rows = sorted((_row(r, space, job.train.steps, metric) for r in grid), key=lambda r: [str(r[k]) for k in space])
     done = [r for r in rows if r[f"best_{metric}"] is not None]
     if not done:
@@ -213,9 +212,7 @@ def write_outputs(job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict,
     best_job = trial_job(job.model_dump(mode="json"), {k: best[k] for k in space}, job.run.dir, f"{job.run.name}-best")
     data = best_job.model_dump(mode="json")
     data["cluster"]["storage_path"] = job.cluster.storage_path
-    tmp = sweep_dir / "best.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, sweep_dir / "best.yaml")
+    atomic_write(sweep_dir / "best.yaml", yaml.safe_dump(data, sort_keys=False))
     plot_sweep(rows, list(space), metric, sweep_dir / "val_loss.png")
 
 
@@ -249,7 +246,7 @@ def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> No
         ax.set_ylabel(f"best {metric}")
     ax.set_title(f"best {metric} per trial (ASHA-stopped trials included)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

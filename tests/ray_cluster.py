@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.launcher import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
@@ -31,12 +32,6 @@ class Cluster:
     gcs_address: str
     token_file: Path
     env: dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _count_nodes(gcs: str, env: dict) -> int:
@@ -62,7 +57,7 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Pa
     env.pop("PYTHONPATH", None)  # the nodes' Python sees only its own packages
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port = free_port(""), free_port("")
     gcs = f"{HEAD_IP}:{gcs_port}"
     common = ["--block", "--object-store-memory=100000000", "--disable-usage-stats"]
     # Each node's dashboard agent serves the Job Submission API on a fixed default port (52365)
@@ -72,10 +67,10 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Pa
         procs.append(_start([ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
                              f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
                              "--include-dashboard=true", f"--num-cpus={head_cpus}",
-                             f"--dashboard-agent-listen-port={free_port()}", *common], env, tmp / "head.log"))
+                             f"--dashboard-agent-listen-port={free_port('')}", *common], env, tmp / "head.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 1, 120, "head node", tmp / "head.log")
         procs.append(_start([ray, "start", f"--address={gcs}", f"--node-ip-address={SECOND_IP}",
-                             f"--num-cpus={worker_cpus}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--num-cpus={worker_cpus}", f"--dashboard-agent-listen-port={free_port('')}",
                              '--resources={"second_node": 1}', *common], env, tmp / "worker.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 2, 120, "second node", tmp / "worker.log")
         yield Cluster(f"http://{HEAD_IP}:{dash_port}", gcs, token, env)

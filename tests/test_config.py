@@ -3,7 +3,7 @@
 import pytest
 
 from orchestrator.config import JobConfig, load_job_config, validate_job_dict
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 
 
 def test_tiny_config_loads_and_builds_the_tiny_model():

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.errors import DataError
+from orchestrator.contract.errors import DataError
 from workers.data import WindowBatches, check_corpus, load_corpus, stdlib_files
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import DEFAULT_IMAGE, load_job_config
-from orchestrator.k8s.render import RenderOptions, render_job
+from orchestrator.k8s.render import RAY_VERSION, RenderOptions, render_job
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -37,7 +37,7 @@ def _stages() -> dict[str, str]:
 def test_base_image_is_rayproject_ray_for_the_pinned_ray_and_python():
     ray_pin = re.search(r"==([\d.]+)", _requirement("ray")).group(1)
     python = re.search(r">=3\.(\d+)", PROJECT["requires-python"]).group(1)
-    assert _arg("RAY_VERSION") == ray_pin
+    assert _arg("RAY_VERSION") == ray_pin == RAY_VERSION  # KubeRay's rayVersion describes the image
     assert _arg("PYTHON_TAG") == f"py3{python}"
     assert re.fullmatch(r"cu\d{3}", _arg("CUDA_TAG"))  # Ray's -cuXYZ platform tags
     bases = re.findall(r"^FROM (rayproject/ray:\S+) AS (\S+)$", DOCKERFILE, re.M)
@@ -50,7 +50,7 @@ def test_every_build_stage_installs_with_the_shared_script_and_the_image_runs_as
     stages = _stages()
     for target in ("cpu", "gpu"):
         build = stages[f"build-{target}"]
-        assert re.search(r"scripts/install\.sh python$", build, re.M), build  # non-editable
+        assert re.search(r"scripts/install\.sh python --extras train$", build, re.M), build  # non-editable
         assert "--editable" not in build
         final = stages[target]
         assert f"--from=build-{target}" in final and "scripts/install.sh" not in final

@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 from orchestrator.k8s import client as k8s
 from orchestrator.k8s.render import RenderOptions, render_job
 from orchestrator.config import load_job_config

@@ -1,17 +1,11 @@
-"""Rank arithmetic of :class:`workers.layout.Layout`: hand-checked golden groups, agreement with
-DeepSpeed's ``PipeModelDataParallelTopology`` for shapes from 1 to 1,344 ranks, and layouts the
-workers cannot run rejected before launch with the reason."""
+"""Rank arithmetic of :class:`orchestrator.contract.layout.Layout`: hand-checked golden groups, agreement with
+DeepSpeed's ``PipeModelDataParallelTopology`` for shapes from 1 to 1,344 ranks."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from orchestrator.config import JobConfig
-from orchestrator.controller import build_worker_plans, check_resumable, layout_for_world
-from orchestrator.errors import PlanError
-from workers.layout import Layout, LayoutError
+from orchestrator.contract.layout import Layout, LayoutError
 from workers.parallel.groups import layout_groups, topology_groups
 
 # Hand-checked: rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank (tensor fastest).
@@ -80,35 +74,3 @@ def test_megatron_1344_rank_shape_hand_checked_ranks():
 def test_invalid_layouts_raise_with_the_reason(kwargs, reason):
     with pytest.raises(LayoutError, match=reason):
         Layout(**kwargs)
-
-
-@pytest.mark.parametrize("parallel, workers, reason", [
-    ({"tensor": 3, "zero_stage": 1}, 3, r"tp\(3\) must divide n_heads\(4\)"),
-    ({"pipeline": 8, "zero_stage": 1}, 8, r"pp\(8\) \* virtual_stages\(1\) > n_layers\(4\)"),
-    ({"pipeline": 2, "zero_stage": 3}, 2, "zero_stage=3 with pp=2"),
-    ({"tensor": 2}, 3, r"tensor\(2\) \* parallel.pipeline\(1\) = 2 does not divide 3"),
-])
-def test_controller_rejects_unrunnable_layouts_before_launch(parallel, workers, reason):
-    job = JobConfig(model={"preset": "tiny"}, parallel=parallel, cluster={"num_workers": workers},
-                    train={"micro_batch": 1, "global_batch": 24})
-    with pytest.raises(PlanError, match=reason):
-        layout_for_world(job, workers)
-
-
-def _job_with_checkpoint(tmp_path, saved: Layout, **parallel) -> JobConfig:
-    folder = tmp_path / "r" / "checkpoints" / "step_0000010"
-    folder.mkdir(parents=True)
-    (folder / "meta.json").write_text(json.dumps({"step": 10, "layout": saved.to_dict()}))
-    return JobConfig(model={"preset": "tiny"}, parallel=parallel, cluster={"num_workers": 1},
-                     train={"micro_batch": 4, "global_batch": 16}, run={"name": "r", "dir": str(tmp_path)})
-
-
-def test_zero3_checkpoint_under_another_layout_is_refused_before_launch(tmp_path):
-    job = _job_with_checkpoint(tmp_path, Layout(dp=2, zero_stage=3, micro_batch=4, grad_accum=2), zero_stage=3)
-    with pytest.raises(PlanError, match="ZeRO-3 checkpoints load under the same layout only"):
-        check_resumable(job, build_worker_plans(job))
-
-
-def test_layout_independent_checkpoint_resumes_under_another_layout(tmp_path):
-    job = _job_with_checkpoint(tmp_path, Layout(dp=2, zero_stage=1, micro_batch=4, grad_accum=2), zero_stage=2)
-    check_resumable(job, build_worker_plans(job))  # dp=2 ZeRO-1 -> dp=1 ZeRO-2: allowed

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_job_config
-from orchestrator.controller import layout_for_world
+from orchestrator.layouts import layout_for_world
 
 pytestmark = pytest.mark.slow
 MLA = [sys.executable, "-m", "orchestrator.cli"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mla.config import get_preset
 from mla.model import MLATransformer
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups
 from workers.parallel.pipeline import SequentialLM, VocabParallelLoss, canonical_parameters, layer_specs
 from workers.parallel.tensor_parallel import shard, split_dim

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.parallel.parity import ParityRun, reference_run, run_parity
+from tests.harness.parity import ParityRun, reference_run, run_parity
 from workers.parallel.reshard import read_consolidated
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_layout_matches_single_process_run(tmp_path, dp, tp, pp, recompute):
 
 def _initial_params() -> dict[str, torch.Tensor]:
     from mla.config import get_preset
-    from workers.layout import Layout
+    from orchestrator.contract.layout import Layout
     from workers.parallel.groups import ParallelGroups
     from workers.parallel.pipeline import SequentialLM, canonical_parameters, layer_specs
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from workers.parallel.parity import ParityRun, reference_run, run_parity
+from tests.harness.parity import ParityRun, reference_run, run_parity
 from workers.parallel.reshard import read_consolidated
 
 pytestmark = pytest.mark.slow

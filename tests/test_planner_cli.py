@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from orchestrator.cli_plan import plan
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 
 # The command alone (orchestrator/cli.py registers the same function as ``mla plan``).
 app = typer.Typer()

@@ -8,7 +8,7 @@ from mla.config import PRESETS, ModelConfig
 from orchestrator.planner.memory import (activation_bytes_per_layer, buffer_bytes, layers_on_stage,
                                          mla_attention_bytes, model_state_bytes, stage_parameters,
                                          zero_paper_bytes)
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 GPT3 = ModelConfig(vocab_size=51200, d_model=12288, n_layers=96, n_heads=96, ffn_hidden=32768,
                    max_seq_len=2048, attention="dense", dropout=0.1)

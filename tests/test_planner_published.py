@@ -9,7 +9,7 @@ from orchestrator.planner import plan
 from orchestrator.planner.calibrate import load_published, median, predicted, published_candidate
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
-CSV = Path(__file__).parent / "fixtures" / "planner" / "published_layouts.csv"
+CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "published_layouts.csv"
 
 
 @pytest.fixture(scope="module")

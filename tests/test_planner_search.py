@@ -5,7 +5,7 @@ import pytest
 from mla.config import PRESETS
 from mla.flops import count_parameters
 from orchestrator.config import validate_job_dict
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 from orchestrator.planner import (PlanRequest, Pins, get_gpu, min_gpus, model_from_params, parse_count, plan,
                                   plan_job)
 

@@ -5,7 +5,7 @@ import pytest
 from mla.config import ModelConfig
 from orchestrator.planner import PlanRequest, Pins, estimate, plan
 from orchestrator.planner.step_time import ring_time, stage_flops_per_token
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 GPT1T = ModelConfig(vocab_size=51200, d_model=25600, n_layers=128, n_heads=160, ffn_hidden=68267,
                     max_seq_len=2048, attention="dense")

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.cluster_probe import probe_node
 from orchestrator.config import load_job_config
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 from orchestrator.preflight import check_result, expectations, project_requirements
 
 

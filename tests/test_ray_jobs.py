@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.ray_cluster import free_port, ray_cluster
+from orchestrator.launcher import free_port
+from tests.ray_cluster import ray_cluster
 
 MLA = [sys.executable, "-m", "orchestrator.cli"]
 FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=5",
@@ -69,7 +70,7 @@ def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(tmp
 
 
 def test_unreachable_cluster_says_what_was_tried_and_how_to_start_one():
-    port = free_port()
+    port = free_port("")
     result = mla("submit", "configs/tiny.yaml", "--address", f"http://127.0.0.1:{port}", timeout=120)
     assert result.returncode == 2
     assert f"cannot reach the Ray cluster at http://127.0.0.1:{port}" in result.stderr

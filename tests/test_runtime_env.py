@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import load_job_config
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 from orchestrator.runtime_env import WORKING_DIR_EXCLUDES, build_runtime_env, driver_python
 
 

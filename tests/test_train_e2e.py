@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.checkpoint import complete_checkpoints
+from orchestrator.contract.checkpoints import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 MLA = [sys.executable, "-m", "orchestrator.cli"]

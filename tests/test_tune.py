@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_job_config
-from orchestrator.errors import ConfigError
+from orchestrator.contract.errors import ConfigError
 from orchestrator.tune import parse_search, plot_sweep, trial_job, validate_space
 
 MLA = [sys.executable, "-m", "orchestrator.cli"]

@@ -16,38 +16,12 @@ filesystem such as NFS or a Kubernetes volume for a cluster).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-_STEP_DIR = re.compile(r"^step_(\d{7})$")
-TAG = "consolidated"
-
-
-def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    """``RUN_DIR/checkpoints``."""
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, path)`` of complete checkpoints, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / "meta.json").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
-    """The newest complete checkpoint, or ``None``."""
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints, read_meta
+from orchestrator.contract.io import fsync_dir, write_json_atomic
 
 
 def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, rank: int, keep: int,
@@ -77,10 +51,10 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, r
     engine.save_checkpoint(str(tmp), tag=TAG, client_state={"step": step}, save_latest=False)
     barrier()
     if rank == 0:
-        _write_json_atomic(tmp / "meta.json", {"step": step, "tag": TAG, **meta})
+        write_json_atomic(tmp / "meta.json", {"step": step, "tag": TAG, **meta})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -97,33 +71,8 @@ def load_checkpoint(engine, path: Path) -> dict:
     Raises:
         RuntimeError: the checkpoint could not be loaded (e.g. another model shape).
     """
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     load_path, _ = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG))
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {path}")
     return meta
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and an atomic rename."""
-    _write_json_atomic(Path(path), payload)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.errors import DataError
+from orchestrator.contract.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".json", ".html", ".tex", ""}
 _EXCLUDED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}

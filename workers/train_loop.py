@@ -24,56 +24,36 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mla.config import ModelConfig
-from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from orchestrator.contract.checkpoints import latest_checkpoint, saved_layout
+from orchestrator.contract.io import atomic_write, write_json_atomic
+from orchestrator.contract.layout import Layout, resume_problem
+from orchestrator.contract.run_plan import RunPlan
+from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
-from workers.layout import Layout
 from workers.parallel.engine import build_engine
 
 
-@dataclass(frozen=True)
-class WorkerPlan:
-    """Everything a worker needs, as plain data (built by the controller).
-
-    Attributes:
-        job: The validated job config as a plain dict (``JobConfig.model_dump()``).
-        model: Model shape as a plain dict (``ModelConfig.to_dict()``).
-        run_dir: Absolute RUN_DIR shared by all workers.
-        plans: World size (as str, JSON-friendly) -> ``{"layout": Layout dict, "deepspeed": config}``.
-    """
-
-    job: dict
-    model: dict
-    run_dir: str
-    plans: dict
-
-
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...,
+    train_loop_config={"plan": RunPlan})``)."""
     import ray.train
 
-    plan = WorkerPlan(**config)
+    plan: RunPlan = config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    entry = plan.plans.get(str(world))
-    if entry is None:
-        raise RuntimeError(f"no layout was planned for world_size={world}; planned: {sorted(plan.plans)}")
-    layout = Layout(**entry["layout"])
-    layout.check_world_size(world)
-    cluster = plan.job["cluster"]
-    torch.set_num_threads(int(cluster.get("torch_threads") or max(1, int(cluster["cpus_per_worker"]))))
+    layout, ds_config = plan.for_world(world)
+    cluster = plan.job.cluster
+    torch.set_num_threads(int(cluster.torch_threads or max(1, int(cluster.cpus_per_worker))))
     _record_worker(plan.run_dir, rank, world)
-    init_distributed(cluster["use_gpu"])
-    Trainer(plan, layout, entry["deepspeed"], rank, world).run()
+    init_distributed(cluster.use_gpu)
+    Trainer(plan, layout, ds_config, rank, world).run()
 
 
 def init_distributed(use_gpu: bool) -> None:
@@ -96,36 +76,36 @@ def init_distributed(use_gpu: bool) -> None:
 class Trainer:
     """One worker's training run under a fixed ``(dp, tp, pp)`` layout."""
 
-    def __init__(self, plan: WorkerPlan, layout: Layout, ds_config: dict, rank: int, world: int):
+    def __init__(self, plan: RunPlan, layout: Layout, ds_config: dict, rank: int, world: int):
         self.plan, self.layout, self.rank, self.world = plan, layout, rank, world
         self.job = plan.job
-        self.train_cfg, self.data_cfg = self.job["train"], self.job["data"]
-        self.run_dir = Path(plan.run_dir)
-        self.model_cfg = ModelConfig(**plan.model)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.job["cluster"]["use_gpu"] \
+        self.train_cfg, self.data_cfg = self.job.train, self.job.data
+        self.run_dir = plan.run_dir
+        self.model_cfg = plan.model
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.job.cluster.use_gpu \
             else torch.device("cpu")
-        self.engine = build_engine(layout, ds_config, self.model_cfg, self.train_cfg["seed"],
-                                   self.train_cfg["weight_decay"], self.device)
-        corpus = load_corpus(self.data_cfg["path"], self.data_cfg["val_fraction"])
-        seq = self.data_cfg["seq_len"]
-        self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg["seed"])
-        self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg["seed"] + 1)
+        self.engine = build_engine(layout, ds_config, self.model_cfg, self.train_cfg.seed,
+                                   self.train_cfg.weight_decay, self.device)
+        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction)
+        seq = self.data_cfg.seq_len
+        self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
+        self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
         self.dp_rank = layout.coords(rank)[1]
         self._last: dict = {}
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
         start = self.resume()
-        steps = self.train_cfg["steps"]
-        log_every, eval_every = self.train_cfg["log_every"], self.train_cfg["eval_every"]
-        ckpt_every = self.job["checkpoint"]["every"]
+        steps = self.train_cfg.steps
+        log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
+        ckpt_every = self.job.checkpoint.every
         if start == 0:
             self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0})
             self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
             window_loss.append(self.train_step(step - 1))
-            tokens += self.layout.global_batch * self.data_cfg["seq_len"]
+            tokens += self.layout.global_batch * self.data_cfg.seq_len
             last = step == steps
             evaluate = step % eval_every == 0 or last
             if step % log_every == 0 or evaluate:
@@ -137,9 +117,10 @@ class Trainer:
                 self.log(record)
                 t0, tokens, window_loss = time.perf_counter(), 0, []
             save = step % ckpt_every == 0 or last
-            path = self.checkpoint(step) if save else None
+            if save:
+                self.checkpoint(step)
             if save or evaluate:
-                self.report(step, path)
+                self.report(step)
 
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
@@ -150,7 +131,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the same held-out sequences for every layout."""
         gb = self.layout.global_batch
-        n_batches = max(1, min(self.train_cfg["eval_batches"], self.val_batches.n_windows // gb))
+        n_batches = max(1, min(self.train_cfg.eval_batches, self.val_batches.n_windows // gb))
         total = 0.0
         for b in range(n_batches):
             total += self.engine.eval_batch(*self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp))
@@ -158,42 +139,40 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the latest complete checkpoint; returns the step to continue from (0 if none)."""
-        found = latest_checkpoint(self.run_dir) if self.job["checkpoint"]["resume"] else None
-        step, saved_layout = 0, None
+        found = latest_checkpoint(self.run_dir) if self.job.checkpoint.resume else None
+        step, saved = 0, None
         if found is not None:
             step, path = found
-            saved_layout = _saved_layout(path)
-            zero3 = 3 in (self.layout.zero_stage, (saved_layout or {}).get("zero_stage"))
-            if zero3 and saved_layout != self.layout.to_dict():
-                raise RuntimeError(f"checkpoint {path} was written under {saved_layout} in DeepSpeed's ZeRO-3 "
-                                   f"format, which cannot load under {self.layout.describe()}; resume with the "
-                                   "same number of workers or use parallel.zero_stage<=2")
+            saved = saved_layout(path)
+            problem = resume_problem(saved, self.layout)
+            if problem:
+                raise RuntimeError(f"checkpoint {path} was written under {saved.describe() if saved else '?'} "
+                                   f"and cannot load under {self.layout.describe()}: {problem}")
             load_checkpoint(self.engine, path)
         if self.rank == 0:
             self._trim_metrics(step)
             self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
                          "resumed_from_step": step if found else None,
-                         "checkpoint": str(found[1]) if found else None, "checkpoint_layout": saved_layout})
+                         "checkpoint": str(found[1]) if found else None,
+                         "checkpoint_layout": saved.to_dict() if saved else None})
         return step
 
     def checkpoint(self, step: int) -> Path:
         """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
-        meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.plan.model}
+        meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.model_cfg.to_dict()}
         return save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
-                               self.job["checkpoint"]["keep"], dist.barrier)
+                               self.job.checkpoint.keep, dist.barrier)
 
-    def report(self, step: int, checkpoint: Path | None = None) -> None:
-        """``ray.train.report`` the latest metrics (every rank: it is a collective); rank 0
-        attaches a small checkpoint that references the DeepSpeed checkpoint folder."""
+    def report(self, step: int) -> None:
+        """``ray.train.report`` the latest metrics (every rank: it is a collective).
+
+        No checkpoint is attached: :mod:`workers.checkpoint` is the one owner of checkpoints
+        (see :func:`orchestrator.launcher.build_trainer` for why), so Ray Train only carries
+        metrics (to the progress of Tune and ``Result.metrics``).
+        """
         import ray.train
 
-        metrics = {"step": step, **self._last_metrics()}
-        if self.rank == 0 and checkpoint is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_json_atomic(Path(tmp) / "mla_checkpoint.json", {"step": step, "path": str(checkpoint)})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        ray.train.report({"step": step, **self._last_metrics()})
 
     # ------------------------------------------------------------------ helpers
     def lr(self) -> float:
@@ -221,17 +200,11 @@ class Trainer:
             return
         keep = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
 
-def _saved_layout(path: Path) -> dict | None:
-    return json.loads((path / "meta.json").read_text()).get("layout")
-
-
-def _record_worker(run_dir: str, rank: int, world: int) -> None:
-    folder = Path(run_dir) / "workers"
+def _record_worker(run_dir: Path, rank: int, world: int) -> None:
+    folder = run_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / f"rank_{rank}.json",
                       {"rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname()})

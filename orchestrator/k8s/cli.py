@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from orchestrator.errors import ConfigError, JobFailedError
+from orchestrator.contract.errors import ConfigError, JobFailedError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 err = Console(stderr=True, highlight=False)

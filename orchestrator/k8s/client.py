@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from orchestrator.errors import ClusterError
+from orchestrator.contract.errors import ClusterError
 from orchestrator.k8s.render import config_map_name
 from orchestrator.k8s.status import Snapshot, changes, snapshot
 

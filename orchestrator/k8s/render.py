@@ -4,7 +4,7 @@ The RayJob carries its own RayCluster spec: a CPU head (it runs the ``mla train`
 GPU worker group that the Ray autoscaler (KubeRay in-tree autoscaling) scales between
 ``minReplicas`` and ``maxReplicas``. The bounds are the world sizes the job can run: multiples of
 ``tp * pp`` whose data-parallel degree divides the global batch, or the planner's choices for
-``parallel: auto`` (see :func:`orchestrator.controller.runnable_sizes`), restricted to whole pods of ``gpus_per_worker``
+``parallel: auto`` (see :func:`orchestrator.layouts.runnable_layouts`), restricted to whole pods of ``gpus_per_worker``
 GPUs. The entrypoint asks Ray Train for elastic scaling between the smallest and the largest of
 them; the runnable sizes themselves travel in the ``mla.io/world-sizes`` annotation and the
 ``MLA_WORLD_SIZES`` environment variable of the head.
@@ -23,15 +23,18 @@ import dataclasses
 import re
 import shlex
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import yaml
 
 from orchestrator.config import DEFAULT_IMAGE, JobConfig  # noqa: F401 (DEFAULT_IMAGE: re-exported)
-from orchestrator.errors import ConfigError, PlanError
+from orchestrator.contract.errors import ConfigError, PlanError
 
 JOB_CONFIG_DIR = "/etc/mla"
 """Where the head pod mounts the job ConfigMap; the job YAML is ``JOB_CONFIG_DIR/job.yaml``."""
+RAY_VERSION = "2.60.0"
+"""The Ray version inside the image (KubeRay's ``rayVersion`` describes the image, not the
+submitting machine); equal to the ``ray`` pin of the ``[train]`` extra and the Dockerfile's
+``RAY_VERSION`` (tests/test_image.py checks both)."""
 WORKER_GROUP = "gpu"
 """Name of the GPU worker group (pod label ``ray.io/group``)."""
 LABEL_RUN = "mla.io/run"
@@ -122,7 +125,7 @@ def worker_bounds(job: JobConfig, opts: RenderOptions) -> WorkerBounds:
     """World sizes in ``[min_gpus, max_gpus]`` the job can run, in whole pods.
 
     A world size W qualifies when the controller finds a layout for it
-    (:func:`orchestrator.controller.runnable_sizes`: the job's tp and pp dividing W and the
+    (:func:`orchestrator.layouts.runnable_layouts`: the job's tp and pp dividing W and the
     global batch, or the planner's choice for ``parallel: auto``), W is a multiple of
     ``gpus_per_worker`` and, if
     ``parallel.data`` is pinned, W equals ``data * tp * pp``.
@@ -137,14 +140,14 @@ def worker_bounds(job: JobConfig, opts: RenderOptions) -> WorkerBounds:
         raise ConfigError(f"--gpus-per-worker({opts.gpus_per_worker}) must be >= 1")
     if lo > hi:
         raise ConfigError(f"--min-gpus({lo}) > --max-gpus({hi}); make the minimum at most the maximum")
-    from orchestrator.controller import runnable_sizes
+    from orchestrator.layouts import runnable_layouts
 
     tp, pp = job.parallel.tensor, job.parallel.pipeline
     gb, mb = job.train.global_batch, job.train.micro_batch
-    sizes = [w for w in runnable_sizes(job, lo, hi) if w % opts.gpus_per_worker == 0
+    sizes = [w for w in runnable_layouts(job, range(lo, hi + 1)) if w % opts.gpus_per_worker == 0
              and (job.parallel.data is None or w == job.parallel.data * tp * pp)]
     if not sizes:
-        nearby = runnable_sizes(job, 1, max(4 * hi, 8))
+        nearby = list(runnable_layouts(job, range(1, max(4 * hi, 8) + 1)))
         raise PlanError(
             f"no world size in [{lo}, {hi}] GPUs fits tp({tp}) * pp({pp}), global_batch({gb}), "
             f"micro_batch({mb}), gpus_per_worker({opts.gpus_per_worker})"
@@ -232,7 +235,7 @@ def config_map_name(rayjob: str) -> str:
 def raycluster_spec(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dict:
     """RayCluster spec: CPU head with the job ConfigMap, autoscaled GPU worker group."""
     return {
-        "rayVersion": _ray_version(),
+        "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": opts.idle_timeout_seconds,
                               "resources": _resources(cpu="500m", memory="512Mi")},
@@ -294,13 +297,6 @@ def _ckpt_volumes(opts: RenderOptions) -> list[dict]:
     if "://" in opts.storage_path:
         return []
     return [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": opts.checkpoint_pvc}}]
-
-
-def _ray_version() -> str:
-    try:
-        return metadata.version("ray")
-    except metadata.PackageNotFoundError:  # pragma: no cover - ray is a dependency
-        return "2.60.0"
 
 
 class _Dumper(yaml.SafeDumper):

@@ -28,12 +28,13 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
-from orchestrator.errors import MLAError
+from orchestrator.contract.errors import MLAError
 
 KUBERAY_VERSION = "v1.7.0"
 """KubeRay release whose CRDs are vendored."""

@@ -8,7 +8,8 @@ Pure Python (no torch). One concept per module: :mod:`.catalogue` (GPUs), :mod:`
 Example:
     >>> from mla.config import PRESETS
     >>> result = plan(PlanRequest(model=PRESETS["70b"], gpus=64, gpu="h100", global_batch=512))
-    >>> result.best.layout, result.best.estimate.mfu
+    >>> result.best.layout.describe()
+    'dp=4 tp=4 pp=4 zero=1 mb=1 ga=128 recompute=selective'
 """
 
 from orchestrator.planner.catalogue import GPU_CATALOGUE, GpuSpec, get_gpu

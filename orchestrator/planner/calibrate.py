@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mla.config import ModelConfig
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 from orchestrator.planner.evaluate import estimate
 from orchestrator.planner.search import plan
 from orchestrator.planner.types import Candidate, Pins, PlanRequest
@@ -80,7 +80,7 @@ def _zero_stages(row: dict) -> tuple | None:
     """ZeRO stages the row's run could use: the stated stage, else its framework's (``None`` = any).
 
     ``ZeRO-3`` / ``FULL_SHARD`` → (3,); Llama 3's "FSDP (~ZeRO-2)" → (1, 2), since a layout with
-    pipelines represents ZeRO-2-like sharding only as ZeRO-1 (``workers.layout.Layout``);
+    pipelines represents ZeRO-2-like sharding only as ZeRO-1 (``orchestrator.contract.layout.Layout``);
     "stage 1" in the text → (1,); a Megatron-style framework (:data:`MEGATRON_STYLE`) → (0, 1).
     """
     text = row["zero_stage"].strip()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -59,7 +59,7 @@ class GpuSpec:
             raise PlanError(f"{self.name} has no {precision} peak in the catalogue; use one of: {supported}")
         return self.peak_tflops[precision] * 1e12
 
-    def replace(self, **changes: object) -> "GpuSpec":
+    def replace(self, **changes: object) -> GpuSpec:
         """Copy with custom values (``memory_gib=96``); ``None`` values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

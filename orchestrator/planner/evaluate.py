@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from mla.flops import training_flops_per_token
+from orchestrator.contract.layout import Layout, tp_splits_heads
 from orchestrator.planner.memory import memory_per_gpu
 from orchestrator.planner.step_time import stage_flops_per_token, step_time
 from orchestrator.planner.types import Estimate, PlanRequest
-from workers.layout import Layout
 
 
 def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
@@ -19,7 +19,7 @@ def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
         return f"tp={tp} > {req.node_size} GPUs per node"
     if req.node_size % tp:
         return f"tp={tp} does not divide {req.node_size} GPUs per node (tensor groups would straddle nodes)"
-    if cfg.n_heads % tp or cfg.kv_heads % tp:
+    if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
         return f"tp={tp} does not divide heads={cfg.n_heads} and kv_heads={cfg.kv_heads}"
     if pp > cfg.n_layers:
         return f"pp={pp} > layers={cfg.n_layers}"

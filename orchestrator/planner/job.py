@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from orchestrator.config import JobConfig
-from orchestrator.errors import PlanError
+from orchestrator.contract.deepspeed_config import resolve_precision
+from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import LAYOUT_FREE_ZERO_STAGES
 from orchestrator.planner.search import plan
-from orchestrator.planner.types import PlanRequest, PlanResult, Pins
+from orchestrator.planner.types import Pins, PlanRequest, PlanResult
 
 _PARALLEL_TO_PIN = {"data": "dp", "tensor": "tp", "pipeline": "pp", "zero_stage": "zero_stage",
                     "recompute": "recompute", "sequence_parallel": "sequence_parallel",
@@ -24,7 +26,7 @@ def job_pins(job: JobConfig) -> Pins:
         for name in job.parallel.model_fields_set & set(_PARALLEL_TO_PIN):
             pins[_PARALLEL_TO_PIN[name]] = getattr(job.parallel, name)
     else:
-        # What the DeepSpeed workers run (workers.parallel.support): no Megatron sequence
+        # What the DeepSpeed workers run (contract.layout.unsupported_reason): no Megatron sequence
         # parallelism, no interleaved virtual stages.
         pins |= {"sequence_parallel": False, "virtual_stages": 1}
     return Pins(**pins)
@@ -32,14 +34,12 @@ def job_pins(job: JobConfig) -> Pins:
 
 #: ZeRO stages a ``parallel: auto`` job may be given: ZeRO-3 checkpoints keep DeepSpeed's own
 #: per-layout format, so a job re-planned on resume (elastic restarts) could not load them.
-AUTO_ZERO_STAGES = (0, 1, 2)
+AUTO_ZERO_STAGES = LAYOUT_FREE_ZERO_STAGES
 
 
 def job_precision(job: JobConfig, gpu: str) -> str:
     """``train.precision``, with ``auto`` = fp32 on CPU and bf16 on GPUs."""
-    if job.train.precision != "auto":
-        return job.train.precision
-    return "fp32" if gpu == "cpu" else "bf16"
+    return resolve_precision(job.train.precision, use_gpu=gpu != "cpu")
 
 
 def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: int | None = None) -> PlanResult:
@@ -55,6 +55,7 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
         PlanError: no worker count from ``world_size`` down to 1 has a layout.
 
     Example:
+        >>> from orchestrator.config import load_job_config
         >>> plan_job(load_job_config("configs/tiny.yaml"), 2).best.layout.describe()
         'dp=2 tp=1 pp=1 zero=2 mb=8 ga=2'
     """

@@ -156,7 +156,7 @@ def mla_attention_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, recomp
 def layers_on_stage(n_layers: int, pp: int, stage: int) -> int:
     """Layers on pipeline ``stage``: ``n_layers // pp``, one more on the first ``n_layers % pp``.
 
-    This is the documented uneven split of ``workers.layout.Layout.check_model``.
+    This is the documented uneven split of ``orchestrator.contract.layout.Layout.check_model``.
 
     Example: 126 layers on 16 stages → stages 0-13 hold 8, stages 14-15 hold 7.
     """

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import itertools
 
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import RECOMPUTE_CHOICES, Layout, LayoutError
 from orchestrator.planner.evaluate import estimate, layout_problem, mesh_problem
 from orchestrator.planner.memory import GIB
 from orchestrator.planner.types import Candidate, PlanRequest, PlanResult, Rejection
-from workers.layout import Layout, LayoutError
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_CHOICES
 
 
 def divisors(n: int) -> list[int]:

@@ -16,7 +16,7 @@ import re
 
 from mla.config import ModelConfig, _swiglu_hidden
 from mla.flops import count_parameters
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from mla.config import ModelConfig
 from mla.flops import attention_flops_per_token, layer_parameters
-from orchestrator.planner.memory import LOW_BYTES, REDUCE_BUCKET_ELEMENTS, layers_on_stage, stage_parameters
+from orchestrator.planner.memory import (
+    LOW_BYTES,
+    REDUCE_BUCKET_ELEMENTS,
+    layers_on_stage,
+    stage_parameters,
+)
 
 #: Achievable fraction of dense peak for hardware FLOPs, fitted by ``benchmarks/planner.py`` on
 #: the published rows of published_layouts.csv (``calibrate.fit_efficiency``: 0.532 after the
@@ -129,7 +134,7 @@ def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_p
     """Pipeline sends per step, seconds: an activation forward and a gradient backward per
     micro-batch and model chunk, ``2·s·b·h`` bytes (``/t`` with Megatron's scatter-gather).
 
-    Neighbouring stages are ``dp·tp`` ranks apart (``workers.layout`` rank order), so they talk
+    Neighbouring stages are ``dp·tp`` ranks apart (``orchestrator.contract.layout`` rank order), so they talk
     over the network once ``dp·tp >= gpus_per_node``.
 
     Example: h=12288, s=2048, b=1, t=8, m=64, v=1, 25 GB/s: 2·64·6.3 MB/25 GB/s = 32 ms.

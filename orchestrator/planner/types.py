@@ -6,11 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mla.config import ModelConfig
-from orchestrator.errors import PlanError
+from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import Layout, Recompute
 from orchestrator.planner.catalogue import GpuSpec, get_gpu
 from orchestrator.planner.memory import GIB, MemoryBreakdown
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY, StepTime
-from workers.layout import Layout
 
 PIN_FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "recompute", "sequence_parallel", "virtual_stages")
 
@@ -24,7 +24,7 @@ class Pins:
     pp: int | None = None
     zero_stage: int | None = None
     micro_batch: int | None = None
-    recompute: str | None = None
+    recompute: Recompute | None = None
     sequence_parallel: bool | None = None
     virtual_stages: int | None = None
 
@@ -67,7 +67,7 @@ class PlanRequest:
             ``(0, 1)`` for Megatron-LM, NeMo and GPT-NeoX, whose distributed optimizer shards only
             the optimizer state (ZeRO-1-like; Megatron-LM README "Distributed Optimizer").
             With pipelines stages 2-3 are never searched (DeepSpeed's pipeline engine, which
-            ``workers/`` runs, supports 0-1; ``workers.layout.Layout`` enforces it).
+            ``workers/`` runs, supports 0-1; ``orchestrator.contract.layout.Layout`` enforces it).
     """
 
     model: ModelConfig
@@ -118,6 +118,8 @@ class PlanRequest:
         reports why it cannot run).
 
         Example:
+            >>> from mla.config import PRESETS
+            >>> req = PlanRequest(model=PRESETS["tiny"], gpus=2, gpu="cpu", global_batch=32)
             >>> req.replace(allowed_zero_stages=(0, 1)).zero_allowed(3, 1)
             False
         """
@@ -132,7 +134,7 @@ class PlanRequest:
         """GPUs per node, G (at most ``gpus``)."""
         return min(self.gpus_per_node or self.gpu.gpus_per_node, self.gpus)
 
-    def replace(self, **changes: object) -> "PlanRequest":
+    def replace(self, **changes: object) -> PlanRequest:
         """Copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 

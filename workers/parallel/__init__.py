@@ -5,7 +5,7 @@ Applied in a fixed order on every rank (torchtitan-style named steps):
 1. :func:`workers.parallel.groups.build_groups` -- process groups for the layout and the ``mpu``
    object that tells DeepSpeed about them (rank grid from DeepSpeed's
    ``PipeModelDataParallelTopology``, checked against the pure arithmetic of
-   :class:`workers.layout.Layout`);
+   :class:`orchestrator.contract.layout.Layout`);
 2. :func:`workers.parallel.pipeline.build_pipeline` -- the model as layer specs (vocab-parallel
    embedding, tensor-parallel blocks from :func:`workers.parallel.tensor_parallel.apply_tensor_parallel`,
    final norm, tied head); a DeepSpeed ``PipelineModule`` when ``pp > 1``, so each stage builds

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mla.config import ModelConfig
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups, build_groups
 from workers.parallel.pipeline import build_pipeline, canonical_parameters
 
@@ -119,7 +119,7 @@ class ParallelEngine:
         for ZeRO 0-2; DeepSpeed's own format for ZeRO-3, which loads under the same layout only."""
         from workers.parallel.reshard import save_consolidated
 
-        if self.layout.zero_stage == 3:
+        if not self.layout.layout_free_checkpoints:
             self.engine.save_checkpoint(path, tag=tag, client_state=client_state or {}, save_latest=False)
             return
         save_consolidated(self, f"{path}/{tag}", client_state or {})
@@ -148,7 +148,7 @@ def build_engine(layout: Layout, ds_config: dict, model_cfg: ModelConfig, seed: 
 
     Args:
         layout: The layout; ``dp * tp * pp`` must equal the process group's size.
-        ds_config: DeepSpeed config from :func:`orchestrator.deepspeed_config.build_deepspeed_config`.
+        ds_config: DeepSpeed config from :func:`orchestrator.contract.deepspeed_config.build_deepspeed_config`.
         model_cfg: Model shape.
         seed: Initialisation seed (same weights for every layout).
         weight_decay: AdamW weight decay on matrices.

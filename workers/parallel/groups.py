@@ -3,7 +3,7 @@
 The rank grid comes from DeepSpeed's ``PipeModelDataParallelTopology`` (axes ``pipe, data,
 model``: the tensor rank varies fastest). :func:`topology_groups` reads the groups off it and
 :func:`build_groups` refuses to run if they differ from the pure arithmetic of
-:class:`workers.layout.Layout` (which the layout tests check against hand-written groups), so
+:class:`orchestrator.contract.layout.Layout` (which the layout tests check against hand-written groups), so
 the planner, the workers and DeepSpeed agree on which rank holds what.
 
 Example (dp=2, tp=2, pp=2): rank 5 has coordinates ``(pp=1, dp=0, tp=1)``; its tensor group is
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 
 def topology(layout: Layout):

@@ -29,10 +29,13 @@ from torch import nn
 
 from mla.config import ModelConfig
 from mla.model import INIT_STD, RMSNorm, TransformerBlock, init_residual_projections
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups, topology
-from workers.parallel.tensor_parallel import (VocabParallelEmbedding, apply_tensor_parallel,
-                                              vocab_parallel_cross_entropy)
+from workers.parallel.tensor_parallel import (
+    VocabParallelEmbedding,
+    apply_tensor_parallel,
+    vocab_parallel_cross_entropy,
+)
 
 TIED_KEY = "embed"
 
@@ -152,14 +155,10 @@ def build_pipeline(cfg: ModelConfig, layout: Layout, groups: ParallelGroups, see
     """This rank's part of the model: a ``PipelineModule`` (``pp > 1``) or a :class:`SequentialLM`.
 
     Raises:
-        ValueError: the layout cannot split this model (tp vs heads, pp vs layers).
+        LayoutError: (a ``ValueError``) the layout cannot split this model (tp vs heads, pp vs
+            layers).
     """
-    from workers.layout import LayoutError
-
-    try:
-        layout.check_model(cfg.n_heads, cfg.kv_heads, cfg.n_layers)
-    except LayoutError as exc:
-        raise ValueError(str(exc)) from None
+    layout.check_model(cfg.n_heads, cfg.kv_heads, cfg.n_layers)
     specs = layer_specs(cfg, groups, seed, layout.recompute)
     loss_fn = VocabParallelLoss(groups, cfg.vocab_size)
     if layout.pp == 1:

@@ -31,6 +31,7 @@ from torch import nn
 
 from mla.attention import MultiLevelAttention
 from mla.model import SwiGLU
+from orchestrator.contract.layout import tp_splits_heads
 
 #: Split dimension of every tensor-parallel parameter, by the parameter's name suffix (names of
 #: :class:`mla.model.MLATransformer`); parameters not listed are replicated.
@@ -281,7 +282,7 @@ def apply_tensor_parallel(module: nn.Module, tp_rank: int, tp: int, group) -> nn
     def convert(child: nn.Module) -> nn.Module | None:
         if isinstance(child, MultiLevelAttention) and not isinstance(child, ParallelAttention):
             cfg = child.cfg
-            if cfg.n_heads % tp or cfg.kv_heads % tp:
+            if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
                 raise ValueError(f"tp({tp}) must divide n_heads({cfg.n_heads}) and kv_heads({cfg.kv_heads})")
             return ParallelAttention(child, tp_rank, tp, group)
         if isinstance(child, SwiGLU) and not isinstance(child, ParallelSwiGLU):

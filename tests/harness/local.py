@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from orchestrator.launcher import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args: tuple, queue) -> None:

@@ -15,9 +15,47 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Recompute = Literal["none", "selective", "full"]
+#: The activation-recomputation choices, in order of memory saved (the one list of them).
+RECOMPUTE_CHOICES: tuple[Recompute, ...] = get_args(Recompute)
+
+
+#: ZeRO stages whose checkpoints are consolidated (layout-independent). ZeRO-3 checkpoints keep
+#: DeepSpeed's own per-rank format, which loads under the layout that wrote it only.
+LAYOUT_FREE_ZERO_STAGES = (0, 1, 2)
+
+
+def tp_splits_heads(tp: int, n_heads: int, n_kv_heads: int) -> bool:
+    """Whether tensor-parallel degree ``tp`` divides both the attention heads and the key/value
+    heads (Megatron splits heads across tensor ranks; Shoeybi et al. 2019, section 3).
+
+    Example:
+        >>> tp_splits_heads(2, 4, 2), tp_splits_heads(4, 4, 2)
+        (True, False)
+    """
+    return n_heads % tp == 0 and n_kv_heads % tp == 0
+
+
+def resume_problem(saved: Layout | None, planned: Layout) -> str | None:
+    """Why a checkpoint written under ``saved`` cannot load under ``planned`` (``None`` if it can).
+
+    The one ZeRO-3 resume rule: consolidated checkpoints (ZeRO 0-2) load under any layout;
+    when either side uses ZeRO-3, the layouts must be equal.
+
+    Example:
+        >>> resume_problem(Layout(dp=2, zero_stage=2), Layout(dp=4, zero_stage=2)) is None
+        True
+        >>> resume_problem(Layout(dp=2, zero_stage=3), Layout(dp=4, zero_stage=3))[:21]
+        'ZeRO-3 checkpoints lo'
+    """
+    if saved is None or saved == planned:
+        return None
+    if saved.layout_free_checkpoints and planned.layout_free_checkpoints:
+        return None
+    return ("ZeRO-3 checkpoints load under the same layout only: resume with the same workers and "
+            "parallel settings, use parallel.zero_stage<=2, or start a new run name")
 
 
 class LayoutError(ValueError):
@@ -69,8 +107,8 @@ class Layout:
         if self.pp > 1 and self.zero_stage > 1:
             raise LayoutError(f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline "
                               "engine supports ZeRO stage 0 or 1 only; use zero_stage<=1 or pp=1")
-        if self.recompute not in ("none", "selective", "full"):
-            raise LayoutError(f"recompute={self.recompute!r} must be none, selective or full")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise LayoutError(f"recompute={self.recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
         if self.sequence_parallel and self.tp == 1:
             raise LayoutError("sequence_parallel=True needs tp > 1")
         if self.virtual_stages > 1 and self.pp == 1:
@@ -99,13 +137,19 @@ class Layout:
         the number of layers (stages get ``n_layers // pp`` layers, the first ones one more
         when it does not divide).
         """
-        if n_heads % self.tp or n_kv_heads % self.tp:
+        if not tp_splits_heads(self.tp, n_heads, n_kv_heads):
             raise LayoutError(f"tp({self.tp}) must divide n_heads({n_heads}) and n_kv_heads({n_kv_heads})")
         if self.pp * self.virtual_stages > n_layers:
             raise LayoutError(f"pp({self.pp}) * virtual_stages({self.virtual_stages}) > n_layers({n_layers}): "
                               "every pipeline stage needs at least one layer")
 
-    def replace(self, **changes: object) -> "Layout":
+    @property
+    def layout_free_checkpoints(self) -> bool:
+        """Whether this layout's checkpoints load under any other layout (ZeRO 0-2: the
+        consolidated format) or only under itself (ZeRO-3: DeepSpeed's own format)."""
+        return self.zero_stage in LAYOUT_FREE_ZERO_STAGES
+
+    def replace(self, **changes: object) -> Layout:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -143,3 +187,24 @@ class Layout:
     def pp_groups(self) -> list[list[int]]:
         """Pipeline groups: ranks that hold consecutive stages of one replica shard."""
         return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+
+def unsupported_reason(layout: Layout) -> str | None:
+    """Why the workers cannot run ``layout``, or ``None`` when they can.
+
+    The workers run any ``(dp, tp, pp)`` with ZeRO 0-3 (0-1 with pipelines, enforced by
+    :class:`Layout` itself) and activation recomputation; they do not implement Megatron
+    sequence parallelism or interleaved virtual pipeline stages (DeepSpeed's ``PipelineEngine``
+    has no interleaved schedule).
+
+    Example:
+        >>> unsupported_reason(Layout(dp=2, tp=2, sequence_parallel=True))
+        'sequence_parallel=True is not implemented by the DeepSpeed workers; set parallel.sequence_parallel=false'
+    """
+    if layout.sequence_parallel:
+        return ("sequence_parallel=True is not implemented by the DeepSpeed workers; "
+                "set parallel.sequence_parallel=false")
+    if layout.virtual_stages > 1:
+        return (f"virtual_stages={layout.virtual_stages}: DeepSpeed's PipelineEngine has no interleaved "
+                "schedule; set parallel.virtual_stages=1")
+    return None

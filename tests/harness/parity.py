@@ -3,12 +3,12 @@
 A parallel layout is correct when it reproduces the single-process run (DeepSpeed's own
 pipeline test compares against data parallel the same way). :func:`parity_worker` trains the
 model for a few steps from fixed weights and data on one rank of a local gloo job
-(:func:`workers.parallel.local.run_local`), optionally resuming from or saving a consolidated
+(:func:`tests.harness.local.run_local`), optionally resuming from or saving a consolidated
 checkpoint, and returns the per-step losses. The tests compare them across layouts.
 
 Run by hand (prints the per-step losses of each layout)::
 
-    python -m workers.parallel.parity 1,1,1 2,1,1 1,2,1 1,1,2
+    python -m tests.harness.parity 1,1,1 2,1,1 1,2,1 1,1,2
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def corpus_path() -> str:
 
 def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
     """Train ``run`` on this rank; returns ``{"losses": [...], "start": step}`` (same on all ranks)."""
-    from orchestrator.deepspeed_config import build_deepspeed_config
+    from orchestrator.contract.deepspeed_config import build_deepspeed_config
     from workers.data import WindowBatches, load_corpus
     from workers.parallel.engine import build_engine
 
@@ -99,7 +99,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
 
 def run_parity(run: ParityRun) -> dict:
     """Run ``run`` on ``dp * tp * pp`` local processes; returns rank 0's result."""
-    from workers.parallel.local import run_local
+    from tests.harness.local import run_local
 
     return run_local(parity_worker, run.dp * run.tp * run.pp, run)[0]
 

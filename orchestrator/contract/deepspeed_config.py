@@ -7,7 +7,7 @@ Pure Python: the controller builds it and ships it to the workers, which pass it
 from __future__ import annotations
 
 from orchestrator.config import JobConfig
-from workers.layout import Layout
+from orchestrator.contract.layout import Layout
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:

@@ -1,0 +1,1 @@
+"""Test harness: spawned local gloo jobs and the layout-parity runner (not shipped)."""
