@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
+        ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
         result.update(probe_cluster(expect, timeout_s=float(expect.get("timeout_s", 300))))
     except Exception:
         result["cluster_error"] = _last_lines(traceback.format_exc(), 20)

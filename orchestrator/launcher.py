@@ -15,6 +15,7 @@ Ray and torch are imported inside functions, so importing this module stays chea
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -156,7 +157,7 @@ def _connect_address(job: JobConfig, verbose: bool) -> None:
             runtime_env = build_runtime_env(job.cluster, working_dir=tmp)
         try:  # ray.init uploads the working_dir before it returns
             ray.init(address=job.cluster.address, runtime_env=runtime_env, log_to_driver=verbose,
-                     logging_level="WARNING")
+                     logging_level=logging.WARNING)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
             raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
                                f"({exc}); start one with `ray start --head` or unset cluster.address to use "
