@@ -1,6 +1,7 @@
 # Set-up and entry points. `make train` and `make test` are the README's two commands: each one
-# creates .venv on a fresh machine (torch pinned to the CPU wheel, DeepSpeed built against it
-# without build isolation) and then does its job.
+# creates .venv on a fresh machine with scripts/install.sh (torch at its pin, DeepSpeed built
+# against it without build isolation, the project editable with the dev extras; the Dockerfile
+# runs the same script) and then does its job.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,11 +10,9 @@ PYTEST_ARGS ?=
 
 .PHONY: install train test lint clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile scripts/install.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.19,<0.20"
-	$(BIN)/pip install --quiet -e ".[dev]"  # dev pulls [train,k8s]: everything
+	scripts/install.sh $(BIN)/python --editable --extras dev  # dev pulls [train,k8s]: everything
 	touch $@
 
 install: $(BIN)/.installed

@@ -38,13 +38,15 @@ def train(
     config: str = typer.Argument(..., help="Job YAML, e.g. configs/tiny.yaml."),
     set_: Optional[list[str]] = SetOption,
     json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout at the end."),
+    preflight: bool = typer.Option(True, "--preflight/--no-preflight",
+                                   help="With cluster.address: check every node's Python and the job's paths first."),
 ) -> None:
     """Train a model: plan the layout, start (or connect to) Ray and run DeepSpeed workers."""
     from orchestrator.config import load_job_config
     from orchestrator.launcher import run_training
 
     job = load_job_config(config, set_ or [])
-    summary = run_training(job)
+    summary = run_training(job, preflight=preflight)
     if json_out:
         print(json.dumps(summary, indent=2))
 

@@ -33,6 +33,8 @@ def submit(
     samples: int = typer.Option(1, "--samples", help="With --tune: samples per grid point."),
     scheduler: str = typer.Option("asha", "--scheduler", help="With --tune: asha or fifo."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="With --tune: steps per trial."),
+    preflight: bool = typer.Option(True, "--preflight/--no-preflight",
+                                   help="First run a small job that checks every node's Python and the job's paths."),
 ) -> None:
     """Submit a training job (or with --tune a sweep) to a Ray cluster through the Job Submission API."""
     from orchestrator.jobs import follow
@@ -47,7 +49,8 @@ def submit(
         args += ["--samples", str(samples), "--scheduler", scheduler]
         if max_steps:
             args += ["--max-steps", str(max_steps)]
-    client, sid = submit_job(config, set_ or [], address, token_file, storage_path, args, command)
+    client, sid = submit_job(config, set_ or [], address, token_file, storage_path, args, command,
+                             preflight=preflight)
     print(sid)
     err.print(f"submitted {sid}; follow it with: mla jobs logs {sid} --follow")
     if follow_logs:

@@ -21,6 +21,10 @@ def tune(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per trial (default: train.steps)."),
     search_mode: str = typer.Option("grid", "--search-mode", help="grid (every combination) or random."),
     resume: bool = typer.Option(False, "--resume", help="Restore an interrupted sweep of the same run name."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to run on (sets cluster.address), "
+                                          "e.g. auto or 127.0.0.1:6379; unset starts an embedded Ray."),
+    preflight: bool = typer.Option(True, "--preflight/--no-preflight",
+                                   help="With an address: check every node's Python and the job's paths first."),
 ) -> None:
     """Sweep attention settings with Ray Tune; writes trials.json, best.yaml and val_loss.png."""
     from orchestrator.config import load_job_config
@@ -29,9 +33,9 @@ def tune(
 
     if search_mode not in ("grid", "random"):
         raise ConfigError(f"--search-mode {search_mode!r}: choose grid or random")
-    job = load_job_config(config, set_ or [])
+    job = load_job_config(config, [*(set_ or []), *([f"cluster.address={address}"] if address else [])])
     space = parse_search(search)
-    result = run_sweep(job, space, samples, scheduler, metric, max_steps, search_mode, resume)
+    result = run_sweep(job, space, samples, scheduler, metric, max_steps, search_mode, resume, preflight)
     table = Table(*space, f"best {metric}", "steps", "stopped early", "error", title="trials")
     for row in sorted(result.rows, key=lambda r: (r[f"best_{metric}"] is None, r[f"best_{metric}"] or 0)):
         best = row[f"best_{metric}"]

@@ -200,6 +200,41 @@ class ParallelSection(_Section):
     """Virtual pipeline stages per rank (interleaved schedule)."""
 
 
+class RuntimeEnvSection(_Section):
+    """A Ray runtime environment for the job's driver and workers, passed to Ray unchanged
+    (merged with the uploaded project code). Leave it unset when the cluster runs the project's
+    image; see https://docs.ray.io/en/latest/ray-core/handling-dependencies.html."""
+
+    pip: list[str] | str | dict[str, Any] | None = None
+    """Packages (or a requirements file, or Ray's ``{packages, pip_check, pip_version}`` form)
+    Ray installs into a virtualenv on every node."""
+    uv: list[str] | str | dict[str, Any] | None = None
+    """Like ``pip``, installed with uv."""
+    py_executable: str | None = None
+    """Python (or a command such as ``uv run``) that runs the job's driver and workers on every
+    node, e.g. the path of a virtual environment's ``bin/python`` present on all nodes."""
+    env_vars: dict[str, str] | None = None
+    """Environment variables of the driver and the workers."""
+    container: dict[str, Any] | None = None
+    """Ray's ``container`` field (``image``, ``run_options``; deprecated by Ray for ``image_uri``)."""
+    image_uri: str | None = None
+    """Container image the workers run in (Ray's ``image_uri``; needs podman on the nodes)."""
+    setup_timeout_s: int = Field(600, ge=1)
+    """Seconds Ray may spend setting the environment up (installs) before it fails the job with
+    the runtime-env logs (``RuntimeEnvConfig.setup_timeout_seconds``)."""
+
+    def to_ray(self) -> dict[str, Any]:
+        """The ``runtime_env`` dict for Ray: the fields set, plus ``config.setup_timeout_seconds``."""
+        env = self.model_dump(exclude={"setup_timeout_s"}, exclude_none=True)
+        env["config"] = {"setup_timeout_seconds": self.setup_timeout_s}
+        return env
+
+
+DEFAULT_IMAGE = "mla-train:0.1.0-gpu"
+"""Tag that the documented ``docker build --target gpu`` gives the CUDA image (see Dockerfile);
+push it to a registry the cluster pulls from and set ``cluster.image`` to that name."""
+
+
 class ClusterSection(_Section):
     """Where the job runs."""
 
@@ -228,6 +263,12 @@ class ClusterSection(_Section):
     """Object-store size of the embedded Ray, in MiB."""
     storage_path: str | None = None
     """Folder (or URI) all nodes can reach for run folders and checkpoints; unset is run.dir."""
+    image: str = DEFAULT_IMAGE
+    """Container image of every Ray node on Kubernetes (`mla k8s render`): this project's image
+    (Dockerfile) as pushed to your registry."""
+    runtime_env: RuntimeEnvSection | None = None
+    """Ray runtime environment for clusters whose Python lacks the project (pip, uv,
+    py_executable, env_vars, container); unset uses the cluster's Python as it is."""
 
 
 class CheckpointSection(_Section):
@@ -433,6 +474,8 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
+        for arg in getattr(ann, "__args__", ()):  # ``Section | None``
+            ann = arg if isinstance(arg, type) and issubclass(arg, BaseModel) else ann
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
 

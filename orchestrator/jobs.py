@@ -4,7 +4,9 @@
 project code plus the resolved job YAML as the job's ``working_dir`` (virtual environments, run
 folders, checkpoints and caches excluded) and starts ``python -m orchestrator.cli train job.yaml``
 on the cluster, where the run folder lives under ``cluster.storage_path`` so that a resubmitted
-job with the same ``run.name`` resumes.
+job with the same ``run.name`` resumes. ``cluster.runtime_env`` joins the code upload in the job's
+runtime env (:mod:`orchestrator.runtime_env`), and a small preflight job with the same runtime env
+checks every node's Python and the job's paths first (:mod:`orchestrator.preflight`).
 
 Token authentication (on by default in Ray 2.60): the token is read the way Ray reads it
 (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) or from ``--token-file``;
@@ -14,6 +16,7 @@ it is sent as a header by Ray's client and never printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -25,11 +28,9 @@ import yaml
 
 from orchestrator.config import JobConfig, load_job_config
 from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
+from orchestrator.runtime_env import WORKING_DIR_EXCLUDES, build_runtime_env, driver_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-#: Never uploaded with the job: environments, run outputs, checkpoints, caches, VCS data.
-WORKING_DIR_EXCLUDES = [".venv", "venv", "env", "runs", "ray_results", "checkpoints", "*.egg-info", ".git",
-                        "__pycache__", ".pytest_cache", "*.pt", "*.pth", "*.safetensors", ".mypy_cache", "k8s/crds"]
 _CODE = ["mla", "workers", "orchestrator", "benchmarks", "configs", "pyproject.toml"]
 DEFAULT_STORAGE = "/tmp/mla-runs"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -96,12 +97,8 @@ def connect(address: str | None, token_file: str | None = None):
                            "(port 8265), or check RAY_ADDRESS") from None
 
 
-def stage_working_dir(job: JobConfig, stage: Path) -> Path:
-    """Copy the project code (without excluded paths) and write the resolved job YAML.
-
-    Returns:
-        The staged ``job.yaml`` path (relative name ``job.yaml`` inside ``stage``).
-    """
+def stage_code(stage: Path) -> None:
+    """Copy the project code (without :data:`WORKING_DIR_EXCLUDES`) into ``stage``."""
     ignore = shutil.ignore_patterns(*WORKING_DIR_EXCLUDES)
     for name in _CODE:
         src = PROJECT_ROOT / name
@@ -109,6 +106,15 @@ def stage_working_dir(job: JobConfig, stage: Path) -> Path:
             shutil.copytree(src, stage / name, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, stage / name)
+
+
+def stage_working_dir(job: JobConfig, stage: Path) -> Path:
+    """Copy the project code (without excluded paths) and write the resolved job YAML.
+
+    Returns:
+        The staged ``job.yaml`` path (relative name ``job.yaml`` inside ``stage``).
+    """
+    stage_code(stage)
     job_yaml = stage / "job.yaml"
     job_yaml.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     return job_yaml
@@ -130,22 +136,41 @@ def prepare_cluster_job(config: str, overrides: list[str], storage_path: str | N
 
 def submit(config: str, overrides: list[str], address: str | None, token_file: str | None = None,
            storage_path: str | None = None, entrypoint_args: list[str] | None = None,
-           command: str = "train", submission_id: str | None = None) -> tuple[object, str]:
-    """Submit ``mla COMMAND job.yaml`` to the cluster; returns ``(client, submission_id)``."""
+           command: str = "train", submission_id: str | None = None, preflight: bool = True) -> tuple[object, str]:
+    """Check the cluster's Python (:mod:`orchestrator.preflight`), then submit
+    ``mla COMMAND job.yaml`` to the cluster; returns ``(client, submission_id)``.
+
+    The code upload and ``cluster.runtime_env`` make one runtime env, used by the preflight job
+    and the training job alike (Ray uploads the package once).
+
+    Raises:
+        ConfigError: the config is invalid.
+        ClusterError: the cluster cannot be reached, refused the job, or its Python (or the
+            job's paths) failed the preflight: nothing was started then.
+    """
+    from orchestrator.preflight import EXPECT_FILE, check_result, expectations, run_preflight_job
+
+    explicit_storage = bool(storage_path or load_job_config(config, overrides).cluster.storage_path)
     job = prepare_cluster_job(config, overrides, storage_path)
     client = connect(address, token_file)
     sid = submission_id or f"mla-{job.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    python = driver_python(job.cluster)
     with tempfile.TemporaryDirectory(prefix="mla-submit-") as tmp:
         stage_working_dir(job, Path(tmp))
-        args = " ".join(shlex.quote(a) for a in entrypoint_args or [])
-        entrypoint = f"python -m orchestrator.cli {command} job.yaml {args}".strip()
-        _submit_with_retry(client, entrypoint=entrypoint, submission_id=sid,
-                           runtime_env={"working_dir": tmp, "excludes": WORKING_DIR_EXCLUDES},
+        runtime_env = build_runtime_env(job.cluster, working_dir=tmp)
+        if preflight:
+            expect = expectations(job, check_storage=explicit_storage)
+            (Path(tmp) / EXPECT_FILE).write_text(json.dumps(expect.probe_input()))
+            check_result(expect, run_preflight_job(client, expect, runtime_env, python, f"{sid}-preflight",
+                                                   _submit_with_retry))
+        args = " ".join(shlex.quote(a) for a in ["--no-preflight", *(entrypoint_args or [])])
+        entrypoint = f"{python} -m orchestrator.cli {command} job.yaml {args}".strip()
+        _submit_with_retry(client, entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
                            metadata={"mla_run": job.run.name, "mla_command": command})
     return client, sid
 
 
-def _submit_with_retry(client, retry_s: float = 90.0, **kwargs) -> None:
+def _submit_with_retry(client, retry_s: float = 180.0, **kwargs) -> None:
     """``client.submit_job`` that waits while a freshly started head has no job agent yet
     (Ray answers HTTP 500 "No available agent ... try again later").
 

@@ -16,6 +16,7 @@ Ray and torch are imported inside functions, so importing this module stays chea
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -160,12 +161,7 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
         return RayHandle(started=False, saved_env=saved)
     verbose = bool(os.environ.get("MLA_VERBOSE"))
     if job.cluster.address:
-        try:
-            ray.init(address=job.cluster.address, log_to_driver=verbose, logging_level="WARNING")
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
-            raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
-                               f"({exc}); start one with `ray start --head` or unset cluster.address to use "
-                               "an embedded local Ray") from None
+        _connect_address(job, verbose)
         return RayHandle(started=False, saved_env=saved)
     cluster = job.cluster
     num_cpus = cluster.ray_num_cpus or num_cpus or max(1, int(round(cluster.num_workers * cluster.cpus_per_worker)))
@@ -182,6 +178,52 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
              dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level="WARNING",
              _node_ip_address="127.0.0.1", configure_logging=True)
     return RayHandle(started=True, saved_env=saved)
+
+
+def _connect_address(job: JobConfig, verbose: bool) -> None:
+    """``ray.init(cluster.address)`` with the job's runtime env: the project code as the
+    ``working_dir`` merged with ``cluster.runtime_env``. Inside a Ray job (``mla submit``) the
+    job's own runtime env already carries both, and Ray would refuse a second one.
+
+    Raises:
+        ClusterError: the address cannot be reached.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from orchestrator.jobs import stage_code
+    from orchestrator.runtime_env import build_runtime_env
+
+    with tempfile.TemporaryDirectory(prefix="mla-code-") as tmp:
+        runtime_env = None
+        if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            stage_code(Path(tmp))
+            runtime_env = build_runtime_env(job.cluster, working_dir=tmp)
+        try:  # ray.init uploads the working_dir before it returns
+            ray.init(address=job.cluster.address, runtime_env=runtime_env, log_to_driver=verbose,
+                     logging_level=logging.WARNING)
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
+            raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
+                               f"({exc}); start one with `ray start --head` or unset cluster.address to use "
+                               "an embedded local Ray") from None
+
+
+def check_cluster(job: JobConfig, handle: RayHandle) -> None:
+    """Preflight of a connected driver; closes the handle and re-raises on failure.
+
+    Raises:
+        ClusterError: see :func:`orchestrator.preflight.check_result`.
+    """
+    from orchestrator.preflight import preflight_connected
+
+    try:
+        preflight_connected(job, check_storage=job.cluster.storage_path is not None)
+    except ClusterError:
+        handle.shutdown()
+        handle.close()
+        raise
 
 
 def _set_env(saved: dict[str, str | None], name: str, value: str) -> None:
@@ -206,12 +248,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def run_training(job: JobConfig) -> dict:
+def run_training(job: JobConfig, preflight: bool = True) -> dict:
     """Run the job to completion and return the summary (also written to ``RUN_DIR/summary.json``).
+
+    With ``cluster.address`` set and ``preflight``, every node's Python (and the job's paths) is
+    checked before the workers start (:func:`orchestrator.preflight.preflight_connected`).
 
     Raises:
         DataError, ConfigError, PlanError: before anything starts.
-        ClusterError: Ray cannot be reached.
+        ClusterError: Ray cannot be reached, or a node fails the preflight.
         JobFailedError: the workers failed more often than ``cluster.max_failures`` allows, or
             the divergence guard stopped the run (``summary.json`` then has ``status: diverged``).
     """
@@ -222,15 +267,17 @@ def run_training(job: JobConfig) -> dict:
     check_resumable(job, plan)
     plan = attach_privacy(job, plan)
     run_dir = plan.run_dir
-    make_run_dir(job, run_dir)
-    print_header(plan, data_text)
-    write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
     load_torch_before_ray()
-    tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps)
-    watchdog = StartupWatchdog(job, plan.world_sizes, run_dir, job.cluster.startup_timeout_s)
-    started = time.time()
-    with ray_session(job):
+    with ray_session(job) as handle:
+        if preflight and job.cluster.address:
+            check_cluster(job, handle)
+        make_run_dir(job, run_dir)
+        print_header(plan, data_text)
+        write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
+        (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
+        tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps)
+        watchdog = StartupWatchdog(job, plan.world_sizes, run_dir, job.cluster.startup_timeout_s)
+        started = time.time()
         try:
             tail.start()
             check_placeable(job, plan.world_sizes)

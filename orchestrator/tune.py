@@ -130,11 +130,15 @@ class SweepResult:
 
 def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, scheduler: str = "asha",
               metric: str = "val_loss", max_steps: int | None = None, search_mode: str = "grid",
-              resume: bool = False) -> SweepResult:
+              resume: bool = False, preflight: bool = True) -> SweepResult:
     """Run (or resume) a Tune sweep of ``space`` and write the sweep's outputs.
+
+    With ``cluster.address`` set and ``preflight``, every node's Python and the job's paths are
+    checked before any trial starts (:func:`orchestrator.preflight.preflight_connected`).
 
     Raises:
         ConfigError: bad space, scheduler, or nothing to resume.
+        ClusterError: a node of ``cluster.address`` fails the preflight.
         JobFailedError: every trial failed.
     """
     from orchestrator.launcher import connect_ray, load_torch_before_ray
@@ -151,6 +155,10 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     sweep_dir = (Path(job.cluster.storage_path or job.run.dir) / f"{job.run.name}-sweep").resolve()
     load_torch_before_ray()
     handle = connect_ray(job, num_cpus=os.cpu_count(), dashboard=True)
+    if preflight and job.cluster.address:
+        from orchestrator.launcher import check_cluster
+
+        check_cluster(job, handle)
     from ray import tune
 
     param_space = {key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v)) for key, v in space.items()}

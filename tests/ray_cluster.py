@@ -41,26 +41,36 @@ def _count_nodes(gcs: str, env: dict) -> int:
 
 
 @contextmanager
-def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1):
-    """Start the cluster, yield a :class:`Cluster`, stop everything it started."""
+def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Path | None = None):
+    """Start the cluster, yield a :class:`Cluster`, stop everything it started.
+
+    ``bin_dir`` is the virtual environment whose ``ray`` starts the nodes and whose ``python``
+    is first on their ``PATH`` (default: this test run's own environment).
+    """
+    bin_dir = bin_dir or Path(sys.executable).parent
+    ray = str(bin_dir / "ray")
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            # the nodes run jobs with this virtual environment's python, as an activated venv would
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)  # the nodes' Python sees only its own packages
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(""), free_port("")
     gcs = f"{HEAD_IP}:{gcs_port}"
     common = ["--block", "--object-store-memory=100000000", "--disable-usage-stats"]
+    # Each node's dashboard agent serves the Job Submission API on a fixed default port (52365)
+    # that another cluster on the same address would hold: give every node a free one.
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
+        procs.append(_start([ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
                              f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
-                             "--include-dashboard=true", f"--num-cpus={head_cpus}", *common], env, tmp / "head.log"))
+                             "--include-dashboard=true", f"--num-cpus={head_cpus}",
+                             f"--dashboard-agent-listen-port={free_port('')}", *common], env, tmp / "head.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 1, 120, "head node", tmp / "head.log")
-        procs.append(_start([RAY, "start", f"--address={gcs}", f"--node-ip-address={SECOND_IP}",
-                             f"--num-cpus={worker_cpus}",
+        procs.append(_start([ray, "start", f"--address={gcs}", f"--node-ip-address={SECOND_IP}",
+                             f"--num-cpus={worker_cpus}", f"--dashboard-agent-listen-port={free_port('')}",
                              '--resources={"second_node": 1}', *common], env, tmp / "worker.log"))
         _wait(lambda: _count_nodes(gcs, env) >= 2, 120, "second node", tmp / "worker.log")
         yield Cluster(f"http://{HEAD_IP}:{dash_port}", gcs, token, env)

@@ -17,8 +17,8 @@ FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "trai
         "train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "checkpoint.every=10"]
 
 
-def mla(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*MLA, *args], capture_output=True, text=True, timeout=timeout)
+def mla(*args: str, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*MLA, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def sets(*items: str) -> list[str]:
@@ -28,6 +28,7 @@ def sets(*items: str) -> list[str]:
 @pytest.mark.slow
 def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(tmp_path):
     storage = tmp_path / "storage"
+    storage.mkdir()  # an explicit --storage-path must exist on every node (the preflight checks)
     with ray_cluster(tmp_path) as cluster:
         auth = ["--address", cluster.address, "--token-file", str(cluster.token_file)]
         ok = mla("submit", "configs/tiny.yaml", *auth, "--storage-path", str(storage), "--follow",
@@ -60,8 +61,8 @@ def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(tmp
 
         bad = mla("submit", "configs/tiny.yaml", *auth, "--storage-path", str(storage), "--follow",
                   *sets("data.path=/no/such/corpus.txt", "run.name=broken"))
-        assert bad.returncode != 0
-        assert "FAILED" in bad.stderr and "does not exist" in bad.stderr
+        assert bad.returncode == 2  # the preflight stops it before anything starts
+        assert "data.path '/no/such/corpus.txt' does not exist on nodes" in " ".join(bad.stderr.split())
 
         token = cluster.token_file.read_text().strip()
         for result in (ok, logs, again, sweep, bad):

@@ -23,7 +23,7 @@ _SET = typer.Option(None, "--set", help="Override a config field: --set train.st
 _GPUS_PER_WORKER = typer.Option(1, "--gpus-per-worker", "-g", min=1, help="GPUs per worker pod.")
 _MIN_GPUS = typer.Option(None, "--min-gpus", min=1, help="Fewest GPUs to run on (default: cluster.min_workers or num_workers).")
 _MAX_GPUS = typer.Option(None, "--max-gpus", min=1, help="Most GPUs to use (default: cluster.num_workers).")
-_IMAGE = typer.Option(None, "--image", help="Container image with mla-train installed.")
+_IMAGE = typer.Option(None, "--image", help="Container image with mla-train installed (default: cluster.image).")
 _NAMESPACE = typer.Option("default", "--namespace", "-n", help="Kubernetes namespace.")
 _NAME = typer.Option(None, "--name", help="RayJob name (default: mla-<run.name>).")
 _QUEUE = typer.Option(None, "--queue", help="Kueue LocalQueue (adds the kueue.x-k8s.io/queue-name label).")
@@ -41,12 +41,12 @@ _INTERVAL = typer.Option(2.0, "--interval", min=0.01, help="Seconds between stat
 def _objects(config, set_, gpus_per_worker, min_gpus, max_gpus, image, namespace, name, queue,
              storage_path, pvc, node_selector, ttl, backoff_limit, deadline) -> list[dict]:
     from orchestrator.config import load_job_config
-    from orchestrator.k8s.render import DEFAULT_IMAGE, RenderOptions, render_job
+    from orchestrator.k8s.render import RenderOptions, render_job
 
     job = load_job_config(config, set_ or [])
     opts = RenderOptions(
         gpus_per_worker=gpus_per_worker, min_gpus=min_gpus, max_gpus=max_gpus,
-        image=image or DEFAULT_IMAGE, namespace=namespace, name=name, queue=queue,
+        image=image, namespace=namespace, name=name, queue=queue,
         storage_path=storage_path, checkpoint_pvc=pvc, node_selector=_pairs(node_selector or []),
         ttl_seconds_after_finished=ttl, backoff_limit=backoff_limit, active_deadline_seconds=deadline)
     return render_job(job, opts)

@@ -19,22 +19,22 @@ This module is pure: no Kubernetes client, no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass, field
 
 import yaml
 
-from orchestrator.config import JobConfig
+from orchestrator.config import DEFAULT_IMAGE, JobConfig  # noqa: F401 (DEFAULT_IMAGE: re-exported)
 from orchestrator.contract.errors import ConfigError, PlanError
 
 JOB_CONFIG_DIR = "/etc/mla"
 """Where the head pod mounts the job ConfigMap; the job YAML is ``JOB_CONFIG_DIR/job.yaml``."""
-DEFAULT_IMAGE = "ghcr.io/mla-train/mla-train:0.1.0-gpu"
-#: The Ray version inside DEFAULT_IMAGE (KubeRay's ``rayVersion`` describes the image, not the
-#: submitting machine); keep it equal to the ``ray`` pin of the ``[train]`` extra.
 RAY_VERSION = "2.60.0"
-"""Container image with Ray, torch (CUDA), DeepSpeed and this package installed."""
+"""The Ray version inside the image (KubeRay's ``rayVersion`` describes the image, not the
+submitting machine); equal to the ``ray`` pin of the ``[train]`` extra and the Dockerfile's
+``RAY_VERSION`` (tests/test_image.py checks both)."""
 WORKER_GROUP = "gpu"
 """Name of the GPU worker group (pod label ``ray.io/group``)."""
 LABEL_RUN = "mla.io/run"
@@ -52,7 +52,7 @@ class RenderOptions:
         min_gpus: Fewest GPUs the job may run on; unset uses ``cluster.min_workers`` or
             ``cluster.num_workers``.
         max_gpus: Most GPUs the job may use; unset uses ``cluster.num_workers``.
-        image: Container image of head and workers.
+        image: Container image of head and workers; unset uses the job's ``cluster.image``.
         namespace: Kubernetes namespace of the objects.
         name: RayJob name; unset derives ``mla-<run.name>`` (DNS-1035, at most 47 characters).
         queue: Kueue LocalQueue name (``kueue.x-k8s.io/queue-name`` label); unset: no Kueue.
@@ -74,7 +74,7 @@ class RenderOptions:
     gpus_per_worker: int = 1
     min_gpus: int | None = None
     max_gpus: int | None = None
-    image: str = DEFAULT_IMAGE
+    image: str | None = None
     namespace: str = "default"
     name: str | None = None
     queue: str | None = None
@@ -225,6 +225,8 @@ def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
         ConfigError, PlanError: see :func:`worker_bounds` and :func:`rayjob_name`.
     """
     opts = opts or RenderOptions()
+    if opts.image is None:
+        opts = dataclasses.replace(opts, image=job.cluster.image)
     check_options(opts)
     bounds = worker_bounds(job, opts)
     name = rayjob_name(job, opts)
