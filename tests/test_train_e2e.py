@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,14 +16,13 @@ import pytest
 from orchestrator.contract.checkpoints import complete_checkpoints
 
 pytestmark = pytest.mark.slow
-MLA = [sys.executable, "-m", "orchestrator.cli"]
-FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=5",
-        "train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "checkpoint.every=10"]
 
 
-def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
-    sets = [f"run.dir={tmp_path}", *FAST, *overrides]
-    return [*MLA, "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+@pytest.fixture
+def train_cmd(mla_cli, fast_overrides, tmp_path):
+    """``train_cmd(*overrides)``: the `mla train` command of a fast tiny run under ``tmp_path``."""
+    return lambda *overrides: mla_cli.command(
+        "train", "configs/tiny.yaml", sets=[f"run.dir={tmp_path}", *fast_overrides, *overrides])
 
 
 def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
@@ -35,8 +33,8 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_two_worker_run_learns_and_a_rerun_resumes(tmp_path):
-    first = _run(_cmd(tmp_path, "train.steps=30", "run.name=learn"))
+def test_two_worker_run_learns_and_a_rerun_resumes(tmp_path, train_cmd):
+    first = _run(train_cmd("train.steps=30", "run.name=learn"))
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "learn"
     summary = _summary(run_dir)
@@ -48,16 +46,16 @@ def test_two_worker_run_learns_and_a_rerun_resumes(tmp_path):
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[1])
     assert "step    30/30" in first.stderr  # progress lines reach the user
 
-    again = _run(_cmd(tmp_path, "train.steps=40", "run.name=learn"))
+    again = _run(train_cmd("train.steps=40", "run.name=learn"))
     assert again.returncode == 0, again.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["resumed_from_step"] == 30 and summary["steps"] == 40
     assert [s for s, _ in complete_checkpoints(run_dir)] == [30, 40]  # checkpoint.keep = 2
 
 
-def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, train_cmd):
     run_dir = tmp_path / "kill"
-    proc = subprocess.Popen(_cmd(tmp_path, "train.steps=60", "run.name=kill", "cluster.max_failures=2"),
+    proc = subprocess.Popen(train_cmd("train.steps=60", "run.name=kill", "cluster.max_failures=2"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -79,8 +77,8 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert steps == sorted(set(steps))  # records past the checkpoint were trimmed, none repeated
 
 
-def test_bad_data_fails_before_anything_starts(tmp_path):
-    result = _run(_cmd(tmp_path, "data.path=/no/such/corpus.txt", "run.name=bad"), timeout=60)
+def test_bad_data_fails_before_anything_starts(tmp_path, train_cmd):
+    result = _run(train_cmd("data.path=/no/such/corpus.txt", "run.name=bad"), timeout=60)
     assert result.returncode == 2
     assert "data.path '/no/such/corpus.txt' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
