@@ -124,12 +124,12 @@ def status(
         snap = client.watch(api, name, namespace, err.print, interval_s=interval)
     else:
         snap = snapshot(*client.observe(api, name, namespace))
-        for line in snap.facts.values():
+        for line in snap.lines:
             err.print(line)
     if json_out:
         print(json.dumps({"name": snap.name, "deployment": snap.deployment, "job_status": snap.job_status,
                           "workers_running": snap.workers_running, "gpus_running": snap.gpus_running,
-                          "lines": list(snap.facts.values())}, indent=2))
+                          "lines": snap.lines}, indent=2))
     if follow:
         _finish(snap)
 
