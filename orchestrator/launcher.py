@@ -15,6 +15,7 @@ Ray and torch are imported inside functions, so importing this module stays chea
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -115,7 +116,7 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
     verbose = bool(os.environ.get("MLA_VERBOSE"))
     if job.cluster.address:
         try:
-            ray.init(address=job.cluster.address, log_to_driver=verbose, logging_level="WARNING")
+            ray.init(address=job.cluster.address, log_to_driver=verbose, logging_level=logging.WARNING)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
             raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
                                f"({exc}); start one with `ray start --head` or unset cluster.address to use "
@@ -133,7 +134,7 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
     # address="local" always starts a new cluster, even if `ray start` runs on this machine.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cluster.use_gpu else 0,
              object_store_memory=cluster.object_store_mb * 1024 * 1024, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level="WARNING",
+             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1", configure_logging=True)
     return RayHandle(started=True, saved_env=saved)
 
@@ -235,7 +236,9 @@ def build_trainer(plan: RunPlan, callbacks: list | tuple = ()):
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,
+        # Train V2's ScalingConfig takes (min, max) for elastic training; mypy sees the V1 class
+        # that ray.train re-exports when V2 is off.
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,  # type: ignore[arg-type]
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
