@@ -1,7 +1,9 @@
 """Attention-core benchmark: dense causal SDPA against multi-level attention (MLA).
 
 Both implementations get the same q, k, v ``(1, heads, n, head_dim)`` (projections are not
-timed). MLA runs in its fast mode: blocked sliding window + block indexer, gated mix.
+timed). MLA runs in its fast mode with the block selection (``indexer="block"``), gated mix: on CPU
+the blocked sliding window plus the blocked selected-block branch; on CUDA with a block of 128 the
+compiled FlexAttention core (:mod:`mla.flex_attention`).
 
 Time: for each n and pass (forward, forward+backward), dense and MLA are run *alternately*
 (warm-up first, then ``repeats`` timed runs each), so that load from other processes on a shared
@@ -47,8 +49,9 @@ class AttentionBenchSettings:
     Attributes:
         seq_lens: Sequence lengths n, in tokens.
         window: Local window w, in tokens.
-        top_k: Global keys per query k.
-        block: Block size of the blocked local path and the block indexer, in tokens.
+        top_k: ``global_k``: earlier-key budget of the global branch (``ceil(top_k / block)``
+            selected blocks).
+        block: Block size of the blocked local path and of the block selection, in tokens.
         heads: Attention heads (batch is 1).
         head_dim: Features per head.
         repeats: Timed runs per (impl, n, pass), after one warm-up run.
@@ -103,7 +106,7 @@ def make_inputs(s: AttentionBenchSettings, n: int, seed: int = 0) -> dict[str, t
 
 
 def run_impl(impl: str, s: AttentionBenchSettings, x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Dense causal SDPA or MLA (block indexer, gated) on the inputs ``x``."""
+    """Dense causal SDPA or MLA (block selection, gated) on the inputs ``x``."""
     if impl == "dense":
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
     return multi_level_attention(x["q"], x["k"], x["v"], x["gate"], window=s.window, top_k=s.top_k,

@@ -1,6 +1,12 @@
 """Planner benchmark: published layouts, efficiency fit, the 100B seed claim, planning speed.
 
-Run: ``.venv/bin/python benchmarks/planner.py`` (about 15 s on 2 cores). Prints
+Run: ``.venv/bin/python benchmarks/planner.py`` (about 1.5 min on 2 cores). Prints
+
+0. the Aleph Alpha sweeps (benchmarks/data/sweeps_aleph_alpha.csv, 964 usable runs in 10
+   model/sequence/world-size groups), leave-one-group-out: per group the OOM prediction accuracy,
+   Spearman's rank correlation of predicted and measured throughput among the runs that fit, and
+   the top-pick regret, for the counted model before calibration and for the calibrated one; the
+   constants fitted on all groups next to ``constants.CALIBRATED``; the residual band;
 
 1. every usable row of benchmarks/data/published_layouts.csv: the published (tp, pp), whether
    it is predicted to fit, the planner's best (tp, pp) under the same constraints (GPUs, batch,
@@ -16,18 +22,74 @@ Run: ``.venv/bin/python benchmarks/planner.py`` (about 15 s on 2 cores). Prints
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 from mla.config import PRESETS
 from orchestrator.contract.errors import PlanError
-from orchestrator.planner import PlanRequest, Pins, min_gpus, model_from_params, plan
-from orchestrator.planner.calibrate import (fit_efficiency, leave_one_out, load_published, median, predicted,
-                                            published_candidate)
+from orchestrator.planner import Pins, PlanRequest, min_gpus, model_from_params, plan
+from orchestrator.planner.calibrate import (
+    fit_efficiency,
+    leave_one_out,
+    load_published,
+    median,
+    predicted,
+    published_candidate,
+)
 from orchestrator.planner.search import COMFORTABLE_MEMORY_FRACTION, TIE_TOLERANCE, rank
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
 CSV = Path(__file__).resolve().parent / "data" / "published_layouts.csv"
+SWEEPS = CSV.parent / "sweeps_aleph_alpha.csv"
+
+
+def _fmt_regret(r: float) -> str:
+    return "OOM pick" if r == float("inf") else f"{100 * r:5.1f}%"
+
+
+def _summary(scores: list) -> str:
+    runs = sum(s.runs for s in scores)
+    pooled = sum(s.oom_accuracy * s.runs for s in scores) / runs
+    rhos = [s.spearman for s in scores]
+    regrets = [s.regret for s in scores]
+    return (f"OOM accuracy {100 * pooled:.1f}% pooled (per-group median {100 * median([s.oom_accuracy for s in scores]):.1f}%, "
+            f"min {100 * min(s.oom_accuracy for s in scores):.1f}%); Spearman median {median(rhos):.2f} "
+            f"(min {min(rhos):.2f}); regret median {_fmt_regret(median(regrets))}, worst {_fmt_regret(max(regrets))}")
+
+
+def sweeps_table() -> None:
+    """Section 0: leave-one-group-out on the Aleph Alpha sweeps, before and after calibration."""
+    from orchestrator.planner.constants import CALIBRATED, COUNTED
+    from orchestrator.planner.fit import (
+        fit_constants,
+        leave_one_group_out,
+        residual_band,
+        score_group,
+    )
+    from orchestrator.planner.sweeps import groups, load_sweeps
+
+    runs = load_sweeps(SWEEPS)
+    print(f"== Aleph Alpha sweeps: {len(runs)} runs ({sum(r.oom for r in runs)} OOM) in {len(groups(runs))} groups; "
+          "targets: OOM >= 95%, Spearman median >= 0.8, regret median <= 5%, worst <= 15%")
+    plain = [r.__class__(r.group, r.request.replace(kernel="flash2+rms", fused_loss=True), r.layout, r.kernel,
+                         r.step_time_s) for r in runs]
+    before = [score_group(rs, COUNTED) for rs in groups(plain).values()]
+    after = leave_one_group_out(runs)
+    print(f"{'group':24s} {'runs':>4s} {'fit':>4s} | {'before: OOM acc':>15s} {'Spearman':>8s} {'regret':>8s} | "
+          f"{'LOGO: OOM acc':>13s} {'Spearman':>8s} {'regret':>8s}  pick (LOGO)")
+    for b, a in zip(before, after, strict=False):
+        print(f"{a.group:24s} {a.runs:4d} {a.measured:4d} | {100 * b.oom_accuracy:14.1f}% {b.spearman:8.2f} "
+              f"{_fmt_regret(b.regret):>8s} | {100 * a.oom_accuracy:12.1f}% {a.spearman:8.2f} {_fmt_regret(a.regret):>8s}"
+              f"  {a.pick}")
+    print("before (counted model, no kernel traits): " + _summary(before))
+    print("after (leave-one-group-out):              " + _summary(after))
+    fitted = fit_constants(runs)
+    print(f"fitted on all groups: {fitted}")
+    print(f"constants.CALIBRATED: {CALIBRATED}")
+    low, high, rel = residual_band(after)
+    print(f"held-out residual band log(measured/predicted): central 80% [{low:+.3f}, {high:+.3f}] "
+          f"(x{math.exp(low):.2f}..x{math.exp(high):.2f}); between layouts of one job +-{100 * rel:.1f}%\n")
 
 
 def miss_note(row, result) -> str:
@@ -135,6 +197,7 @@ def planning_speed() -> None:
 
 
 if __name__ == "__main__":
+    sweeps_table()
     tie_break_sweep(published_table())
     seed_claim()
     planning_speed()

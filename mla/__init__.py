@@ -1,7 +1,8 @@
 """mla: the Dynamic Multi-Level Attention (MLA) model library.
 
 "MLA" here is *Dynamic Multi-Level Attention*: a causal local sliding-window branch plus a sparse
-global top-k branch, mixed per head by a learned input-dependent gate. It is not DeepSeek-V2's
+global branch over selected key blocks (:mod:`mla.block_selection`), mixed per head by a learned
+input-dependent gate. It is not DeepSeek-V2's
 Multi-head Latent Attention.
 
 Torch-based names are imported lazily (PEP 562), so ``import mla.config`` and ``import
@@ -18,7 +19,10 @@ from mla.config import PRESETS, ModelConfig, get_preset
 _LAZY = {
     "MultiLevelAttention": "mla.attention",
     "dense_reference_attention": "mla.reference",
+    "select_blocks": "mla.block_selection",
     "MLATransformer": "mla.model",
+    "load_pretrained": "mla.pretrained",
+    "save_pretrained": "mla.pretrained",
     "count_parameters": "mla.flops",
     "training_flops_per_token": "mla.flops",
 }

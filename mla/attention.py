@@ -1,17 +1,22 @@
-"""Dynamic Multi-Level Attention: a local sliding-window branch and a sparse global top-k
-branch, mixed per head by a learned sigmoid gate.
+"""Dynamic Multi-Level Attention: a local sliding-window branch and a sparse global branch,
+mixed per head by a learned sigmoid gate.
 
 For query i (causal), with ``s_ij = q_i . k_j / sqrt(d)``:
 
 * local:  ``L_i = sum_{i-w < j <= i} softmax_j(s_ij) v_j`` (Longformer's sliding window);
-* global: ``G_i = sum_{j in T(i)} softmax_j(s_ij) v_j`` where ``T(i)`` is the top-k causal keys
-  chosen by an indexer (exact token top-k, or NSA-style block selection; see
-  :mod:`mla.global_attention`);
+* global: ``G_i = sum_{j in T(i)} softmax_j(s_ij) v_j`` where ``T(i)`` is, for
+  ``indexer="block"``, the causal keys of i's own block and of the ``ceil(global_k / B)`` earlier
+  key blocks selected for its block (:mod:`mla.block_selection`), or, for ``indexer="exact"``
+  (reference option), the exact token-level top-k causal keys (:mod:`mla.global_attention`);
 * mix: ``out_i = g_i * L_i + (1 - g_i) * G_i`` with ``g = sigmoid(W_gate x + b)`` per head
   (``mix="gate"``), or ``out_i = L_i + G_i`` (``mix="sum"``).
 
 The core (:func:`multi_level_attention`) works on ``(batch, heads, seq, head_dim)`` tensors, so a
-tensor-parallel wrapper can call it with only its local heads. :class:`MultiLevelAttention` adds
+tensor-parallel wrapper can call it with only its local heads. Backends, all held to the dense
+references of :mod:`mla.reference`: on CUDA with ``indexer="block"`` and a block size that is a
+multiple of 128, one compiled FlexAttention region (:mod:`mla.flex_attention`); elsewhere the
+blocked sliding window (:mod:`mla.local_attention`) plus the blocked block-selection branch
+(:mod:`mla.global_attention`). :class:`MultiLevelAttention` adds
 the projections (``wq``, ``wk``, ``wv``, ``wo``, ``w_gate``) and rotary embeddings.
 """
 
@@ -22,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mla.config import ModelConfig
+from mla.flex_attention import flex_backend, flex_multi_level_attention
 from mla.global_attention import global_topk_attention
 from mla.local_attention import local_attention
 from mla.rope import apply_rope, rope_cache
-from mla.tensor_ops import check_qkv, repeat_kv
+from mla.tensor_ops import check_qkv
 
 __all__ = ["MultiLevelAttention", "multi_level_attention", "local_attention", "global_topk_attention"]
 
@@ -40,9 +46,10 @@ def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
         v: Values, shaped like ``k``.
         gate: Mixing weights in [0, 1], ``(batch, heads, seq)``; ``None`` sums the branches.
         window: Sliding window w of the local branch, in tokens.
-        top_k: Keys per query k of the global branch.
-        indexer: ``"exact"`` or ``"block"`` (global branch key selection).
-        block: Block size of the block indexer and of the blocked local branch, in tokens.
+        top_k: ``global_k``: earlier-key budget of the block selection (``ceil(top_k / block)``
+            blocks) or, for ``indexer="exact"``, keys per query.
+        indexer: ``"block"`` or ``"exact"`` (global branch key selection).
+        block: Block size B of the block selection and of the blocked local branch, in tokens.
 
     Returns:
         ``(batch, heads, seq, head_dim)``: ``g * local + (1 - g) * global`` (or their sum).
@@ -53,7 +60,8 @@ def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     check_qkv(q, k, v)
     if gate is not None and gate.shape != q.shape[:3]:
         raise ValueError(f"gate must be (batch, heads, seq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    if indexer == "block" and flex_backend(q, block, k, v, gate) == "flex":
+        return flex_multi_level_attention(q, k, v, gate, window=window, top_k=top_k, block=block)
     local = local_attention(q, k, v, window, block)
     glob = global_topk_attention(q, k, v, top_k, indexer, block)
     if gate is None:

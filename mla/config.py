@@ -32,15 +32,21 @@ class ModelConfig:
             ``"dense"`` (plain causal softmax attention, the baseline).
         local_window: Sliding-window size w of the local branch: query i sees keys
             ``i - w < j <= i``, in tokens.
-        global_k: Number of keys k each query attends to in the sparse global branch, in tokens.
+        global_k: Budget of the sparse global branch, in tokens. With ``indexer="block"`` it is
+            rounded up to ``n_sel = ceil(global_k / block_size)`` whole earlier key blocks, so
+            each query attends to up to ``(n_sel + 1) * block_size`` keys (the selected blocks
+            plus the causal part of its own block; :mod:`mla.block_selection`). With
+            ``indexer="exact"`` it is the number of keys k per query (token top-k).
         mix: ``"gate"`` mixes the branches per head with a learned sigmoid gate computed from
             the input; ``"sum"`` adds the two branch outputs.
-        indexer: How the global branch selects its keys: ``"exact"`` scores every causal key
-            and keeps the exact token-level top-k; ``"block"`` scores mean-pooled key blocks
-            first (Native Sparse Attention style) and picks the top-k tokens inside the best
-            blocks.
-        block_size: Key-block size B of the block indexer and of the blocked local branch, in
-            tokens.
+        indexer: How the global branch selects its keys: ``"block"`` (the model's fast path)
+            selects whole key blocks per query block from causal mean-pooled queries and keys,
+            one choice per key/value head shared by its GQA group (Native Sparse Attention's
+            selection branch); ``"exact"`` (reference option, O(n^2) scoring) keeps the exact
+            token-level top-k causal keys of each query.
+        block_size: Block size B of the block selection (query and key blocks) and of the
+            blocked local branch, in tokens. 128 is the block size of the FlexAttention path on
+            CUDA (:mod:`mla.flex_attention`).
         rope_theta: Base of the rotary position embedding (RoFormer, Su et al. 2021, eq. 15).
         norm_eps: Epsilon of RMSNorm.
         dropout: Dropout probability on attention output and MLP output (0 disables it).
@@ -57,7 +63,7 @@ class ModelConfig:
     local_window: int = 32
     global_k: int = 8
     mix: MixKind = "gate"
-    indexer: IndexerKind = "exact"
+    indexer: IndexerKind = "block"
     block_size: int = 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -130,15 +136,19 @@ PRESETS: dict[str, ModelConfig] = {
                         max_seq_len=256, local_window=32, global_k=8, block_size=32),
     "small": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
                          ffn_hidden=_swiglu_hidden(768), max_seq_len=2048,
-                         local_window=256, global_k=64),
+                         local_window=256, global_k=64, block_size=128),
     "1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                      ffn_hidden=5632, max_seq_len=4096, local_window=512, global_k=128),
+                      ffn_hidden=5632, max_seq_len=4096, local_window=512, global_k=128,
+                      block_size=128),
     "7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
-                      ffn_hidden=11008, max_seq_len=4096, local_window=1024, global_k=256),
+                      ffn_hidden=11008, max_seq_len=4096, local_window=1024, global_k=256,
+                      block_size=128),
     "13b": ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
-                       ffn_hidden=13824, max_seq_len=4096, local_window=1024, global_k=256),
+                       ffn_hidden=13824, max_seq_len=4096, local_window=1024, global_k=256,
+                       block_size=128),
     "70b": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                       ffn_hidden=28672, max_seq_len=4096, local_window=1024, global_k=256),
+                       ffn_hidden=28672, max_seq_len=4096, local_window=1024, global_k=256,
+                       block_size=128),
 }
 
 

@@ -39,13 +39,21 @@ def count_parameters(cfg: ModelConfig) -> int:
 def attended_keys(cfg: ModelConfig, seq_len: int) -> int:
     """Keys each query attends to, for the attention FLOP term (PaLM's non-causal convention).
 
-    Dense: ``T``. MLA: ``min(w, T) + min(k, T)`` (sliding window plus global top-k).
+    Dense: ``T``. MLA: ``min(w, T)`` (sliding window) plus the global span: with the block
+    selection (``indexer='block'``) ``min((n_sel + 1)·B, T)`` with ``n_sel = ceil(k / B)``
+    (the selected earlier blocks plus the whole diagonal block, as a block-sparse kernel
+    computes them, :mod:`mla.block_selection`); with ``indexer='exact'`` ``min(k, T)``.
 
-    Example: tiny at T=256: 32 + 8 = 40; dense at T=256: 256.
+    Example: tiny (w=32, k=8, B=32, block selection) at T=256: 32 + (1 + 1)·32 = 96; the same
+    with the exact indexer: 32 + 8 = 40; dense at T=256: 256.
     """
     if cfg.attention == "dense":
         return seq_len
-    return min(cfg.local_window, seq_len) + min(cfg.global_k, seq_len)
+    if cfg.indexer == "block":
+        span = (-(-cfg.global_k // cfg.block_size) + 1) * cfg.block_size
+    else:
+        span = cfg.global_k
+    return min(cfg.local_window, seq_len) + min(span, seq_len)
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -54,17 +62,20 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     PaLM App. B (Chowdhery et al. 2022, arXiv:2204.02311): ``12·L·H·hd·T``: 2 FLOPs per
     multiply-add, 2 matmuls (``QK^T`` and ``PV``), 3 for forward + backward, with the full (not
     causal-halved) span T, as formulas.md §5 uses. For MLA the span T becomes
-    :func:`attended_keys`. The block indexer (``indexer='block'``) adds its scoring of ~``T/B``
-    mean-pooled key blocks per query, one forward-only matmul (top-k selection is not
-    differentiated): ``2·L·H·hd·ceil(T/B)``. The exact indexer's selection scores are treated
-    as selection overhead, not model FLOPs (as the issue specifies).
+    :func:`attended_keys`. The block selection (``indexer='block'``) adds its scoring: each
+    query block's group-summed pooled query against the ``ceil(T/B)`` pooled key blocks, per
+    key/value head, one forward-only matmul (the selection is not differentiated), i.e.
+    ``2·L·Hkv·hd·ceil(T/B) / B`` per token. The exact indexer's selection scores are treated as
+    selection overhead, not model FLOPs (as the issue specifies).
 
-    Example: dense 7B shape (L=32, d=4096) at T=4096: 12·32·4096·4096 = 6.44e9 FLOPs/token.
+    Example: dense 7B shape (L=32, d=4096) at T=4096: 12·32·4096·4096 = 6.44e9 FLOPs/token;
+    tiny (L=4, H=Hkv=4, hd=32, B=32) at T=256: 12·4·128·96 + 2·4·4·32·8/32 = 589,824 + 256.
     """
     d_attn = cfg.n_heads * cfg.head_dim
     flops = 12.0 * cfg.n_layers * d_attn * attended_keys(cfg, seq_len)
     if cfg.attention == "mla" and cfg.indexer == "block":
-        flops += 2.0 * cfg.n_layers * d_attn * -(-seq_len // cfg.block_size)
+        blocks = -(-seq_len // cfg.block_size)
+        flops += 2.0 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * blocks / cfg.block_size
     return flops
 
 
@@ -77,8 +88,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Korthikanti et al. 2022's model FLOPs ``72·B·s·L·h²·(1 + s/6h + V/12hL)`` term for the
     logits (``6·V·h`` per token). The attention term is :func:`attention_flops_per_token`.
 
-    Example (``tiny``, T=256, gated MLA): 6·838,800 + 12·4·128·(32+8) = 5,032,800 + 245,760
-    = **5,278,560** FLOPs/token.
+    Example (``tiny``, T=256, gated MLA, block selection): 6·838,800 + 589,824 + 256 =
+    5,032,800 + 590,080 = **5,622,880** FLOPs/token.
 
     Args:
         cfg: Model shape.

@@ -1,43 +1,33 @@
-"""Global branch: sparse causal top-k attention, with an exact or a block indexer.
+"""Global branch: sparse causal attention over selected keys (block selection or exact top-k).
 
-Each query i attends only to ``top_k`` causal keys ``j <= i``, chosen by an *indexer*, with a
-softmax over the chosen keys alone. The choice itself is discrete: selected indices carry no
-gradient, the scores and values of the chosen keys do.
+Each query attends, with a softmax of its own, only to a selected subset of its causal keys. The
+choice is discrete: selected indices carry no gradient, the scores and values of the chosen keys
+do.
 
-``indexer="exact"`` (the reference semantics): the chosen keys are the exact token-level top-k of
-``s_ij = q_i . k_j / sqrt(d)`` over ``j <= i`` (all of them when fewer than k exist). Scoring is
-O(n^2) in time but done in chunks of queries, so memory is O(chunk * n + n * k).
+``indexer="block"`` (the model's global branch; Native Sparse Attention's selection branch at
+query-block level, Yuan et al. 2025, Sec. 3.3.2): query block I attends to all causal keys of its
+own block plus the ``ceil(global_k / B)`` strictly earlier key blocks chosen by
+:func:`mla.block_selection.select_blocks` (one choice per key/value head, shared by its GQA
+group). The full rule, and what ``global_k`` means, is in :mod:`mla.block_selection`. This module
+holds the portable blocked implementation (:func:`block_selection_attention`, any device,
+autograd): per query block, the keys of its ``width + 1`` blocks are gathered and soft-maxed under
+a static mask. Time and memory are O(n * (n_sel + 1) * B) plus the O((n/B)^2) block scores, never
+n x n. The FlexAttention path for CUDA is :mod:`mla.flex_attention`.
 
-``indexer="block"`` (cheap, after Native Sparse Attention, Yuan et al. 2025, Sec. 3.3.2, "token
-selection" from block importance scores): keys and queries are cut into blocks of B tokens
-(query block I holds positions ``I*B .. I*B + B - 1``). Key block J is summarised by the mean of
-its keys. Query block I is summarised by the mean of the B queries *ending at its first
-position*, ``q[I*B - B + 1 .. I*B]`` (fewer at the start), so that the choice, which all queries
-of the block share, depends on no query after any of them (causality). The block score is
-``q_bar_I . k_bar_J``. Every query block keeps its own (diagonal) block plus the ``m = ceil(top_k
-/ B)`` strictly earlier key blocks J < I with the highest block scores (fewer when fewer exist).
-Each query then attends to the exact top-k tokens, by token score, among the causal keys of those
-``m + 1`` blocks. How this differs from exact mode:
-
-1. a key outside the chosen blocks is never selected, even if its token score is in the exact
-   top-k (the block choice is shared by the B queries of a block and made on pooled vectors; NSA
-   instead chooses blocks per query, which costs a per-query gather of candidate keys);
-2. a query may therefore see fewer than k keys even when i + 1 >= k (e.g. the first queries of
-   a block whose chosen earlier blocks were few);
-3. when all earlier blocks fit in the selection (``m + 1 >= I + 1``, e.g. ``seq <= (m + 1) * B``),
-   every causal key is a candidate and block mode equals exact mode.
-
-Block mode is O(n * (n / B + k)) in time and memory (never n x n): block scores are (n/B)^2,
-candidate scores n * (m + 1) * B with ``(m + 1) * B <= top_k + 2B``.
+``indexer="exact"`` (reference option, O(n^2) scoring): each query attends to the exact
+token-level top-k of ``s_ij = q_i . k_j / sqrt(d)`` over ``j <= i`` (all of them when fewer than
+k exist), scored in chunks of queries so memory is O(chunk * n + n * k).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from mla.block_selection import BlockSelection, select_blocks
 from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
 
 #: Queries scored at once by the exact indexer (bounds its scoring memory to chunk x n).
@@ -46,15 +36,16 @@ EXACT_CHUNK = 1024
 
 def global_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int,
                           indexer: str = "block", block: int = 64) -> torch.Tensor:
-    """Sparse causal top-k attention (see the module docstring for both indexers).
+    """Sparse causal global branch (see the module docstring for both indexers).
 
     Args:
         q: Queries ``(batch, heads, seq, head_dim)``.
         k: Keys ``(batch, kv_heads, seq, head_dim)``; ``kv_heads`` divides ``heads`` (GQA).
         v: Values, shaped like ``k``.
-        top_k: Keys per query k >= 1; ``k >= seq`` keeps every causal key.
-        indexer: ``"exact"`` or ``"block"``.
-        block: Block size B of the block indexer, in tokens.
+        top_k: ``global_k``: for ``"block"``, the earlier-key budget (``ceil(top_k / block)``
+            blocks); for ``"exact"``, keys per query (``k >= seq`` keeps every causal key).
+        indexer: ``"block"`` or ``"exact"``.
+        block: Block size B of the block selection, in tokens.
 
     Returns:
         ``(batch, heads, seq, head_dim)``.
@@ -63,12 +54,15 @@ def global_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
         ValueError: bad shapes, ``top_k`` or ``block`` < 1, or an unknown ``indexer``.
     """
     check_qkv(q, k, v)
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     _positive("top_k", top_k)
     if indexer == "exact":
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return exact_topk_attention(q, k, v, top_k)
     if indexer == "block":
-        return block_topk_attention(q, k, v, top_k, _positive("block", block))
+        _positive("block", block)
+        if q.shape[1] % k.shape[1]:
+            repeat_kv(k, q.shape[1])  # raises the GQA error
+        return block_selection_attention(q, k, v, select_blocks(q, k, top_k, block), block)
     raise ValueError(f"indexer={indexer!r} must be 'exact' or 'block'")
 
 
@@ -136,140 +130,66 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return F.embedding(flat, x.reshape(b * h * rows, d)).view(*idx.shape, d)
 
 
-# --------------------------------------------------------------------------- block indexer
+# --------------------------------------------------------------------------- block selection
 
-@torch.no_grad()
-def select_key_blocks(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose key blocks per query block from pooled queries and keys (NSA-style, causal).
+def block_selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              selection: BlockSelection, block: int) -> torch.Tensor:
+    """Attention of every query over the causal keys of its own block and its selected blocks.
 
-    Args:
-        q, k: ``(batch, heads, seq, head_dim)``.
-        top_k: k; ``m = ceil(k / block)`` earlier blocks are chosen (fewer if fewer exist).
-        block: Block size B, in tokens.
-
-    Returns:
-        ``(blocks, valid)``, each ``(batch, heads, nb, m + 1)`` with ``nb = ceil(seq / B)``:
-        column 0 is the diagonal block ``I`` itself, columns 1..m the chosen earlier blocks
-        ``J < I`` by descending ``q_bar_I . k_bar_J`` (:func:`causal_query_means`,
-        :func:`_block_means`); ``valid`` is False for padding
-        choices of blocks with fewer than m earlier blocks.
-    """
-    nb = num_blocks(q.shape[-2], block)
-    q_bar, k_bar = causal_query_means(q, block), _block_means(k, block)
-    scores = q_bar @ k_bar.transpose(-1, -2)  # (b, h, nb, nb)
-    ar = torch.arange(nb, device=q.device)
-    scores = scores.masked_fill(ar.view(1, -1) >= ar.view(-1, 1), float("-inf"))
-    diag = ar.view(1, 1, nb, 1).expand(*q.shape[:2], nb, 1)
-    m = min(num_blocks(top_k, block), nb - 1)
-    if m == 0:
-        return diag, torch.ones_like(diag, dtype=torch.bool)
-    vals, chosen = scores.topk(m, dim=-1)
-    valid = torch.cat([torch.ones_like(diag, dtype=torch.bool), torch.isfinite(vals)], dim=-1)
-    return torch.cat([diag, chosen], dim=-1), valid
-
-
-def causal_query_means(q: torch.Tensor, block: int) -> torch.Tensor:
-    """Summary query of each query block: the mean of ``q[I*B - B + 1 .. I*B]`` (clipped at 0).
+    Query heads are grouped over their key/value head (no ``repeat_kv`` copy): for each chunk of
+    query blocks (:func:`mla.tensor_ops.block_chunks`), the ``width + 1`` key blocks (diagonal
+    first, then the selection, padding clamped to block 0 and masked) are gathered once per
+    key/value head, scored by the group's ``G`` query heads, masked by a static additive bias
+    (:func:`selection_bias`) and soft-maxed.
 
     Args:
-        q: ``(batch, heads, seq, head_dim)``.
-        block: B.
-
-    Returns:
-        ``(batch, heads, nb, head_dim)``; row I depends only on positions <= I*B.
-    """
-    n = q.shape[-2]
-    nb = num_blocks(n, block)
-    qp = pad_seq(q, block - 1, max(0, nb * block - n - block + 1))
-    sums = qp[..., :nb * block, :].reshape(*q.shape[:-2], nb, block, q.shape[-1]).sum(-2)
-    counts = torch.clamp(torch.arange(nb, device=q.device) * block + 1, max=block)
-    return sums / counts.to(q.dtype).unsqueeze(-1)
-
-
-def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block of ``block`` rows of ``x`` (``(..., seq, d)`` -> ``(..., nb, d)``);
-    the last, partial block is averaged over its real rows only."""
-    n = x.shape[-2]
-    nb = num_blocks(n, block)
-    sums = pad_seq(x, 0, nb * block - n).reshape(*x.shape[:-2], nb, block, x.shape[-1]).sum(-2)
-    counts = torch.full((nb, 1), float(block), dtype=x.dtype, device=x.device)
-    counts[-1] = n - (nb - 1) * block
-    return sums / counts
-
-
-def block_candidates(q: torch.Tensor, k: torch.Tensor, top_k: int, block: int):
-    """Candidate key blocks of every query block and the token mask kept by the block indexer.
-
-    Args:
-        q, k: ``(batch, heads, seq, head_dim)``.
-        top_k: k.
-        block: B.
-
-    Returns:
-        ``(blocks, keep)``: ``blocks`` ``(batch, heads, nb, m + 1)`` chosen key blocks (see
-        :func:`select_key_blocks`); ``keep`` ``(batch, heads, nb, B, (m + 1) * B)`` bool, True
-        where query ``a`` of block ``I`` attends to candidate ``c`` (key ``blocks[c // B] * B + c
-        % B``). Computed without gradient.
-    """
-    blocks, bvalid = select_key_blocks(q, k, top_k, block)
-    with torch.no_grad():
-        kb = _query_blocks(k, block).flatten(-2)
-        scores = _query_blocks(q, block) @ _candidate_blocks(kb, blocks, q.shape[-1]).transpose(-1, -2)
-        return blocks, token_topk_mask(scores, blocks, bvalid, block, top_k, first_block=0)
-
-
-@torch.no_grad()
-def token_topk_mask(scores: torch.Tensor, blocks: torch.Tensor, bvalid: torch.Tensor, block: int,
-                    top_k: int, first_block: int) -> torch.Tensor:
-    """Keep-mask of each query's top-k causal candidates (no gradient).
-
-    Args:
-        scores: ``(batch, heads, nc, B, C)`` query-candidate scores of query blocks
-            ``first_block .. first_block + nc - 1``, ``C = (m + 1) * B``.
-        blocks, bvalid: ``(batch, heads, nc, m + 1)``, from :func:`select_key_blocks`.
-        block: B.
-        top_k: k.
-        first_block: Index of the first query block in ``scores``.
-
-    Returns:
-        ``(batch, heads, nc, B, C)`` bool: the candidate is causal, in a valid block, and among
-        the query's ``min(k, C)`` best causal candidates.
-    """
-    causal = _candidate_causal_mask(blocks, bvalid, block, first_block)
-    masked = scores.masked_fill(~causal, float("-inf"))
-    vals, ids = masked.topk(min(top_k, scores.shape[-1]), dim=-1, sorted=False)
-    return torch.zeros_like(causal).scatter_(-1, ids, torch.isfinite(vals))
-
-
-def block_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int,
-                         block: int) -> torch.Tensor:
-    """Top-k attention restricted to the blocks chosen by :func:`select_key_blocks`.
-
-    Candidate keys and values are gathered per query block, ``(batch, heads, nb, (m+1)*B,
-    head_dim)``; scores are computed once, masked to each query's top-k causal candidates
-    (:func:`token_topk_mask`) and soft-maxed over the kept ones. Query blocks are processed in
-    chunks (:func:`mla.tensor_ops.block_chunks`) so no score tensor exceeds ``CHUNK_ELEMENTS``.
-
-    Args:
-        q, k, v: ``(batch, heads, seq, head_dim)`` (kv heads already repeated).
-        top_k: k >= 1.
-        block: B >= 1, in tokens.
+        q: Queries ``(batch, heads, seq, head_dim)``.
+        k, v: ``(batch, kv_heads, seq, head_dim)``; ``kv_heads`` divides ``heads``.
+        selection: From :func:`mla.block_selection.select_blocks` (``indices``
+            ``(batch, kv_heads, nb, width)``).
+        block: Block size B of the selection, in tokens.
 
     Returns:
         ``(batch, heads, seq, head_dim)``.
     """
     b, h, n, d = q.shape
-    blocks, bvalid = select_key_blocks(q, k, top_k, block)
-    qb = _query_blocks(q * (1.0 / math.sqrt(d)), block)
+    hkv = k.shape[1]
+    idx, _ = selection
+    nb, width = idx.shape[2], idx.shape[3]
+    diag = torch.arange(nb, device=q.device).view(1, 1, nb, 1).expand(b, hkv, nb, 1)
+    blocks = torch.cat([diag, idx.clamp(min=0)], dim=-1)  # (b, hkv, nb, width + 1)
+    qb = _query_blocks(q * (1.0 / math.sqrt(d)), block).view(b, hkv, h // hkv, nb, block, d)
     kb, vb = _query_blocks(k, block).flatten(-2), _query_blocks(v, block).flatten(-2)
+    bias = selection_bias(nb, block, width, q.device, q.dtype)
     outs = []
-    for c0, c1 in block_chunks(blocks.shape[2], b * h * block * blocks.shape[-1] * block):
-        sel, ok = blocks[:, :, c0:c1], bvalid[:, :, c0:c1]
-        kc, vc = _candidate_blocks(kb, sel, d), _candidate_blocks(vb, sel, d)
-        scores = qb[:, :, c0:c1] @ kc.transpose(-1, -2)
-        keep = token_topk_mask(scores.detach(), sel, ok, block, top_k, first_block=c0)
-        outs.append(scores.masked_fill_(~keep, float("-inf")).softmax(dim=-1) @ vc)
-    return torch.cat(outs, dim=2).reshape(b, h, -1, d)[..., :n, :]
+    for c0, c1 in block_chunks(nb, b * h * block * (width + 1) * block):
+        sel = blocks[:, :, c0:c1]
+        kc = _candidate_blocks(kb, sel, d).unsqueeze(2)  # (b, hkv, 1, nc, C, d)
+        vc = _candidate_blocks(vb, sel, d).unsqueeze(2)
+        scores = (qb[:, :, :, c0:c1] @ kc.transpose(-1, -2)).add_(bias[c0:c1])
+        outs.append(scores.softmax(dim=-1) @ vc)
+    return torch.cat(outs, dim=3).reshape(b, h, nb * block, d)[..., :n, :]
+
+
+@functools.lru_cache(maxsize=64)
+def _selection_bias_cached(nb: int, block: int, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    ar = torch.arange(block, device=device)
+    diag = ar.view(1, -1) <= ar.view(-1, 1)  # (B, B) causal inside the diagonal block
+    used = torch.arange(width, device=device).view(1, -1) < torch.arange(nb, device=device).view(-1, 1)
+    keep = torch.cat([diag.expand(nb, block, block),
+                      used.view(nb, 1, width, 1).expand(nb, block, width, block).reshape(nb, block, -1)], -1)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+
+
+def selection_bias(nb: int, block: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``(nb, B, (width + 1) * B)`` of :func:`block_selection_attention` (cached).
+
+    Candidate column ``c < B`` is key ``c`` of the diagonal block (kept iff ``c <= a`` for query
+    ``a`` of the block); column ``B + s*B + t`` is key ``t`` of selected block ``s``, kept iff
+    ``s < min(n_sel, I)`` (every selection entry below the count is valid and earlier, so all its
+    keys are causal). The mask depends on no data, only on ``(nb, B, width)``.
+    """
+    return _selection_bias_cached(nb, block, width, str(device), dtype)
 
 
 def _query_blocks(q: torch.Tensor, block: int) -> torch.Tensor:
@@ -283,17 +203,6 @@ def _candidate_blocks(xb: torch.Tensor, blocks: torch.Tensor, head_dim: int) -> 
     -> ``(b, h, nc, (m + 1) * B, d)``."""
     rows = gather_rows(xb, blocks)  # (b, h, nc, m + 1, B * d)
     return rows.reshape(*blocks.shape[:3], -1, head_dim)
-
-
-def _candidate_causal_mask(blocks: torch.Tensor, bvalid: torch.Tensor, block: int,
-                           first_block: int) -> torch.Tensor:
-    """``(b, h, nc, B, (m + 1) * B)``: candidate key position <= query position, valid block."""
-    nc = blocks.shape[2]
-    ar = torch.arange(block, device=blocks.device)
-    kpos = (blocks.unsqueeze(-1) * block + ar).flatten(-2)  # (b, h, nc, C)
-    kvalid = bvalid.unsqueeze(-1).expand(*bvalid.shape, block).flatten(-2)
-    qpos = torch.arange(first_block, first_block + nc, device=blocks.device).view(nc, 1) * block + ar
-    return (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)) & kvalid.unsqueeze(-2)
 
 
 def _positive(name: str, value: int) -> int:

@@ -55,3 +55,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c = cos[:seq].to(x.dtype)
     s = sin[:seq].to(x.dtype)
     return x * c + _rotate_half(x) * s
+
+
+def apply_rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate one query or key per batch row by that row's own position (incremental decoding).
+
+    Same rotation as :func:`apply_rope` (RoFormer eq. 34), but position ``positions[b]`` for
+    row ``b`` instead of ``0..seq-1``, so rows of a batch may sit at different positions.
+
+    Args:
+        x: ``(batch, heads, 1, head_dim)``.
+        cos: ``(max_seq_len, head_dim)`` from :func:`rope_cache`.
+        sin: ``(max_seq_len, head_dim)`` from :func:`rope_cache`.
+        positions: ``(batch,)`` int64 positions, each ``< max_seq_len``.
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+    """
+    c = cos[positions].to(x.dtype).view(x.shape[0], 1, 1, -1)
+    s = sin[positions].to(x.dtype).view(x.shape[0], 1, 1, -1)
+    return x * c + _rotate_half(x) * s

@@ -1,4 +1,4 @@
-"""The ``mla`` command line: train, plan, bench, submit/jobs/tune, k8s.
+"""The ``mla`` command line: train, plan, bench, submit/jobs/tune, k8s, generate/eval/export.
 
 Human progress goes to stderr, machine-readable output (``--json``) to stdout. User errors
 (:class:`orchestrator.contract.errors.MLAError`) print one message and exit non-zero; set
@@ -55,6 +55,7 @@ def schema() -> None:
 
 def _register_subcommands() -> None:
     from orchestrator.cli_bench import app as bench_app
+    from orchestrator.cli_infer import eval_command, export, generate
     from orchestrator.cli_jobs import app as jobs_app
     from orchestrator.cli_jobs import submit
     from orchestrator.cli_plan import plan
@@ -62,11 +63,14 @@ def _register_subcommands() -> None:
     from orchestrator.k8s.cli import app as k8s_app
 
     app.command("plan")(plan)
-    app.add_typer(bench_app, name="bench", help="Benchmarks (attention speed and memory).")
+    app.add_typer(bench_app, name="bench", help="Benchmarks (attention, quality, decoding).")
     app.add_typer(k8s_app, name="k8s", help="KubeRay manifests: render, submit, status, delete.")
     app.command("submit")(submit)
     app.command("tune")(tune)
     app.add_typer(jobs_app, name="jobs", help="Jobs on a Ray cluster: list, status, logs, stop.")
+    app.command("generate")(generate)
+    app.command("eval")(eval_command)
+    app.command("export")(export)
 
 
 _register_subcommands()

@@ -44,8 +44,8 @@ def attention(
     json_out: bool = typer.Option(False, "--json", help="Print the records as JSON to stdout."),
     seq_lens: str = typer.Option("1024,2048,4096,8192,16384", "--seq-lens", help="Comma-separated n, in tokens."),
     window: int = typer.Option(128, "--window", min=1, help="Local sliding window w, in tokens."),
-    top_k: int = typer.Option(16, "--top-k", min=1, help="Global keys per query k."),
-    block: int = typer.Option(64, "--block", min=1, help="Block size of the local path and block indexer, in tokens."),
+    top_k: int = typer.Option(16, "--top-k", min=1, help="global_k: earlier-key budget, rounded up to whole blocks."),
+    block: int = typer.Option(64, "--block", min=1, help="Block size of the local path and the block selection, in tokens."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per measurement (after one warm-up)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
@@ -101,3 +101,49 @@ def quality(
     bench.render(report, console)
     if json_out:
         print(json.dumps(report, indent=2))
+
+
+@app.command()
+def decode(
+    json_out: bool = typer.Option(False, "--json", help="Print the records as JSON to stdout."),
+    contexts: str = typer.Option("1024,4096,16384,65536", "--contexts", help="Comma-separated cached tokens n."),
+    batches: str = typer.Option("1,8", "--batches", help="Comma-separated batch sizes."),
+    tokens: int = typer.Option(64, "--tokens", min=1, help="Timed new tokens (rounded up to a multiple of --block)."),
+    window: int = typer.Option(128, "--window", min=1, help="Local sliding window w, in tokens."),
+    global_k: int = typer.Option(64, "--global-k", min=1, help="Global-branch budget (ceil(k / block) blocks)."),
+    block: int = typer.Option(64, "--block", min=1, help="Block size B, in tokens."),
+    device: str = typer.Option("cpu", "--device", help="cpu (fp32) or cuda (bf16)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+) -> None:
+    """Incremental decoding with the KV cache: MLA vs the same model with dense attention, side by side."""
+    from rich.console import Console
+
+    bench = load_benchmark("decode")
+    ctx, bs = _int_list("--contexts", contexts), _int_list("--batches", batches)
+    _check_device(device)
+    settings = bench.DecodeBenchSettings(contexts=ctx, batches=bs, tokens=tokens, window=window, global_k=global_k,
+                                   block=block, device=device, threads=threads)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)  # the table has 11 columns
+    records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
+    bench.render(records, settings, console)
+    if json_out:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{option}={text!r} must be comma-separated integers, e.g. 1024,4096") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option}={text!r} must list positive integers, e.g. 1024,4096")
+    return values
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={device!r} must be 'cpu' or 'cuda'")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but torch sees no CUDA device; use --device cpu")

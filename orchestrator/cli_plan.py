@@ -61,6 +61,29 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
     return cfg, None
 
 
+def check_plan_numbers(**values: float | None) -> None:
+    """Refuse impossible numbers before planning: counts >= 1, rates and sizes finite and > 0,
+    ``--efficiency`` in (0, 1].
+
+    Raises:
+        PlanError: naming the option, the value and the allowed range.
+    """
+    import math
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise PlanError(f"{option} {value}: give a finite number")
+        if name in ("gpus", "gpus_per_node", "global_batch") and value < 1:
+            raise PlanError(f"{option} {value}: must be at least 1")
+        if name == "efficiency" and not 0 < value <= 1:
+            raise PlanError(f"{option} {value}: the achievable fraction of peak must be in (0, 1], e.g. 0.5")
+        if value <= 0:
+            raise PlanError(f"{option} {value}: must be greater than 0")
+
+
 def parse_zero_stages(text: str | None) -> tuple | None:
     """``"0,1"`` → ``(0, 1)``; ``None`` → ``None``.
 
@@ -92,7 +115,7 @@ def print_result(result, top: int) -> None:
     rows = [result.estimate] if result.estimate else result.candidates[:top]
     table = Table(title="estimate" if result.estimate else f"best {len(rows)} of {len(result.candidates)} layouts")
     for col in ("dp", "tp", "pp", "zero", "mb", "ga", "recompute", "sp", "v", "params", "grads", "optim",
-                "acts", "buffers", "total GiB", "fits", "step s", "tokens/s", "TFLOP/s", "MFU"):
+                "acts", "buffers", "total GiB", "fits", "step s", "80% range s", "tokens/s", "TFLOP/s", "MFU"):
         table.add_column(col, justify="right")
     for c in rows:
         lay, est, mem = c.layout, c.estimate, c.estimate.memory.gib()
@@ -100,7 +123,8 @@ def print_result(result, top: int) -> None:
                                  lay.recompute, "y" if lay.sequence_parallel else "", lay.virtual_stages,
                                  mem["parameters"], mem["gradients"], mem["optimizer"], mem["activations"],
                                  mem["buffers"], mem["total"], "yes" if est.fits else "NO",
-                                 f"{est.step_time_s:.3g}", f"{est.tokens_per_s:,.0f}",
+                                 f"{est.step_time_s:.3g}",
+                                 "{:.3g}-{:.3g}".format(*est.step_time_interval_s), f"{est.tokens_per_s:,.0f}",
                                  f"{est.tflops_per_gpu:.1f}", f"{100 * est.mfu:.1f}%")))
     console.print(table)
     if result.best and not result.estimate:
@@ -114,7 +138,10 @@ def print_result(result, top: int) -> None:
         console.print(rej)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
-    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation.")
+    if result.close_call:
+        console.print(f"close call: {result.close_call}", highlight=False)
+    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation. "
+                  "80% range: the step time the calibration residuals expect (benchmarks/planner.py).")
 
 
 def plan(
@@ -151,13 +178,24 @@ def plan(
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", rich_help_panel=_PIN),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, rich_help_panel=_PIN),
     estimate_only: bool = typer.Option(False, "--estimate", help="Evaluate exactly the pinned layout (pin every field)."),
+    measure_run: bool = typer.Option(False, "--measure", help="Run the top candidates of --config for a few steps each through the Ray workers and pick the fastest measured (settles close calls)."),
+    measure_top: int = typer.Option(3, "--measure-top", min=1, help="Candidates --measure runs."),
+    measure_steps: int = typer.Option(5, "--measure-steps", min=2, help="Steps per measured candidate (the first is not timed)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
     top: int = typer.Option(10, "--top", min=1, help="Rows shown (and listed in --json)."),
 ) -> None:
     """Choose a data x tensor x pipeline layout: memory per GPU and predicted throughput."""
     from orchestrator.planner import Pins, PlanRequest, get_gpu
     from orchestrator.planner import plan as run_plan
+    from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
+    check_plan_numbers(gpus=gpus, gpus_per_node=gpus_per_node, peak_tflops=peak_tflops, memory_gib=memory_gib,
+                       intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs, global_batch=global_batch,
+                       efficiency=efficiency)
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise PlanError(f"--precision {precision!r} must be bf16, fp16 or fp32")
+    if attention is not None and attention not in ("dense", "mla"):
+        raise PlanError(f"--attention {attention!r} must be dense or mla")
     if recompute is not None and recompute not in RECOMPUTE_CHOICES:
         raise PlanError(f"--recompute {recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
     dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,
@@ -179,13 +217,46 @@ def plan(
             raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
         gpus = dp * tp * pp
     spec = get_gpu(gpu, memory_gib=memory_gib, intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs,
-                   peak_tflops={precision: peak_tflops} if peak_tflops else None)
-    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=batch or 8 * gpus,
+                   peak_tflops={precision: peak_tflops} if peak_tflops is not None else None)
+    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=8 * gpus if batch is None else batch,
                           seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
                           precision=precision, pins=pins, allowed_zero_stages=parse_zero_stages(zero_stages),
-                          **({"efficiency": efficiency} if efficiency else {}))
+                          efficiency=DEFAULT_EFFICIENCY if efficiency is None else efficiency)
+    if measure_run and not config:
+        raise PlanError("--measure needs --config JOB.yaml (the job whose candidates are run)")
     result = run_plan(request)
+    measured = None
+    if measure_run:
+        from orchestrator.config import load_job_config
+        from orchestrator.planner.measure import measure
+
+        measured = measure(load_job_config(config), result.candidates, measure_top, measure_steps)
     if json_out:
-        print(json.dumps(result.to_json(limit=top), indent=2))
+        doc = result.to_json(limit=top)
+        if measured is not None:
+            doc["measured"] = [m.to_dict() for m in measured]
+        print(json.dumps(doc, indent=2))
     else:
         print_result(result, top)
+        if measured is not None:
+            print_measured(measured)
+
+
+def print_measured(measured: list) -> None:
+    """Measured vs predicted table of ``mla plan --measure``; the first row is the pick."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="measured (fastest first)")
+    for col in ("layout", "predicted s", "80% range s", "measured s", "measured/predicted", "error"):
+        table.add_column(col)
+    for m in measured:
+        table.add_row(m.layout.describe(), f"{m.predicted_step_s:.3g}", "{:.3g}-{:.3g}".format(*m.interval_s),
+                      "-" if m.measured_step_s is None else f"{m.measured_step_s:.3g}",
+                      "-" if m.ratio is None else f"{m.ratio:.2f}", m.error)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+    if measured[0].measured_step_s is not None:
+        console.print(f"fastest measured: {measured[0].layout.describe()}", highlight=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,24 @@ from orchestrator.contract.errors import ConfigError
 from orchestrator.contract.layout import Recompute
 
 
+def _allows_bool(annotation: Any) -> bool:
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # allow_inf_nan=False: ``.inf`` / ``.nan`` are refused for every float field (lr, grad_clip, ...).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """YAML ``true`` is a bool, and pydantic would read it as 1 for an int field: refuse it."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and not _allows_bool(field.annotation):
+                    raise ValueError(f"{name}={str(value).lower()} is a boolean; give a number")
+        return data
 
 
 class ModelSection(_Section):
@@ -49,13 +66,13 @@ class ModelSection(_Section):
     local_window: int | None = Field(None, ge=1)
     """Sliding-window size of the local branch, in tokens."""
     global_k: int | None = Field(None, ge=1)
-    """Keys per query in the sparse global branch (top-k), in tokens."""
+    """Earlier-key budget of the sparse global branch, in tokens: ceil(global_k / block_size) whole key blocks (indexer 'block'), or k keys per query (indexer 'exact')."""
     mix: Literal["gate", "sum"] | None = None
     """How the two branches are combined: learned sigmoid gate or plain sum."""
     indexer: Literal["exact", "block"] | None = None
-    """Global-branch key selection: exact token top-k or block indexer."""
+    """Global-branch key selection: 'block' (whole key blocks per query block, the fast path) or 'exact' (token top-k, O(n^2) reference)."""
     block_size: int | None = Field(None, ge=1)
-    """Key-block size of the block indexer and the blocked local branch, in tokens."""
+    """Block size of the block selection and the blocked local branch, in tokens (128 for FlexAttention on CUDA)."""
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     """Dropout probability (0 disables it)."""
 
@@ -93,6 +110,37 @@ class DataSection(_Section):
     """Tokenizer; 'byte' maps each UTF-8 byte to one of 256 ids."""
 
 
+class PrivacySection(_Section):
+    """Differentially private training (DP-SGD, Abadi et al. 2016): per-sequence gradient
+    clipping and Gaussian noise, with Poisson sampling of sequences and a privacy accountant.
+    Setting any field turns it on; see :mod:`orchestrator.privacy` for what it checks."""
+
+    target_epsilon: float | None = None
+    """Privacy budget epsilon for the whole run; the noise is calibrated to spend it by train.steps."""
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    """Noise standard deviation / max_grad_norm (sigma); set it instead of (or with) target_epsilon."""
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    """Privacy parameter delta; unset means 1 / (2 N) for N training sequences; must be < 1 / N."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Per-sequence gradient clipping norm C (L2 over all parameters)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Privacy accountant: 'rdp' (Renyi DP, Mironov 2017) or 'prv' (privacy random variables,
+    Gopi et al. 2021; tighter, slower)."""
+    sampling: Literal["poisson"] = "poisson"
+    """How each step's sequences are drawn: 'poisson' (each sequence independently with rate
+    global_batch / N), the sampling both accountants assume."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> PrivacySection:
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("train.privacy needs target_epsilon or noise_multiplier; set for example "
+                             "train.privacy.target_epsilon=8")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"train.privacy.target_epsilon({self.target_epsilon}) must be > 0; a budget "
+                             "such as 1, 3 or 8 is usual")
+        return self
+
+
 class TrainSection(_Section):
     """Optimisation schedule."""
 
@@ -111,11 +159,11 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0.0)
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clipping threshold (0 disables it)."""
-    seed: int = 1234
-    """Seed of weights and data order."""
+    seed: int = Field(1234, ge=0, lt=2**63)
+    """Seed of weights, data order and dropout (>= 0)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Training precision; 'auto' is bf16 on GPU and fp32 on CPU."""
     log_every: int = Field(10, ge=1)
@@ -124,6 +172,11 @@ class TrainSection(_Section):
     """Steps between validation passes (also at the last step)."""
     eval_batches: int = Field(4, ge=1)
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
+    privacy: PrivacySection | None = None
+    """Differentially private training (DP-SGD); unset trains without privacy."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
+    (overflow), that stop the run as diverged."""
 
 
 class ParallelSection(_Section):
@@ -164,6 +217,9 @@ class ClusterSection(_Section):
     """CPU cores reserved per worker."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker; unset uses cpus_per_worker."""
+    startup_timeout_s: float = Field(600.0, gt=0.0)
+    """Seconds to wait for the worker group to be placed and started before the job fails with
+    the resources asked vs available."""
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts Ray Train allows before failing the run (-1 is unlimited)."""
     ray_num_cpus: int | None = Field(None, ge=1)
@@ -229,6 +285,9 @@ class JobConfig(_Section):
             raise ValueError(
                 f"train.global_batch({self.train.global_batch}) is not a multiple of "
                 f"train.micro_batch({self.train.micro_batch}); make global_batch a multiple of it")
+        if not all(0.0 <= b < 1.0 for b in self.train.betas):
+            raise ValueError(f"train.betas={list(self.train.betas)}: each AdamW beta must be in [0, 1), "
+                             "e.g. [0.9, 0.95]")
         if self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr({self.train.min_lr}) > train.lr({self.train.lr})")
         if self.cluster.min_workers and self.cluster.min_workers > self.cluster.num_workers:
@@ -263,18 +322,55 @@ def load_job_config(path: str | os.PathLike | None, overrides: list[str] | tuple
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; pass a YAML file such as configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/tiny.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        data = load_yaml_file(p)
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections "
                               f"({', '.join(JobConfig.model_fields)})")
     for item in overrides:
         apply_override(data, item)
     return validate_job_dict(data, source=str(path) if path else "config")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1}); "
+                    "keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """Parse a YAML file (UTF-8, no duplicate keys); an empty file is ``{}``.
+
+    Raises:
+        ConfigError: not UTF-8, not valid YAML, or a key given twice (names the file and line).
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); save it as UTF-8 "
+                          "YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def apply_override(data: dict, item: str) -> None:

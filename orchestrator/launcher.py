@@ -4,7 +4,8 @@
 1. validates the data on the driver, before any worker starts;
 2. builds the :class:`~orchestrator.contract.run_plan.RunPlan` (:mod:`orchestrator.layouts`: a
    layout and DeepSpeed config for every world size the job may run on) and refuses a resume
-   the workers cannot do;
+   the workers cannot do; under ``train.privacy`` adds the DP-SGD plan
+   (:mod:`orchestrator.privacy`), refused when over budget or for a layout DP-SGD cannot run;
 3. starts an embedded local Ray (or connects to ``cluster.address``);
 4. runs ``TorchTrainer`` (gloo on CPU, nccl on GPU) with ``FailureConfig`` retries, streaming
    one progress line per logged step (:mod:`orchestrator.progress`);
@@ -24,10 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.config import JobConfig
+from orchestrator.contract.checkpoints import FAILURE_FILE
 from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
 from orchestrator.layouts import build_run_plan, check_resumable
+from orchestrator.privacy import attach_privacy
 from orchestrator.progress import ProgressTail, build_summary, console, print_header
 from workers.data import check_corpus, load_corpus
 
@@ -46,7 +49,50 @@ def check_data(job: JobConfig) -> str:
                           "set model.vocab_size to at least 256")
     corpus = load_corpus(job.data.path, job.data.val_fraction)
     check_corpus(corpus, job.data.seq_len)
+    warn_small_corpus(len(corpus.train), len(corpus.val), job.data.seq_len, job.train.global_batch)
     return f"{corpus.source}: {corpus.n_docs} documents, {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
+
+
+def warn_small_corpus(train_tokens: int, val_tokens: int, seq_len: int, global_batch: int) -> list[str]:
+    """Warn (on the console; returned too) when a split holds fewer ``seq_len`` windows than one
+    global batch: every step then repeats windows within the batch."""
+    warnings = []
+    for split, n in (("train", train_tokens), ("validation", val_tokens)):
+        windows = max(0, (n - 1) // seq_len)
+        if windows < global_batch:
+            warnings.append(f"warning: the {split} split holds {windows} windows of data.seq_len={seq_len} tokens, "
+                            f"fewer than one global batch (train.global_batch={global_batch}): each batch repeats "
+                            "windows; add text or lower data.seq_len / train.global_batch")
+    for text in warnings:
+        console.print(text)
+    return warnings
+
+
+def make_run_dir(job: JobConfig, run_dir) -> None:
+    """Create RUN_DIR and check that it is writable.
+
+    Raises:
+        ConfigError: it cannot be created or written (names run.dir / cluster.storage_path).
+    """
+    name = "cluster.storage_path" if job.cluster.storage_path else "run.dir"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot create or write the run folder {run_dir} ({exc.strerror}); choose a "
+                          f"writable folder, e.g. --set {name}=runs") from None
+
+
+def _read_failure(run_dir) -> dict | None:
+    """The divergence record the workers wrote (``RUN_DIR/failure.json``), if any."""
+    import json
+
+    try:
+        return json.loads((run_dir / FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -167,32 +213,55 @@ def run_training(job: JobConfig) -> dict:
     Raises:
         DataError, ConfigError, PlanError: before anything starts.
         ClusterError: Ray cannot be reached.
-        JobFailedError: the workers failed more often than ``cluster.max_failures`` allows.
+        JobFailedError: the workers failed more often than ``cluster.max_failures`` allows, or
+            the divergence guard stopped the run (``summary.json`` then has ``status: diverged``).
     """
+    from orchestrator.startup import StartupWatchdog, check_placeable
+
     data_text = check_data(job)
     plan = build_run_plan(job)
     check_resumable(job, plan)
+    plan = attach_privacy(job, plan)
     run_dir = plan.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(job, run_dir)
     print_header(plan, data_text)
     write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
     load_torch_before_ray()
     tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps)
+    watchdog = StartupWatchdog(job, plan.world_sizes, run_dir, job.cluster.startup_timeout_s)
     started = time.time()
     with ray_session(job):
         try:
             tail.start()
-            result = _fit(plan)
+            check_placeable(job, plan.world_sizes)
+            watchdog.start()
+            try:
+                result = _fit(plan)
+            except KeyboardInterrupt:
+                if watchdog.reason is None:
+                    raise
+                raise ClusterError(watchdog.reason) from None
+            finally:
+                watchdog.done.set()
         finally:
             tail.stop_event.set()
             tail.join(timeout=5)
     if result.error is not None:
         raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})") \
             from result.error
-    summary = build_summary(job, run_dir, time.time() - started)
+    summary = build_summary(job, run_dir, time.time() - started, plan.privacy)
+    failure = _read_failure(run_dir)
+    if failure is not None:
+        summary.update(status="diverged", error=failure.get("message"))
+        write_json_atomic(run_dir / "summary.json", summary)
+        raise JobFailedError(f"{failure.get('message')} (run folder: {run_dir}; the last good checkpoint is "
+                             f"{summary['checkpoint']})")
+    summary["status"] = "done"
     write_json_atomic(run_dir / "summary.json", summary)
+    spent = f", epsilon {summary['epsilon']:.3g}" if plan.privacy is not None else ""
     console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
-                  f"{summary['last_val_loss']}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
+                  f"{summary['last_val_loss']}{spent}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
                   f"{run_dir / 'summary.json'}")
     return summary
 

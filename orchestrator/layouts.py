@@ -13,7 +13,7 @@ What ``mla train``, ``mla tune`` and ``mla k8s render`` all need, with no Ray an
 from __future__ import annotations
 
 from orchestrator.config import JobConfig
-from orchestrator.contract.checkpoints import latest_checkpoint, saved_layout
+from orchestrator.contract.checkpoints import find_resumable, saved_layout
 from orchestrator.contract.deepspeed_config import build_deepspeed_config
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.layout import Layout, LayoutError, resume_problem, unsupported_reason
@@ -53,6 +53,11 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         layout.check_model(model.n_heads, model.kv_heads, model.n_layers)
     except LayoutError as exc:
         raise PlanError(f"parallel: {exc}") from None
+    if model.vocab_size % p.tensor:
+        raise PlanError(f"model.vocab_size({model.vocab_size}) is not divisible by parallel.tensor({p.tensor}): the "
+                        "vocabulary-parallel embedding splits it; set model.vocab_size to a multiple of "
+                        f"{p.tensor} (e.g. {-(-model.vocab_size // p.tensor) * p.tensor}; ids above the tokenizer's "
+                        "are never targets) or lower parallel.tensor")
     return _runnable(layout, "parallel")
 
 
@@ -83,12 +88,23 @@ def check_resumable(job: JobConfig, plan: RunPlan) -> None:
     keep DeepSpeed's own format, which loads under the layout that wrote it only
     (:func:`~orchestrator.contract.layout.resume_problem`).
 
+    Checkpoints that fail their manifest (:func:`~orchestrator.contract.checkpoints.verify_checkpoint`)
+    are named on the console with the reason, and the newest complete one is used instead.
+
     Raises:
         PlanError: the latest checkpoint and a planned layout differ while either uses ZeRO-3.
     """
-    found = latest_checkpoint(plan.run_dir) if job.checkpoint.resume else None
+    from orchestrator.progress import console
+
+    found, rejected = find_resumable(plan.run_dir) if job.checkpoint.resume else (None, [])
+    for path, reason in rejected:
+        console.print(f"checkpoint {path.name} rejected: {reason}")
     if found is None:
+        if rejected:
+            console.print("no complete checkpoint left: starting from step 0")
         return
+    if rejected:
+        console.print(f"resuming from {found[1].name}, the newest complete checkpoint")
     saved = saved_layout(found[1])
     for w, layout in plan.layouts.items():
         problem = resume_problem(saved, layout)

@@ -10,6 +10,7 @@ Human output goes to stderr (:data:`orchestrator.cli_common.err`).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,17 +18,26 @@ from pathlib import Path
 from orchestrator.cli_common import err as console
 from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import latest_checkpoint
+from orchestrator.contract.privacy import PrivacyPlan
 from orchestrator.contract.run_plan import RunPlan
 
 
 class ProgressTail(threading.Thread):
-    """Print new ``metrics.jsonl`` records as progress lines while training runs."""
+    """Print new ``metrics.jsonl`` records as progress lines while training runs, and each
+    (re)start of the worker group from ``events.jsonl``.
+
+    After a restart the workers trim ``metrics.jsonl`` back to the checkpoint they resumed from;
+    those records were printed already, so the tail skips what the trimmed file holds and
+    prints "worker group restarted (attempt k), resumed from step N", then steps N + 1 onwards.
+    """
 
     def __init__(self, path: Path, total_steps: int):
         super().__init__(daemon=True)
-        self.path = path
-        self.total_steps = total_steps
+        self.path, self.total_steps = path, total_steps
+        self.events_path = path.with_name("events.jsonl")
         self.offset = path.stat().st_size if path.exists() else 0
+        self.events_offset = self.events_path.stat().st_size if self.events_path.exists() else 0
+        self.attempts = 0
         self.stop_event = threading.Event()
         self.started_at = time.time()
 
@@ -37,37 +47,63 @@ class ProgressTail(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path) as fh:
-            if self.path.stat().st_size < self.offset:  # trimmed on resume
-                self.offset = 0
-            fh.seek(self.offset)
+        for event in self._new_lines(self.events_path, "events_offset"):
+            if event.get("event") == "start":
+                self.attempts += 1
+                console.print(restart_line(self.attempts, event.get("resumed_from_step")))
+        for record in self._new_lines(self.path, "offset"):
+            console.print(format_progress(record, self.total_steps, time.time() - self.started_at))
+
+    def _new_lines(self, path: Path, attr: str) -> list[dict]:
+        """Complete JSON lines appended to ``path`` since the last poll; a file that shrank
+        (trimmed on resume) holds only records printed before, so reading restarts at its end."""
+        if not path.exists():
+            return []
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < getattr(self, attr):
+                setattr(self, attr, size)
+            fh.seek(getattr(self, attr))
             chunk = fh.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            if line.strip():
-                console.print(format_progress(json.loads(line), self.total_steps, time.time() - self.started_at))
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        setattr(self, attr, getattr(self, attr) + len(complete))
+        out = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+def restart_line(attempt: int, resumed_from: int | None) -> str:
+    """The console line for the ``attempt``-th start of the worker group in this invocation."""
+    if attempt > 1:
+        return (f"worker group restarted (attempt {attempt}), resumed from step {resumed_from or 0}; "
+                f"progress continues at step {(resumed_from or 0) + 1}")
+    if resumed_from is not None:
+        return f"resumed from step {resumed_from}"
+    return "workers started"
 
 
 def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     """One progress line: ``step 40/200  loss 2.3141  val 2.2810  tok/s 5,210  lr 2.9e-03  12s``."""
     parts = [f"step {record['step']:>5}/{total_steps}"]
-    if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
-    if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}")
-    if "tokens_per_s" in record:
-        parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
-    if "lr" in record:
-        parts.append(f"lr {record['lr']:.2e}")
+    for key, label, fmt in (("loss", "loss", ".4f"), ("val_loss", "val", ".4f"), ("tokens_per_s", "tok/s", ",.0f"),
+                            ("lr", "lr", ".2e"),
+                            ("epsilon", "eps", ".3g")):
+        if key in record:
+            value = record[key]
+            parts.append(f"{label} {'nan' if value is None else format(value, fmt)}")
+    if record.get("diverged"):
+        parts.append("DIVERGED")
     parts.append(f"{elapsed_s:,.0f}s")
     return "  ".join(parts)
 
 
-def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
-    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run."""
+def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy: PrivacyPlan | None = None) -> dict:
+    """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run (with the epsilon spent
+    and the privacy plan when ``privacy`` is given)."""
     records = _read_jsonl(run_dir / "metrics.jsonl")
     events = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     vals = [r for r in records if "val_loss" in r]
@@ -89,7 +125,15 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float) -> dict:
         "resumed_from_step": resumes[-1]["resumed_from_step"] if resumes else None,
         "resumes": [{"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes],
         "checkpoint": str(found[1]) if found else None,
+        **(_privacy_summary(records, privacy) if privacy is not None else {}),
     }
+
+
+def _privacy_summary(records: list[dict], privacy: PrivacyPlan) -> dict:
+    spent = [r for r in records if "epsilon" in r]
+    return {"epsilon": spent[-1]["epsilon"] if spent else 0.0, "delta": privacy.delta,
+            "epsilon_per_eval": [{"step": r["step"], "epsilon": r["epsilon"]} for r in spent],
+            "privacy": privacy.to_dict()}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -109,3 +153,13 @@ def print_header(plan: RunPlan, data_text: str) -> None:
                   f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})")
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")
+    if plan.privacy is not None:
+        console.print(describe_privacy(plan.privacy, job.train.steps))
+
+
+def describe_privacy(plan: PrivacyPlan, steps: int) -> str:
+    """One header line for a DP-SGD run."""
+    budget = f"target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "no target epsilon"
+    return (f"privacy: DP-SGD, Poisson sampling q={plan.sample_rate:.3g} (N={plan.n_sequences:,}), noise_multiplier "
+            f"{plan.noise_multiplier:.4g}, max_grad_norm {plan.max_grad_norm:g}, delta {plan.delta:.3g}, "
+            f"{plan.accountant} accountant, {budget} over {steps} steps")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,42 @@ def parse_search(items: list[str]) -> dict[str, list]:
     space: dict[str, list] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        values = [_number_or_value(yaml.safe_load(v)) for v in raw.split(",") if v.strip()]
         if not sep or not key.strip() or not values:
             raise ConfigError(f"--search {item!r}: expected KEY=V1,V2,..., e.g. --search model.local_window=16,32,64")
         space[key.strip()] = values
     if not space:
         raise ConfigError("give at least one --search KEY=V1,V2,... (e.g. --search model.global_k=4,8,16)")
     return space
+
+
+def _number_or_value(value):
+    """YAML 1.1 reads ``3e-3`` (no dot) as a string: make it the number it spells, so a list
+    mixing ``0.001`` and ``3e-3`` sorts numerically."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def value_order(value) -> tuple:
+    """Sort key that orders numbers numerically before everything else (by text)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def pick_best(rows: list[dict], space: dict, metric: str) -> dict | None:
+    """The trial with the lowest finite ``best_<metric>``; ties go to the numerically smallest
+    searched values (in the order of ``space``). Diverged trials are never best."""
+    col = f"best_{metric}"
+    done = [r for r in rows if r[col] is not None and math.isfinite(r[col]) and not r.get("diverged")]
+    if not done:
+        return None
+    return min(done, key=lambda r: (r[col], [value_order(r[k]) for k in space]))
 
 
 def trial_job(base: dict, params: dict, trials_dir: str, trial_id: str) -> JobConfig:
@@ -66,11 +96,12 @@ def _trial_driver(config: dict) -> None:
 
     from orchestrator.launcher import build_trainer
     from orchestrator.layouts import build_run_plan
+    from orchestrator.privacy import attach_privacy
 
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     trial_id = ray.tune.get_context().get_trial_id()
     job = trial_job(config["_base"], params, config["_trials_dir"], trial_id)
-    plan = build_run_plan(job)
+    plan = attach_privacy(job, build_run_plan(job))
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(plan, callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -110,6 +141,10 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
 
     if scheduler not in ("asha", "fifo"):
         raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
+    if samples < 1:
+        raise ConfigError(f"--samples {samples}: give at least 1 sample per grid point (or trial)")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps}: give at least 1 step per trial")
     if max_steps:
         job = validate_job_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "steps": max_steps}})
     validate_space(job, space)
@@ -126,12 +161,13 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
             grid = tuner.fit()
     finally:
         handle.close()
-    rows = sorted((_row(r, space, job.train.steps, metric) for r in grid), key=lambda r: [str(r[k]) for k in space])
-    done = [r for r in rows if r[f"best_{metric}"] is not None]
-    if not done:
+    rows = sorted((_row(r, space, job.train.steps, metric) for r in grid),
+                  key=lambda r: [value_order(r[k]) for k in space])
+    best = pick_best(rows, space, metric)
+    if best is None:
         errors = "; ".join(str(r.get("error")) for r in rows if r.get("error"))
-        raise JobFailedError(f"every trial failed: {errors or 'no metrics reported'} (sweep folder: {sweep_dir})")
-    best = min(done, key=lambda r: r[f"best_{metric}"])
+        raise JobFailedError(f"every trial failed or diverged: {errors or 'no metrics reported'} "
+                             f"(sweep folder: {sweep_dir})")
     write_outputs(job, sweep_dir, rows, best, space, metric)
     return SweepResult(sweep_dir, rows, best)
 
@@ -188,13 +224,22 @@ def _cluster_cpus() -> float:
 
 
 def _row(result, space: dict, max_steps: int, metric: str) -> dict:
+    """One trial's row: its best ``metric`` over *trained* evaluations (step > 0: the step-0
+    evaluation of the untrained model is not a result), whether it diverged, its steps."""
     frame = result.metrics_dataframe
-    history = frame[frame[metric].notna()] if frame is not None and metric in frame else None
-    best = float(history[metric].min()) if history is not None and len(history) else None
-    steps = int(frame["step"].max()) if frame is not None and "step" in frame and len(frame) else 0
+    has = frame is not None and len(frame) and "step" in frame
+    trained = frame[frame["step"] > 0] if has else None
+    values = [float(v) for v in trained[metric] if v is not None and v == v] \
+        if trained is not None and metric in trained else []
+    diverged = bool(has and "diverged" in frame and frame["diverged"].fillna(False).astype(bool).any())
+    diverged = diverged or any(not math.isfinite(v) for v in values)
+    best = min(values) if values and not diverged else None
+    steps = int(frame["step"].max()) if has else 0
+    error = None if result.error is None else str(result.error).splitlines()[0]
     return {**{k: result.config.get(k) for k in space}, f"best_{metric}": best, "steps": steps,
-            "stopped_early": result.error is None and steps < max_steps,
-            "error": None if result.error is None else str(result.error).splitlines()[0]}
+            "stopped_early": result.error is None and not diverged and steps < max_steps,
+            "diverged": diverged,
+            "error": error or ("diverged (non-finite loss or skipped steps)" if diverged else None)}
 
 
 def write_outputs(job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict, space: dict, metric: str) -> None:
@@ -218,8 +263,8 @@ def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> No
     col = f"best_{metric}"
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if len(keys) >= 2:
-        xs = sorted({r[keys[0]] for r in rows})
-        ys = sorted({r[keys[1]] for r in rows})
+        xs = sorted({r[keys[0]] for r in rows}, key=value_order)
+        ys = sorted({r[keys[1]] for r in rows}, key=value_order)
         grid = [[min((r[col] for r in rows if r[keys[0]] == x and r[keys[1]] == y and r[col] is not None),
                      default=float("nan")) for x in xs] for y in ys]
         im = ax.imshow(grid, origin="lower", cmap="viridis_r", aspect="auto")
@@ -232,7 +277,7 @@ def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> No
                 ax.text(j, i, "-" if v != v else f"{v:.3f}", ha="center", va="center", color="w")
         fig.colorbar(im, ax=ax, label=f"best {metric}")
     else:
-        pts = sorted((r[keys[0]], r[col]) for r in rows if r[col] is not None)
+        pts = sorted(((r[keys[0]], r[col]) for r in rows if r[col] is not None), key=lambda p: value_order(p[0]))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         ax.set_xlabel(keys[0])
         ax.set_ylabel(f"best {metric}")

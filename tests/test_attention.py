@@ -8,9 +8,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mla.attention import MultiLevelAttention, multi_level_attention
 from mla.config import ModelConfig
-from mla.global_attention import block_candidates, global_topk_attention
+from mla.global_attention import global_topk_attention
 from mla.local_attention import DISABLE_FLEX_ENV, blocked_local_attention, local_backend
-from mla.reference import block_indexer_reference_mask, dense_reference_attention, exact_topk_reference_mask
+from mla.reference import (
+    block_selection_reference_attention,
+    dense_reference_attention,
+    reference_select_blocks,
+)
 from mla.rope import apply_rope, rope_cache
 
 # (seq, window, top_k, block, kv_heads): n not a multiple of B, w >= n, k >= n, GQA, tiny n.
@@ -42,17 +46,24 @@ def _grads(out, inputs):
     return torch.autograd.grad((out * weights).sum(), inputs, allow_unused=True)
 
 
+def _reference(q, k, v, gate, window, top_k, indexer, block):
+    """Dense masked reference: exact top-k, or the brute-force block selection's token mask."""
+    if indexer == "exact":
+        return dense_reference_attention(q, k, v, gate, window=window, top_k=top_k)
+    sel = reference_select_blocks(q, k, top_k, block)
+    return block_selection_reference_attention(q, k, v, gate, window=window, selection=sel, block=block)
+
+
 @pytest.mark.parametrize("indexer,gated", MODES)
 @pytest.mark.parametrize("n,w,k,b,kv", CASES)
 def test_efficient_path_matches_dense_reference(n, w, k, b, kv, indexer, gated):
     q, key, v, gate = _inputs(n, kv)
     g = gate if gated else None
     out = multi_level_attention(q, key, v, g, window=w, top_k=k, indexer=indexer, block=b)
-    mask = block_indexer_reference_mask(q.detach(), key.detach(), k, b) if indexer == "block" else None
-    ref = dense_reference_attention(q, key, v, g, window=w, top_k=k, global_mask=mask)
+    ref = _reference(q, key, v, g, w, k, indexer, b)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     wrt = (q, key, v, gate) if gated else (q, key, v)
-    for got, want in zip(_grads(out, wrt), _grads(ref, wrt)):
+    for got, want in zip(_grads(out, wrt), _grads(ref, wrt), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -61,10 +72,9 @@ def test_chunked_block_paths_match_dense_reference(indexer, monkeypatch):
     monkeypatch.setattr("mla.tensor_ops.CHUNK_ELEMENTS", 3000)  # 1-3 query blocks per chunk
     q, key, v, gate = _inputs(70, 1)
     out = multi_level_attention(q, key, v, gate, window=9, top_k=5, indexer=indexer, block=8)
-    mask = block_indexer_reference_mask(q.detach(), key.detach(), 5, 8) if indexer == "block" else None
-    ref = dense_reference_attention(q, key, v, gate, window=9, top_k=5, global_mask=mask)
+    ref = _reference(q, key, v, gate, 9, 5, indexer, 8)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate))):
+    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate)), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -80,7 +90,8 @@ def test_no_output_depends_on_a_future_token(indexer, gated):
     n, t = 45, 29
     q, k, v, gate = (x.detach() for x in _inputs(n, 3))
     g = gate if gated else None
-    run = lambda q, k, v, g: multi_level_attention(q, k, v, g, window=6, top_k=5, indexer=indexer, block=8)
+    def run(q, k, v, g):
+        return multi_level_attention(q, k, v, g, window=6, top_k=5, indexer=indexer, block=8)
     base = run(q, k, v, g)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
@@ -91,37 +102,19 @@ def test_no_output_depends_on_a_future_token(indexer, gated):
     assert not torch.allclose(moved[:, :, t], base[:, :, t])
 
 
-def test_block_indexer_equals_exact_when_all_blocks_are_candidates():
-    q, k, v, _ = _inputs(24, 3)  # nb = 3 blocks of 8; top_k 16 -> m = 2 earlier blocks: all fit
-    exact = global_topk_attention(q, k, v, 16, "exact", 8)
+def test_block_selection_sees_every_causal_key_when_all_blocks_fit():
+    q, k, v, _ = _inputs(24, 3)  # nb = 3 blocks of 8; global_k 16 -> 2 earlier blocks: all fit
+    exact = global_topk_attention(q, k, v, 24, "exact", 8)  # k = n: plain causal attention
     block = global_topk_attention(q, k, v, 16, "block", 8)
     torch.testing.assert_close(block, exact, rtol=1e-12, atol=1e-12)
 
 
-def test_block_indexer_keeps_causal_keys_from_at_most_m_plus_one_blocks():
-    n, top_k, b = 96, 8, 8
-    q, k, _, _ = (x.detach() for x in _inputs(n, 3))
-    mask = block_indexer_reference_mask(q, k, top_k, b)
-    exact = exact_topk_reference_mask(q @ k.transpose(-1, -2), top_k)
-    i = torch.arange(n)
-    assert not (mask & (i.view(1, -1) > i.view(-1, 1))).any()  # causal
-    assert (mask.sum(-1) <= top_k).all() and (mask.sum(-1) >= 1).all()
-    blocks_used = torch.stack([mask[..., j * b:(j + 1) * b].any(-1) for j in range(n // b)], -1).sum(-1)
-    assert (blocks_used <= 2).all()  # diagonal + ceil(8/8) = 1 earlier block
-    assert not torch.equal(mask, exact)  # the block indexer really is an approximation here
-
-
-def test_block_candidates_agree_with_reference_mask():
-    n, top_k, b = 50, 6, 8
-    q, k, _, _ = (x.detach() for x in _inputs(n, 3))
-    blocks, keep = block_candidates(q, k, top_k, b)
-    hits = torch.zeros(2, 3, n, n + b, dtype=torch.long)  # room for padded candidate positions
-    for qi in range(n):
-        blk, a = divmod(qi, b)
-        cand = (blocks[:, :, blk].unsqueeze(-1) * b + torch.arange(b)).flatten(-2)  # (2, 3, C)
-        hits[:, :, qi].scatter_add_(-1, cand, keep[:, :, blk, a].long())
-    assert hits[..., n:].sum() == 0
-    assert torch.equal(hits[..., :n] > 0, block_indexer_reference_mask(q, k, top_k, b))
+def test_block_selection_is_not_plain_causal_attention_when_blocks_are_dropped():
+    q, k, v, _ = _inputs(96, 3)
+    exact = global_topk_attention(q, k, v, 96, "exact", 8)
+    block = global_topk_attention(q, k, v, 8, "block", 8)
+    torch.testing.assert_close(block[:, :, :16], exact[:, :, :16], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(block[:, :, 16:], exact[:, :, 16:])
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -177,7 +170,8 @@ def test_rope_scores_depend_only_on_relative_position():
     cos, sin = rope_cache(64, 8)
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
-    rows = lambda x: apply_rope(x.expand(1, 1, 64, 8), cos, sin)[0, 0]
+    def rows(x):
+        return apply_rope(x.expand(1, 1, 64, 8), cos, sin)[0, 0]
     rq, rk = rows(q), rows(k)
     torch.testing.assert_close(rq[10] @ rk[7], rq[40] @ rk[37], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(rq[10] @ rk[7], rq[10] @ rk[3])
@@ -226,7 +220,7 @@ def test_flex_local_path_matches_blocked_path_on_cuda(n, w):
     flex = local_attention(q, k, v, w, 64)
     blocked = blocked_local_attention(q, k, v, w, 64)
     torch.testing.assert_close(flex, blocked, rtol=1e-3, atol=1e-3)
-    for got, want in zip(_grads(flex, (q, k, v)), _grads(blocked, (q, k, v))):
+    for got, want in zip(_grads(flex, (q, k, v)), _grads(blocked, (q, k, v)), strict=False):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 

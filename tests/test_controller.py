@@ -6,7 +6,9 @@ import json
 import pytest
 
 from orchestrator.config import JobConfig
+from orchestrator.contract.checkpoints import MANIFEST, build_manifest
 from orchestrator.contract.errors import PlanError
+from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.layout import Layout, unsupported_reason
 from orchestrator.layouts import build_run_plan, check_resumable, layout_for_world, runnable_layouts
 from orchestrator.progress import format_progress
@@ -69,6 +71,7 @@ def _job_with_checkpoint(tmp_path, saved: Layout, **parallel) -> JobConfig:
     folder = tmp_path / "r" / "checkpoints" / "step_0000010"
     folder.mkdir(parents=True)
     (folder / "meta.json").write_text(json.dumps({"step": 10, "layout": saved.to_dict()}))
+    write_json_atomic(folder / MANIFEST, build_manifest(folder))  # a complete checkpoint proves it
     return JobConfig(model={"preset": "tiny"}, parallel=parallel, cluster={"num_workers": 1},
                      train={"micro_batch": 4, "global_batch": 16}, run={"name": "r", "dir": str(tmp_path)})
 

@@ -25,13 +25,28 @@ def test_dense_has_no_gate_parameters():
 
 
 def test_tiny_training_flops_by_hand():
+    # 6N + 12*L*H*hd*(min(w,T) + min((ceil(k/B)+1)*B, T)) + 2*L*Hkv*hd*ceil(T/B)/B
+    # = 6*838800 + 12*4*128*(32 + 2*32) + 2*4*4*32*8/32
+    assert training_flops_per_token(PRESETS["tiny"], 256) == 5_032_800 + 589_824 + 256
+
+
+def test_exact_indexer_span_is_k_tokens():
     # 6N + 12*L*H*hd*(min(w,T) + min(k,T)) = 6*838800 + 12*4*128*(32+8)
-    assert training_flops_per_token(PRESETS["tiny"], 256) == 5_032_800 + 245_760
+    exact = PRESETS["tiny"].replace(indexer="exact")
+    assert training_flops_per_token(exact, 256) == 5_032_800 + 245_760
 
 
 def test_mla_span_is_clipped_by_sequence_length():
-    # T=16 < w=32: span = 16 + 8
-    assert attention_flops_per_token(PRESETS["tiny"], 16) == 12 * 4 * 128 * 24
+    # T=16 < w=32 and < 2 blocks of 32: span = 16 + 16, plus the scoring 2*4*4*32*1/32
+    assert attention_flops_per_token(PRESETS["tiny"], 16) == 12 * 4 * 128 * 32 + 32
+    assert attention_flops_per_token(PRESETS["tiny"].replace(indexer="exact"), 16) == 12 * 4 * 128 * 24
+
+
+def test_block_selection_span_rounds_k_up_to_whole_blocks_plus_the_diagonal():
+    # 1b preset: w=512, k=128, B=128 -> n_sel=1: span 512 + 256 at T=4096; GQA: scoring over 4 kv heads
+    cfg = PRESETS["1b"]
+    expected = 12 * 22 * 2048 * (512 + 256) + 2 * 22 * 4 * 64 * 32 / 128
+    assert attention_flops_per_token(cfg, 4096) == expected
 
 
 def test_dense_attention_term_is_palm_12LHQT():
@@ -39,10 +54,11 @@ def test_dense_attention_term_is_palm_12LHQT():
     assert attention_flops_per_token(cfg, 4096) == 12 * 32 * 4096 * 4096
 
 
-def test_block_indexer_adds_pooled_key_scoring():
-    exact = PRESETS["tiny"]
-    block = exact.replace(indexer="block")  # block_size 32 -> 256/32 = 8 pooled keys per query
-    assert attention_flops_per_token(block, 256) - attention_flops_per_token(exact, 256) == 2 * 4 * 128 * 8
+def test_block_selection_adds_pooled_key_scoring():
+    block = PRESETS["tiny"]  # block_size 32 -> 256/32 = 8 pooled key blocks per query block
+    wide = block.replace(global_k=72)  # ceil(72/32) = 3 blocks + diagonal: span 128, not 64
+    assert attention_flops_per_token(wide, 256) - attention_flops_per_token(block, 256) == 12 * 4 * 128 * 64
+    assert attention_flops_per_token(block, 256) - 12 * 4 * 128 * 96 == 2 * 4 * 4 * 32 * 8 / 32
 
 
 def test_palm_worked_check_llama3_405b():

@@ -71,3 +71,53 @@ def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_
     assert train.returncode == 0, train.stderr[-4000:]
     summary = json.loads((tmp_path / "sweep-best" / "summary.json").read_text())
     assert summary["steps"] == 40
+
+
+class _Result:
+    """What Tune's ``Result`` offers ``_row``: the config, the reported metrics, the error."""
+
+    def __init__(self, config: dict, records: list[dict], error=None):
+        import pandas as pd
+
+        self.config, self.metrics_dataframe, self.error = config, pd.DataFrame(records), error
+
+
+def test_best_excludes_the_untrained_step0_evaluation_and_diverged_trials_are_never_best():
+    from orchestrator.tune import _row, pick_best
+
+    space = {"train.lr": [1e-3, 1e6]}
+    diverged = _row(_Result({"train.lr": 1e6}, [{"step": 0, "val_loss": 5.2348},
+                                                 {"step": 10, "loss": 5.545, "diverged": True}]), space, 40, "val_loss")
+    nan = _row(_Result({"train.lr": 10.0}, [{"step": 0, "val_loss": 5.2348},
+                                             {"step": 10, "val_loss": float("nan")}]), space, 40, "val_loss")
+    good = _row(_Result({"train.lr": 1e-3}, [{"step": 0, "val_loss": 5.2348}, {"step": 10, "val_loss": 5.4}]),
+                space, 40, "val_loss")
+    assert diverged["diverged"] and diverged["best_val_loss"] is None and "diverged" in diverged["error"]
+    assert nan["best_val_loss"] is None  # the NaN evaluation is not "best 5.2348"
+    assert good["best_val_loss"] == 5.4  # worse than the untrained 5.2348, but the only trained value
+    assert pick_best([diverged, nan, good], space, "val_loss") is good
+    assert pick_best([diverged, nan], space, "val_loss") is None
+
+
+def test_ties_are_broken_numerically_not_by_string_order():
+    from orchestrator.tune import pick_best
+
+    space = {"model.local_window": [9, 10]}
+    rows = [{"model.local_window": 10, "best_val_loss": 2.0}, {"model.local_window": 9, "best_val_loss": 2.0}]
+    assert pick_best(rows, space, "val_loss")["model.local_window"] == 9  # "10" < "9" as strings
+
+
+def test_a_search_list_mixing_number_spellings_is_numeric_and_plots(tmp_path):
+    space = parse_search(["train.lr=0.001,3e-3,1e-2"])
+    assert space == {"train.lr": [0.001, 0.003, 0.01]}  # YAML 1.1 reads 3e-3 as a string
+    rows = [{"train.lr": lr, "best_val_loss": 1.0 + lr} for lr in space["train.lr"]]
+    plot_sweep(rows, ["train.lr"], "val_loss", tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_samples_below_one_is_refused_before_anything_starts():
+    from orchestrator.tune import run_sweep
+
+    job = load_job_config("configs/tiny.yaml")
+    with pytest.raises(ConfigError, match="--samples 0"):
+        run_sweep(job, {"model.global_k": [2]}, samples=0)

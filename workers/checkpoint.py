@@ -5,8 +5,11 @@ The engine (:class:`workers.parallel.engine.ParallelEngine`) writes a consolidat
 :mod:`workers.parallel.reshard`) into ``step_NNNNNNN/consolidated``, so a checkpoint saved under
 one ``(dp, tp, pp)`` layout loads under any other. Every rank writes its share into
 ``.tmp-step_NNNNNNN``; after a barrier, rank 0
-writes ``meta.json`` (step, layout, world size) and renames the folder to its final name, so a
-folder without the ``.tmp-`` prefix is always complete. A run killed mid-save leaves only a
+writes ``meta.json`` (step, layout, world size), then -- last, atomically -- ``manifest.json``
+(every file's size and SHA-256, :func:`orchestrator.contract.checkpoints.build_manifest`), and
+renames the folder to its final name. Resume verifies the manifest and falls back to the newest
+checkpoint that verifies (:func:`orchestrator.contract.checkpoints.find_resumable`); the workers
+rename rejected folders to ``rejected-step_NNNNNNN``. A run killed mid-save leaves only a
 ``.tmp-`` folder, which the next save or resume removes. Rank 0 then keeps the newest
 ``checkpoint.keep`` folders.
 
@@ -20,7 +23,14 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints, read_meta
+from orchestrator.contract.checkpoints import (
+    MANIFEST,
+    TAG,
+    build_manifest,
+    checkpoint_root,
+    complete_checkpoints,
+    read_meta,
+)
 from orchestrator.contract.io import fsync_dir, write_json_atomic
 
 
@@ -52,6 +62,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, r
     barrier()
     if rank == 0:
         write_json_atomic(tmp / "meta.json", {"step": step, "tag": TAG, **meta})
+        write_json_atomic(tmp / MANIFEST, build_manifest(tmp))  # last: it proves the rest is complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -71,8 +82,12 @@ def load_checkpoint(engine, path: Path) -> dict:
     Raises:
         RuntimeError: the checkpoint could not be loaded (e.g. another model shape).
     """
-    meta = read_meta(path)
-    load_path, _ = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG))
+    try:
+        meta = read_meta(path)
+        load_path, _ = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG))
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError) as exc:
+        raise RuntimeError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}; move it aside "
+                           "to resume from an older one, or set checkpoint.resume=false") from None
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {path}")
     return meta

@@ -69,11 +69,34 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", errors="replace")
 
 
+#: Share of undecodable bytes (U+FFFD after UTF-8 decoding) above which a file is binary.
+BINARY_REPLACEMENT_FRACTION = 0.1
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+    text = data.decode("utf-8", errors="replace")
+    check_text(text, data, path)
+    return text
+
+
+def check_text(text: str, data: bytes, where: Path | str) -> None:
+    """Refuse binary-looking data: a NUL byte, or more than ``BINARY_REPLACEMENT_FRACTION`` of
+    the characters undecodable as UTF-8.
+
+    Raises:
+        DataError: naming the file and the evidence.
+    """
+    if b"\x00" in data:
+        raise DataError(f"{where}: looks binary (it contains NUL bytes), not text; point data.path at UTF-8 text, "
+                        "a .jsonl or a .parquet file")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and bad > BINARY_REPLACEMENT_FRACTION * len(text):
+        raise DataError(f"{where}: looks binary ({100 * bad / len(text):.0f}% of it is not valid UTF-8), not text; "
+                        "convert it to UTF-8 or point data.path at text files")
 
 
 def _documents(path: Path) -> tuple[list[tuple[str, bytes]], str]:

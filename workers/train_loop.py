@@ -9,11 +9,15 @@ Order of work on each worker (torchtitan-style named steps):
 4. resume from the latest complete checkpoint of the run, if any -- checkpoints are
    layout-independent, so a run resized by an elastic restart continues at the same step with
    the same global batch under its new layout;
-5. loop: one optimizer step per global batch (``grad_accum`` micro-batches); log, evaluate,
-   checkpoint.
+5. loop: one optimizer step per global batch (``grad_accum`` micro-batches) at the lr of
+   :mod:`workers.schedule`, with dropout seeded per step (:mod:`workers.rng`); the divergence
+   guard (:mod:`workers.guard`) checks every step; log, evaluate, checkpoint (never from
+   non-finite parameters or during a bad streak). A diverged run writes ``RUN_DIR/failure.json``
+   and ends normally (Ray Train would retry a deterministic failure); the controller fails it.
 
-Rank 0 appends one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss, lr,
-tokens_per_s, elapsed_s, and val_loss when evaluated) and start/resume events to
+Rank 0 appends one strict-JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss,
+lr the step used, tokens_per_s, elapsed_s, and val_loss when evaluated, with the epsilon spent
+under ``train.privacy``; non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
 """
@@ -31,13 +35,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.contract.checkpoints import latest_checkpoint, saved_layout
+from orchestrator.contract.checkpoints import (
+    FAILURE_FILE,
+    find_resumable,
+    remove_stale_temporaries,
+    saved_layout,
+    set_aside,
+)
 from orchestrator.contract.io import atomic_write, write_json_atomic
 from orchestrator.contract.layout import Layout, resume_problem
 from orchestrator.contract.run_plan import RunPlan
+from orchestrator.contract.strict_json import strict_record
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
+from workers.guard import Diverged, DivergenceGuard
 from workers.parallel.engine import build_engine
+from workers.privacy.session import build_private_training
+from workers.rng import seed_step
+from workers.schedule import train_lr
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -91,6 +106,8 @@ class Trainer:
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
         self.dp_rank = layout.coords(rank)[1]
+        self.private = build_private_training(plan.privacy, self.engine, self.train_batches, self.train_cfg.seed)
+        self.guard = DivergenceGuard(self.train_cfg.max_bad_steps)
         self._last: dict = {}
 
     # ------------------------------------------------------------------ steps
@@ -100,31 +117,66 @@ class Trainer:
         log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
         ckpt_every = self.job.checkpoint.every
         if start == 0:
-            self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0})
+            self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0, **self._privacy_metrics()})
             self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
+            lr = train_lr(self.train_cfg, step)
+            self.engine.set_lr(lr)
+            skipped = self.engine.skipped_steps()
             window_loss.append(self.train_step(step - 1))
             tokens += self.layout.global_batch * self.data_cfg.seq_len
             last = step == steps
             evaluate = step % eval_every == 0 or last
+            save = step % ckpt_every == 0 or last
+            try:
+                save = self.check_step(step, window_loss[-1], self.engine.skipped_steps() - skipped, save)
+            except Diverged as exc:
+                self.log({"step": step, "loss": window_loss[-1], "lr": lr, "diverged": True})
+                self.fail(exc)
+                return
             if step % log_every == 0 or evaluate:
                 elapsed = time.perf_counter() - t0
-                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": self.lr(),
+                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr,
                           "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(window_loss)}
                 if evaluate:
-                    record["val_loss"] = self.evaluate()
+                    record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
                 t0, tokens, window_loss = time.perf_counter(), 0, []
-            save = step % ckpt_every == 0 or last
             if save:
                 self.checkpoint(step)
             if save or evaluate:
                 self.report(step)
 
+    def check_step(self, step: int, loss: float, skipped: int, save: bool) -> bool:
+        """Feed the divergence guard; returns whether the checkpoint due at ``step`` may be written.
+
+        Raises:
+            Diverged: too many bad steps in a row, or non-finite parameters at a checkpoint.
+        """
+        self.guard.observe(step, loss, self.engine.grad_norm(), skipped)
+        if save and not self.engine.params_finite():
+            raise DivergenceGuard.params_diverged(step)
+        if save and self.guard.bad:  # parameters of a bad streak are suspect: keep the older ones
+            if self.rank == 0:
+                self._event({"event": "checkpoint_skipped", "step": step,
+                             "reason": f"{self.guard.bad} bad steps in a row"})
+            return False
+        return save
+
+    def fail(self, exc: Diverged) -> None:
+        """Record why the run stopped (rank 0) and report it; the worker then returns normally."""
+        if self.rank == 0:
+            write_json_atomic(self.run_dir / FAILURE_FILE, {"error": "diverged", "step": exc.step,
+                                                             "message": str(exc)})
+        self.report(exc.step)
+
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
+        if self.private is not None:  # DP-SGD on a Poisson sample (workers.privacy)
+            return self.private.train_step(step_index)
         x, y = self.train_batches.rank_slice(step_index, self.layout.global_batch, self.dp_rank, self.layout.dp)
+        seed_step(self.train_cfg.seed, step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0])
         return self.engine.train_batch(x, y)
 
     @torch.no_grad()
@@ -139,7 +191,7 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the latest complete checkpoint; returns the step to continue from (0 if none)."""
-        found = latest_checkpoint(self.run_dir) if self.job.checkpoint.resume else None
+        found, rejected = self._choose_checkpoint()
         step, saved = 0, None
         if found is not None:
             step, path = found
@@ -148,18 +200,37 @@ class Trainer:
             if problem:
                 raise RuntimeError(f"checkpoint {path} was written under {saved.describe() if saved else '?'} "
                                    f"and cannot load under {self.layout.describe()}: {problem}")
-            load_checkpoint(self.engine, path)
+            meta = load_checkpoint(self.engine, path)
+            if self.private is not None:
+                self.private.load_state(meta.get("privacy"))
         if self.rank == 0:
             self._trim_metrics(step)
             self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
                          "resumed_from_step": step if found else None,
                          "checkpoint": str(found[1]) if found else None,
-                         "checkpoint_layout": saved.to_dict() if saved else None})
+                         "checkpoint_layout": saved.to_dict() if saved else None,
+                         "rejected_checkpoints": [{"path": str(p), "reason": r} for p, r in rejected]})
         return step
+
+    def _choose_checkpoint(self) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+        """Rank 0 removes stale ``.tmp-`` folders and verifies checkpoints newest first; every
+        rank gets its choice (one verification, and the same choice everywhere)."""
+        choice: list = [None]
+        if self.rank == 0:
+            remove_stale_temporaries(self.run_dir)
+            found, rejected = find_resumable(self.run_dir) if self.job.checkpoint.resume else (None, [])
+            for path, _ in rejected:
+                set_aside(path)
+            choice = [(found, rejected)]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
     def checkpoint(self, step: int) -> Path:
         """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
         meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.model_cfg.to_dict()}
+        if self.private is not None:
+            meta["privacy"] = self.private.state()
         return save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
                                self.job.checkpoint.keep, dist.barrier)
 
@@ -175,19 +246,21 @@ class Trainer:
         ray.train.report({"step": step, **self._last_metrics()})
 
     # ------------------------------------------------------------------ helpers
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
-
     def log(self, record: dict) -> None:
         record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        record = strict_record(record)
         self._last = {**self._last, **record}
         if self.rank != 0:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def _privacy_metrics(self) -> dict:
+        return {} if self.private is None else {"epsilon": self.private.epsilon()}
 
     def _last_metrics(self) -> dict:
-        return {k: v for k, v in self._last.items() if k in ("loss", "val_loss", "tokens_per_s")}
+        return {k: v for k, v in self._last.items()
+                if k in ("loss", "val_loss", "tokens_per_s", "epsilon", "diverged") and v is not None}
 
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:

@@ -15,9 +15,11 @@ Modules (one concept each):
 * :mod:`~orchestrator.contract.deepspeed_config` -- the DeepSpeed JSON built from job + layout;
 * :mod:`~orchestrator.contract.run_plan` -- :class:`RunPlan`, the frozen object the driver
   hands to every worker;
+* :mod:`~orchestrator.contract.privacy` -- :class:`PrivacyPlan`, the DP-SGD settings of a run;
 * :mod:`~orchestrator.contract.checkpoints` -- the checkpoint folder naming both sides read;
 * :mod:`~orchestrator.contract.errors` -- the user-error hierarchy;
-* :mod:`~orchestrator.contract.io` -- atomic file writes.
+* :mod:`~orchestrator.contract.io` -- atomic file writes;
+* :mod:`~orchestrator.contract.strict_json` -- non-finite floats as ``null`` (metrics, summaries).
 
 Nothing is re-exported here, so importing one module never drags in the others (and
 :mod:`orchestrator.config` can import the errors without a cycle).

@@ -22,8 +22,10 @@ def build_deepspeed_config(job: JobConfig, layout: Layout) -> dict:
 
     Batch identity (DeepSpeed checks it): ``train_batch_size = micro_batch * grad_accum * dp``.
     Optimizer: AdamW (Loshchilov & Hutter 2019) through ``torch.optim.AdamW`` (``torch_adam``), so
-    no fused CUDA or JIT-compiled CPU kernel is needed. Schedule: linear warm-up to ``lr`` over
-    ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps`` (DeepSpeed ``WarmupCosineLR``).
+    no fused CUDA or JIT-compiled CPU kernel is needed. No DeepSpeed scheduler: the workers set
+    each step's lr from :func:`workers.schedule.lr_at` (a pure function of the step, positive
+    from step 1; DeepSpeed's ``WarmupCosineLR`` ran the first two steps at lr 0 and freezes on
+    skipped steps).
 
     Example:
         >>> from orchestrator.config import JobConfig
@@ -37,19 +39,14 @@ def build_deepspeed_config(job: JobConfig, layout: Layout) -> dict:
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        # Under DP-SGD each sequence's gradient is clipped instead (workers.privacy.dpsgd).
+        "gradient_clipping": 0.0 if t.privacy is not None else t.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
                        "weight_decay": t.weight_decay, "torch_adam": True},
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr / t.lr,
-                       "warmup_type": "linear"},
         },
         "zero_optimization": {"stage": layout.zero_stage},
         "bf16": {"enabled": precision == "bf16"},

@@ -33,3 +33,7 @@ class JobFailedError(MLAError):
     """A training job ran and failed; the message carries the cause."""
 
     exit_code = 1
+
+
+class CheckpointError(MLAError):
+    """A checkpoint, run folder or export is missing, incomplete or unreadable."""

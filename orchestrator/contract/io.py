@@ -43,8 +43,11 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object]) 
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as indented JSON to ``path`` atomically."""
-    atomic_write(path, json.dumps(payload, indent=2))
+    """Write ``payload`` as indented, strict JSON to ``path`` atomically (non-finite floats
+    become ``null``: ``NaN``/``Infinity`` are not JSON, RFC 8259 §6)."""
+    from orchestrator.contract.strict_json import finite_or_none
+
+    atomic_write(path, json.dumps(finite_or_none(payload), indent=2, allow_nan=False))
 
 
 def fsync_dir(path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from mla.config import ModelConfig
 from orchestrator.config import JobConfig
 from orchestrator.contract.layout import Layout
+from orchestrator.contract.privacy import PrivacyPlan
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RunPlan:
         layouts: World size -> layout, for every size the run may be given.
         deepspeed: World size -> DeepSpeed config (:func:`build_deepspeed_config`) of that layout.
         run_dir: Absolute RUN_DIR shared by all workers.
+        privacy: The DP-SGD plan under ``train.privacy`` (:mod:`orchestrator.privacy`), else ``None``.
 
     Raises:
         ValueError: on creation, if ``layouts`` and ``deepspeed`` plan different sizes, a layout
@@ -39,6 +41,7 @@ class RunPlan:
     layouts: Mapping[int, Layout]
     deepspeed: Mapping[int, Mapping[str, Any]]
     run_dir: Path
+    privacy: PrivacyPlan | None = None
 
     def __post_init__(self) -> None:
         if set(self.layouts) != set(self.deepspeed) or not self.layouts:

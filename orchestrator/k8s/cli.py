@@ -77,10 +77,30 @@ def render(
                     storage_path, pvc, node_selector, ttl, backoff_limit, deadline)
     text = to_yaml(objs)
     if output:
-        output.write_text(text)
+        _write_atomic(output, text)
         err.print(f"wrote {output}")
     else:
         sys.stdout.write(text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename (no half-written manifest).
+
+    Raises:
+        ConfigError: the folder does not exist or is not writable (names --output).
+    """
+    import os
+
+    from orchestrator.contract.errors import ConfigError
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise ConfigError(f"--output {str(path)!r}: cannot write it ({exc.strerror}); pass a path in an existing, "
+                          "writable folder") from None
 
 
 @app.command()

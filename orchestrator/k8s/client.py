@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from orchestrator.contract.errors import ClusterError
 from orchestrator.k8s.render import config_map_name
 from orchestrator.k8s.status import Snapshot, changes, snapshot
@@ -43,6 +45,13 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
     except (config.ConfigException, OSError) as exc:
         raise ClusterError(f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig FILE "
                            "[--context NAME], set $KUBECONFIG, or run inside a pod with a service account") from None
+    except (ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as exc:
+        # the kubernetes client lets a malformed file escape as YAML/Unicode/Type errors
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a "
+                           "UTF-8 YAML kubeconfig with clusters, users and contexts lists (see `kubectl config "
+                           "view`)") from None
 
 
 def submit(api: Any, objs: list[dict]) -> dict:

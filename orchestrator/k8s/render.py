@@ -188,6 +188,35 @@ def entrypoint(bounds: WorkerBounds, opts: RenderOptions) -> str:
     return shlex.join(args)
 
 
+def check_options(opts: RenderOptions) -> None:
+    """Refuse names Kubernetes would reject, before anything is rendered.
+
+    Raises:
+        ConfigError: naming the option, the value and the rule.
+    """
+    from orchestrator.k8s.names import (
+        dns1123_label_error,
+        dns1123_subdomain_error,
+        label_key_error,
+        label_value_error,
+        mount_path_error,
+    )
+
+    checks = [("--namespace", dns1123_label_error(opts.namespace))]
+    if not opts.image.strip() or any(c.isspace() for c in opts.image):
+        checks.append(("--image", f"{opts.image!r} is not a container image reference (e.g. rayproject/ray:2.60.0)"))
+    if opts.queue is not None:
+        checks.append(("--queue", label_value_error(opts.queue)))
+    if "://" not in opts.storage_path:
+        checks += [("--storage-path", mount_path_error(opts.storage_path)),
+                   ("--pvc", dns1123_subdomain_error(opts.checkpoint_pvc))]
+    for key, value in opts.node_selector.items():
+        checks += [("--node-selector", label_key_error(key)), ("--node-selector", label_value_error(value))]
+    for option, problem in checks:
+        if problem:
+            raise ConfigError(f"{option}: {problem}")
+
+
 def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
     """The objects ``mla k8s submit`` creates: ``[ConfigMap, RayJob]``.
 
@@ -195,6 +224,7 @@ def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
         ConfigError, PlanError: see :func:`worker_bounds` and :func:`rayjob_name`.
     """
     opts = opts or RenderOptions()
+    check_options(opts)
     bounds = worker_bounds(job, opts)
     name = rayjob_name(job, opts)
     labels = {"app.kubernetes.io/name": "mla-train", "app.kubernetes.io/managed-by": "mla",

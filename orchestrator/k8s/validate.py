@@ -176,6 +176,9 @@ def validation_errors(obj: dict) -> list[str]:
                   "and RayJob are supported"]
     else:
         errors = _builtin_errors(obj)
+    from orchestrator.k8s.names import name_errors
+
+    errors += [e for e in name_errors(obj) if e not in errors]
     return [f"{label}: {e}" for e in errors]
 
 
@@ -266,9 +269,16 @@ def load_manifests(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise ManifestError(f"manifest file {str(p)!r} does not exist")
     try:
-        return [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        docs = [d for d in yaml.safe_load_all(p.read_bytes().decode("utf-8")) if d is not None]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{p}: not valid YAML: {exc}") from None
+    bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
+    if bad:
+        raise ManifestError(f"{p}: document {bad[0] + 1} is a {type(docs[bad[0]]).__name__}, not a Kubernetes "
+                            "object (a mapping with apiVersion, kind and metadata)")
+    return docs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 recomputation, sequence parallelism and virtual stages for a model on N GPUs.
 
 Pure Python (no torch). One concept per module: :mod:`.catalogue` (GPUs), :mod:`.shapes`
-(model shapes), :mod:`.memory`, :mod:`.step_time`, :mod:`.evaluate`, :mod:`.search`,
-:mod:`.job` (job configs), :mod:`.calibrate` (fitting the efficiency to published runs).
+(model shapes), :mod:`.kernels` (attention/norm kernel costs), :mod:`.memory`, :mod:`.step_time`,
+:mod:`.constants` (the fitted constants), :mod:`.evaluate`, :mod:`.search`, :mod:`.job` (job
+configs), :mod:`.calibrate` (fitting the efficiency to published runs), :mod:`.sweeps` (the Aleph
+Alpha measured sweeps), :mod:`.fit` (fitting the constants to them, leave-one-group-out) and
+:mod:`.measure` (``mla plan --measure``).
 
 Example:
     >>> from mla.config import PRESETS

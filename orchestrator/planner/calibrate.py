@@ -12,7 +12,8 @@ FlashAttention and no overlap of the data-parallel all-reduce with backward befo
 Korthikanti, MT-NLG, GPT-NeoX); GQA and FFN width of Llama/Falcon from their papers; fp16 where the notes say so,
 else bf16. The run's framework is part of the request: ZeRO stages from the ZeRO column, else the
 framework's (:func:`_zero_stages`), Megatron's fp32 main gradients, and the overlap flags the notes
-state (``--overlap-param-gather``, ``--tp-comm-overlap``). Achieved TFLOP/s counted with recomputation (SC21 eq. 3, MT-NLG) are compared with the
+state (``--overlap-param-gather``, ``--tp-comm-overlap``), and the counted memory
+(:data:`.constants.MEGATRON_DGX`: these frameworks' memory is what the papers count). Achieved TFLOP/s counted with recomputation (SC21 eq. 3, MT-NLG) are compared with the
 predicted *hardware* TFLOP/s, the others with model TFLOP/s or MFU.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from mla.config import ModelConfig
 from orchestrator.contract.errors import PlanError
+from orchestrator.planner.constants import MEGATRON_DGX
 from orchestrator.planner.evaluate import estimate
 from orchestrator.planner.search import plan
 from orchestrator.planner.types import Candidate, Pins, PlanRequest
@@ -159,7 +161,7 @@ def to_published(row: dict) -> PublishedRow:
                           flash_attention=not old, overlap_dp=not old, allowed_zero_stages=_zero_stages(row),
                           fp32_main_grads=any(k in row["source"] for k in FP32_MAIN_GRADS),
                           overlap_param_gather="--overlap-param-gather" in row["notes"],
-                          overlap_tp="--tp-comm-overlap" in row["notes"])
+                          overlap_tp="--tp-comm-overlap" in row["notes"], constants=MEGATRON_DGX)
     mb, v = _num(row["micro_batch"]), _num(row["interleave_v"])
     published = Pins(dp=gpus // (tp * pp), tp=tp, pp=pp, recompute=pins.recompute,
                      micro_batch=int(mb) if mb else None, virtual_stages=int(v) if v else None,

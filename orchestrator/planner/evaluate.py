@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mla.flops import training_flops_per_token
 from orchestrator.contract.layout import Layout, tp_splits_heads
+from orchestrator.planner.kernels import get_kernel
 from orchestrator.planner.memory import memory_per_gpu
 from orchestrator.planner.step_time import stage_flops_per_token, step_time
 from orchestrator.planner.types import Estimate, PlanRequest
@@ -21,6 +22,9 @@ def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
         return f"tp={tp} does not divide {req.node_size} GPUs per node (tensor groups would straddle nodes)"
     if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
         return f"tp={tp} does not divide heads={cfg.n_heads} and kv_heads={cfg.kv_heads}"
+    if cfg.vocab_size % tp:
+        return (f"tp={tp} does not divide vocab={cfg.vocab_size} (the vocabulary-parallel embedding splits it); "
+                f"pad the vocabulary to a multiple of {tp} (Megatron's --make-vocab-size-divisible-by)")
     if pp > cfg.n_layers:
         return f"pp={pp} > layers={cfg.n_layers}"
     if req.global_batch % dp:
@@ -58,15 +62,17 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
 
     Example: tiny preset on 2 CPU workers, dp=2, ZeRO-2, mb=8, B=32, s=256 → ~1.08 GiB per worker.
     """
-    cfg, seq = req.model, req.seq_len
-    memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention, req.fp32_main_grads)
+    cfg, seq, kernel = req.model, req.seq_len, get_kernel(req.kernel)
+    memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention, req.fp32_main_grads, kernel,
+                            req.constants, req.fused_loss)
     time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp,
-                     req.overlap_param_gather, req.overlap_tp)
+                     req.overlap_param_gather, req.overlap_tp, kernel, req.constants)
     tokens_per_s = req.global_batch * seq / time.total
     peak = req.gpu.peak_flops(req.precision)
     model_flops = training_flops_per_token(cfg, seq) * tokens_per_s / layout.world_size
     stage_model, stage_extra = stage_flops_per_token(cfg, seq, layout.pp, layout.recompute)
     hardware = model_flops * (1 + stage_extra / stage_model)
-    return Estimate(memory=memory, memory_limit_gib=req.gpu.memory_gib, time=time, tokens_per_s=tokens_per_s,
+    limit = req.gpu.memory_gib * req.constants.usable_memory_fraction
+    return Estimate(memory=memory, memory_limit_gib=limit, time=time, tokens_per_s=tokens_per_s,
                     tflops_per_gpu=model_flops / 1e12, hardware_tflops_per_gpu=hardware / 1e12,
-                    mfu=model_flops / peak, hfu=hardware / peak)
+                    mfu=model_flops / peak, hfu=hardware / peak, step_time_band=req.constants.step_time_band)

@@ -74,6 +74,6 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
             why = "; ".join(line.strip() for line in str(first_error).splitlines()[1:3])
             note = f"no layout uses all {world_size} workers ({why}); using {n} of them"
             result = PlanResult(result.request, result.best, result.candidates, result.rejected,
-                                result.estimate, result.notes + (note,))
+                                result.estimate, result.notes + (note,), result.close_call)
         return result
     raise first_error

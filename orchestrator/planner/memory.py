@@ -10,10 +10,16 @@ tensors. All results are in bytes unless a name says ``gib``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from mla import flops
 from mla.config import ModelConfig
-from mla.flops import layer_parameters
+
+#: ``mla.flops`` counts, memoised per (frozen, hashable) model config: a 4,096-GPU search asks
+#: for the same model's counts thousands of times.
+layer_parameters = functools.lru_cache(maxsize=256)(flops.layer_parameters)
+attention_flops_per_token = functools.lru_cache(maxsize=256)(flops.attention_flops_per_token)
 
 GIB = 2**30
 LOW_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -93,8 +99,8 @@ def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
         p_b, g_b, fp32_grad, opt = 2, 2, 4, 12
     if fp32_main_grads and precision == "bf16":
         g_b, fp32_grad = 4, 0
-    elif stage == 3:
-        g_b = 0
+    elif stage == 3 and precision != "fp32":
+        g_b = 0  # mixed precision: the fp32 gradient partition (fp32_grad) is what remains
     params = p_b * psi / (dp if stage >= 3 else 1)
     grads = g_b * psi / (dp if stage >= 2 else 1) + fp32_grad * psi / (dp if stage >= 1 else 1)
     return params, grads, opt * psi / (dp if stage >= 1 else 1)
@@ -102,7 +108,7 @@ def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
 
 def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int, tp: int = 1, *,
                                sequence_parallel: bool = False, recompute: str = "none",
-                               flash: bool = True) -> float:
+                               flash: bool = True, norm_bytes: float = 0.0) -> float:
     """Activation bytes one transformer block keeps for backward, per GPU (16-bit activations).
 
     Korthikanti et al. 2022 §4.1 count ``sbh·(34 + 5as/h)`` bytes per layer: attention 11sbh +
@@ -113,7 +119,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     their product; ``ffn = 8h/3`` gives GPT's 16). Dense score storage ``as²b·(2 + 3 if dropout)``
     is dropped by FlashAttention (``flash``) or selective recompute. MLA adds
     :func:`mla_attention_bytes` (dropped by selective recompute). Full recompute keeps only the
-    block input, ``2sbh`` (``/tp`` with sequence parallelism).
+    block input, ``2sbh`` (``/tp`` with sequence parallelism). ``norm_bytes`` adds the replicated
+    per-sbh bytes of unfused RMSNorms (:attr:`.kernels.KernelSpec.norm_activation_bytes`: 16).
 
     Example (Korthikanti's GPT-3 175B, s=2048, h=12288, a=96, ffn=32768, dropout, no flash, b=1,
     t=8): none 0.58e9 B (TP only), 0.36e9 (TP+SP), selective+SP 0.107e9, full 0.050e9.
@@ -123,7 +130,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     if recompute == "full":
         return 2 * sbh / (tp if sequence_parallel else 1)
     masks = 2 if cfg.dropout > 0 else 0
-    replicated = (8 + masks) * sbh
+    replicated = (8 + masks + norm_bytes) * sbh
     split = (4 + 4 * cfg.kv_heads / a + 6 * cfg.ffn_hidden / h) * sbh
     if recompute == "none" and cfg.attention == "dense" and not flash:
         split += a * s * s * b * (5 if masks else 2)
@@ -197,26 +204,31 @@ def in_flight_micro_batches(pp: int, stage: int, grad_accum: int, virtual_stages
     return held
 
 
-def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool = True) -> float:
+def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool = True,
+                           norm_bytes: float = 0.0, precision: str = "bf16") -> float:
     """Activation bytes of one GPU on pipeline ``stage`` at its peak.
 
     In-flight micro-batches × layers on the stage × :func:`activation_bytes_per_layer`; full
     recompute adds one layer's complete activations (the block being recomputed); the last stage
     adds the logits, 2 bytes saved plus 4 bytes for the fp32 softmax of the loss, ``6·s·b·V/t``.
+    ``precision="fp32"`` stores every activation in 4 bytes: the 16-bit counts double and the
+    logits take ``8·s·b·V/t``.
 
     Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
     8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
     """
     per_layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
                                            sequence_parallel=layout.sequence_parallel,
-                                           recompute=layout.recompute, flash=flash)
+                                           recompute=layout.recompute, flash=flash, norm_bytes=norm_bytes)
     held = in_flight_micro_batches(layout.pp, stage, layout.grad_accum, layout.virtual_stages)
     total = held * layers_on_stage(cfg.n_layers, layout.pp, stage) * per_layer
     if layout.recompute == "full":
         total += activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
-                                            sequence_parallel=layout.sequence_parallel, flash=flash)
+                                            sequence_parallel=layout.sequence_parallel, flash=flash,
+                                            norm_bytes=norm_bytes)
+    total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
-        total += 6 * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+        total += (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
     return total
 
 
@@ -237,27 +249,61 @@ def buffer_bytes(cfg: ModelConfig, psi: float, layout, precision: str, gpu_name:
     return total
 
 
+def calibrated_extra_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool,
+                           norm_bytes: float, constants, fused_loss: bool = True) -> float:
+    """Transient peak bytes the counted activations miss, with the fitted constants
+    (:mod:`.constants`): ``transient_layers`` × one layer's full activations (the backward of
+    one block: its ``(s, b, h)``-shaped tensors and their gradients, counted without ``s × s``
+    scores only with a non-flash kernel) and, on the last
+    stage, unless the loss is a fused vocab-parallel one (``fused_loss``, Megatron-LM's
+    ``vocab_parallel_cross_entropy``, already counted as 6 B per logit ``/tp``),
+    ``loss_bytes_per_logit · s·b·V`` for a plain full-vocabulary loss (not split by tp).
+
+    Example: 13B at 8k, mb=4, tp=4, pp=4, last stage, flash, 6 layers and 24 B/logit:
+    6 · 8192·4·5120·(8 + 4 + 4 + 6·2.7)/4 B + 24 · 8192·4·32000 B = 8.1e9 + 25.2e9 B.
+    """
+    layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
+                                       sequence_parallel=layout.sequence_parallel, flash=flash, norm_bytes=norm_bytes)
+    extra = constants.transient_layers * layer
+    if stage == layout.pp - 1 and not fused_loss:
+        extra += constants.loss_bytes_per_logit * seq_len * layout.micro_batch * cfg.vocab_size
+    return extra
+
+
 def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: int,
-                 flash: bool = True, fp32_main_grads: bool = False) -> MemoryBreakdown:
-    """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources)."""
+                 flash: bool = True, fp32_main_grads: bool = False, kernel=None, constants=None,
+                 fused_loss: bool = True) -> MemoryBreakdown:
+    """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources).
+
+    ``kernel`` (:class:`.kernels.KernelSpec`) adds unfused-norm activations; ``constants``
+    (:class:`.constants.CostConstants`) scales the counted activations by ``activation_scale``
+    and adds :func:`calibrated_extra_bytes`. Without them the count is the papers' as is.
+    """
     psi = stage_parameters(cfg, layout.tp, layout.pp, stage)
     params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision, fp32_main_grads)
-    act = stage_activation_bytes(cfg, seq_len, layout, stage, flash)
+    norm = kernel.norm_activation_bytes if kernel is not None else 0.0
+    act = stage_activation_bytes(cfg, seq_len, layout, stage, flash, norm, precision)
+    if constants is not None:
+        act = constants.activation_scale * act + calibrated_extra_bytes(cfg, seq_len, layout, stage, flash, norm,
+                                                                        constants, fused_loss)
     return MemoryBreakdown(params, grads, opt, act, buffer_bytes(cfg, psi, layout, precision))
 
 
 def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True,
-                   fp32_main_grads: bool = False) -> MemoryBreakdown:
+                   fp32_main_grads: bool = False, kernel=None, constants=None,
+                   fused_loss: bool = True) -> MemoryBreakdown:
     """Memory of the most loaded GPU: the larger of the first and the last pipeline stage.
 
     The first stage holds the embedding and the most in-flight micro-batches; the last holds the
-    output head and the logits. Middle stages hold less than the first.
+    output head and the logits. Middle stages hold less than the first. ``kernel`` and
+    ``constants`` as :func:`stage_memory`.
 
     Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.08 GiB, of which
-    1 GiB is the fixed runtime overhead.
+    1 GiB is the fixed runtime overhead (counted, no constants).
     """
-    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads)
+    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads, kernel, constants, fused_loss)
     if layout.pp == 1:
         return first
-    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads)
+    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads, kernel, constants,
+                        fused_loss)
     return first if first.total >= last.total else last

@@ -11,6 +11,7 @@ then lower memory; among layouts within ``TIE_TOLERANCE`` of the fastest, :func:
 from __future__ import annotations
 
 import itertools
+import math
 
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.layout import RECOMPUTE_CHOICES, Layout, LayoutError
@@ -167,7 +168,42 @@ def plan(req: PlanRequest) -> PlanResult:
         raise PlanError(no_layout_message(req, rejected))
     ranked = rank(candidates)
     best = Candidate(ranked[0].layout, ranked[0].estimate, explain(ranked[0], ranked))
-    return PlanResult(req, best, [best] + ranked[1:], rejected)
+    note = close_call_note(req, best, ranked)
+    return PlanResult(req, best, [best] + ranked[1:], rejected, close_call=note)
+
+
+def estimate_command(layout: Layout, gpu_name: str) -> str:
+    """The ``mla plan --estimate`` pins of ``layout`` (model and batch options to add).
+
+    Example: ``mla plan --estimate --gpu h100 --dp 8 --tp 1 --pp 1 --zero 1 --micro-batch 1
+    --recompute none --no-sequence-parallel --virtual-stages 1``.
+    """
+    sp = "--sequence-parallel" if layout.sequence_parallel else "--no-sequence-parallel"
+    return (f"mla plan --estimate --gpu {gpu_name} --dp {layout.dp} --tp {layout.tp} --pp {layout.pp} "
+            f"--zero {layout.zero_stage} --micro-batch {layout.micro_batch} --recompute {layout.recompute} {sp} "
+            f"--virtual-stages {layout.virtual_stages}")
+
+
+def close_call_note(req: PlanRequest, best: Candidate, ranked: list[Candidate]) -> str:
+    """A note when the best layout on other degrees is predicted within the model's comparison
+    error (:attr:`.constants.CostConstants.relative_error`) of the chosen one ('' otherwise).
+
+    Example: "dp=8 tp=1 pp=1 ... and dp=4 tp=2 pp=1 ... are within the model's error (±12%
+    between layouts): measure both: `mla plan --estimate ...` ..., or settle it with
+    `mla plan --measure`".
+    """
+    error = req.constants.relative_error
+    mesh = lambda c: (c.layout.dp, c.layout.tp, c.layout.pp)  # noqa: E731
+    other = next((c for c in ranked if mesh(c) != mesh(best)), None)
+    if not error or other is None:
+        return ""
+    gap = abs(math.log(other.estimate.step_time_s / best.estimate.step_time_s))
+    if gap >= error:
+        return ""
+    return (f"{best.layout.describe()} and {other.layout.describe()} are predicted {100 * gap:.1f}% apart, within "
+            f"the model's error (±{100 * error:.0f}% between layouts of one job): measure both: "
+            f"`{estimate_command(best.layout, req.gpu.name)}` and `{estimate_command(other.layout, req.gpu.name)}` "
+            f"(with the same model and batch options) give the predictions; `mla plan --measure` runs them")
 
 
 def _estimate_only(req: PlanRequest) -> PlanResult:

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mla.config import ModelConfig
-from mla.flops import attention_flops_per_token, layer_parameters
 from orchestrator.planner.memory import (
     LOW_BYTES,
     REDUCE_BUCKET_ELEMENTS,
+    attention_flops_per_token,
+    layer_parameters,
     layers_on_stage,
     stage_parameters,
 )
@@ -28,6 +29,10 @@ DEFAULT_EFFICIENCY = 0.53
 #: residual adds, rotary, softmax bookkeeping), in units of the hidden size h: about three read or
 #: write passes, forward and backward, over the ~34·h bytes Korthikanti et al. count per token.
 ELEMENTWISE_BYTES_PER_H = 200
+#: Share of :data:`ELEMENTWISE_BYTES_PER_H` on tensors every tensor-parallel rank holds whole
+#: unless sequence parallelism splits them (norm inputs, residual stream): Korthikanti et al. 2022
+#: §4.2 count 10 of the 34 bytes per sbh of a layer's activations as replicated.
+REPLICATED_ELEMENTWISE_SHARE = 10 / 34
 #: Latency of one send or one ring step, seconds (NCCL small-message latency, order 5-10 µs); a
 #: ring collective over n GPUs takes ``factor·(n-1)`` steps (Patarasuk & Yuan 2009).
 COLLECTIVE_LATENCY_S = 5e-6
@@ -91,22 +96,52 @@ def ring_time(nbytes: float, n: int, bandwidth_gbs: float, factor: float, pieces
     return factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + pieces * factor * (n - 1) * COLLECTIVE_LATENCY_S
 
 
-def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu) -> float:
+def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu, sequence_parallel: bool = True,
+                               kernel=None) -> float:
     """Seconds per token of memory-bound element-wise work on the slowest stage.
 
-    ``layers · ELEMENTWISE_BYTES_PER_H · h / (tp · HBM bandwidth)``: a matmul does ``72h²`` FLOPs
-    per token and layer but the element-wise kernels move ``∝ h`` bytes, so small models reach a
-    lower fraction of peak (the roofline argument, Williams et al. 2009).
+    ``layers · bytes / HBM bandwidth`` with ``ELEMENTWISE_BYTES_PER_H · h`` bytes per token and
+    layer: a matmul does ``72h²`` FLOPs per token and layer but the element-wise kernels move
+    ``∝ h`` bytes, so small models reach a lower fraction of peak (the roofline argument,
+    Williams et al. 2009). Tensor parallelism splits the share on split tensors; the
+    :data:`REPLICATED_ELEMENTWISE_SHARE` (norms, residuals) and an unfused norm's extra traffic
+    (``kernel.norm_traffic_bytes_per_h``) are split only with sequence parallelism.
 
     Example: h=2048, 24 layers, tp=1, H100 (3.35 TB/s): 24·200·2048/3.35e12 = 2.9 µs per token,
     about 24% of the matmul time at 60% of 989 TF/s.
     """
     layers = layers_on_stage(cfg.n_layers, pp, 0)
-    return layers * ELEMENTWISE_BYTES_PER_H * cfg.d_model / (tp * gpu.hbm_tbs * 1e12)
+    replicated_tp = tp if sequence_parallel else 1
+    share = REPLICATED_ELEMENTWISE_SHARE
+    per_h = ELEMENTWISE_BYTES_PER_H * ((1 - share) / tp + share / replicated_tp)
+    if kernel is not None:
+        per_h += kernel.norm_traffic_bytes_per_h / replicated_tp
+    return layers * per_h * cfg.d_model / (gpu.hbm_tbs * 1e12)
+
+
+def attention_kernel_time_per_token(cfg: ModelConfig, seq_len: int, layout, gpu, rate: float, kernel) -> float:
+    """Seconds per token the attention kernel adds beyond GEMM-rate attention FLOPs.
+
+    A kernel at ``attention_speed`` < 1 (FlashAttention-1) spends ``1/speed - 1`` more on the
+    attention FLOPs (PaLM's ``12·L·H·hd·T``); a non-flash kernel moves ``score_bytes`` per score
+    element through HBM, ``H·T`` scores per token and layer, split over tensor-parallel ranks by
+    heads (:mod:`.kernels`); full recompute repeats the forward third of both.
+
+    Example: 13B (40 heads) at 8k, torch kernel (36 B), tp=4, 10 layers, A100-80GB 2.039 TB/s:
+    10 · 36 · 40·8192/4 / 2.039e12 = 14.5 µs per token.
+    """
+    if kernel is None:
+        return 0.0
+    layers = layers_on_stage(cfg.n_layers, layout.pp, 0)
+    again = 4 / 3 if layout.recompute == "full" else 1.0
+    attn = attention_flops_per_token(cfg, seq_len) / cfg.n_layers * layers
+    slow = attn * (1 / kernel.attention_speed - 1) / rate
+    scores = cfg.n_heads * seq_len / layout.tp * layers * kernel.score_bytes / (gpu.hbm_tbs * 1e12)
+    return again * (slow + scores)
 
 
 def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu,
-                            overlap: bool = False) -> float:
+                            overlap: bool = False, link_fraction: float = 1.0) -> float:
     """Exposed tensor-parallel communication of one micro-batch on one stage, seconds.
 
     Megatron: 2 all-reduces of the ``(s, b, h)`` activation per layer forward, 2 backward, 2 more
@@ -116,7 +151,8 @@ def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: s
     ``overlap`` (Megatron-Core ``--tp-comm-overlap``, PyTorch async TP): each collective is then
     decomposed into ``t`` chunks pipelined with the chunks of its GEMM, and only one chunk in
     ``t`` stays exposed (Wang et al., ASPLOS'23, "Overlap communication with dependent
-    computation via decomposition", §3).
+    computation via decomposition", §3). ``link_fraction`` is the achieved share of the link
+    (:attr:`.constants.CostConstants.tp_link_fraction`).
 
     Example: h=12288, s=2048, b=1, bf16, t=8, 12 layers, A100 (300 GB/s): 48 · 2·7/8·50.3 MB /
     300 GB/s = 14.1 ms; with ``overlap`` 14.1/8 = 1.76 ms.
@@ -126,7 +162,7 @@ def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: s
     n = 4 + (2 if layout.recompute == "full" else 0)
     nbytes = LOW_BYTES[precision] * seq_len * layout.micro_batch * cfg.d_model
     layers = layers_on_stage(cfg.n_layers, layout.pp, 0)
-    total = n * layers * ring_time(nbytes, layout.tp, gpu.intra_node_gbs, 2)
+    total = n * layers * ring_time(nbytes, layout.tp, gpu.intra_node_gbs * link_fraction, 2)
     return total / layout.tp if overlap else total
 
 
@@ -201,13 +237,15 @@ def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node
 
 def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int,
               efficiency: float = DEFAULT_EFFICIENCY, overlap: bool = True, overlap_param_gather: bool = False,
-              overlap_tp: bool = False) -> StepTime:
+              overlap_tp: bool = False, kernel=None, constants=None) -> StepTime:
     """Seconds per optimizer step of ``layout`` (see the module docstring).
 
-    Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)``; a step is
-    ``m`` of them plus the bubble ``(p-1)/v`` micro-batch slots, tensor-parallel communication,
-    pipeline sends and exposed data-parallel traffic. The overlap flags are
-    :func:`dp_comm_exposed`'s and :func:`tp_comm_per_micro_batch`'s.
+    Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)`` plus
+    element-wise and attention-kernel time; a step is ``m`` of them plus the bubble ``(p-1)/v``
+    micro-batch slots, tensor-parallel communication, pipeline sends and exposed data-parallel
+    traffic. The overlap flags are :func:`dp_comm_exposed`'s and :func:`tp_comm_per_micro_batch`'s;
+    ``kernel`` (:class:`.kernels.KernelSpec`) and ``constants`` (:class:`.constants.CostConstants`)
+    add the kernel's costs and the fitted link share (``None``: as counted, flash kernels).
 
     Example: 1.7B GPT (24×2304), s=2048, b=16, m=1, dp=32, fp16 full recompute, A100 at eff 0.53:
     compute ≈ 16·2048·(6·1.7e9·4/3 …)/(0.53·312e12) ≈ 2.7 s per step.
@@ -215,9 +253,12 @@ def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_
     model, extra = stage_flops_per_token(cfg, seq_len, layout.pp, layout.recompute)
     rate = layout.tp * efficiency * gpu.peak_flops(precision)
     tokens = layout.micro_batch * seq_len
-    elementwise = elementwise_time_per_token(cfg, layout.pp, layout.tp, gpu) * tokens
-    mb_model, mb_extra = model * tokens / rate + elementwise, extra * tokens / rate
-    mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu, overlap_tp)
+    elementwise = elementwise_time_per_token(cfg, layout.pp, layout.tp, gpu, layout.sequence_parallel
+                                             if kernel is not None else True, kernel) * tokens
+    attention = attention_kernel_time_per_token(cfg, seq_len, layout, gpu, rate, kernel) * tokens
+    mb_model, mb_extra = model * tokens / rate + elementwise + attention, extra * tokens / rate
+    link = constants.tp_link_fraction if constants is not None else 1.0
+    mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu, overlap_tp, link)
     m = layout.grad_accum
     bubble = (layout.pp - 1) / layout.virtual_stages * (mb_model + mb_extra + mb_tp)
     dp = dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model / 3, 2 * mb_model / 3 + mb_extra,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from mla.config import ModelConfig
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.layout import Layout, Recompute
 from orchestrator.planner.catalogue import GpuSpec, get_gpu
+from orchestrator.planner.constants import CALIBRATED, CostConstants
+from orchestrator.planner.kernels import get_kernel
 from orchestrator.planner.memory import GIB, MemoryBreakdown
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY, StepTime
 
@@ -62,6 +65,16 @@ class PlanRequest:
             the next forward pass (Megatron-Core ``--overlap-param-gather``; DeepSpeed: no).
         overlap_tp: Tensor-parallel collectives are decomposed and overlapped with their GEMMs
             (Megatron-Core ``--tp-comm-overlap``, PyTorch async TP); DeepSpeed/``workers``: no.
+        kernel: Attention/norm kernel set (:data:`.kernels.KERNELS`): ``flash2+rms`` (FlashAttention-2
+            and a fused RMSNorm, the default), ``flash2``, ``flash1``, ``fused`` or ``torch``.
+            Its time costs (score traffic, FA1 speed, unfused norms) apply as named;
+            ``flash_attention`` alone sets only the score *memory* (the published rows keep the
+            default kernel: their efficiency of 0.53 was fitted without score traffic).
+        fused_loss: The loss is Megatron's vocab-parallel fused cross-entropy (logits split by tp,
+            no fp32 copies); ``False`` for a plain full-vocabulary loss, which adds
+            ``constants.loss_bytes_per_logit`` bytes per logit on the last stage (the Aleph Alpha
+            runs are fitted best that way).
+        constants: The cost model's fitted constants (:data:`.constants.CALIBRATED`).
         allowed_zero_stages: ZeRO stages the training framework offers, a constraint of the
             request like the precision: ``None`` = DeepSpeed's 0-3 (0-1 with pipelines);
             ``(0, 1)`` for Megatron-LM, NeMo and GPT-NeoX, whose distributed optimizer shards only
@@ -85,6 +98,9 @@ class PlanRequest:
     overlap_tp: bool = False
     allowed_zero_stages: tuple | None = None
     fp32_main_grads: bool = False
+    kernel: str = "flash2+rms"
+    fused_loss: bool = True
+    constants: CostConstants = CALIBRATED
 
     def __post_init__(self) -> None:
         if isinstance(self.gpu, str):
@@ -92,6 +108,7 @@ class PlanRequest:
         if self.seq_len is None:
             object.__setattr__(self, "seq_len", self.model.max_seq_len)
         self.gpu.peak_flops(self.precision)  # raises PlanError on an unsupported precision
+        get_kernel(self.kernel)  # raises PlanError on an unknown kernel
         for name in ("gpus", "global_batch", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -155,6 +172,17 @@ class Estimate:
     hardware_tflops_per_gpu: float
     mfu: float
     hfu: float
+    step_time_band: tuple = (0.0, 0.0)
+
+    @property
+    def step_time_interval_s(self) -> tuple[float, float]:
+        """``(low, high)`` seconds per step: the prediction times the calibration residual band
+        (:attr:`.constants.CostConstants.step_time_band`, central 80% of held-out residuals).
+
+        Example: 10 s with band (-0.27, 0.09) → (7.63, 10.94).
+        """
+        low, high = self.step_time_band
+        return self.step_time_s * math.exp(low), self.step_time_s * math.exp(high)
 
     @property
     def fits(self) -> bool:
@@ -179,6 +207,7 @@ class Estimate:
         """JSON form: ``memory_gib``, ``fits``, ``step_time_s``, ``tokens_per_s``, ... ."""
         return {"memory_gib": self.memory.gib(), "memory_limit_gib": self.memory_limit_gib, "fits": self.fits,
                 "reason": self.reason, "step_time_s": round(self.step_time_s, 6),
+                "step_time_interval_s": [round(v, 6) for v in self.step_time_interval_s],
                 "tokens_per_s": round(self.tokens_per_s, 1), "tflops_per_gpu": round(self.tflops_per_gpu, 2),
                 "hardware_tflops_per_gpu": round(self.hardware_tflops_per_gpu, 2), "mfu": round(self.mfu, 4),
                 "hfu": round(self.hfu, 4), "flops": "model FLOPs: 6N + attention (PaLM App. B); hfu adds recompute",
@@ -221,6 +250,8 @@ class PlanResult:
         rejected: Layouts that cannot run, with the reason.
         estimate: In estimate mode (every field pinned), the evaluated layout.
         notes: Remarks (e.g. fewer workers used than offered).
+        close_call: When the best layout on other degrees is predicted within the model's error
+            of ``best``: what to measure (``search.close_call_note``); '' otherwise.
     """
 
     request: PlanRequest
@@ -229,6 +260,7 @@ class PlanResult:
     rejected: list = field(default_factory=list)
     estimate: Candidate | None = None
     notes: tuple = ()
+    close_call: str = ""
 
     def to_json(self, limit: int | None = 20) -> dict:
         """One JSON-able document: ``best``, ``candidates`` (ranked), ``rejected``, ``estimate``."""
@@ -247,4 +279,5 @@ class PlanResult:
             "num_rejected": len(self.rejected),
             "estimate": self.estimate.to_dict() if self.estimate else None,
             "notes": list(self.notes),
+            "close_call": self.close_call,
         }

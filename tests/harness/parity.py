@@ -74,6 +74,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
     from orchestrator.contract.deepspeed_config import build_deepspeed_config
     from workers.data import WindowBatches, load_corpus
     from workers.parallel.engine import build_engine
+    from workers.schedule import train_lr
 
     layout, job = run.layout, run.job()
     layout.check_world_size(world_size)
@@ -87,6 +88,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
     losses = []
     for step in range(start, run.steps):
         x, y = batches.rank_slice(step, layout.global_batch, dp_rank, layout.dp)
+        engine.set_lr(train_lr(job.train, step + 1))
         losses.append(engine.train_batch(x, y))
         if run.save_at == step + 1:
             engine.save_checkpoint(run.save_dir, f"step_{step + 1}", {"step": step + 1})

@@ -108,6 +108,36 @@ class ParallelEngine:
     def get_lr(self) -> list[float]:
         return self.engine.get_lr()
 
+    def set_lr(self, lr: float) -> None:
+        """Run the next optimizer step at ``lr`` (the schedule lives in :mod:`workers.schedule`)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped so far (gradient overflow)."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
+
+    def grad_norm(self) -> float | None:
+        """Global gradient 2-norm of the last step, ``None`` when DeepSpeed did not compute one."""
+        try:
+            norm = self.engine.get_global_grad_norm()
+        except Exception:  # some engines/stages do not track it
+            return None
+        return None if norm is None else float(norm)
+
+    def params_finite(self) -> bool:
+        """Whether every parameter of every rank is finite (collective over the whole world)."""
+        bad = torch.zeros((), dtype=torch.float32)
+        for p in self.engine.module.parameters():
+            local = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps only this rank's partition
+            if not torch.isfinite((p if local is None else local).detach()).all():
+                bad.fill_(1.0)
+                break
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            bad = bad.to(self.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return float(bad) == 0.0
+
     def canonical_parameters(self) -> dict[str, torch.nn.Parameter]:
         """This rank's parameters under :class:`mla.model.MLATransformer` names."""
         return canonical_parameters(self.engine.module)

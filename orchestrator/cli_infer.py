@@ -1,0 +1,206 @@
+"""``mla generate``, ``mla eval``, ``mla export``: use a trained model (torch imported inside).
+
+Each command takes a run folder (its newest complete checkpoint), a checkpoint folder or an
+export folder, loaded by :func:`workers.inference.load_model`. Generated text streams to stdout;
+progress and notes go to stderr; ``--json`` prints one machine-readable document to stdout. Bad
+input (missing or unfinished checkpoint, empty or too long prompt, out-of-range sampling
+options, a sequence length the model cannot take) raises an :class:`~orchestrator.contract.errors.MLAError`
+subclass: one message, exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from orchestrator.contract.errors import CheckpointError, ConfigError
+
+SourceArg = typer.Argument(..., help="Run folder (runs/NAME), checkpoint folder (runs/NAME/checkpoints/"
+                                     "step_NNNNNNN) or export folder (mla export).")
+DeviceOption = typer.Option("cpu", "--device", help="cpu or cuda.")
+
+
+def generate(
+    source: str = SourceArg,
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt text (repeat for a batch of prompts)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="File whose whole text is one prompt; "
+                                               "a .jsonl file gives one prompt per line ({\"prompt\": ...})."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="New tokens per prompt."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature (>= 0; 0 is greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (>= 1)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set of tokens with probability "
+                                "sum >= p, in (0, 1]."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same output)."),
+    device: str = DeviceOption,
+    json_out: bool = typer.Option(False, "--json", help="Print prompts and completions as JSON instead of streaming."),
+) -> None:
+    """Generate text from a trained model with the KV cache, streaming tokens as they come."""
+    sampling = _sampling(temperature, top_k, top_p, seed)
+    prompts = _read_prompts(prompt, prompt_file)
+    loaded = _load(source, device)
+    from mla import tokenizer
+    from mla.generate import check_prompts
+    from mla.generate import generate as run_generate
+
+    ids = [tokenizer.encode(p) for p in prompts]
+    try:
+        check_prompts(ids, max_new_tokens, loaded.cfg.max_seq_len)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    stream = _Streamer(prompts) if not json_out else None
+    out = run_generate(loaded.model, ids, max_new_tokens, sampling,
+                       on_tokens=stream.on_tokens if stream else None)
+    if stream:
+        stream.close()
+    else:
+        print(json.dumps([{"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
+                          for p, o in zip(prompts, out, strict=False)], indent=2))
+
+
+class _Streamer:
+    """Write generated text to stdout as it comes: one prompt streams live; a batch is printed
+    prompt by prompt at the end (interleaving rows on one terminal is unreadable)."""
+
+    def __init__(self, prompts: list[str]) -> None:
+        from mla.tokenizer import StreamDecoder
+
+        self.prompts = prompts
+        self.decoders = [StreamDecoder() for _ in prompts]
+        self.text = ["" for _ in prompts]
+        if len(prompts) == 1:
+            sys.stdout.write(prompts[0])
+            sys.stdout.flush()
+
+    def on_tokens(self, step: int, tokens: list[int | None]) -> None:
+        for i, tok in enumerate(tokens):
+            if tok is not None:
+                self.text[i] += self.decoders[i].feed([tok])
+        if len(self.prompts) == 1:
+            sys.stdout.write(self.text[0])
+            sys.stdout.flush()
+            self.text[0] = ""
+
+    def close(self) -> None:
+        if len(self.prompts) == 1:
+            sys.stdout.write(self.text[0] + self.decoders[0].flush() + "\n")
+            return
+        for i, p in enumerate(self.prompts):
+            sys.stdout.write(f"=== prompt {i + 1}\n{p}{self.text[i]}{self.decoders[i].flush()}\n")
+        sys.stdout.flush()
+
+
+def eval_command(
+    source: str = SourceArg,
+    data: Optional[str] = typer.Option(None, "--data", help="Score this data instead of the run's (text file, "
+                                       "folder, .jsonl, .parquet; as data.path)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window (default: the run's data.seq_len)."),
+    split: str = typer.Option("val", "--split", help="val, train or all."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    device: str = DeviceOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """Loss, perplexity and bits per byte of a trained model on held-out text."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size} must be >= 1")
+    loaded = _load(source, device)
+    from rich.console import Console
+
+    from workers.evaluation import check_seq_len, eval_windows, evaluate
+
+    console = Console(stderr=True)
+    trained = ((loaded.job or {}).get("data") or {}).get("seq_len")
+    note = check_seq_len(seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained)
+    if note:
+        console.print(note, markup=False)
+    windows = eval_windows(loaded.job, data, seq_len or (None if trained else loaded.cfg.max_seq_len), split,
+                           max_windows)
+    console.print(f"scoring {windows.description}", markup=False, highlight=False)
+    result = evaluate(loaded.model, windows, batch_size)
+    result = {"source": str(loaded.source), "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
+              "step": loaded.step, "data": windows.description, **result}
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"loss {result['loss']:.6f} nats/token  perplexity {result['perplexity']:.4f}  "
+              f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens, {result['windows']} windows)")
+
+
+def export(
+    source: str = SourceArg,
+    out: Path = typer.Option(..., "--out", help="Folder to create (written atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Export a checkpoint as safetensors + config.json + tokenizer info + README (mla.load_pretrained)."""
+    loaded = _load(source, "cpu")
+    from mla.pretrained import save_pretrained
+
+    src = {"checkpoint": str(loaded.checkpoint or loaded.source), "step": loaded.step}
+    try:
+        path = save_pretrained(loaded.model, out, source=src, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"exported step {loaded.step} to {path} (model.safetensors, config.json, tokenizer.json, README.md)")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _sampling(temperature: float, top_k: Optional[int], top_p: float, seed: int):
+    from mla.sampling import SamplingConfig
+
+    try:
+        return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise ConfigError(f"--prompt-file {prompt_file} does not exist or is not a file")
+        text = prompt_file.read_text(encoding="utf-8", errors="replace")
+        if prompt_file.suffix.lower() == ".jsonl":
+            prompts += _jsonl_prompts(prompt_file, text)
+        else:
+            prompts.append(text)
+    if not prompts:
+        raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def _jsonl_prompts(path: Path, text: str) -> list[str]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must look like "
+                              '{"prompt": "..."}') from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ConfigError(f"{path}:{lineno}: no string 'prompt' field; each line must look like "
+                              '{"prompt": "..."}')
+        out.append(record["prompt"])
+    return out
+
+
+def _load(source: str, device: str):
+    """Load the model (see :func:`workers.inference.load_model`); checks ``--device``."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={device!r} must be 'cpu' or 'cuda'")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but torch sees no CUDA device; use --device cpu")
+    from workers.inference import load_model
+
+    loaded = load_model(source, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    if loaded.cfg.vocab_size != 256:
+        raise CheckpointError(f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256")
+    return loaded

@@ -1,0 +1,72 @@
+"""Export to safetensors and back: bit-exact tensors, identical logits, atomic writes, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mla
+from mla.pretrained import save_pretrained
+from orchestrator.contract.errors import CheckpointError
+from tests.checkpoint_fixture import write_run
+from workers.inference import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_checkpoint_export_load_pretrained_gives_identical_logits(tmp_path):
+    run, model = write_run(tmp_path, n_kv_heads=2)
+    loaded = load_model(run)
+    out = save_pretrained(loaded.model, tmp_path / "export", source={"checkpoint": str(loaded.checkpoint), "step": 10})
+    back = mla.load_pretrained(out)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert set(tensors) == {n for n, _ in model.named_parameters()}
+    assert all(torch.equal(tensors[n], p) for n, p in model.named_parameters())
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(back(tokens), model(tokens))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["n_kv_heads"] == 2 and config["tokenizer"]["type"] == "bytes"
+    assert "load_pretrained" in (out / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_refuses_an_existing_folder_unless_overwrite(tmp_path):
+    _, model = write_run(tmp_path)
+    out = save_pretrained(model, tmp_path / "export")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_pretrained(model, out)
+    save_pretrained(model, out, overwrite=True)
+    assert mla.load_pretrained(out) is not None
+
+
+def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
+    _, model = write_run(tmp_path)
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_pretrained(model, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_unfinished_and_corrupt_checkpoints_are_refused_with_the_reason(tmp_path):
+    run, _ = write_run(tmp_path)
+    ckpt = run / "checkpoints" / "step_0000010"
+    stage = ckpt / "consolidated" / "stage_000.pt"
+    stage.write_bytes(stage.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(run)
+    (ckpt / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        load_model(ckpt)
+    tmp = ckpt.rename(ckpt.with_name(".tmp-step_0000010"))
+    with pytest.raises(CheckpointError, match="did not finish"):
+        load_model(tmp)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")

@@ -1,0 +1,39 @@
+"""A job whose workers cannot be placed fails with the resources asked vs available."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orchestrator.config import JobConfig
+from orchestrator.startup import StartupWatchdog, resources_asked, shortfall
+
+
+def test_shortfall_names_each_short_resource():
+    assert shortfall({"CPU": 4.0}, {"CPU": 2.0}) == "CPU 4 asked, 2 in the cluster"
+    assert shortfall({"CPU": 2.0, "GPU": 2.0}, {"CPU": 8.0}) == "GPU 2 asked, 0 in the cluster"
+    assert shortfall({"CPU": 2.0}, {"CPU": 2.0}) is None
+
+
+def test_elastic_jobs_ask_for_their_smallest_group():
+    job = JobConfig(cluster={"num_workers": 4, "min_workers": 2, "cpus_per_worker": 1.5})
+    assert resources_asked(job, {"2": {}, "4": {}}) == {"CPU": 3.0}
+
+
+def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path):
+    job = JobConfig(cluster={"num_workers": 3, "startup_timeout_s": 0.5})
+    watchdog = StartupWatchdog(job, {"3": {}}, tmp_path, 0.5)
+    watchdog.start()
+    with pytest.raises(KeyboardInterrupt):
+        time.sleep(10)
+    assert "no worker group started within cluster.startup_timeout_s=0.5 s: asked for CPU 3" in watchdog.reason
+
+
+def test_watchdog_stays_quiet_once_a_worker_group_started(tmp_path):
+    job = JobConfig()
+    watchdog = StartupWatchdog(job, {"2": {}}, tmp_path, 1.5)
+    watchdog.start()
+    (tmp_path / "events.jsonl").write_text('{"event": "start"}\n')
+    time.sleep(2.5)
+    assert watchdog.reason is None and not watchdog.is_alive()

@@ -1,0 +1,153 @@
+"""Load a trained model for inference from a run folder, a checkpoint folder or an export.
+
+One helper for every inference command (``mla generate``, ``mla eval``, ``mla export``, and
+later ``--onnx`` variants): :func:`load_model` accepts
+
+* a run folder ``RUN_DIR`` (its newest complete checkpoint is used),
+* a checkpoint folder ``RUN_DIR/checkpoints/step_NNNNNNN`` (:mod:`workers.checkpoint`: its
+  ``meta.json`` carries the model shape, ``consolidated/`` the full tensors under the model's own
+  parameter names, :mod:`workers.parallel.reshard`), or
+* an export folder (:mod:`mla.pretrained`).
+
+Incomplete input is refused with :class:`orchestrator.contract.errors.CheckpointError` naming the path
+and what is missing: a ``.tmp-`` folder (a save that did not finish), a step folder without
+``meta.json``, missing or truncated stage files. Only the model weights are read (not the AdamW
+state); no Ray, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mla.config import ModelConfig
+from mla.model import MLATransformer
+from mla.pretrained import build_model, is_pretrained_dir, load_pretrained
+from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints
+from orchestrator.contract.errors import CheckpointError
+
+_STEP = re.compile(r"^step_(\d{7})$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and where it came from.
+
+    Attributes:
+        model: The model, in eval mode.
+        cfg: Its configuration.
+        source: The path given.
+        kind: ``"checkpoint"`` or ``"export"``.
+        checkpoint: The checkpoint folder (``None`` for an export).
+        step: Training step of the checkpoint (``None`` if unknown).
+        run_dir: The run folder (``None`` for an export).
+        job: The run's ``job.json`` (validated job config as a dict), when present.
+    """
+
+    model: MLATransformer
+    cfg: ModelConfig
+    source: Path
+    kind: str
+    checkpoint: Path | None = None
+    step: int | None = None
+    run_dir: Path | None = None
+    job: dict | None = field(default=None, repr=False)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint folder that ``path`` (a run folder or a checkpoint) names.
+
+    Raises:
+        CheckpointError: ``path`` does not exist, is an unfinished save, or holds no complete
+            checkpoint.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; pass a run folder (runs/NAME), a checkpoint folder "
+                              "(runs/NAME/checkpoints/step_NNNNNNN) or an export folder")
+    if p.name.startswith(".tmp-step_"):
+        raise CheckpointError(f"{p} is a checkpoint whose save did not finish (a .tmp- folder); use a "
+                              "complete step_NNNNNNN folder or the run folder")
+    if _STEP.match(p.name):
+        if not (p / "meta.json").is_file():
+            raise CheckpointError(f"{p} is incomplete (no meta.json: the save did not finish); use another "
+                                  "checkpoint or the run folder")
+        return p
+    found = complete_checkpoints(p)
+    if found:
+        return found[-1][1]
+    root = checkpoint_root(p)
+    partial = sorted(c.name for c in root.iterdir()) if root.is_dir() else []
+    hint = f" (found only {', '.join(partial)}: saves that did not finish)" if partial else ""
+    raise CheckpointError(f"{p} holds no complete checkpoint{hint}; pass a run folder with "
+                          "checkpoints/step_NNNNNNN/meta.json, a checkpoint folder or an export folder")
+
+
+def read_checkpoint_weights(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, params)`` of a complete checkpoint folder: ``meta.json`` and the full fp32
+    parameters under the model's own names.
+
+    Raises:
+        CheckpointError: ``meta.json`` has no model shape, or stage files are missing, unreadable
+            (truncated) or do not cover every pipeline stage.
+    """
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "model" not in meta:
+        raise CheckpointError(f"{ckpt / 'meta.json'} records no model shape ('model'); it was not written "
+                              "by `mla train`")
+    folder = ckpt / meta.get("tag", TAG)
+    stages = sorted(folder.glob("stage_*.pt"))
+    expected = int(meta.get("layout", {}).get("pp", 1))
+    if not (folder / "state.json").is_file() or len(stages) != expected:
+        raise CheckpointError(f"{folder} is incomplete: expected state.json and {expected} stage file(s), found "
+                              f"{[s.name for s in stages] or 'none'}; use another checkpoint")
+    params: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        try:
+            content = torch.load(stage, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or corrupt zip/pickle: several exception types
+            raise CheckpointError(f"{stage} cannot be read ({type(exc).__name__}: {exc}); the file is truncated "
+                                  "or corrupt, use another checkpoint") from None
+        for name, t in content.get("param", {}).items():
+            params.setdefault(name, t)
+    return meta, params
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a model for inference (see the module docstring for what ``path`` may be).
+
+    Args:
+        path: Run folder, checkpoint folder or export folder.
+        device: Where to put the model.
+        dtype: Cast parameters (default fp32 as stored).
+
+    Returns:
+        A :class:`LoadedModel` (model in eval mode).
+
+    Raises:
+        CheckpointError: missing, incomplete or unreadable input, or weights that do not fit the
+            recorded model shape.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir() and is_pretrained_dir(p):
+        try:
+            model = load_pretrained(p, device, dtype)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{p}: {exc}") from None
+        return LoadedModel(model, model.cfg, p, "export")
+    ckpt = resolve_checkpoint(p)
+    meta, params = read_checkpoint_weights(ckpt)
+    try:
+        cfg = ModelConfig(**meta["model"])
+        model = build_model(cfg, params, str(ckpt))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: {exc}") from None
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    run_dir = ckpt.parent.parent
+    job_path = run_dir / "job.json"
+    job = json.loads(job_path.read_text()) if job_path.is_file() else None
+    return LoadedModel(model, cfg, p, "checkpoint", ckpt, int(meta.get("step", -1)), run_dir, job)
