@@ -115,9 +115,9 @@ def test_a_search_list_mixing_number_spellings_is_numeric_and_plots(tmp_path):
     assert (tmp_path / "p.png").is_file()
 
 
-def test_samples_below_one_is_refused_before_anything_starts():
+def test_samples_below_one_is_refused_before_anything_starts(tiny_job):
     from orchestrator.tune import run_sweep
 
-    job = load_job_config("configs/tiny.yaml")
+    job = tiny_job()
     with pytest.raises(ConfigError, match="--samples 0"):
         run_sweep(job, {"model.global_k": [2]}, samples=0)
