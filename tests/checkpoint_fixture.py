@@ -1,5 +1,5 @@
 """A run folder in the exact format `mla train` writes (for the inference tests, without Ray):
-``job.json``, ``checkpoints/step_NNNNNNN/meta.json`` and ``consolidated/{stage_000.pt,
+``job.json``, ``checkpoints/step_NNNNNNN/{meta.json,manifest.json}`` and ``consolidated/{stage_000.pt,
 state.json}`` as :mod:`workers.checkpoint` and :mod:`workers.parallel.reshard` lay them out."""
 
 import json
@@ -9,6 +9,7 @@ import torch
 
 from mla.config import ModelConfig
 from mla.model import MLATransformer
+from orchestrator.contract.checkpoints import MANIFEST, build_manifest
 from workers.parallel.reshard import FORMAT, OPTIM_KEYS
 
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=64,
@@ -32,6 +33,7 @@ def write_run(root: Path, step: int = 10, seed: int = 0, data_path: str | None =
                                                    "scheduler": None, "layout": layout}))
     (ckpt / "meta.json").write_text(json.dumps({"step": step, "tag": "consolidated", "world_size": 1,
                                                 "layout": layout, "model": cfg.to_dict()}))
+    (ckpt / MANIFEST).write_text(json.dumps(build_manifest(ckpt)))  # last, as workers.checkpoint does
     job = {"data": {"path": data_path, "val_fraction": 0.5, "seq_len": 32},
            "train": {"seed": 3, "global_batch": 2, "eval_batches": 2}}
     (run / "job.json").write_text(json.dumps(job))

@@ -27,7 +27,12 @@ import torch
 from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.pretrained import build_model, is_pretrained_dir, load_pretrained
-from orchestrator.contract.checkpoints import TAG, checkpoint_root, complete_checkpoints
+from orchestrator.contract.checkpoints import (
+    TAG,
+    checkpoint_root,
+    find_resumable,
+    verify_checkpoint,
+)
 from orchestrator.contract.errors import CheckpointError
 
 _STEP = re.compile(r"^step_(\d{7})$")
@@ -73,18 +78,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{p} is a checkpoint whose save did not finish (a .tmp- folder); use a "
                               "complete step_NNNNNNN folder or the run folder")
     if _STEP.match(p.name):
-        if not (p / "meta.json").is_file():
-            raise CheckpointError(f"{p} is incomplete (no meta.json: the save did not finish); use another "
-                                  "checkpoint or the run folder")
+        reason = verify_checkpoint(p)
+        if reason is not None:
+            raise CheckpointError(f"{p} is not a complete checkpoint ({reason}); use another checkpoint "
+                                  "or the run folder")
         return p
-    found = complete_checkpoints(p)
-    if found:
-        return found[-1][1]
+    found, rejected = find_resumable(p)
+    if found is not None:
+        return found[1]
     root = checkpoint_root(p)
-    partial = sorted(c.name for c in root.iterdir()) if root.is_dir() else []
-    hint = f" (found only {', '.join(partial)}: saves that did not finish)" if partial else ""
+    others = sorted(c.name for c in root.iterdir() if not _STEP.match(c.name)) if root.is_dir() else []
+    seen = [f"{path.name}: {why}" for path, why in rejected] + [f"{name}: a save that did not finish"
+                                                                 for name in others]
+    hint = f" (rejected {'; '.join(seen)})" if seen else ""
     raise CheckpointError(f"{p} holds no complete checkpoint{hint}; pass a run folder with "
-                          "checkpoints/step_NNNNNNN/meta.json, a checkpoint folder or an export folder")
+                          "checkpoints/step_NNNNNNN/manifest.json, a checkpoint folder or an export folder")
 
 
 def read_checkpoint_weights(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:

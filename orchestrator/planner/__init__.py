@@ -12,7 +12,7 @@ Example:
     >>> from mla.config import PRESETS
     >>> result = plan(PlanRequest(model=PRESETS["70b"], gpus=64, gpu="h100", global_batch=512))
     >>> result.best.layout.describe()
-    'dp=4 tp=4 pp=4 zero=1 mb=1 ga=128 recompute=selective'
+    'dp=2 tp=4 pp=8 zero=1 mb=1 ga=256 recompute=selective'
 """
 
 from orchestrator.planner.catalogue import GPU_CATALOGUE, GpuSpec, get_gpu
