@@ -13,14 +13,13 @@ import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from orchestrator.cli_common import SetOption, err
 from orchestrator.contract.errors import MLAError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
-err_console = Console(stderr=True)
 
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context) -> None:
@@ -28,9 +27,6 @@ def _root(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
-
-
-SetOption = typer.Option(None, "--set", help="Override a config field: --set train.steps=100 (repeatable).")
 
 
 @app.command()
@@ -94,7 +90,7 @@ def main() -> None:
     except MLAError as exc:
         if os.environ.get("MLA_TRACEBACK"):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         sys.exit(exc.exit_code)
 
 

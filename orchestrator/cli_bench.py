@@ -52,12 +52,11 @@ def attention(
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory measurement."),
 ) -> None:
     """Dense causal SDPA vs MLA attention core: median time, peak memory, ratios, growth exponent."""
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
     settings = _settings(seq_lens, window, top_k, block, repeats, device, threads, not no_memory)
     bench = load_benchmark("attention")
 
-    console = Console(stderr=True)
     records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
     bench.render(records, settings, console)
     if json_out:
@@ -92,13 +91,12 @@ def quality(
     """Train dense and MLA versions of one small LM on the same tokens; compare validation loss."""
     import dataclasses
 
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
     bench = load_benchmark("quality")
     settings = bench.QualitySettings(threads=threads)
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
-    console = Console(stderr=True)
     report = bench.run_quality(settings, log=console.log)
     bench.render(report, console)
     if json_out:

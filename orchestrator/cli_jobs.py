@@ -6,11 +6,9 @@ import json
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+from orchestrator.cli_common import SetOption, err, out
 
 AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                              help="Ray dashboard address, e.g. http://127.0.0.1:8265 (or RAY_ADDRESS).")
@@ -22,7 +20,7 @@ app = typer.Typer(no_args_is_help=True)
 
 def submit(
     config: str = typer.Argument(..., help="Job YAML (validated here before anything is sent)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config field (repeatable)."),
+    set_: Optional[list[str]] = SetOption,
     address: Optional[str] = AddressOption,
     token_file: Optional[str] = TokenOption,
     storage_path: Optional[str] = typer.Option(None, "--storage-path",

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
+from orchestrator.cli_common import SetOption, err
 
 
 def tune(
     config: str = typer.Argument(..., help="Base job YAML; each trial overrides the searched fields."),
     search: list[str] = typer.Option(..., "--search", help="KEY=V1,V2,... e.g. model.local_window=16,32,64 (repeatable)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a base config field (repeatable)."),
+    set_: Optional[list[str]] = SetOption,
     samples: int = typer.Option(1, "--samples", help="Samples per grid point (grid) or trials (random)."),
     scheduler: str = typer.Option("asha", "--scheduler", help="asha (stops bad trials early) or fifo."),
     metric: str = typer.Option("val_loss", "--metric", help="Metric to minimise."),

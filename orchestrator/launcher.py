@@ -175,7 +175,7 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
     # address="local" always starts a new cluster, even if `ray start` runs on this machine.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cluster.use_gpu else 0,
              object_store_memory=cluster.object_store_mb * 1024 * 1024, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level="WARNING",
+             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1", configure_logging=True)
     return RayHandle(started=True, saved_env=saved)
 
@@ -351,7 +351,9 @@ def build_trainer(plan: RunPlan, callbacks: list | tuple = ()):
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,
+        # Train V2's ScalingConfig takes (min, max) for elastic training; mypy sees the V1 class
+        # that ray.train re-exports when V2 is off.
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,  # type: ignore[arg-type]
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),

@@ -73,6 +73,8 @@ def _auto_layout(job: JobConfig, world_size: int) -> Layout:
     from orchestrator.planner import plan_job
 
     result = plan_job(job, world_size=world_size, gpu=job.cluster.gpu if job.cluster.use_gpu else "cpu")
+    if result.best is None:  # only estimate mode returns no best; a search returns one or raises
+        raise PlanError(f"parallel.auto: no layout fits {world_size} workers: {'; '.join(result.notes)}")
     layout = result.best.layout
     if layout.world_size != world_size:
         raise PlanError(f"parallel.auto: {'; '.join(result.notes)}; set cluster.num_workers={layout.world_size}")

@@ -4,7 +4,7 @@ Progress comes from tailing ``RUN_DIR/metrics.jsonl`` (rank 0 appends one record
 step) rather than from a Ray Train ``UserCallback.after_report``: that callback runs inside the
 Train controller actor, so its lines would still have to be forwarded to the driver's terminal,
 while the file is already on the driver's disk (or shared volume) and survives restarts.
-Human output goes to stderr (:data:`console`).
+Human output goes to stderr (:data:`orchestrator.cli_common.err`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from orchestrator.cli_common import err as console
 from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import latest_checkpoint
 from orchestrator.contract.privacy import PrivacyPlan
 from orchestrator.contract.run_plan import RunPlan
-
-#: The driver's human-readable output (stderr; machine-readable output goes to stdout).
-console = Console(stderr=True, highlight=False, markup=False)
 
 
 class ProgressTail(threading.Thread):

@@ -29,7 +29,7 @@ from orchestrator.contract.io import atomic_write, atomic_write_with, write_json
 
 #: A trial's driver only waits on its Ray Train run, whose workers hold the CPUs; Tune refuses an
 #: empty request, so the driver asks for a little memory and no CPU.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
+DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 64 * 1024 * 1024}
 
 
 def parse_search(items: list[str]) -> dict[str, list]:

@@ -1,6 +1,33 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the ``mla`` command line in a subprocess, the overrides that make a
+tiny training run take seconds, the tiny job, and one torch thread for small ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
+
+from tests.harness.cli import FAST_OVERRIDES, TINY_CONFIG, MlaCli
+
+
+@pytest.fixture(scope="session")
+def mla_cli() -> MlaCli:
+    """Runs the ``mla`` command line in a subprocess: ``mla_cli("train", cfg, sets=[...])``."""
+    return MlaCli()
+
+
+@pytest.fixture(scope="session")
+def fast_overrides() -> tuple[str, ...]:
+    """``--set`` overrides for a tiny run that logs, evaluates and checkpoints every few steps."""
+    return FAST_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def tiny_job() -> Callable:
+    """``tiny_job(*overrides)``: ``configs/tiny.yaml`` loaded and validated with ``--set`` overrides."""
+    from orchestrator.config import load_job_config
+
+    return lambda *overrides: load_job_config(TINY_CONFIG, list(overrides))
 
 
 @pytest.fixture

@@ -6,12 +6,6 @@ import sys
 
 import pytest
 
-MLA = [sys.executable, "-m", "orchestrator.cli"]
-
-
-def mla(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MLA, *args], capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.parametrize("args, message", [
     (("trian", "configs/tiny.yaml"), "No such command 'trian'"),
@@ -19,19 +13,19 @@ def mla(*args: str) -> subprocess.CompletedProcess:
     (("train", "configs/tiny.yaml", "--bogus"), "No such option: --bogus"),
     (("plan", "--model", "7b", "--gpus", "abc", "--gpu", "h100", "--global-batch", "64"), "Invalid value for '--gpus'"),
 ])
-def test_usage_mistakes_exit_2_with_one_message_and_no_traceback(args, message):
-    result = mla(*args)
+def test_usage_mistakes_exit_2_with_one_message_and_no_traceback(mla_cli, args, message):
+    result = mla_cli(*args, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_no_arguments_prints_help_and_succeeds():
-    result = mla()
+def test_no_arguments_prints_help_and_succeeds(mla_cli):
+    result = mla_cli(timeout=120)
     assert result.returncode == 0 and "train" in result.stdout + result.stderr
 
 
-def test_model_validator_errors_read_as_one_sentence():
-    result = mla("train", "configs/tiny.yaml", "--set", "train.global_batch=30")
+def test_model_validator_errors_read_as_one_sentence(mla_cli):
+    result = mla_cli("train", "configs/tiny.yaml", sets=["train.global_batch=30"], timeout=120)
     assert result.returncode == 2
     assert "- train.global_batch(30) is not a multiple of train.micro_batch(8)" in result.stderr
     assert "Value error" not in result.stderr and "'model':" not in result.stderr

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from orchestrator.config import JobConfig, load_job_config
+from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import MANIFEST, build_manifest
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.io import write_json_atomic
@@ -14,37 +14,33 @@ from orchestrator.layouts import build_run_plan, check_resumable, layout_for_wor
 from orchestrator.progress import format_progress
 
 
-def tiny(*overrides):
-    return load_job_config("configs/tiny.yaml", list(overrides))
-
-
-def test_pinned_layout_fills_the_global_batch_with_gradient_accumulation():
-    layout = layout_for_world(tiny("parallel.tensor=2"), 4)
+def test_pinned_layout_fills_the_global_batch_with_gradient_accumulation(tiny_job):
+    layout = layout_for_world(tiny_job("parallel.tensor=2"), 4)
     assert (layout.dp, layout.tp, layout.pp, layout.grad_accum) == (2, 2, 1, 2)
     assert layout.global_batch == 32
 
 
-def test_pinned_layout_errors_name_the_numbers_and_the_fix():
+def test_pinned_layout_errors_name_the_numbers_and_the_fix(tiny_job):
     with pytest.raises(PlanError, match=r"parallel.tensor\(2\) \* parallel.pipeline\(1\) = 2 does not divide 3"):
-        layout_for_world(tiny("parallel.tensor=2"), 3)
+        layout_for_world(tiny_job("parallel.tensor=2"), 3)
     with pytest.raises(PlanError, match=r"global_batch\(32\) is not divisible by data-parallel degree \(3\)"):
-        layout_for_world(tiny(), 3)
+        layout_for_world(tiny_job(), 3)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 8])
-def test_auto_plans_are_layouts_the_workers_can_run_and_resume_under_another_layout(world):
-    layout = layout_for_world(tiny("parallel=auto"), world)
+def test_auto_plans_are_layouts_the_workers_can_run_and_resume_under_another_layout(world, tiny_job):
+    layout = layout_for_world(tiny_job("parallel=auto"), world)
     assert layout.world_size == world and layout.global_batch == 32
     assert unsupported_reason(layout) is None and layout.zero_stage <= 2
 
 
-def test_auto_plan_for_an_impossible_worker_count_says_what_would_work():
+def test_auto_plan_for_an_impossible_worker_count_says_what_would_work(tiny_job):
     with pytest.raises(PlanError, match="set cluster.num_workers=4"):
-        layout_for_world(tiny("parallel=auto"), 5)
+        layout_for_world(tiny_job("parallel=auto"), 5)
 
 
-def test_elastic_range_keeps_only_runnable_world_sizes_and_their_configs():
-    job = tiny("cluster.min_workers=1", "cluster.num_workers=4")
+def test_elastic_range_keeps_only_runnable_world_sizes_and_their_configs(tiny_job):
+    job = tiny_job("cluster.min_workers=1", "cluster.num_workers=4")
     assert list(runnable_layouts(job)) == [1, 2, 4]  # 3 does not divide the global batch of 32 into 8s
     plan = build_run_plan(job)
     assert plan.world_sizes == [1, 2, 4]

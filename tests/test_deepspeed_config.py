@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_job_config
 from orchestrator.contract.deepspeed_config import build_deepspeed_config
 from orchestrator.contract.layout import Layout
 
@@ -26,8 +25,8 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_deepspeed_config_matches_its_golden(family):
-    config = build_deepspeed_config(load_job_config("configs/tiny.yaml"), FAMILIES[family])
+def test_deepspeed_config_matches_its_golden(family, tiny_job):
+    config = build_deepspeed_config(tiny_job(), FAMILIES[family])
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     golden = GOLDEN / f"{family}.json"
     if os.environ.get("MLA_UPDATE_GOLDEN"):

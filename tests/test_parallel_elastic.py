@@ -5,26 +5,14 @@ the layout the planner chooses for the new world size, with the same global batc
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_job_config
 from orchestrator.layouts import layout_for_world
 
 pytestmark = pytest.mark.slow
-MLA = [sys.executable, "-m", "orchestrator.cli"]
-FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=3",
-        "train.log_every=5", "train.eval_every=10", "train.eval_batches=1", "checkpoint.every=10",
-        "parallel=auto", "run.name=elastic"]
-
-
-def _train(tmp_path: Path, workers: int, steps: int) -> subprocess.CompletedProcess:
-    sets = [f"run.dir={tmp_path}", *FAST, f"cluster.num_workers={workers}", f"train.steps={steps}"]
-    cmd = [*MLA, "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+ELASTIC = ["train.warmup_steps=3", "train.eval_batches=1", "parallel=auto", "run.name=elastic"]
 
 
 def _starts(run_dir: Path) -> list[dict]:
@@ -32,15 +20,18 @@ def _starts(run_dir: Path) -> list[dict]:
     return [e for e in events if e["event"] == "start"]
 
 
-def _planned(workers: int):
-    job = load_job_config("configs/tiny.yaml", [*FAST, f"cluster.num_workers={workers}"])
-    return layout_for_world(job, workers)
+def test_restart_with_fewer_then_more_workers_replans_and_continues(tmp_path, mla_cli, fast_overrides, tiny_job):
+    def _train(workers: int, steps: int):
+        sets = [f"run.dir={tmp_path}", *fast_overrides, *ELASTIC, f"cluster.num_workers={workers}",
+                f"train.steps={steps}"]
+        return mla_cli("train", "configs/tiny.yaml", sets=sets, timeout=500)
 
+    def _planned(workers: int):
+        return layout_for_world(tiny_job(*fast_overrides, *ELASTIC, f"cluster.num_workers={workers}"), workers)
 
-def test_restart_with_fewer_then_more_workers_replans_and_continues(tmp_path):
     run_dir = tmp_path / "elastic"
     for workers, steps in ((4, 10), (2, 20), (4, 30)):
-        done = _train(tmp_path, workers, steps)
+        done = _train(workers, steps)
         assert done.returncode == 0, done.stderr[-3000:]
         assert _planned(workers).describe() in done.stderr  # the planner's layout shows in the progress output
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness.parity import ParityRun, reference_run, run_parity
+from tests.harness.parity import ParityRun, parity_layout, reference_run, run_parity
 from workers.parallel.reshard import read_consolidated
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def test_reference_run_learns():
 @pytest.mark.parametrize("dp, tp, pp, recompute", LAYOUTS, ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p, _ in LAYOUTS])
 def test_layout_matches_single_process_run(tmp_path, dp, tp, pp, recompute):
     ref = reference_run(STEPS)
-    out = run_parity(ParityRun(dp=dp, tp=tp, pp=pp, recompute=recompute, steps=STEPS, save_at=STEPS,
+    out = run_parity(ParityRun(parity_layout(dp, tp, pp, recompute), steps=STEPS, save_at=STEPS,
                                save_dir=str(tmp_path)))
     rel = _relative(out["losses"], ref["losses"])
     print(f"(dp, tp, pp) = ({dp}, {tp}, {pp}): max relative loss difference {rel:.2e}")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.harness.parity import ParityRun, reference_run, run_parity
+from tests.harness.parity import ParityRun, parity_layout, reference_run, run_parity
 from workers.parallel.reshard import read_consolidated
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def saved_under_tp2_pp2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reshard")
-    out = run_parity(ParityRun(dp=1, tp=2, pp=2, steps=10, save_at=10, save_dir=str(folder)))
+    out = run_parity(ParityRun(parity_layout(1, 2, 2), steps=10, save_at=10, save_dir=str(folder)))
     return folder / "step_10", out["losses"]
 
 
@@ -39,7 +39,7 @@ def test_resume_under_another_layout_continues_the_loss_curve(saved_under_tp2_pp
     folder, first = saved_under_tp2_pp2
     ref = reference_run(20)["losses"]
     assert max(abs(a - b) / b for a, b in zip(first, ref[:10])) < 1e-3
-    out = run_parity(ParityRun(dp=dp, tp=tp, pp=pp, steps=20, resume_from=str(folder)))
+    out = run_parity(ParityRun(parity_layout(dp, tp, pp), steps=20, resume_from=str(folder)))
     assert out["start"] == 10 and len(out["losses"]) == 10
     rel = max(abs(a - b) / b for a, b in zip(out["losses"], ref[10:], strict=True))
     print(f"(1, 2, 2) -> ({dp}, {tp}, {pp}): steps 11-20 max relative loss difference {rel:.2e}")
@@ -58,6 +58,6 @@ def test_without_optimizer_state_the_curve_differs(saved_under_tp2_pp2, tmp_path
         data["exp_avg"] = {k: torch.zeros_like(v) for k, v in data["exp_avg"].items()}
         data["exp_avg_sq"] = {k: torch.zeros_like(v) for k, v in data["exp_avg_sq"].items()}
         torch.save(data, stripped / path.name)
-    out = run_parity(ParityRun(dp=2, steps=12, resume_from=str(stripped)))
+    out = run_parity(ParityRun(parity_layout(dp=2), steps=12, resume_from=str(stripped)))
     ref = reference_run(20)["losses"]
     assert max(abs(a - b) / b for a, b in zip(out["losses"], ref[10:12])) > 1e-3

@@ -8,23 +8,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.contract.checkpoints import complete_checkpoints
+from tests.harness.cli import FAST_OVERRIDES, TINY_CONFIG, MlaCli
 
 pytestmark = pytest.mark.slow
-MLA = [sys.executable, "-m", "orchestrator.cli"]
-FAST = ["data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=5",
-        "train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "checkpoint.every=10"]
 
 
 def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
-    sets = [f"run.dir={tmp_path}", *FAST, *overrides]
-    return [*MLA, "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+    """The `mla train` command of a fast tiny run under ``tmp_path`` (test_privacy_e2e uses it too)."""
+    return MlaCli().command("train", TINY_CONFIG, sets=[f"run.dir={tmp_path}", *FAST_OVERRIDES, *overrides])
 
 
 def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from orchestrator.config import load_job_config
 from orchestrator.contract.errors import ConfigError
 from orchestrator.tune import parse_search, plot_sweep, trial_job, validate_space
-
-MLA = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def test_parse_search_parses_values_as_yaml():
@@ -27,15 +22,15 @@ def test_parse_search_rejects_malformed_items(bad):
         parse_search([bad])
 
 
-def test_trial_job_applies_params_and_isolates_the_run_folder(tmp_path):
-    base = load_job_config("configs/tiny.yaml").model_dump(mode="json")
+def test_trial_job_applies_params_and_isolates_the_run_folder(tmp_path, tiny_job):
+    base = tiny_job().model_dump(mode="json")
     job = trial_job(base, {"model.local_window": 16, "model.global_k": 4}, str(tmp_path), "trial_1")
     assert (job.model.local_window, job.model.global_k) == (16, 4)
     assert job.run_dir == tmp_path / "trial_1"
 
 
-def test_space_values_are_validated_before_any_trial():
-    job = load_job_config("configs/tiny.yaml")
+def test_space_values_are_validated_before_any_trial(tiny_job):
+    job = tiny_job()
     with pytest.raises(ConfigError, match="model.local_window"):
         validate_space(job, {"model.local_window": [16, -1]})
     with pytest.raises(ConfigError, match="unknown key 'top_k'"):
@@ -49,14 +44,13 @@ def test_plot_is_written_for_two_searched_fields(tmp_path):
 
 
 @pytest.mark.slow
-def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_trains(tmp_path):
+def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_trains(tmp_path, mla_cli):
     sets = ["data.seq_len=64", "train.micro_batch=8", "train.global_batch=16", "train.warmup_steps=5",
             "train.log_every=10", "train.eval_every=5", "train.eval_batches=1", "checkpoint.every=40",
             "cluster.num_workers=1", f"run.dir={tmp_path}", "run.name=sweep"]
-    cmd = [*MLA, "tune", "configs/tiny.yaml", "--search", "model.local_window=8,16,32",
-           "--search", "model.global_k=2,8", "--scheduler", "asha", "--max-steps", "40",
-           *[a for s in sets for a in ("--set", s)]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    args = ["tune", "configs/tiny.yaml", "--search", "model.local_window=8,16,32",
+            "--search", "model.global_k=2,8", "--scheduler", "asha", "--max-steps", "40"]
+    result = mla_cli(*args, sets=sets, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     sweep = tmp_path / "sweep-sweep"
     trials = json.loads((sweep / "trials.json").read_text())["trials"]
@@ -69,11 +63,11 @@ def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_
     assert best["model"]["local_window"] == winner["model.local_window"]
     assert best["model"]["global_k"] == winner["model.global_k"]
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = mla_cli(*args, "--resume", sets=sets)
     assert resumed.returncode == 0, resumed.stderr[-4000:]  # Tune restored the finished sweep
     assert json.loads((sweep / "trials.json").read_text())["trials"] == trials
 
-    train = subprocess.run([*MLA, "train", str(sweep / "best.yaml")], capture_output=True, text=True, timeout=600)
+    train = mla_cli("train", str(sweep / "best.yaml"))
     assert train.returncode == 0, train.stderr[-4000:]
     summary = json.loads((tmp_path / "sweep-best" / "summary.json").read_text())
     assert summary["steps"] == 40
@@ -121,9 +115,9 @@ def test_a_search_list_mixing_number_spellings_is_numeric_and_plots(tmp_path):
     assert (tmp_path / "p.png").is_file()
 
 
-def test_samples_below_one_is_refused_before_anything_starts():
+def test_samples_below_one_is_refused_before_anything_starts(tiny_job):
     from orchestrator.tune import run_sweep
 
-    job = load_job_config("configs/tiny.yaml")
+    job = tiny_job()
     with pytest.raises(ConfigError, match="--samples 0"):
         run_sweep(job, {"model.global_k": [2]}, samples=0)

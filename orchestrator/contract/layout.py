@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Recompute = Literal["none", "selective", "full"]
 #: The activation-recomputation choices, in order of memory saved (the one list of them).
@@ -149,7 +149,7 @@ class Layout:
         consolidated format) or only under itself (ZeRO-3: DeepSpeed's own format)."""
         return self.zero_stage in LAYOUT_FREE_ZERO_STAGES
 
-    def replace(self, **changes: object) -> Layout:
+    def replace(self, **changes: Any) -> Layout:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from orchestrator.cli_common import SetOption, err
 from orchestrator.contract.errors import ConfigError, JobFailedError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
-err = Console(stderr=True, highlight=False)
 
 _CONFIG = typer.Argument(..., help="Job YAML, e.g. configs/tiny.yaml.")
-_SET = typer.Option(None, "--set", help="Override a config field: --set train.steps=100 (repeatable).")
 _GPUS_PER_WORKER = typer.Option(1, "--gpus-per-worker", "-g", min=1, help="GPUs per worker pod.")
 _MIN_GPUS = typer.Option(None, "--min-gpus", min=1, help="Fewest GPUs to run on (default: cluster.min_workers or num_workers).")
 _MAX_GPUS = typer.Option(None, "--max-gpus", min=1, help="Most GPUs to use (default: cluster.num_workers).")
@@ -65,7 +63,7 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 @app.command()
 def render(
-    config: str = _CONFIG, set_: Optional[list[str]] = _SET, gpus_per_worker: int = _GPUS_PER_WORKER,
+    config: str = _CONFIG, set_: Optional[list[str]] = SetOption, gpus_per_worker: int = _GPUS_PER_WORKER,
     min_gpus: Optional[int] = _MIN_GPUS, max_gpus: Optional[int] = _MAX_GPUS, image: Optional[str] = _IMAGE,
     namespace: str = _NAMESPACE, name: Optional[str] = _NAME, queue: Optional[str] = _QUEUE,
     storage_path: str = _STORAGE, pvc: str = _PVC, node_selector: Optional[list[str]] = _NODE_SELECTOR,
@@ -107,7 +105,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @app.command()
 def submit(
-    config: str = _CONFIG, set_: Optional[list[str]] = _SET, gpus_per_worker: int = _GPUS_PER_WORKER,
+    config: str = _CONFIG, set_: Optional[list[str]] = SetOption, gpus_per_worker: int = _GPUS_PER_WORKER,
     min_gpus: Optional[int] = _MIN_GPUS, max_gpus: Optional[int] = _MAX_GPUS, image: Optional[str] = _IMAGE,
     namespace: str = _NAMESPACE, name: Optional[str] = _NAME, queue: Optional[str] = _QUEUE,
     storage_path: str = _STORAGE, pvc: str = _PVC, node_selector: Optional[list[str]] = _NODE_SELECTOR,
@@ -146,12 +144,12 @@ def status(
         snap = client.watch(api, name, namespace, err.print, interval_s=interval)
     else:
         snap = snapshot(*client.observe(api, name, namespace))
-        for line in snap.facts.values():
+        for line in snap.lines:
             err.print(line)
     if json_out:
         print(json.dumps({"name": snap.name, "deployment": snap.deployment, "job_status": snap.job_status,
                           "workers_running": snap.workers_running, "gpus_running": snap.gpus_running,
-                          "lines": list(snap.facts.values())}, indent=2))
+                          "lines": snap.lines}, indent=2))
     if follow:
         _finish(snap)
 

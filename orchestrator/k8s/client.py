@@ -76,7 +76,7 @@ def submit(api: Any, objs: list[dict]) -> dict:
     config_map = next(o for o in objs if o["kind"] == "ConfigMap")
     rayjob = next(o for o in objs if o["kind"] == "RayJob")
     ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    custom, core = _apis(client, api)
     with _api_errors(f"create RayJob {ns}/{name}"):
         created = custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, rayjob, field_validation="Strict")
         created = created or custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
@@ -103,7 +103,7 @@ def observe(api: Any, name: str, namespace: str) -> tuple[dict, list[dict], list
     """
     from kubernetes import client
 
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    custom, core = _apis(client, api)
     with _api_errors(f"read RayJob {namespace}/{name}"):
         rayjob = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     cluster = (rayjob.get("status") or {}).get("rayClusterName")
@@ -150,7 +150,7 @@ def delete(api: Any, name: str, namespace: str) -> list[str]:
     """
     from kubernetes import client
 
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    custom, core = _apis(client, api)
     with _api_errors(f"delete RayJob {namespace}/{name}"):
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
                                                propagation_policy="Background")
@@ -164,6 +164,13 @@ def delete(api: Any, name: str, namespace: str) -> list[str]:
     return deleted
 
 
+def _apis(client: Any, api: Any) -> tuple[Any, Any]:
+    """``(CustomObjectsApi, CoreV1Api)`` typed ``Any``: this module sends and receives plain dicts,
+    which the client accepts and returns, while its generated stubs say ``object`` and model
+    classes."""
+    return client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+
 class _api_errors:
     """Context manager turning ``ApiException`` and connection errors into ``ClusterError``."""
 
@@ -173,7 +180,7 @@ class _api_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         from kubernetes.client import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -182,7 +189,6 @@ class _api_errors:
         if isinstance(exc, HTTPError):
             raise ClusterError(f"{self.action}: cannot reach the Kubernetes API server ({exc}); "
                                "check the kubeconfig's server address and your network") from None
-        return False
 
 
 def _api_message(action: str, exc: Any) -> str:

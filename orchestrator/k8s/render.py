@@ -6,8 +6,7 @@ GPU worker group that the Ray autoscaler (KubeRay in-tree autoscaling) scales be
 ``tp * pp`` whose data-parallel degree divides the global batch, or the planner's choices for
 ``parallel: auto`` (see :func:`orchestrator.layouts.runnable_layouts`), restricted to whole pods of ``gpus_per_worker``
 GPUs. The entrypoint asks Ray Train for elastic scaling between the smallest and the largest of
-them; the runnable sizes themselves travel in the ``mla.io/world-sizes`` annotation and the
-``MLA_WORLD_SIZES`` environment variable of the head.
+them; the runnable sizes themselves travel in the ``mla.io/world-sizes`` annotation.
 
 The job YAML reaches the driver through a ConfigMap mounted read-only at ``/etc/mla`` in the
 head pod (a ConfigMap is visible with ``kubectl``, has no size surprises in ``runtimeEnvYAML``
@@ -28,6 +27,7 @@ import yaml
 
 from orchestrator.config import DEFAULT_IMAGE, JobConfig  # noqa: F401 (DEFAULT_IMAGE: re-exported)
 from orchestrator.contract.errors import ConfigError, PlanError
+from orchestrator.k8s.validate import DNS1035, MAX_RAYJOB_NAME
 
 JOB_CONFIG_DIR = "/etc/mla"
 """Where the head pod mounts the job ConfigMap; the job YAML is ``JOB_CONFIG_DIR/job.yaml``."""
@@ -40,7 +40,6 @@ WORKER_GROUP = "gpu"
 LABEL_RUN = "mla.io/run"
 ANNOTATION_WORLD_SIZES = "mla.io/world-sizes"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-_MAX_NAME = 47  # KubeRay MaxRayJobNameLength
 
 
 @dataclass(frozen=True)
@@ -166,9 +165,9 @@ def rayjob_name(job: JobConfig, opts: RenderOptions) -> str:
     """
     name = opts.name or "mla-" + re.sub(r"[^a-z0-9-]", "-", job.run.name.lower())
     name = name.rstrip("-") if opts.name is None else name
-    if len(name) > _MAX_NAME or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+    if len(name) > MAX_RAYJOB_NAME or not DNS1035.match(name):
         raise ConfigError(f"RayJob name {name!r} must be a DNS-1035 label (lower-case letters, digits "
-                          f"and '-', starting with a letter) of at most {_MAX_NAME} characters; "
+                          f"and '-', starting with a letter) of at most {MAX_RAYJOB_NAME} characters; "
                           "pass --name or shorten run.name")
     return name
 
@@ -270,7 +269,7 @@ def raycluster_spec(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dic
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": opts.idle_timeout_seconds,
                               "resources": _resources(cpu="500m", memory="512Mi")},
         "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"},
-                          "template": {"spec": _head_pod(name, bounds, opts)}},
+                          "template": {"spec": _head_pod(name, opts)}},
         "workerGroupSpecs": [{
             "groupName": WORKER_GROUP,
             "replicas": bounds.min_replicas,
@@ -282,13 +281,12 @@ def raycluster_spec(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dic
     }
 
 
-def _head_pod(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dict:
+def _head_pod(name: str, opts: RenderOptions) -> dict:
     mounts = [{"name": "job-config", "mountPath": JOB_CONFIG_DIR, "readOnly": True}] + _ckpt_mounts(opts)
     container = {
         "name": "ray-head", "image": opts.image,
         "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}],
-        "env": [{"name": "MLA_WORLD_SIZES", "value": ",".join(map(str, bounds.sizes))}],
         "resources": _resources(cpu=str(opts.head_cpu), memory=opts.head_memory),
         "volumeMounts": mounts,
     }

@@ -50,6 +50,11 @@ class Snapshot:
     def succeeded(self) -> bool:
         return self.deployment == "Complete" and self.job_status == "SUCCEEDED"
 
+    @property
+    def lines(self) -> list[str]:
+        """Every fact as a line, in order (what ``mla k8s status NAME`` prints)."""
+        return list(self.facts.values())
+
 
 def snapshot(rayjob: dict, pods: list[dict], events: list[dict]) -> Snapshot:
     """Condense a RayJob, the pods of its cluster and the namespace's events into facts.
@@ -102,7 +107,7 @@ def changes(prev: Snapshot | None, cur: Snapshot) -> list[str]:
 
 def report(rayjob: dict, pods: list[dict], events: list[dict]) -> list[str]:
     """Every fact about the job now (``mla k8s status NAME``)."""
-    return list(snapshot(rayjob, pods, events).facts.values())
+    return snapshot(rayjob, pods, events).lines
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -28,7 +28,6 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ KUBERNETES_VERSIONS = ("1.29", "1.37")
 SCHEMA_FILE = Path(__file__).with_name("schemas") / f"kuberay-{KUBERAY_VERSION}.json.gz"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 _OBJECT_META_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+"""A DNS-1035 label (lower-case letters, digits and ``-``, starting with a letter): Kubernetes and KubeRay names."""
 MAX_RAYJOB_NAME = 47
 """KubeRay ``MaxRayJobNameLength``: 53 - 6 (the RayCluster name adds a 6-character suffix)."""
 MAX_RAYCLUSTER_NAME = 53
@@ -213,7 +213,7 @@ def kuberay_errors(obj: dict) -> list[str]:
     limit = MAX_RAYJOB_NAME if obj["kind"] == "RayJob" else MAX_RAYCLUSTER_NAME
     if len(name) > limit:
         errors.append(f"metadata.name: {obj['kind']} name {name!r} has {len(name)} characters; KubeRay allows {limit}")
-    if not _DNS1035.match(name):
+    if not DNS1035.match(name):
         errors.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
                       "starting with a letter)")
     spec = obj.get("spec", {})
@@ -257,13 +257,6 @@ def _raycluster_spec_errors(spec: dict) -> list[str]:
         if not lo <= replicas <= hi:
             errors.append(f"{where}: needs minReplicas({lo}) <= replicas({replicas}) <= maxReplicas({hi})")
     return errors
-
-
-def validate_objects(objs: Iterable[dict]) -> None:
-    """Raise :class:`ManifestError` listing every problem of every object (none: return)."""
-    errors = [e for obj in objs for e in validation_errors(obj)]
-    if errors:
-        raise ManifestError("manifest rejected:\n" + "\n".join(f"- {e}" for e in errors))
 
 
 def load_manifests(path: str | Path) -> list[dict]:

@@ -20,7 +20,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.contract.layout import Layout
+from orchestrator.contract.layout import Layout, Recompute
+
+
+def parity_layout(dp: int = 1, tp: int = 1, pp: int = 1, recompute: Recompute = "none", zero_stage: int = 1,
+                  micro_batch: int = 2, global_batch: int = 8) -> Layout:
+    """The layout of a parity run: the given degrees, with the micro-batch and the global batch
+    kept fixed across layouts (gradient accumulation makes up the difference)."""
+    return Layout(dp=dp, tp=tp, pp=pp, zero_stage=zero_stage, micro_batch=micro_batch,
+                  grad_accum=global_batch // (dp * micro_batch), recompute=recompute)
 
 
 @dataclass(frozen=True)
@@ -28,11 +36,10 @@ class ParityRun:
     """One parity training run (plain data, crosses into the spawned processes).
 
     Attributes:
-        dp, tp, pp: The layout's degrees.
+        layout: Degrees, ZeRO stage, micro-batch, accumulation and recomputation
+            (:func:`parity_layout`; the default is the single-process reference).
         steps: Optimizer steps to reach (from 0, or from the resumed checkpoint's step).
-        seq_len, micro_batch, global_batch: Batch shape (global batch fixed across layouts).
-        zero_stage: DeepSpeed ZeRO stage over the data-parallel group.
-        recompute: Activation recomputation (``none``, ``selective``, ``full``).
+        seq_len: Tokens per sequence.
         model: Overrides of the ``tiny`` preset.
         train: Overrides of the train section (lr, warm-up, clipping, ...).
         resume_from: Consolidated checkpoint folder to load first (or ``None``).
@@ -40,30 +47,19 @@ class ParityRun:
         save_dir: Folder for ``save_at`` (and for the final state when ``save_at == steps``).
     """
 
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
+    layout: Layout = field(default_factory=parity_layout)
     steps: int = 20
     seq_len: int = 64
-    micro_batch: int = 2
-    global_batch: int = 8
-    zero_stage: int = 1
-    recompute: str = "none"
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     resume_from: str | None = None
     save_at: int | None = None
     save_dir: str | None = None
 
-    def layout(self) -> Layout:
-        dp_mb = self.dp * self.micro_batch
-        return Layout(dp=self.dp, tp=self.tp, pp=self.pp, zero_stage=self.zero_stage, micro_batch=self.micro_batch,
-                      grad_accum=self.global_batch // dp_mb, recompute=self.recompute)
-
     def job(self):
         from orchestrator.config import JobConfig
 
-        train = {"steps": 20, "micro_batch": self.micro_batch, "global_batch": self.global_batch,
+        train = {"steps": 20, "micro_batch": self.layout.micro_batch, "global_batch": self.layout.global_batch,
                  "lr": 3e-3, "warmup_steps": 5, "precision": "fp32", **self.train}
         return JobConfig(model={"preset": "tiny", **self.model}, data={"seq_len": self.seq_len}, train=train)
 
@@ -80,7 +76,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
     from workers.parallel.engine import build_engine
     from workers.schedule import train_lr
 
-    layout, job = run.layout(), run.job()
+    layout, job = run.layout, run.job()
     layout.check_world_size(world_size)
     engine = build_engine(layout, build_deepspeed_config(job, layout), job.model_config_(), job.train.seed,
                           job.train.weight_decay)
@@ -103,7 +99,7 @@ def run_parity(run: ParityRun) -> dict:
     """Run ``run`` on ``dp * tp * pp`` local processes; returns rank 0's result."""
     from tests.harness.local import run_local
 
-    return run_local(parity_worker, run.dp * run.tp * run.pp, run)[0]
+    return run_local(parity_worker, run.layout.world_size, run)[0]
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,7 +117,7 @@ def reference_run(steps: int = 20) -> dict:
 def main(argv: list[str]) -> None:
     for text in argv or ["1,1,1"]:
         dp, tp, pp = (int(v) for v in text.split(","))
-        losses = run_parity(ParityRun(dp=dp, tp=tp, pp=pp))["losses"]
+        losses = run_parity(ParityRun(parity_layout(dp, tp, pp)))["losses"]
         print(f"(dp, tp, pp) = ({dp}, {tp}, {pp}):", " ".join(f"{v:.6f}" for v in losses))
 
 
