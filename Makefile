@@ -20,13 +20,14 @@ install: $(BIN)/.installed
 train: $(BIN)/.installed
 	$(BIN)/mla train $(CONFIG)
 
-test: $(BIN)/.installed
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# ruff lint + mypy on the product code (configured in pyproject.toml). `ruff format --check` joins
-# once the tree has been formatted.
+# ruff (format check over the tree, lint on the product code) and mypy (configured in
+# pyproject.toml); `make test` runs it first. `ruff format .` fixes the formatting.
 lint: $(BIN)/.installed
-	$(BIN)/ruff check mla workers orchestrator
+	$(BIN)/ruff format --check --quiet mla workers orchestrator benchmarks tests
+	$(BIN)/ruff check --quiet mla workers orchestrator benchmarks
 	$(BIN)/mypy
 
 clean:

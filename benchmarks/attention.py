@@ -109,8 +109,16 @@ def run_impl(impl: str, s: AttentionBenchSettings, x: dict[str, torch.Tensor]) -
     """Dense causal SDPA or MLA (block selection, gated) on the inputs ``x``."""
     if impl == "dense":
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
-    return multi_level_attention(x["q"], x["k"], x["v"], x["gate"], window=s.window, top_k=s.top_k,
-                                 indexer="block", block=s.block)
+    return multi_level_attention(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["gate"],
+        window=s.window,
+        top_k=s.top_k,
+        indexer="block",
+        block=s.block,
+    )
 
 
 def run_pass(impl: str, pass_: str, s: AttentionBenchSettings, x: dict[str, torch.Tensor]) -> None:
@@ -155,8 +163,9 @@ def _cpu_peak_memory_subprocess(impl: str, n: int, pass_: str, s: AttentionBench
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     payload = json.dumps({"impl": impl, "n": n, "pass": pass_, "settings": asdict(s)})
     code = "import sys; from benchmarks.attention import _memory_child; _memory_child(sys.argv[1])"
-    out = subprocess.run([sys.executable, "-c", code, payload], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, payload], env=env, check=True, capture_output=True, text=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -196,13 +205,19 @@ def run_benchmark(s: AttentionBenchSettings, progress=None) -> list[Record]:
             times = time_side_by_side(s, n, pass_)
             for impl in IMPLS:
                 mem = peak_memory_mb(impl, n, pass_, s) if s.memory else None
-                records.append(Record(impl, n, pass_, statistics.median(times[impl]), mem, times[impl]))
+                records.append(
+                    Record(impl, n, pass_, statistics.median(times[impl]), mem, times[impl])
+                )
     return records
 
 
 def growth_exponent(records: list[Record], impl: str, pass_: str) -> float:
     """Least-squares slope b of ``log(median_ms) = a + b log(n)`` over the measured n."""
-    pts = [(math.log(r.n), math.log(r.median_ms)) for r in records if r.impl == impl and r.pass_ == pass_]
+    pts = [
+        (math.log(r.n), math.log(r.median_ms))
+        for r in records
+        if r.impl == impl and r.pass_ == pass_
+    ]
     if len(pts) < 2:
         return float("nan")
     mx = sum(p[0] for p in pts) / len(pts)
@@ -217,7 +232,11 @@ def ratios(records: list[Record]) -> dict[tuple[int, str], tuple[float, float | 
     for (impl, n, pass_), r in by.items():
         if impl == "dense" and ("mla", n, pass_) in by:
             m = by[("mla", n, pass_)]
-            mem = r.peak_memory_mb / m.peak_memory_mb if r.peak_memory_mb and m.peak_memory_mb else None
+            mem = (
+                r.peak_memory_mb / m.peak_memory_mb
+                if r.peak_memory_mb and m.peak_memory_mb
+                else None
+            )
             out[(n, pass_)] = (r.median_ms / m.median_ms, mem)
     return out
 
@@ -226,19 +245,40 @@ def render(records: list[Record], s: AttentionBenchSettings, console) -> None:
     """Print the table of times, memory and ratios, and the growth exponents (rich)."""
     from rich.table import Table
 
-    table = Table(title=f"attention core, {s.device} {str(s.dtype).removeprefix('torch.')}, "
-                        f"H={s.heads} hd={s.head_dim} w={s.window} k={s.top_k} B={s.block}")
-    for col in ("n", "pass", "dense ms", "MLA ms", "dense/MLA time", "dense MiB", "MLA MiB", "dense/MLA mem"):
+    table = Table(
+        title=f"attention core, {s.device} {str(s.dtype).removeprefix('torch.')}, "
+        f"H={s.heads} hd={s.head_dim} w={s.window} k={s.top_k} B={s.block}"
+    )
+    for col in (
+        "n",
+        "pass",
+        "dense ms",
+        "MLA ms",
+        "dense/MLA time",
+        "dense MiB",
+        "MLA MiB",
+        "dense/MLA mem",
+    ):
         table.add_column(col, justify="right")
     by = {(r.impl, r.n, r.pass_): r for r in records}
     for (n, pass_), (t_ratio, m_ratio) in ratios(records).items():
         d, m = by[("dense", n, pass_)], by[("mla", n, pass_)]
-        table.add_row(str(n), pass_, f"{d.median_ms:.1f}", f"{m.median_ms:.1f}", f"{t_ratio:.2f}x",
-                      _mb(d.peak_memory_mb), _mb(m.peak_memory_mb), "-" if m_ratio is None else f"{m_ratio:.2f}x")
+        table.add_row(
+            str(n),
+            pass_,
+            f"{d.median_ms:.1f}",
+            f"{m.median_ms:.1f}",
+            f"{t_ratio:.2f}x",
+            _mb(d.peak_memory_mb),
+            _mb(m.peak_memory_mb),
+            "-" if m_ratio is None else f"{m_ratio:.2f}x",
+        )
     console.print(table)
     for pass_ in PASSES:
-        console.print(f"time ~ n^b, {pass_}: dense b={growth_exponent(records, 'dense', pass_):.2f}, "
-                      f"MLA b={growth_exponent(records, 'mla', pass_):.2f}")
+        console.print(
+            f"time ~ n^b, {pass_}: dense b={growth_exponent(records, 'dense', pass_):.2f}, "
+            f"MLA b={growth_exponent(records, 'mla', pass_):.2f}"
+        )
     _print_memory_growth(records, console)
 
 
@@ -248,9 +288,14 @@ def _print_memory_growth(records: list[Record], console) -> None:
         return
     by = {(r.impl, r.n, r.pass_): r.peak_memory_mb for r in records}
     for impl in IMPLS:
-        a, b = by.get((impl, ns[-2], "forward_backward")), by.get((impl, ns[-1], "forward_backward"))
+        a, b = (
+            by.get((impl, ns[-2], "forward_backward")),
+            by.get((impl, ns[-1], "forward_backward")),
+        )
         if a and b:
-            console.print(f"peak memory {impl}, forward_backward: n={ns[-1]} / n={ns[-2]} = {b / a:.2f}")
+            console.print(
+                f"peak memory {impl}, forward_backward: n={ns[-1]} / n={ns[-2]} = {b / a:.2f}"
+            )
 
 
 def _mb(value: float | None) -> str:

@@ -76,10 +76,20 @@ class DecodeBenchSettings:
 
     def model_config(self, attention: AttentionKind, max_seq_len: int) -> ModelConfig:
         """Shape of the benchmarked model (``attention`` is ``"mla"`` or ``"dense"``)."""
-        return ModelConfig(vocab_size=256, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                           n_kv_heads=self.n_kv_heads, ffn_hidden=self.ffn_hidden, max_seq_len=max_seq_len,
-                           attention=attention, local_window=self.window, global_k=self.global_k,
-                           block_size=self.block, indexer="block")
+        return ModelConfig(
+            vocab_size=256,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            ffn_hidden=self.ffn_hidden,
+            max_seq_len=max_seq_len,
+            attention=attention,
+            local_window=self.window,
+            global_k=self.global_k,
+            block_size=self.block,
+            indexer="block",
+        )
 
 
 @dataclass
@@ -141,7 +151,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_state(model: MLATransformer, s: DecodeBenchSettings, n: int, batch: int, seed: int) -> DecodeState:
+def build_state(
+    model: MLATransformer, s: DecodeBenchSettings, n: int, batch: int, seed: int
+) -> DecodeState:
     """Caches of ``n`` random positions for every layer (capacity for the decoded tokens too)."""
     cfg = model.cfg
     caches = build_caches(model, batch, cfg.max_seq_len)
@@ -177,7 +189,9 @@ def measure(s: DecodeBenchSettings, n: int, batch: int) -> list[Record]:
         torch.manual_seed(0)
         models[impl] = MLATransformer(s.model_config(impl, max_len)).to(s.device, s.dtype).eval()
     start = torch.randint(0, 256, (batch,), generator=torch.Generator().manual_seed(1)).to(s.device)
-    for impl in IMPLS:  # warm-up one impl at a time: its peak is its own (position n starts a block)
+    for (
+        impl
+    ) in IMPLS:  # warm-up one impl at a time: its peak is its own (position n starts a block)
         states[impl] = build_state(models[impl], s, n, batch, seed=2)
         cache_mib[impl] = states[impl].nbytes() / 2**20
         _sync(s.device)
@@ -195,9 +209,22 @@ def measure(s: DecodeBenchSettings, n: int, batch: int) -> list[Record]:
     cfg = models["mla"].cfg
     for impl in IMPLS:
         keys = keys_per_token(impl, s, n)
-        kv_bytes = keys * cfg.kv_heads * cfg.head_dim * 2 * torch.finfo(s.dtype).bits / 8 * cfg.n_layers
-        records.append(Record(impl, n, batch, batch * tokens / seconds[impl], 1000 * seconds[impl] / tokens,
-                              cache_mib[impl], peak[impl], keys, batch * kv_bytes / 2**20))
+        kv_bytes = (
+            keys * cfg.kv_heads * cfg.head_dim * 2 * torch.finfo(s.dtype).bits / 8 * cfg.n_layers
+        )
+        records.append(
+            Record(
+                impl,
+                n,
+                batch,
+                batch * tokens / seconds[impl],
+                1000 * seconds[impl] / tokens,
+                cache_mib[impl],
+                peak[impl],
+                keys,
+                batch * kv_bytes / 2**20,
+            )
+        )
     del states
     return records
 
@@ -220,21 +247,42 @@ def render(records: list[Record], s: DecodeBenchSettings, console) -> None:
     """Print one table: per (n, b) tokens/s, ms/step, memory and attention cost of both, and the ratio."""
     from rich.table import Table
 
-    t = Table(title=f"decode, {s.device} {str(s.dtype).removeprefix('torch.')}: d_model {s.d_model}, "
-                    f"{s.n_layers} layers, {s.n_heads} heads ({s.n_kv_heads} kv), w={s.window}, "
-                    f"global_k={s.global_k}, B={s.block}")
-    for col in ("context", "batch", "dense tok/s", "MLA tok/s", "MLA/dense", "dense ms/step", "MLA ms/step",
-                "cache MiB d/M", "peak MiB d/M", "keys/token d/M", "KV MiB/token d/M"):
+    t = Table(
+        title=f"decode, {s.device} {str(s.dtype).removeprefix('torch.')}: d_model {s.d_model}, "
+        f"{s.n_layers} layers, {s.n_heads} heads ({s.n_kv_heads} kv), w={s.window}, "
+        f"global_k={s.global_k}, B={s.block}"
+    )
+    for col in (
+        "context",
+        "batch",
+        "dense tok/s",
+        "MLA tok/s",
+        "MLA/dense",
+        "dense ms/step",
+        "MLA ms/step",
+        "cache MiB d/M",
+        "peak MiB d/M",
+        "keys/token d/M",
+        "KV MiB/token d/M",
+    ):
         t.add_column(col, justify="right")
     by = {(r.impl, r.context, r.batch): r for r in records}
     for n in s.contexts:
         for b in s.batches:
             d, m = by[("dense", n, b)], by[("mla", n, b)]
-            t.add_row(f"{n:,}", str(b), f"{d.tokens_per_s:,.1f}", f"{m.tokens_per_s:,.1f}",
-                      f"{m.tokens_per_s / d.tokens_per_s:.2f}x", f"{d.ms_per_step:.2f}", f"{m.ms_per_step:.2f}",
-                      f"{d.cache_mib:,.0f}/{m.cache_mib:,.0f}", f"{d.peak_mib:,.0f}/{m.peak_mib:,.0f}",
-                      f"{d.keys_per_token:,.0f}/{m.keys_per_token:,.0f}",
-                      f"{d.kv_mib_per_token:,.2f}/{m.kv_mib_per_token:,.2f}")
+            t.add_row(
+                f"{n:,}",
+                str(b),
+                f"{d.tokens_per_s:,.1f}",
+                f"{m.tokens_per_s:,.1f}",
+                f"{m.tokens_per_s / d.tokens_per_s:.2f}x",
+                f"{d.ms_per_step:.2f}",
+                f"{m.ms_per_step:.2f}",
+                f"{d.cache_mib:,.0f}/{m.cache_mib:,.0f}",
+                f"{d.peak_mib:,.0f}/{m.peak_mib:,.0f}",
+                f"{d.keys_per_token:,.0f}/{m.keys_per_token:,.0f}",
+                f"{d.kv_mib_per_token:,.2f}/{m.kv_mib_per_token:,.2f}",
+            )
     console.print(t)
 
 

@@ -30,16 +30,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = ["model.preset=tiny", "data.seq_len=64", "train.micro_batch=4", "train.global_batch=16",
-       "train.warmup_steps=5", "train.log_every=1", "train.eval_batches=1", "checkpoint.keep=2",
-       "cluster.num_workers=2"]
+JOB = [
+    "model.preset=tiny",
+    "data.seq_len=64",
+    "train.micro_batch=4",
+    "train.global_batch=16",
+    "train.warmup_steps=5",
+    "train.log_every=1",
+    "train.eval_batches=1",
+    "checkpoint.keep=2",
+    "cluster.num_workers=2",
+]
 
 
 def _cmd(out: Path, name: str, steps: int, every: int, extra: list[str]) -> list[str]:
-    sets = [*JOB, f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={every}",
-            f"run.dir={out}", f"run.name={name}", *extra]
-    return [sys.executable, "-m", "orchestrator.cli", "train", str(ROOT / "configs" / "tiny.yaml"),
-            *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        *JOB,
+        f"train.steps={steps}",
+        f"train.eval_every={steps}",
+        f"checkpoint.every={every}",
+        f"run.dir={out}",
+        f"run.name={name}",
+        *extra,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def _env() -> dict:
@@ -58,8 +79,11 @@ def _starts(run_dir: Path) -> list[dict]:
     path = run_dir / "events.jsonl"
     if not path.exists():
         return []
-    return [e for e in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if e.get("event") == "start"]
+    return [
+        e
+        for e in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        if e.get("event") == "start"
+    ]
 
 
 def _pid(run_dir: Path, rank: int) -> int | None:
@@ -102,7 +126,9 @@ class Soak:
     stderr: str = ""
 
 
-def _wait_for_kill_moment(proc, run_dir: Path, target: int, during_write: bool, deadline: float) -> bool:
+def _wait_for_kill_moment(
+    proc, run_dir: Path, target: int, during_write: bool, deadline: float
+) -> bool:
     """Wait until the run reached step ``target`` (and, for ``during_write``, until a checkpoint
     is being written after it); ``False`` if the run ended or the kill window closed first."""
     root = run_dir / "checkpoints"
@@ -116,15 +142,27 @@ def _wait_for_kill_moment(proc, run_dir: Path, target: int, during_write: bool, 
     return False
 
 
-def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, kill_window_s: float,
-                   timeout_s: float) -> Soak:
+def run_with_kills(
+    out: Path,
+    steps: int,
+    every: int,
+    n_kills: int,
+    seed: int,
+    kill_window_s: float,
+    timeout_s: float,
+) -> Soak:
     """Train ``faulty`` and SIGKILL a random rank ``n_kills`` times (within ``kill_window_s``),
     each after 1..2*``every`` new steps of its attempt; returns what happened."""
     rng = random.Random(seed)
     run_dir = out / "faulty"
     log = open(out / "faulty.log", "w")
-    proc = subprocess.Popen(_cmd(out, "faulty", steps, every, [f"cluster.max_failures={n_kills + 2}"]),
-                            stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        _cmd(out, "faulty", steps, every, [f"cluster.max_failures={n_kills + 2}"]),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=ROOT,
+    )
     soak, killed_pids = Soak(), set()
     start, deadline = time.time(), time.time() + kill_window_s
     try:
@@ -143,17 +181,23 @@ def run_with_kills(out: Path, steps: int, every: int, n_kills: int, seed: int, k
             target = min(steps - 1, resumed + rng.randint(1, 2 * every))
             if not _wait_for_kill_moment(proc, run_dir, target, during_write, deadline):
                 break
-            kill = Kill(rank, "during checkpoint write" if during_write else "random", newest_complete(run_dir),
-                        _last_step(run_dir))
+            kill = Kill(
+                rank,
+                "during checkpoint write" if during_write else "random",
+                newest_complete(run_dir),
+                _last_step(run_dir),
+            )
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 continue
             killed_pids.add(pid)
             soak.kills.append(kill)
-            print(f"kill {len(soak.kills):>2} at {time.time() - start:6.0f} s: rank {rank} at step "
-                  f"{kill.step_at_kill} ({kill.moment}), newest complete checkpoint {kill.checkpoint_at_kill}",
-                  flush=True)
+            print(
+                f"kill {len(soak.kills):>2} at {time.time() - start:6.0f} s: rank {rank} at step "
+                f"{kill.step_at_kill} ({kill.moment}), newest complete checkpoint {kill.checkpoint_at_kill}",
+                flush=True,
+            )
         proc.wait(timeout=timeout_s)
     finally:
         if proc.poll() is None:
@@ -198,38 +242,74 @@ def final_parameter_difference(a: Path, b: Path) -> float:
     return worst
 
 
-def soak(out: Path, kills: int, steps: int, every: int, seed: int = 0, timeout_s: float = 3600,
-         kill_window_s: float | None = None) -> dict:
+def soak(
+    out: Path,
+    kills: int,
+    steps: int,
+    every: int,
+    seed: int = 0,
+    timeout_s: float = 3600,
+    kill_window_s: float | None = None,
+) -> dict:
     """The whole benchmark; returns the figures (also printed)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ref = subprocess.run(_cmd(out, "reference", steps, every, []), capture_output=True, text=True, env=_env(),
-                         cwd=ROOT, timeout=timeout_s)
+    ref = subprocess.run(
+        _cmd(out, "reference", steps, every, []),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=timeout_s,
+    )
     if ref.returncode:
         raise RuntimeError(f"uninterrupted run failed:\n{ref.stderr[-3000:]}")
     t_ref = time.time() - t0
     result = run_with_kills(out, steps, every, kills, seed, kill_window_s or timeout_s, timeout_s)
     t_faulty = time.time() - t0 - t_ref
     if result.returncode:
-        raise RuntimeError(f"killed run failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"killed run failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+        )
     ref_losses, got = step_losses(out / "reference"), step_losses(out / "faulty")
     missing = sorted(set(ref_losses) - set(got))
-    loss_diff = max((abs(got[s] - ref_losses[s]) for s in ref_losses if s in got), default=float("inf"))
+    loss_diff = max(
+        (abs(got[s] - ref_losses[s]) for s in ref_losses if s in got), default=float("inf")
+    )
     param_diff = final_parameter_difference(out / "reference", out / "faulty")
-    lost = [k.resumed_from - k.checkpoint_at_kill if k.resumed_from is not None else None for k in result.kills]
-    figures = {"kills": len(result.kills), "during_checkpoint_write": sum(k.moment != "random" for k in result.kills),
-               "steps": steps, "steps_compared": len(ref_losses) - len(missing), "missing_steps": missing,
-               "max_loss_difference": loss_diff, "max_final_tensor_difference": param_diff,
-               "resumed_minus_newest_checkpoint": lost, "reference_s": round(t_ref, 1),
-               "killed_run_s": round(t_faulty, 1)}
+    lost = [
+        k.resumed_from - k.checkpoint_at_kill if k.resumed_from is not None else None
+        for k in result.kills
+    ]
+    figures = {
+        "kills": len(result.kills),
+        "during_checkpoint_write": sum(k.moment != "random" for k in result.kills),
+        "steps": steps,
+        "steps_compared": len(ref_losses) - len(missing),
+        "missing_steps": missing,
+        "max_loss_difference": loss_diff,
+        "max_final_tensor_difference": param_diff,
+        "resumed_minus_newest_checkpoint": lost,
+        "reference_s": round(t_ref, 1),
+        "killed_run_s": round(t_faulty, 1),
+    }
     for k in result.kills:
-        print(f"  rank {k.rank} {k.moment:>24}: newest complete checkpoint {k.checkpoint_at_kill}, resumed from "
-              f"{k.resumed_from}")
+        print(
+            f"  rank {k.rank} {k.moment:>24}: newest complete checkpoint {k.checkpoint_at_kill}, resumed from "
+            f"{k.resumed_from}"
+        )
     print(json.dumps(figures, indent=2))
-    figures["ok"] = (not missing and loss_diff == 0.0 and param_diff == 0.0
-                     and all(x is not None and x >= 0 for x in lost))
-    print("OK: identical losses and final tensors, no step lost beyond the last checkpoint" if figures["ok"]
-          else "FAILED")
+    figures["ok"] = (
+        not missing
+        and loss_diff == 0.0
+        and param_diff == 0.0
+        and all(x is not None and x >= 0 for x in lost)
+    )
+    print(
+        "OK: identical losses and final tensors, no step lost beyond the last checkpoint"
+        if figures["ok"]
+        else "FAILED"
+    )
     return figures
 
 
@@ -241,16 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/faults"))
     parser.add_argument("--timeout-s", type=float, default=3600)
-    parser.add_argument("--kill-window-s", type=float, default=None,
-                        help="Stop killing after this many seconds of the killed run (default: --timeout-s)")
+    parser.add_argument(
+        "--kill-window-s",
+        type=float,
+        default=None,
+        help="Stop killing after this many seconds of the killed run (default: --timeout-s)",
+    )
     args = parser.parse_args(argv)
     if args.kills < 0 or args.steps < 1 or args.checkpoint_every < 1:
         parser.error("--kills >= 0, --steps >= 1 and --checkpoint-every >= 1")
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)
-    figures = soak(args.out, args.kills, args.steps, args.checkpoint_every, args.seed, args.timeout_s,
-                   args.kill_window_s)
+    figures = soak(
+        args.out,
+        args.kills,
+        args.steps,
+        args.checkpoint_every,
+        args.seed,
+        args.timeout_s,
+        args.kill_window_s,
+    )
     return 0 if figures["ok"] else 1
 
 

@@ -49,7 +49,13 @@ import torch.nn.functional as F
 
 H200_BF16_PEAK_FLOPS = 989.4e12
 SHAPES = {"B1-H4-d64": (4, 4, 64), "B1-Hq16-Hkv4-d128": (16, 4, 128)}
-SEQ_ORDER = (8192, 65536, 4096, 16384, 32768)  # targets (8k, 64k) first, then the model step, then the rest
+SEQ_ORDER = (
+    8192,
+    65536,
+    4096,
+    16384,
+    32768,
+)  # targets (8k, 64k) first, then the model step, then the rest
 WINDOW, GLOBAL_K, BLOCK = 128, 16, 128
 CHECK_PREFIX, REL_RMS = 2048, 1e-2
 
@@ -89,7 +95,10 @@ class Timer:
         times = []
         for _ in range(self.runs):
             if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -112,7 +121,9 @@ def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def make_inputs(heads: int, kv: int, d: int, n: int, device: str, dtype: torch.dtype, seed: int = 0):
+def make_inputs(
+    heads: int, kv: int, d: int, n: int, device: str, dtype: torch.dtype, seed: int = 0
+):
     """q ``(1, heads, n, d)``, k, v ``(1, kv, n, d)``, gate ``(1, heads, n)``, requiring grad."""
     gen = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(1, heads, n, d, device=device, generator=gen)
@@ -134,14 +145,23 @@ def dense_candidates(x, device: str) -> dict:
 
     q, k, v, _ = x
     gqa = q.shape[1] != k.shape[1]
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION} if device == "cuda" else {"math": SDPBackend.MATH}
+    backends = (
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        }
+        if device == "cuda"
+        else {"math": SDPBackend.MATH}
+    )
     expanded = None
     out = {}
     for name, backend in backends.items():
+
         def native(backend=backend):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
         try:
             native()
             out[name] = (native, (q, k, v))
@@ -157,6 +177,7 @@ def dense_candidates(x, device: str) -> dict:
         def repeated(backend=backend, kv=expanded):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, kv[0], kv[1], is_causal=True)
+
         try:
             repeated()
             out[name + "+expanded_kv"] = (repeated, (q, *expanded))
@@ -175,6 +196,7 @@ def pass_fn(fn, inputs, pass_: str):
 
     def fwd_bwd():
         torch.autograd.grad(fn(), inputs, dout)
+
     return fwd_bwd
 
 
@@ -184,12 +206,16 @@ def check_prefix(x, out: torch.Tensor, report: Report, label: str) -> float:
     from mla.reference import block_selection_reference_attention
 
     p = min(CHECK_PREFIX, out.shape[-2])
-    fp = [t.detach()[..., :p, :].float() if t.dim() == 4 else t.detach()[..., :p].float() for t in x]
+    fp = [
+        t.detach()[..., :p, :].float() if t.dim() == 4 else t.detach()[..., :p].float() for t in x
+    ]
     sel = select_blocks(fp[0], fp[1], GLOBAL_K, BLOCK)
     ref = block_selection_reference_attention(*fp, window=WINDOW, selection=sel, block=BLOCK)
     err = rel_rms(out[..., :p, :], ref)
     if not math.isfinite(err) or err > REL_RMS:
-        report.fail(f"{label}: MLA output vs fp32 reference on the first {p} positions: rel RMS {err:.3g}")
+        report.fail(
+            f"{label}: MLA output vs fp32 reference on the first {p} positions: rel RMS {err:.3g}"
+        )
     return err
 
 
@@ -220,20 +246,37 @@ def bench_attention(report: Report, args, device: str, dtype, seq_lens, until_s:
             base = unique_graphs()
             cands = dense_candidates(x, device)
             for pass_ in ("forward", "forward_backward"):
-                dense = {name: timer.median_ms(pass_fn(f, inp, pass_)) for name, (f, inp) in cands.items()}
+                dense = {
+                    name: timer.median_ms(pass_fn(f, inp, pass_))
+                    for name, (f, inp) in cands.items()
+                }
                 mla_ms = timer.median_ms(pass_fn(mla, x, pass_))
                 best = min(dense, key=dense.get)
-                row = {"shape": shape, "n": n, "pass": pass_, "dense_ms": dense, "dense_best": best,
-                       "mla_ms": round(mla_ms, 4), "ratio_dense_over_mla": round(dense[best] / mla_ms, 3),
-                       "keys_per_query_mla_max": WINDOW + BLOCK + n_sel * BLOCK,
-                       "keys_per_query_dense_mean": (n + 1) / 2, "mla_prefix_rel_rms": check,
-                       "compile_s": round(compile_s, 1), "graphs_compiled": base - graphs0}
+                row = {
+                    "shape": shape,
+                    "n": n,
+                    "pass": pass_,
+                    "dense_ms": dense,
+                    "dense_best": best,
+                    "mla_ms": round(mla_ms, 4),
+                    "ratio_dense_over_mla": round(dense[best] / mla_ms, 3),
+                    "keys_per_query_mla_max": WINDOW + BLOCK + n_sel * BLOCK,
+                    "keys_per_query_dense_mean": (n + 1) / 2,
+                    "mla_prefix_rel_rms": check,
+                    "compile_s": round(compile_s, 1),
+                    "graphs_compiled": base - graphs0,
+                }
                 rows["rows"].append(row)
-                print(f"{shape:18s} n={n:6d} {pass_:16s} dense[{best}] {dense[best]:8.3f} ms  MLA "
-                      f"{mla_ms:8.3f} ms  dense/MLA {row['ratio_dense_over_mla']:6.2f}x  keys/query MLA <= "
-                      f"{row['keys_per_query_mla_max']} vs dense {row['keys_per_query_dense_mean']:.0f}", flush=True)
+                print(
+                    f"{shape:18s} n={n:6d} {pass_:16s} dense[{best}] {dense[best]:8.3f} ms  MLA "
+                    f"{mla_ms:8.3f} ms  dense/MLA {row['ratio_dense_over_mla']:6.2f}x  keys/query MLA <= "
+                    f"{row['keys_per_query_mla_max']} vs dense {row['keys_per_query_dense_mean']:.0f}",
+                    flush=True,
+                )
             if unique_graphs() != base:
-                report.fail(f"{shape} n={n}: {unique_graphs() - base} recompiles while timing a fixed shape")
+                report.fail(
+                    f"{shape} n={n}: {unique_graphs() - base} recompiles while timing a fixed shape"
+                )
             if n in args.cuda_graph_seq_lens and device == "cuda":
                 rows["rows"].extend(_cuda_graph_rows(x, shape, n, timer, report))
             x = out = cands = mla = None  # free this size before the next one
@@ -247,13 +290,16 @@ def _cuda_graph_rows(x, shape: str, n: int, timer: Timer, report: Report) -> lis
     os.environ[CUDA_GRAPHS_ENV] = "1"
     rows = []
     try:
+
         def step(pass_):
             inner = pass_fn(lambda: mla_fn(x), x, pass_)
 
             def run():
                 torch.compiler.cudagraph_mark_step_begin()
                 inner()
+
             return run
+
         for pass_ in ("forward", "forward_backward"):
             ms = timer.median_ms(step(pass_))
             rows.append({"shape": shape, "n": n, "pass": pass_, "mla_cuda_graphs_ms": round(ms, 4)})
@@ -279,7 +325,11 @@ def recompile_check(report: Report, device: str, dtype, n: int) -> None:
                 t.copy_(new)
         step()
     again = unique_graphs() - g0 - first
-    report.data["sections"]["recompiles"] = {"n": n, "graphs_first_call": first, "graphs_later_calls": again}
+    report.data["sections"]["recompiles"] = {
+        "n": n,
+        "graphs_first_call": first,
+        "graphs_later_calls": again,
+    }
     print(f"recompiles: first call compiled {first} graph(s), 5 later calls {again}", flush=True)
     if again:
         report.fail(f"{again} recompiles over 5 steps at a fixed shape")
@@ -292,22 +342,40 @@ def kernel_counts(report: Report, device: str, dtype, n: int) -> None:
     heads, kv, d = SHAPES["B1-Hq16-Hkv4-d128"]
     x = make_inputs(heads, kv, d, n, device, dtype)
     counts = {}
-    for name, fn, inputs in [("mla", lambda: mla_fn(x), x),
-                             ("dense", lambda: F.scaled_dot_product_attention(x[0], x[1], x[2], is_causal=True,
-                                                                              enable_gqa=True), x[:3])]:
+    for name, fn, inputs in [
+        ("mla", lambda: mla_fn(x), x),
+        (
+            "dense",
+            lambda: F.scaled_dot_product_attention(
+                x[0], x[1], x[2], is_causal=True, enable_gqa=True
+            ),
+            x[:3],
+        ),
+    ]:
         step = pass_fn(fn, inputs, "forward_backward")
         step()
         activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
         with profile(activities=activities) as prof:
             step()
         kind = "cuda" if device == "cuda" else "cpu"
-        events = [e for e in prof.events() if getattr(e, "device_type", None) is not None
-                  and str(e.device_type).lower().endswith(kind)]
-        counts[name] = {"kernels": len(events),
-                        "top": [(e.key, e.count) for e in sorted(prof.key_averages(), key=lambda e: -e.count)[:12]]}
+        events = [
+            e
+            for e in prof.events()
+            if getattr(e, "device_type", None) is not None
+            and str(e.device_type).lower().endswith(kind)
+        ]
+        counts[name] = {
+            "kernels": len(events),
+            "top": [
+                (e.key, e.count) for e in sorted(prof.key_averages(), key=lambda e: -e.count)[:12]
+            ],
+        }
     report.data["sections"]["kernel_counts"] = {"n": n, "shape": "B1-Hq16-Hkv4-d128", **counts}
-    print(f"kernels per forward+backward at n={n}: MLA {counts['mla']['kernels']}, "
-          f"dense {counts['dense']['kernels']}", flush=True)
+    print(
+        f"kernels per forward+backward at n={n}: MLA {counts['mla']['kernels']}, "
+        f"dense {counts['dense']['kernels']}",
+        flush=True,
+    )
 
 
 def block64_probe(report: Report, device: str, dtype, n: int) -> None:
@@ -321,8 +389,14 @@ def block64_probe(report: Report, device: str, dtype, n: int) -> None:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
-            flex = flex_attention if opts is None else functools.partial(flex_attention, kernel_options=opts)
-            core = torch.compile(functools.partial(mla_core, flex=flex), fullgraph=True, dynamic=False)
+            flex = (
+                flex_attention
+                if opts is None
+                else functools.partial(flex_attention, kernel_options=opts)
+            )
+            core = torch.compile(
+                functools.partial(mla_core, flex=flex), fullgraph=True, dynamic=False
+            )
             out = core(*x, window_block_mask(n, WINDOW, 64, device), top_k=GLOBAL_K, block=64)
             torch.autograd.grad(out.float().sum(), x)
             result[key] = "forward+backward ok"
@@ -346,6 +420,7 @@ def model_step(report: Report, args, device: str) -> None:
     result: dict = {"seq_len": seq, "micro_batch": 1, "params": count_parameters(base)}
     try:
         import deepspeed  # noqa: F401
+
         engine_kind = "deepspeed"
     except ImportError:
         engine_kind = "torch (DeepSpeed not importable on this machine)"
@@ -355,7 +430,9 @@ def model_step(report: Report, args, device: str) -> None:
             result[attention] = "skipped: time budget"
             continue
         cfg = base.replace(attention=attention)
-        step = _deepspeed_step(cfg, device) if engine_kind == "deepspeed" else _torch_step(cfg, device)
+        step = (
+            _deepspeed_step(cfg, device) if engine_kind == "deepspeed" else _torch_step(cfg, device)
+        )
         rng = np.random.default_rng(0)
         times, losses = [], []
         for i in range(args.model_warmup + args.model_steps):
@@ -371,22 +448,34 @@ def model_step(report: Report, args, device: str) -> None:
         step_s = statistics.median(times)
         tok_s = seq / step_s
         mfu = training_flops_per_token(cfg, seq) * tok_s / H200_BF16_PEAK_FLOPS
-        result[attention] = {"step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
-                             "losses": [round(v, 4) for v in losses],
-                             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                             if device == "cuda" else None}
+        result[attention] = {
+            "step_s": round(step_s, 4),
+            "tokens_per_s": round(tok_s, 1),
+            "mfu": round(mfu, 4),
+            "losses": [round(v, 4) for v in losses],
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if device == "cuda"
+            else None,
+        }
         if not all(math.isfinite(v) for v in losses):
             report.fail(f"model step {attention}: non-finite loss {losses}")
-        print(f"1B step seq {seq} {attention:5s}: {step_s:.3f} s, {tok_s:,.0f} tok/s, MFU {100 * mfu:.1f}% "
-              f"({engine_kind})", flush=True)
+        print(
+            f"1B step seq {seq} {attention:5s}: {step_s:.3f} s, {tok_s:,.0f} tok/s, MFU {100 * mfu:.1f}% "
+            f"({engine_kind})",
+            flush=True,
+        )
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     if isinstance(result.get("dense"), dict) and isinstance(result.get("mla"), dict):
-        result["tokens_per_s_ratio_mla_over_dense"] = round(result["mla"]["tokens_per_s"] /
-                                                            result["dense"]["tokens_per_s"], 3)
-        print(f"1B training tokens/s MLA / dense = {result['tokens_per_s_ratio_mla_over_dense']}x", flush=True)
+        result["tokens_per_s_ratio_mla_over_dense"] = round(
+            result["mla"]["tokens_per_s"] / result["dense"]["tokens_per_s"], 3
+        )
+        print(
+            f"1B training tokens/s MLA / dense = {result['tokens_per_s_ratio_mla_over_dense']}x",
+            flush=True,
+        )
     report.data["sections"]["model_step"] = result
 
 
@@ -402,13 +491,33 @@ def _deepspeed_step(cfg, device: str):
         os.environ.setdefault("MASTER_PORT", "29517")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
-    ds_config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                 "gradient_clipping": 1.0, "steps_per_print": 10**9,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                           "weight_decay": 0.1, "torch_adam": True}},
-                 "zero_optimization": {"stage": 1}, "bf16": {"enabled": device == "cuda"}}
-    engine = build_engine(Layout(dp=1, zero_stage=1), ds_config, cfg, seed=0, weight_decay=0.1,
-                          device=torch.device(device))
+    ds_config = {
+        "train_batch_size": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": 3e-4,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": 0.1,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": device == "cuda"},
+    }
+    engine = build_engine(
+        Layout(dp=1, zero_stage=1),
+        ds_config,
+        cfg,
+        seed=0,
+        weight_decay=0.1,
+        device=torch.device(device),
+    )
     return lambda x, y: engine.train_batch(x, y)
 
 
@@ -417,8 +526,9 @@ def _torch_step(cfg, device: str):
 
     torch.manual_seed(0)
     model = MLATransformer(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
+    )
 
     def step(x, y):
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -430,14 +540,19 @@ def _torch_step(cfg, device: str):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return float(loss)
+
     return step
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new sections after this")
-    p.add_argument("--smoke", action="store_true", help="toy sizes on any device (checks the script)")
+    p.add_argument(
+        "--budget-s", type=float, default=420.0, help="stop starting new sections after this"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="toy sizes on any device (checks the script)"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         global WINDOW, GLOBAL_K, BLOCK, CHECK_PREFIX
@@ -448,7 +563,13 @@ def parse(argv):
         args.recompile_n, args.profile_n, args.probe_n = 128, 128, 128
     else:
         args.shapes, args.seq_lens, args.cuda_graph_seq_lens = SHAPES, SEQ_ORDER, (4096, 8192)
-        args.warmup, args.runs, args.model_seq, args.model_warmup, args.model_steps = 3, 20, 16384, 2, 5
+        args.warmup, args.runs, args.model_seq, args.model_warmup, args.model_steps = (
+            3,
+            20,
+            16384,
+            2,
+            5,
+        )
         args.recompile_n, args.profile_n, args.probe_n = 4096, 8192, 4096
     return args
 
@@ -463,19 +584,36 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     report = Report(args.out)
-    report.data["env"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
-                          "name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                          "smoke": args.smoke, "window": WINDOW, "global_k": GLOBAL_K, "block": BLOCK}
+    report.data["env"] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "smoke": args.smoke,
+        "window": WINDOW,
+        "global_k": GLOBAL_K,
+        "block": BLOCK,
+    }
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    sections = [("recompiles", lambda: recompile_check(report, device, dtype, args.recompile_n)),
-                ("attention", lambda: bench_attention(report, args, device, dtype, args.seq_lens[:2],
-                                                      0.45 * args.budget_s)),
-                ("model_step", lambda: model_step(report, args, device)),
-                ("attention", lambda: bench_attention(report, args, device, dtype, args.seq_lens[2:],
-                                                      0.85 * args.budget_s)),
-                ("kernel_counts", lambda: kernel_counts(report, device, dtype, args.profile_n)),
-                ("block64_probe", lambda: block64_probe(report, device, dtype, args.probe_n))]
+    sections = [
+        ("recompiles", lambda: recompile_check(report, device, dtype, args.recompile_n)),
+        (
+            "attention",
+            lambda: bench_attention(
+                report, args, device, dtype, args.seq_lens[:2], 0.45 * args.budget_s
+            ),
+        ),
+        ("model_step", lambda: model_step(report, args, device)),
+        (
+            "attention",
+            lambda: bench_attention(
+                report, args, device, dtype, args.seq_lens[2:], 0.85 * args.budget_s
+            ),
+        ),
+        ("kernel_counts", lambda: kernel_counts(report, device, dtype, args.profile_n)),
+        ("block64_probe", lambda: block64_probe(report, device, dtype, args.probe_n)),
+    ]
     for name, run in sections:
         if name in ("kernel_counts", "block64_probe") and report.elapsed() > args.budget_s:
             report.data["sections"][name] = "skipped: time budget"
@@ -488,8 +626,11 @@ def main(argv: list[str] | None = None) -> int:
         report.data["elapsed_s"] = round(report.elapsed(), 1)
         report.write()
     status = "FAILED" if report.data["failures"] else "OK"
-    print(f"gpu_check {status} in {report.elapsed():.0f} s; {len(report.data['failures'])} failure(s); "
-          f"JSON at {report.path}", flush=True)
+    print(
+        f"gpu_check {status} in {report.elapsed():.0f} s; {len(report.data['failures'])} failure(s); "
+        f"JSON at {report.path}",
+        flush=True,
+    )
     return 1 if report.data["failures"] else 0
 
 

@@ -28,9 +28,22 @@ def train(run_dir: Path, name: str, steps: int, extra: list[str]) -> tuple[dict,
     Raises:
         RuntimeError: the run failed (its stderr tail is in the message).
     """
-    sets = [f"run.dir={run_dir}", f"run.name={name}", f"train.steps={steps}", "parallel.zero_stage=1",
-            "checkpoint.every=1000000", *extra]
-    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        "parallel.zero_stage=1",
+        "checkpoint.every=1000000",
+        *extra,
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "train",
+        "configs/tiny.yaml",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -48,28 +61,40 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         base, base_wall = train(Path(tmp), "plain", args.steps, [])
-        dp, dp_wall = train(Path(tmp), "private", args.steps, [f"train.privacy.target_epsilon={args.epsilon}"])
+        dp, dp_wall = train(
+            Path(tmp), "private", args.steps, [f"train.privacy.target_epsilon={args.epsilon}"]
+        )
     result = {
-        "steps": args.steps, "target_epsilon": args.epsilon,
-        "epsilon": dp["epsilon"], "delta": dp["delta"], "noise_multiplier": dp["privacy"]["noise_multiplier"],
+        "steps": args.steps,
+        "target_epsilon": args.epsilon,
+        "epsilon": dp["epsilon"],
+        "delta": dp["delta"],
+        "noise_multiplier": dp["privacy"]["noise_multiplier"],
         "sample_rate": dp["privacy"]["sample_rate"],
-        "val_loss_plain": base["last_val_loss"], "val_loss_private": dp["last_val_loss"],
+        "val_loss_plain": base["last_val_loss"],
+        "val_loss_private": dp["last_val_loss"],
         "first_val_loss": base["first_val_loss"],
-        "wall_s_plain": round(base_wall, 1), "wall_s_private": round(dp_wall, 1),
+        "wall_s_plain": round(base_wall, 1),
+        "wall_s_private": round(dp_wall, 1),
         "wall_time_ratio": round(dp_wall / base_wall, 3),
-        "tokens_per_s_plain": round(base["tokens_per_s"]), "tokens_per_s_private": round(dp["tokens_per_s"]),
+        "tokens_per_s_plain": round(base["tokens_per_s"]),
+        "tokens_per_s_private": round(dp["tokens_per_s"]),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{args.steps} steps, tiny model, 2 workers ZeRO-1, default corpus")
-        print(f"val_loss: start {result['first_val_loss']:.4f}; non-private {result['val_loss_plain']:.4f}; "
-              f"private {result['val_loss_private']:.4f} at epsilon {result['epsilon']:.3g} "
-              f"(delta {result['delta']:.2g}, noise_multiplier {result['noise_multiplier']:.3g}, "
-              f"q {result['sample_rate']:.2g})")
-        print(f"wall time: non-private {result['wall_s_plain']:.0f} s, private {result['wall_s_private']:.0f} s "
-              f"({result['wall_time_ratio']:.2f}x); tokens/s {result['tokens_per_s_plain']:,} vs "
-              f"{result['tokens_per_s_private']:,}")
+        print(
+            f"val_loss: start {result['first_val_loss']:.4f}; non-private {result['val_loss_plain']:.4f}; "
+            f"private {result['val_loss_private']:.4f} at epsilon {result['epsilon']:.3g} "
+            f"(delta {result['delta']:.2g}, noise_multiplier {result['noise_multiplier']:.3g}, "
+            f"q {result['sample_rate']:.2g})"
+        )
+        print(
+            f"wall time: non-private {result['wall_s_plain']:.0f} s, private {result['wall_s_private']:.0f} s "
+            f"({result['wall_time_ratio']:.2f}x); tokens/s {result['tokens_per_s_plain']:,} vs "
+            f"{result['tokens_per_s_private']:,}"
+        )
     return result
 
 

@@ -63,11 +63,19 @@ class QualitySettings:
 
     def model_config(self, attention: str) -> ModelConfig:
         """The shared model shape with ``attention`` = ``"dense"`` or ``"mla"``."""
-        return ModelConfig(vocab_size=256, d_model=self.d_model, n_layers=self.n_layers,
-                           n_heads=self.n_heads, ffn_hidden=self.ffn_hidden,
-                           max_seq_len=max(self.train_seq_len, *self.eval_contexts), attention=attention,
-                           local_window=self.local_window, global_k=self.global_k,
-                           block_size=self.block_size, indexer=self.indexer)
+        return ModelConfig(
+            vocab_size=256,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            ffn_hidden=self.ffn_hidden,
+            max_seq_len=max(self.train_seq_len, *self.eval_contexts),
+            attention=attention,
+            local_window=self.local_window,
+            global_k=self.global_k,
+            block_size=self.block_size,
+            indexer=self.indexer,
+        )
 
 
 def lr_at(step: int, s: QualitySettings) -> float:
@@ -85,7 +93,9 @@ def lm_loss(model: MLATransformer, x: np.ndarray, y: np.ndarray) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1))
 
 
-def train(attention: str, s: QualitySettings, train_tokens: np.ndarray, log) -> tuple[MLATransformer, float]:
+def train(
+    attention: str, s: QualitySettings, train_tokens: np.ndarray, log
+) -> tuple[MLATransformer, float]:
     """Train one model; returns it and the wall time in seconds."""
     torch.manual_seed(s.seed)
     model = MLATransformer(s.model_config(attention))
@@ -104,12 +114,16 @@ def train(attention: str, s: QualitySettings, train_tokens: np.ndarray, log) -> 
         if step % 25 == 0 or step == s.steps - 1:
             elapsed = time.perf_counter() - start
             tok_s = (step + 1) * s.batch * s.train_seq_len / elapsed
-            log(f"{attention:5s} step {step:4d}/{s.steps} loss {loss.item():.3f} {tok_s:,.0f} tok/s")
+            log(
+                f"{attention:5s} step {step:4d}/{s.steps} loss {loss.item():.3f} {tok_s:,.0f} tok/s"
+            )
     return model, time.perf_counter() - start
 
 
 @torch.no_grad()
-def evaluate(model: MLATransformer, val_tokens: np.ndarray, context: int, eval_tokens: int) -> float:
+def evaluate(
+    model: MLATransformer, val_tokens: np.ndarray, context: int, eval_tokens: int
+) -> float:
     """Mean validation loss (nats/token) over the first ``eval_tokens // context`` windows."""
     model.eval()
     batches = WindowBatches(val_tokens, context, seed=0, shuffle=False)
@@ -128,7 +142,11 @@ def run_quality(s: QualitySettings, log=lambda msg: None) -> dict:
         torch.set_num_threads(s.threads)
     corpus = load_corpus(None)
     log(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
-    report = {"settings": asdict(s), "tokens_trained": s.steps * s.batch * s.train_seq_len, "results": []}
+    report = {
+        "settings": asdict(s),
+        "tokens_trained": s.steps * s.batch * s.train_seq_len,
+        "results": [],
+    }
     models = {}
     for attention in ("dense", "mla"):
         models[attention], seconds = train(attention, s, corpus.train, log)
@@ -136,8 +154,14 @@ def run_quality(s: QualitySettings, log=lambda msg: None) -> dict:
     for context in s.eval_contexts:
         dense = evaluate(models["dense"], corpus.val, context, s.eval_tokens)
         mla = evaluate(models["mla"], corpus.val, context, s.eval_tokens)
-        report["results"].append({"context": context, "val_loss_dense": round(dense, 4),
-                                  "val_loss_mla": round(mla, 4), "relative_gap": round((mla - dense) / dense, 4)})
+        report["results"].append(
+            {
+                "context": context,
+                "val_loss_dense": round(dense, 4),
+                "val_loss_mla": round(mla, 4),
+                "relative_gap": round((mla - dense) / dense, 4),
+            }
+        )
     return report
 
 
@@ -145,14 +169,22 @@ def render(report: dict, console) -> None:
     """Print the validation-loss table (rich)."""
     from rich.table import Table
 
-    table = Table(title=f"validation loss (nats/token) after {report['tokens_trained']:,} train tokens")
+    table = Table(
+        title=f"validation loss (nats/token) after {report['tokens_trained']:,} train tokens"
+    )
     for col in ("context", "dense", "MLA", "(MLA - dense) / dense"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(str(r["context"]), f"{r['val_loss_dense']:.4f}", f"{r['val_loss_mla']:.4f}",
-                      f"{100 * r['relative_gap']:+.2f}%")
+        table.add_row(
+            str(r["context"]),
+            f"{r['val_loss_dense']:.4f}",
+            f"{r['val_loss_mla']:.4f}",
+            f"{100 * r['relative_gap']:+.2f}%",
+        )
     console.print(table)
-    console.print(f"train time: dense {report['train_seconds_dense']} s, MLA {report['train_seconds_mla']} s")
+    console.print(
+        f"train time: dense {report['train_seconds_dense']} s, MLA {report['train_seconds_mla']} s"
+    )
 
 
 def main(argv: list[str]) -> None:

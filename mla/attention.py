@@ -33,11 +33,25 @@ from mla.local_attention import local_attention
 from mla.rope import apply_rope, rope_cache
 from mla.tensor_ops import check_qkv
 
-__all__ = ["MultiLevelAttention", "multi_level_attention", "local_attention", "global_topk_attention"]
+__all__ = [
+    "MultiLevelAttention",
+    "multi_level_attention",
+    "local_attention",
+    "global_topk_attention",
+]
 
 
-def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-                          *, window: int, top_k: int, indexer: str = "block", block: int = 64) -> torch.Tensor:
+def multi_level_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    *,
+    window: int,
+    top_k: int,
+    indexer: str = "block",
+    block: int = 64,
+) -> torch.Tensor:
     """Causal multi-level attention core (local + global branch, gated or summed).
 
     Args:
@@ -59,7 +73,9 @@ def multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     """
     check_qkv(q, k, v)
     if gate is not None and gate.shape != q.shape[:3]:
-        raise ValueError(f"gate must be (batch, heads, seq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
+        raise ValueError(
+            f"gate must be (batch, heads, seq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}"
+        )
     if indexer == "block" and flex_backend(q, block, k, v, gate) == "flex":
         return flex_multi_level_attention(q, k, v, gate, window=window, top_k=top_k, block=block)
     local = local_attention(q, k, v, window, block)
@@ -91,7 +107,9 @@ class MultiLevelAttention(nn.Module):
         self.wk = nn.Linear(d, kv * hd, bias=False)
         self.wv = nn.Linear(d, kv * hd, bias=False)
         self.wo = nn.Linear(h * hd, d, bias=False)
-        self.w_gate = nn.Linear(d, h, bias=True) if cfg.attention == "mla" and cfg.mix == "gate" else None
+        self.w_gate = (
+            nn.Linear(d, h, bias=True) if cfg.attention == "mla" and cfg.mix == "gate" else None
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         cos, sin = rope_cache(cfg.max_seq_len, hd, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -105,15 +123,26 @@ class MultiLevelAttention(nn.Module):
         """
         b, s, _ = x.shape
         if s > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {s} exceeds max_seq_len={self.cfg.max_seq_len}; "
-                             "raise model.max_seq_len or shorten the sequence")
+            raise ValueError(
+                f"sequence length {s} exceeds max_seq_len={self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or shorten the sequence"
+            )
         q, k, v = self._project(x)
         if self.cfg.attention == "dense":
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+            )
         else:
-            o = multi_level_attention(q, k, v, self._gate(x), window=self.cfg.local_window,
-                                      top_k=self.cfg.global_k, indexer=self.cfg.indexer,
-                                      block=self.cfg.block_size)
+            o = multi_level_attention(
+                q,
+                k,
+                v,
+                self._gate(x),
+                window=self.cfg.local_window,
+                top_k=self.cfg.global_k,
+                indexer=self.cfg.indexer,
+                block=self.cfg.block_size,
+            )
         return self.dropout(self.wo(o.transpose(1, 2).reshape(b, s, -1)))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +152,11 @@ class MultiLevelAttention(nn.Module):
         q = self.wq(x).view(b, s, -1, hd).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, hd).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, hd).transpose(1, 2)
-        return apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin), v
+        return (
+            apply_rope(q, self.rope_cos, self.rope_sin),
+            apply_rope(k, self.rope_cos, self.rope_sin),
+            v,
+        )
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
         """``sigmoid(w_gate(x))`` as ``(batch, heads, seq)``, or ``None`` for ``mix="sum"``."""

@@ -123,10 +123,12 @@ def pooled_queries(q: torch.Tensor, block: int, kv_heads: int) -> torch.Tensor:
     """
     b, heads, n, d = q.shape
     if kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+        raise ValueError(
+            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})"
+        )
     nb = num_blocks(n, block)
     x = q.to(_score_dtype(q))
-    x = pad_seq(x, block - 1, max(0, nb * block - n - block + 1))[..., :nb * block, :]
+    x = pad_seq(x, block - 1, max(0, nb * block - n - block + 1))[..., : nb * block, :]
     sums = x.reshape(b, heads, nb, block, d).sum(-2)
     counts = torch.clamp(torch.arange(nb, device=q.device) * block + 1, max=block)
     means = sums / counts.to(sums.dtype).unsqueeze(-1)
@@ -181,7 +183,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, global_k: int, block: int) -
     return BlockSelection(idx.masked_fill(~valid, -1), counts.contiguous())
 
 
-def selection_token_mask(selection: BlockSelection, seq_len: int, block: int, n_heads: int) -> torch.Tensor:
+def selection_token_mask(
+    selection: BlockSelection, seq_len: int, block: int, n_heads: int
+) -> torch.Tensor:
     """Token-level keep-mask of the global branch built from a selection (rule 5).
 
     Args:

@@ -77,16 +77,27 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """Return human-readable reasons why this config is invalid (empty when valid)."""
         out: list[str] = []
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len",
-                     "local_window", "global_k", "block_size"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "ffn_hidden",
+            "max_seq_len",
+            "local_window",
+            "global_k",
+            "block_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 out.append(f"{name}={value!r} must be a positive integer")
         if out:
             return out
         if self.d_model % self.n_heads:
-            out.append(f"d_model({self.d_model}) is not divisible by n_heads({self.n_heads}); "
-                       f"choose n_heads among {_divisors(self.d_model)}")
+            out.append(
+                f"d_model({self.d_model}) is not divisible by n_heads({self.n_heads}); "
+                f"choose n_heads among {_divisors(self.d_model)}"
+            )
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
             out.append(f"n_kv_heads({self.n_kv_heads}) must divide n_heads({self.n_heads})")
@@ -132,23 +143,74 @@ def _swiglu_hidden(d_model: int, multiple_of: int = 256) -> int:
 #: Named model shapes, from the 1M-parameter smoke-test model to a 70B-class model (LLaMA-2 70B
 #: dimensions, Touvron et al. 2023, Table 1, with MLA attention instead of dense).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, ffn_hidden=352,
-                        max_seq_len=256, local_window=32, global_k=8, block_size=32),
-    "small": ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
-                         ffn_hidden=_swiglu_hidden(768), max_seq_len=2048,
-                         local_window=256, global_k=64, block_size=128),
-    "1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                      ffn_hidden=5632, max_seq_len=4096, local_window=512, global_k=128,
-                      block_size=128),
-    "7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
-                      ffn_hidden=11008, max_seq_len=4096, local_window=1024, global_k=256,
-                      block_size=128),
-    "13b": ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40,
-                       ffn_hidden=13824, max_seq_len=4096, local_window=1024, global_k=256,
-                       block_size=128),
-    "70b": ModelConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                       ffn_hidden=28672, max_seq_len=4096, local_window=1024, global_k=256,
-                       block_size=128),
+    "tiny": ModelConfig(
+        vocab_size=256,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        ffn_hidden=352,
+        max_seq_len=256,
+        local_window=32,
+        global_k=8,
+        block_size=32,
+    ),
+    "small": ModelConfig(
+        vocab_size=32000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        ffn_hidden=_swiglu_hidden(768),
+        max_seq_len=2048,
+        local_window=256,
+        global_k=64,
+        block_size=128,
+    ),
+    "1b": ModelConfig(
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        ffn_hidden=5632,
+        max_seq_len=4096,
+        local_window=512,
+        global_k=128,
+        block_size=128,
+    ),
+    "7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        ffn_hidden=11008,
+        max_seq_len=4096,
+        local_window=1024,
+        global_k=256,
+        block_size=128,
+    ),
+    "13b": ModelConfig(
+        vocab_size=32000,
+        d_model=5120,
+        n_layers=40,
+        n_heads=40,
+        ffn_hidden=13824,
+        max_seq_len=4096,
+        local_window=1024,
+        global_k=256,
+        block_size=128,
+    ),
+    "70b": ModelConfig(
+        vocab_size=32000,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_hidden=28672,
+        max_seq_len=4096,
+        local_window=1024,
+        global_k=256,
+        block_size=128,
+    ),
 }
 
 
@@ -161,4 +223,6 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise KeyError(
+            f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import cast
 
 import torch
@@ -48,8 +47,13 @@ class DecodeState:
         return sum(c.nbytes() for c in self.caches)
 
 
-def build_caches(model: MLATransformer, batch: int, capacity: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> list[LayerCache]:
+def build_caches(
+    model: MLATransformer,
+    batch: int,
+    capacity: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[LayerCache]:
     """One empty cache per layer, of the kind the model's attention needs.
 
     Args:
@@ -63,19 +67,35 @@ def build_caches(model: MLATransformer, batch: int, capacity: int, device: torch
     """
     cfg = model.cfg
     if not 1 <= capacity <= cfg.max_seq_len:
-        raise ValueError(f"cache capacity {capacity} must be within [1, max_seq_len={cfg.max_seq_len}]")
+        raise ValueError(
+            f"cache capacity {capacity} must be within [1, max_seq_len={cfg.max_seq_len}]"
+        )
     p = model.tok_emb.weight
     device, dtype = device or p.device, dtype or p.dtype
     shape = (batch, cfg.n_heads, cfg.kv_heads, cfg.head_dim, capacity)
     if cfg.attention == "dense":
         return [DenseKVCache(*shape, device=device, dtype=dtype) for _ in model.blocks]
-    return [MLACache(*shape, window=cfg.local_window, top_k=cfg.global_k, block=cfg.block_size,
-                     indexer=cfg.indexer, device=device, dtype=dtype) for _ in model.blocks]
+    return [
+        MLACache(
+            *shape,
+            window=cfg.local_window,
+            top_k=cfg.global_k,
+            block=cfg.block_size,
+            indexer=cfg.indexer,
+            device=device,
+            dtype=dtype,
+        )
+        for _ in model.blocks
+    ]
 
 
 @torch.no_grad()
-def prefill(model: MLATransformer, tokens: torch.Tensor, lengths: list[int] | None = None,
-            capacity: int | None = None) -> tuple[DecodeState, torch.Tensor]:
+def prefill(
+    model: MLATransformer,
+    tokens: torch.Tensor,
+    lengths: list[int] | None = None,
+    capacity: int | None = None,
+) -> tuple[DecodeState, torch.Tensor]:
     """Run the prompt batch through the model in one pass and fill the caches.
 
     Args:
@@ -97,8 +117,10 @@ def prefill(model: MLATransformer, tokens: torch.Tensor, lengths: list[int] | No
     if len(lengths) != b or min(lengths) < 1 or max(lengths) > n:
         raise ValueError(f"lengths {lengths} must give 1..{n} tokens for each of the {b} rows")
     if n > capacity:
-        raise ValueError(f"prompt of {n} tokens exceeds the cache capacity {capacity} "
-                         f"(max_seq_len={model.cfg.max_seq_len})")
+        raise ValueError(
+            f"prompt of {n} tokens exceeds the cache capacity {capacity} "
+            f"(max_seq_len={model.cfg.max_seq_len})"
+        )
     caches = build_caches(model, b, capacity, tokens.device)
     x = model.tok_emb(tokens)
     for block, cache in zip(blocks_of(model), caches, strict=False):
@@ -118,8 +140,12 @@ def logits_at_last(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_step(model: MLATransformer, tokens: torch.Tensor, state: DecodeState,
-                active: list[bool] | None = None) -> torch.Tensor:
+def decode_step(
+    model: MLATransformer,
+    tokens: torch.Tensor,
+    state: DecodeState,
+    active: list[bool] | None = None,
+) -> torch.Tensor:
     """Feed one token per row and return the next-token logits.
 
     Args:
@@ -139,10 +165,17 @@ def decode_step(model: MLATransformer, tokens: torch.Tensor, state: DecodeState,
     active = [True] * len(state.lengths) if active is None else list(active)
     full = [n for n, a in zip(state.lengths, active, strict=False) if a and n >= state.capacity]
     if full:
-        raise ValueError(f"a row already holds {full[0]} tokens, the cache capacity {state.capacity} "
-                         f"(max_seq_len={model.cfg.max_seq_len}); generate fewer tokens")
-    at = StepPositions.of([n if a else min(n, state.capacity - 1) for n, a in zip(state.lengths, active, strict=False)],
-                          tokens.device)
+        raise ValueError(
+            f"a row already holds {full[0]} tokens, the cache capacity {state.capacity} "
+            f"(max_seq_len={model.cfg.max_seq_len}); generate fewer tokens"
+        )
+    at = StepPositions.of(
+        [
+            n if a else min(n, state.capacity - 1)
+            for n, a in zip(state.lengths, active, strict=False)
+        ],
+        tokens.device,
+    )
     x = model.tok_emb(tokens.view(-1, 1))  # (b, 1, d)
     for block, cache in zip(blocks_of(model), state.caches, strict=False):
         h = x + _attention_step(block.attn, block.attn_norm(x), cache, at)
@@ -156,7 +189,9 @@ def blocks_of(model: MLATransformer) -> list[TransformerBlock]:
     return [cast(TransformerBlock, b) for b in model.blocks]
 
 
-def _attention_step(attn: MultiLevelAttention, x: torch.Tensor, cache: LayerCache, at: StepPositions) -> torch.Tensor:
+def _attention_step(
+    attn: MultiLevelAttention, x: torch.Tensor, cache: LayerCache, at: StepPositions
+) -> torch.Tensor:
     """One token through :class:`mla.attention.MultiLevelAttention`: ``(b, 1, d)`` -> ``(b, 1, d)``."""
     b = x.shape[0]
     hd = attn.cfg.head_dim

@@ -63,12 +63,18 @@ def flex_backend(q: torch.Tensor, block: int, *tensors: torch.Tensor | None) -> 
         block: Block size B, in tokens.
         tensors: The other inputs (k, v, gate), checked for ``requires_grad`` on CPU.
     """
-    if os.environ.get(DISABLE_FLEX_ENV) == "1" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if os.environ.get(DISABLE_FLEX_ENV) == "1" or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
         return "blocked"
     if q.is_cuda:
         ok = block % FLEX_BLOCK_MULTIPLE == 0
     else:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, *tensors)
+        )
         ok = q.device.type == "cpu" and os.environ.get(CPU_FORWARD_ENV) == "1" and not needs_grad
     if not ok:
         return "blocked"
@@ -87,7 +93,9 @@ def _ordered(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return table.sum(-1).to(torch.int32), key.argsort(dim=-1).to(torch.int32)
 
 
-def window_block_tables(seq_len: int, window: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def window_block_tables(
+    seq_len: int, window: int, block: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial and full ``(nb, nb)`` block tables of the sliding window ``i - w < j <= i``.
 
     Key block J meets query block I's band iff ``J <= I`` and ``J*B + B - 1 > I*B - w``; it is
@@ -124,9 +132,15 @@ def window_block_mask(seq_len: int, window: int, block: int, device: str):
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return BlockMask.from_kv_blocks(kv_num[None, None], kv_idx[None, None], full_num[None, None],
-                                    full_idx[None, None], BLOCK_SIZE=block, mask_mod=sliding_window,
-                                    seq_lengths=(seq_len, seq_len))
+    return BlockMask.from_kv_blocks(
+        kv_num[None, None],
+        kv_idx[None, None],
+        full_num[None, None],
+        full_idx[None, None],
+        BLOCK_SIZE=block,
+        mask_mod=sliding_window,
+        seq_lengths=(seq_len, seq_len),
+    )
 
 
 def selection_block_mask(selection: BlockSelection, seq_len: int, block: int, n_heads: int):
@@ -166,12 +180,28 @@ def selection_block_mask(selection: BlockSelection, seq_len: int, block: int, n_
     diag_idx = _ordered(eye)[1].expand(b, n_heads, nb, nb)
     full_num = full_num.repeat_interleave(group, dim=1)
     full_idx = full_idx.repeat_interleave(group, dim=1)
-    return BlockMask.from_kv_blocks(diag_num, diag_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=selected_blocks, seq_lengths=(seq_len, seq_len))
+    return BlockMask.from_kv_blocks(
+        diag_num,
+        diag_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=selected_blocks,
+        seq_lengths=(seq_len, seq_len),
+    )
 
 
-def mla_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-             window_mask, *, top_k: int, block: int, flex=None) -> torch.Tensor:
+def mla_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    window_mask,
+    *,
+    top_k: int,
+    block: int,
+    flex=None,
+) -> torch.Tensor:
     """Selection -> BlockMask -> two flex calls -> gate mix (the body of the compiled region).
 
     Args:
@@ -205,8 +235,16 @@ def compiled_core(mode: str | None = None):
     return torch.compile(mla_core, fullgraph=True, dynamic=False, mode=mode)
 
 
-def flex_multi_level_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-                               *, window: int, top_k: int, block: int = 128) -> torch.Tensor:
+def flex_multi_level_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    *,
+    window: int,
+    top_k: int,
+    block: int = 128,
+) -> torch.Tensor:
     """Multi-level attention (block selection) through the compiled FlexAttention core.
 
     Args:

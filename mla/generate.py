@@ -28,15 +28,24 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
         raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 0")
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"prompt {i + 1} is empty; the model needs at least one token to continue")
+            raise ValueError(
+                f"prompt {i + 1} is empty; the model needs at least one token to continue"
+            )
         if len(p) > max_seq_len:
-            raise ValueError(f"prompt {i + 1} has {len(p)} tokens, more than the model's max_seq_len "
-                             f"({max_seq_len}); shorten it to at most {max_seq_len} tokens")
+            raise ValueError(
+                f"prompt {i + 1} has {len(p)} tokens, more than the model's max_seq_len "
+                f"({max_seq_len}); shorten it to at most {max_seq_len} tokens"
+            )
 
 
 @torch.no_grad()
-def generate(model: MLATransformer, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-             on_tokens: Callable[[int, list[int | None]], None] | None = None) -> list[list[int]]:
+def generate(
+    model: MLATransformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    on_tokens: Callable[[int, list[int | None]], None] | None = None,
+) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` sampled tokens.
 
     A row stops early when its next token would need a position past the model's
@@ -67,13 +76,15 @@ def generate(model: MLATransformer, prompts: list[list[int]], max_new_tokens: in
         return out
     padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for i, p in enumerate(prompts):
-        padded[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        padded[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     capacity = max(max(lengths), max(n + b - 1 for n, b in zip(lengths, budget, strict=False)))
     state, logits = prefill(model, padded.to(device), lengths, capacity=capacity)
     generator = make_generator(sampling.seed, device)
     nxt = sample_next(logits_at_last(logits, state), sampling, generator)
     for step in range(max(budget)):
-        emitted: list[int | None] = [tok if step < b else None for tok, b in zip(nxt.tolist(), budget, strict=False)]
+        emitted: list[int | None] = [
+            tok if step < b else None for tok, b in zip(nxt.tolist(), budget, strict=False)
+        ]
         for row, tok in enumerate(emitted):
             if tok is not None:
                 out[row].append(tok)

@@ -34,8 +34,14 @@ from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_
 EXACT_CHUNK = 1024
 
 
-def global_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int,
-                          indexer: str = "block", block: int = 64) -> torch.Tensor:
+def global_topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    top_k: int,
+    indexer: str = "block",
+    block: int = 64,
+) -> torch.Tensor:
     """Sparse causal global branch (see the module docstring for both indexers).
 
     Args:
@@ -68,9 +74,11 @@ def global_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top
 
 # --------------------------------------------------------------------------- exact indexer
 
+
 @torch.no_grad()
-def exact_topk_indices(q: torch.Tensor, k: torch.Tensor, top_k: int,
-                       chunk: int = EXACT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_topk_indices(
+    q: torch.Tensor, k: torch.Tensor, top_k: int, chunk: int = EXACT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal top-k key indices per query, scored chunk by chunk (no gradient).
 
     Args:
@@ -86,7 +94,7 @@ def exact_topk_indices(q: torch.Tensor, k: torch.Tensor, top_k: int,
     kk = min(top_k, n)
     idx, valid = [], []
     for start in range(0, n, chunk):
-        s = q[:, :, start:start + chunk] @ k.transpose(-1, -2)
+        s = q[:, :, start : start + chunk] @ k.transpose(-1, -2)
         qpos = torch.arange(start, start + s.shape[-2], device=q.device).unsqueeze(-1)
         s = s.masked_fill(torch.arange(n, device=q.device) > qpos, float("-inf"))
         vals, ids = s.topk(kk, dim=-1)
@@ -95,7 +103,9 @@ def exact_topk_indices(q: torch.Tensor, k: torch.Tensor, top_k: int,
     return torch.cat(idx, dim=-2), torch.cat(valid, dim=-2)
 
 
-def exact_topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int) -> torch.Tensor:
+def exact_topk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """Attention of each query over its exact causal top-k keys.
 
     Args:
@@ -132,8 +142,10 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- block selection
 
-def block_selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              selection: BlockSelection, block: int) -> torch.Tensor:
+
+def block_selection_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, block: int
+) -> torch.Tensor:
     """Attention of every query over the causal keys of its own block and its selected blocks.
 
     Query heads are grouped over their key/value head (no ``repeat_kv`` copy): for each chunk of
@@ -172,16 +184,27 @@ def block_selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @functools.lru_cache(maxsize=64)
-def _selection_bias_cached(nb: int, block: int, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _selection_bias_cached(
+    nb: int, block: int, width: int, device: str, dtype: torch.dtype
+) -> torch.Tensor:
     ar = torch.arange(block, device=device)
     diag = ar.view(1, -1) <= ar.view(-1, 1)  # (B, B) causal inside the diagonal block
-    used = torch.arange(width, device=device).view(1, -1) < torch.arange(nb, device=device).view(-1, 1)
-    keep = torch.cat([diag.expand(nb, block, block),
-                      used.view(nb, 1, width, 1).expand(nb, block, width, block).reshape(nb, block, -1)], -1)
+    used = torch.arange(width, device=device).view(1, -1) < torch.arange(nb, device=device).view(
+        -1, 1
+    )
+    keep = torch.cat(
+        [
+            diag.expand(nb, block, block),
+            used.view(nb, 1, width, 1).expand(nb, block, width, block).reshape(nb, block, -1),
+        ],
+        -1,
+    )
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
 
 
-def selection_bias(nb: int, block: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def selection_bias(
+    nb: int, block: int, width: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask ``(nb, B, (width + 1) * B)`` of :func:`block_selection_attention` (cached).
 
     Candidate column ``c < B`` is key ``c`` of the diagonal block (kept iff ``c <= a`` for query

@@ -61,8 +61,11 @@ class StepPositions:
     @classmethod
     def of(cls, host: list[int] | tuple[int, ...], device: torch.device | str) -> StepPositions:
         """Build from host positions."""
-        return cls(torch.tensor(list(host), dtype=torch.long, device=device), tuple(int(p) for p in host),
-                   torch.arange(len(host), device=device))
+        return cls(
+            torch.tensor(list(host), dtype=torch.long, device=device),
+            tuple(int(p) for p in host),
+            torch.arange(len(host), device=device),
+        )
 
 
 class LayerCache(abc.ABC):
@@ -77,8 +80,16 @@ class LayerCache(abc.ABC):
         device, dtype: Where and in which precision the cache lives.
     """
 
-    def __init__(self, batch: int, n_heads: int, kv_heads: int, head_dim: int, capacity: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         if n_heads % kv_heads:
             raise ValueError(f"n_heads({n_heads}) must be a multiple of kv_heads({kv_heads})")
         self.batch, self.n_heads, self.kv_heads, self.head_dim = batch, n_heads, kv_heads, head_dim
@@ -87,7 +98,9 @@ class LayerCache(abc.ABC):
         self.scale = 1.0 / math.sqrt(head_dim)
 
     @abc.abstractmethod
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...]) -> None:
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...]
+    ) -> None:
         """Store a prompt batch.
 
         Args:
@@ -98,8 +111,14 @@ class LayerCache(abc.ABC):
         """
 
     @abc.abstractmethod
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-               at: StepPositions) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gate: torch.Tensor | None,
+        at: StepPositions,
+    ) -> torch.Tensor:
         """Store one new token per row and return its attention output.
 
         Args:
@@ -114,12 +133,16 @@ class LayerCache(abc.ABC):
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor)
+        )
 
     def _check_positions(self, at: StepPositions) -> None:
         if len(at.host) != self.batch or max(at.host) >= self.capacity or min(at.host) < 0:
-            raise ValueError(f"positions {at.host} must be one per row (batch {self.batch}) within the "
-                             f"cache capacity [0, {self.capacity})")
+            raise ValueError(
+                f"positions {at.host} must be one per row (batch {self.batch}) within the "
+                f"cache capacity [0, {self.capacity})"
+            )
 
     def _grouped(self, q: torch.Tensor) -> torch.Tensor:
         """``(b, H, 1, d)`` -> ``(b, kv, group, d)`` (query heads of a kv head are contiguous)."""
@@ -133,16 +156,24 @@ class LayerCache(abc.ABC):
 class DenseKVCache(LayerCache):
     """Plain KV cache of causal dense attention: every key and value of every position."""
 
-    def __init__(self, batch: int, n_heads: int, kv_heads: int, head_dim: int, capacity: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__(batch, n_heads, kv_heads, head_dim, capacity, device, dtype)
         self.k = torch.zeros(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
 
     def prefill(self, q, k, v, lengths):
         """See :meth:`LayerCache.prefill`."""
-        self.k[:, :, :k.shape[2]] = k
-        self.v[:, :, :v.shape[2]] = v
+        self.k[:, :, : k.shape[2]] = k
+        self.v[:, :, : v.shape[2]] = v
 
     def attend(self, q, k, v, gate, at):
         """Softmax over the row's keys ``0..pos`` (see :meth:`LayerCache.attend`)."""
@@ -154,9 +185,12 @@ class DenseKVCache(LayerCache):
         keys, values = self.k[:, :, :t], self.v[:, :, :t]
         mask = None
         if min(at.host) != max(at.host):
-            mask = (torch.arange(t, device=self.device) <= at.pos.view(-1, 1)).view(self.batch, 1, 1, t)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              enable_gqa=self.group != 1)
+            mask = (torch.arange(t, device=self.device) <= at.pos.view(-1, 1)).view(
+                self.batch, 1, 1, t
+            )
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.group != 1
+        )
 
 
 class MLACache(LayerCache):
@@ -177,17 +211,33 @@ class MLACache(LayerCache):
     current query block's selected earlier blocks.
     """
 
-    def __init__(self, batch: int, n_heads: int, kv_heads: int, head_dim: int, capacity: int, *,
-                 window: int, top_k: int, block: int, indexer: str = "block",
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        *,
+        window: int,
+        top_k: int,
+        block: int,
+        indexer: str = "block",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__(batch, n_heads, kv_heads, head_dim, capacity, device, dtype)
         if indexer not in ("block", "exact"):
             raise ValueError(f"indexer={indexer!r} must be 'block' or 'exact'")
         self.window, self.top_k, self.block, self.indexer = window, top_k, block, indexer
         self.n_blocks = num_blocks(capacity, block)
         self.n_sel = num_selected_blocks(top_k, block)
-        self.score_dtype = torch.promote_types(dtype, torch.float32)  # as mla.block_selection scores
-        self.k = torch.zeros(batch, kv_heads, self.n_blocks * block, head_dim, device=device, dtype=dtype)
+        self.score_dtype = torch.promote_types(
+            dtype, torch.float32
+        )  # as mla.block_selection scores
+        self.k = torch.zeros(
+            batch, kv_heads, self.n_blocks * block, head_dim, device=device, dtype=dtype
+        )
         self.v = torch.zeros_like(self.k)
         self._kv_index = torch.arange(kv_heads, device=device)
         self._block_offsets = torch.arange(block, device=device)
@@ -196,11 +246,14 @@ class MLACache(LayerCache):
         self.local_v = torch.zeros_like(self.local_k)
         self.local_pos = torch.full((batch, ring), -1, dtype=torch.long, device=device)
         if indexer == "block":
-            self.pooled_k = torch.zeros(batch, kv_heads, self.n_blocks, head_dim, device=device,
-                                        dtype=self.score_dtype)
+            self.pooled_k = torch.zeros(
+                batch, kv_heads, self.n_blocks, head_dim, device=device, dtype=self.score_dtype
+            )
             self.q_ring = torch.zeros(batch, n_heads, block, head_dim, device=device, dtype=dtype)
             self.sel = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.long, device=device)
-            self.sel_valid = torch.zeros(batch, kv_heads, self.n_sel, dtype=torch.bool, device=device)
+            self.sel_valid = torch.zeros(
+                batch, kv_heads, self.n_sel, dtype=torch.bool, device=device
+            )
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, q, k, v, lengths):
@@ -215,7 +268,7 @@ class MLACache(LayerCache):
             return
         full = n // self.block
         if full:
-            self.pooled_k[:, :, :full] = pooled_keys(k[:, :, :full * self.block], self.block)
+            self.pooled_k[:, :, :full] = pooled_keys(k[:, :, : full * self.block], self.block)
         chosen = select_blocks(q, k, self.top_k, self.block)  # the training path's own selection
         for row, length in enumerate(lengths):
             lo = max(0, length - self.block)
@@ -289,8 +342,12 @@ class MLACache(LayerCache):
         later = [r for r in start if at.host[r] > 0]
         if later:
             rows = torch.tensor(later, device=self.device)
-            order = (torch.arange(self.block, device=self.device) + 1) % self.block  # positions p-B+1..p
-            self._select(rows, self.q_ring[rows][:, :, order], [at.host[r] // self.block for r in later])
+            order = (
+                torch.arange(self.block, device=self.device) + 1
+            ) % self.block  # positions p-B+1..p
+            self._select(
+                rows, self.q_ring[rows][:, :, order], [at.host[r] // self.block for r in later]
+            )
 
     def _select(self, rows: torch.Tensor, q_last: torch.Tensor, query_blocks: list[int]) -> None:
         """Choose the ``n_sel`` earlier blocks of query block I for ``rows``.
@@ -305,10 +362,16 @@ class MLACache(LayerCache):
         """
         r = rows.shape[0]
         means = q_last.to(self.score_dtype).sum(-2) / self.block  # (r, H, d), as pooled_queries
-        q_bar = means.view(r, self.kv_heads, self.group, self.head_dim).sum(2)  # summed over the group
-        scores = (q_bar.unsqueeze(-2) @ self.pooled_k[rows].transpose(-1, -2)).squeeze(-2)  # (r, kv, nb)
+        q_bar = means.view(r, self.kv_heads, self.group, self.head_dim).sum(
+            2
+        )  # summed over the group
+        scores = (q_bar.unsqueeze(-2) @ self.pooled_k[rows].transpose(-1, -2)).squeeze(
+            -2
+        )  # (r, kv, nb)
         qb = torch.tensor(query_blocks, device=self.device).view(r, 1, 1)
-        scores = scores.masked_fill(torch.arange(self.n_blocks, device=self.device) >= qb, float("-inf"))
+        scores = scores.masked_fill(
+            torch.arange(self.n_blocks, device=self.device) >= qb, float("-inf")
+        )
         m = min(self.n_sel, self.n_blocks)
         vals, chosen = scores.topk(m, dim=-1)
         sel = torch.zeros(r, self.kv_heads, self.n_sel, dtype=torch.long, device=self.device)
@@ -345,8 +408,10 @@ class MLACache(LayerCache):
         t = max(at.host) + 1
         qg = self._grouped(q)
         raw = qg @ self.k[:, :, :t].transpose(-1, -2)  # (b, kv, g, t)
-        raw = raw.masked_fill(torch.arange(t, device=self.device).view(1, 1, 1, t)
-                              > at.pos.view(-1, 1, 1, 1), float("-inf"))
+        raw = raw.masked_fill(
+            torch.arange(t, device=self.device).view(1, 1, 1, t) > at.pos.view(-1, 1, 1, 1),
+            float("-inf"),
+        )
         vals, ids = raw.topk(min(self.top_k, t), dim=-1)
         p = (vals * self.scale).softmax(dim=-1)  # -inf stays -inf: not a causal key
         bi, hi = at.rows.view(-1, 1, 1, 1), self._kv_index.view(1, -1, 1, 1)

@@ -24,8 +24,9 @@ from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_
 DISABLE_FLEX_ENV = "MLA_DISABLE_FLEX"
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                    block: int | None = None) -> torch.Tensor:
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int | None = None
+) -> torch.Tensor:
     """Causal sliding-window attention, dispatched to FlexAttention or the blocked path.
 
     Args:
@@ -62,8 +63,9 @@ def local_backend(q: torch.Tensor) -> str:
     return "flex"
 
 
-def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                            block: int | None = None) -> torch.Tensor:
+def blocked_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int | None = None
+) -> torch.Tensor:
     """Blocked causal sliding-window attention, O(n * w) time and memory.
 
     Query blocks are processed in chunks (:func:`mla.tensor_ops.block_chunks`) so that no score
@@ -103,14 +105,17 @@ def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
 def _key_windows(xb: torch.Tensor, n_prev: int, c0: int, c1: int) -> torch.Tensor:
     """Keys (or values) seen by query blocks ``c0..c1-1``: ``(batch, heads, c1 - c0, (n_prev+1)*p,
     d)`` from ``xb`` ``(batch, heads, nb + n_prev, p, d)`` (front-padded by ``n_prev`` blocks)."""
-    return torch.cat([xb[:, :, c0 + j:c1 + j] for j in range(n_prev + 1)], dim=3)
+    return torch.cat([xb[:, :, c0 + j : c1 + j] for j in range(n_prev + 1)], dim=3)
 
 
 @functools.lru_cache(maxsize=64)
 def _band_mask_cached(nb: int, p: int, n_prev: int, w: int, device: str) -> torch.Tensor:
-    qpos = torch.arange(nb, device=device).view(nb, 1, 1) * p + torch.arange(p, device=device).view(1, p, 1)
-    kpos = (torch.arange(nb, device=device).view(nb, 1, 1) - n_prev) * p + \
-        torch.arange((n_prev + 1) * p, device=device).view(1, 1, -1)
+    qpos = torch.arange(nb, device=device).view(nb, 1, 1) * p + torch.arange(p, device=device).view(
+        1, p, 1
+    )
+    kpos = (torch.arange(nb, device=device).view(nb, 1, 1) - n_prev) * p + torch.arange(
+        (n_prev + 1) * p, device=device
+    ).view(1, 1, -1)
     delta = qpos - kpos
     return (delta >= 0) & (delta < w) & (kpos >= 0)
 
@@ -125,12 +130,16 @@ def band_mask(nb: int, p: int, n_prev: int, w: int, device: torch.device) -> tor
 
 
 @functools.lru_cache(maxsize=64)
-def _band_bias_cached(nb: int, p: int, n_prev: int, w: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _band_bias_cached(
+    nb: int, p: int, n_prev: int, w: int, device: str, dtype: torch.dtype
+) -> torch.Tensor:
     keep = _band_mask_cached(nb, p, n_prev, w, device)
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
 
 
-def band_bias(nb: int, p: int, n_prev: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def band_bias(
+    nb: int, p: int, n_prev: int, w: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive form of :func:`band_mask`: 0 where kept, ``-inf`` elsewhere, in ``dtype``."""
     return _band_bias_cached(nb, p, n_prev, w, str(device), dtype)
 
@@ -154,7 +163,9 @@ def _flex_block_mask(n: int, window: int, device: str):
     return create_block_mask(sliding_window, None, None, n, n, device=device)
 
 
-def _flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def _flex_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
     """FlexAttention with a sliding-window block mask (CUDA only; compiled once per process)."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention

@@ -41,8 +41,13 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
     return (p / CONFIG).is_file() and (p / WEIGHTS).is_file()
 
 
-def save_pretrained(model: MLATransformer, out_dir: str | os.PathLike, *, source: dict | None = None,
-                    overwrite: bool = False) -> Path:
+def save_pretrained(
+    model: MLATransformer,
+    out_dir: str | os.PathLike,
+    *,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export ``model`` atomically to ``out_dir``.
 
     Args:
@@ -61,14 +66,21 @@ def save_pretrained(model: MLATransformer, out_dir: str | os.PathLike, *, source
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; choose another folder or pass --overwrite")
+        raise FileExistsError(
+            f"--out {out} already exists; choose another folder or pass --overwrite"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        config = {"format": FORMAT, "architecture": "MLATransformer", "model": model.cfg.to_dict(),
-                  "tokenizer": TOKENIZER_INFO, "source": source or {}}
+        config = {
+            "format": FORMAT,
+            "architecture": "MLATransformer",
+            "model": model.cfg.to_dict(),
+            "tokenizer": TOKENIZER_INFO,
+            "source": source or {},
+        }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(TOKENIZER_INFO, indent=2) + "\n")
         (tmp / "README.md").write_text(readme_snippet(model.cfg, source or {}))
@@ -80,8 +92,9 @@ def save_pretrained(model: MLATransformer, out_dir: str | os.PathLike, *, source
     return out
 
 
-def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> MLATransformer:
+def load_pretrained(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> MLATransformer:
     """Load an export folder written by :func:`save_pretrained`.
 
     Args:
@@ -101,12 +114,16 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
 
     p = Path(path)
     if not is_pretrained_dir(p):
-        raise FileNotFoundError(f"{p} is not an exported model: it needs {CONFIG} and {WEIGHTS} "
-                                "(write one with `mla export CHECKPOINT --out DIR`)")
+        raise FileNotFoundError(
+            f"{p} is not an exported model: it needs {CONFIG} and {WEIGHTS} "
+            "(write one with `mla export CHECKPOINT --out DIR`)"
+        )
     config = json.loads((p / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{p / CONFIG}: format {config.get('format')!r} is not {FORMAT!r}")
-    model = build_model(ModelConfig(**config["model"]), load_file(str(p / WEIGHTS)), str(p / WEIGHTS))
+    model = build_model(
+        ModelConfig(**config["model"]), load_file(str(p / WEIGHTS)), str(p / WEIGHTS)
+    )
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
@@ -121,8 +138,11 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) 
     expected = dict(model.named_parameters())
     problems = [f"missing {n}" for n in expected if n not in tensors]
     problems += [f"unexpected {n}" for n in tensors if n not in expected]
-    problems += [f"{n}: shape {tuple(tensors[n].shape)} != {tuple(p.shape)}" for n, p in expected.items()
-                 if n in tensors and tensors[n].shape != p.shape]
+    problems += [
+        f"{n}: shape {tuple(tensors[n].shape)} != {tuple(p.shape)}"
+        for n, p in expected.items()
+        if n in tensors and tensors[n].shape != p.shape
+    ]
     if problems:
         raise ValueError(f"{where} does not fit the model config: " + "; ".join(problems[:6]))
     model = model.to_empty(device="cpu")
@@ -144,10 +164,17 @@ def _rebuild_buffers(model: MLATransformer) -> None:
 
 def readme_snippet(cfg: ModelConfig, source: dict) -> str:
     """Markdown describing the export and how to load it."""
-    attn = (f"multi-level attention (local window {cfg.local_window}, global_k {cfg.global_k}, "
-            f"block {cfg.block_size}, indexer {cfg.indexer}, mix {cfg.mix})"
-            if cfg.attention == "mla" else "dense causal attention")
-    origin = f"\nExported from `{source['checkpoint']}` (step {source.get('step')}).\n" if "checkpoint" in source else ""
+    attn = (
+        f"multi-level attention (local window {cfg.local_window}, global_k {cfg.global_k}, "
+        f"block {cfg.block_size}, indexer {cfg.indexer}, mix {cfg.mix})"
+        if cfg.attention == "mla"
+        else "dense causal attention"
+    )
+    origin = (
+        f"\nExported from `{source['checkpoint']}` (step {source.get('step')}).\n"
+        if "checkpoint" in source
+        else ""
+    )
     return f"""# MLA language model
 
 Decoder-only transformer with {attn}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads

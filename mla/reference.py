@@ -18,9 +18,16 @@ import torch
 from mla.block_selection import BlockSelection, selection_token_mask
 
 
-def dense_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-                              *, window: int, top_k: int,
-                              global_mask: torch.Tensor | None = None) -> torch.Tensor:
+def dense_reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    *,
+    window: int,
+    top_k: int,
+    global_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Multi-level attention from explicit masks: local band, global top-k, softmax per branch.
 
     Args:
@@ -66,7 +73,9 @@ def exact_topk_reference_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.zeros_like(causal.expand_as(scores)).scatter(-1, idx, torch.isfinite(vals))
 
 
-def reference_select_blocks(q: torch.Tensor, k: torch.Tensor, global_k: int, block: int) -> BlockSelection:
+def reference_select_blocks(
+    q: torch.Tensor, k: torch.Tensor, global_k: int, block: int
+) -> BlockSelection:
     """The block selection of :mod:`mla.block_selection`, written as plain loops (brute force).
 
     Independent of :func:`mla.block_selection.select_blocks`: for every batch row, key/value
@@ -99,18 +108,29 @@ def reference_select_blocks(q: torch.Tensor, k: torch.Tensor, global_k: int, blo
                 lo = max(0, qi * block - block + 1)
                 scores = []
                 for j in range(qi):
-                    k_bar = k64[bi, hk, j * block:(j + 1) * block].mean(0)
-                    scores.append(sum(float(q64[bi, h, lo:qi * block + 1].mean(0) @ k_bar)
-                                      for h in range(hk * group, (hk + 1) * group)))
+                    k_bar = k64[bi, hk, j * block : (j + 1) * block].mean(0)
+                    scores.append(
+                        sum(
+                            float(q64[bi, h, lo : qi * block + 1].mean(0) @ k_bar)
+                            for h in range(hk * group, (hk + 1) * group)
+                        )
+                    )
                 chosen = sorted(range(qi), key=lambda j: -scores[j])[:width]
                 counts[bi, hk, qi] = len(chosen)
-                idx[bi, hk, qi, :len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+                idx[bi, hk, qi, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
     return BlockSelection(idx.to(q.device), counts.to(q.device))
 
 
-def block_selection_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                        gate: torch.Tensor | None, *, window: int,
-                                        selection: BlockSelection, block: int) -> torch.Tensor:
+def block_selection_reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    *,
+    window: int,
+    selection: BlockSelection,
+    block: int,
+) -> torch.Tensor:
     """Dense masked multi-level attention whose global branch attends to a block selection.
 
     The global mask is :func:`mla.block_selection.selection_token_mask` (query i sees the causal

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(
+    max_seq_len: int, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Precompute cos and sin of the rotation angles (RoFormer eq. 15).
 
     Args:
@@ -27,8 +29,10 @@ def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple
         ValueError: ``head_dim`` is odd.
     """
     if head_dim % 2:
-        raise ValueError(f"rotary embedding needs an even head_dim, got head_dim={head_dim}; "
-                         "choose d_model / n_heads even")
+        raise ValueError(
+            f"rotary embedding needs an even head_dim, got head_dim={head_dim}; "
+            "choose d_model / n_heads even"
+        )
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -57,7 +61,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * c + _rotate_half(x) * s
 
 
-def apply_rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def apply_rope_at(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Rotate one query or key per batch row by that row's own position (incremental decoding).
 
     Same rotation as :func:`apply_rope` (RoFormer eq. 34), but position ``positions[b]`` for

@@ -72,7 +72,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torc
     return out
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """Choose the next token of each row.
 
     Args:

@@ -24,7 +24,9 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     if n_heads == kv_heads:
         return x
     if n_heads % kv_heads:
-        raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads ({kv_heads})")
+        raise ValueError(
+            f"query heads ({n_heads}) must be a multiple of key/value heads ({kv_heads})"
+        )
     return x.repeat_interleave(n_heads // kv_heads, dim=1)
 
 
@@ -47,11 +49,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         ValueError: a tensor is not 4-D, or batch/seq/head_dim differ, or k and v differ.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} disagree "
-                         "on batch, seq or head_dim")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} disagree "
+            "on batch, seq or head_dim"
+        )
 
 
 #: Elements of the largest per-chunk score tensor (16 MiB in fp32). Larger tensors would be
@@ -60,7 +66,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 CHUNK_ELEMENTS = 1 << 22
 
 
-def block_chunks(n_blocks: int, elements_per_block: int, budget: int | None = None) -> list[tuple[int, int]]:
+def block_chunks(
+    n_blocks: int, elements_per_block: int, budget: int | None = None
+) -> list[tuple[int, int]]:
     """Split ``range(n_blocks)`` into consecutive ``(start, stop)`` chunks of query blocks whose
     score tensors hold at most ``budget`` (default :data:`CHUNK_ELEMENTS`) elements each (at
     least one block per chunk).

@@ -11,8 +11,12 @@ from __future__ import annotations
 import codecs
 
 #: Description written into exports (``config.json``'s ``tokenizer``) and read back.
-TOKENIZER_INFO = {"type": "bytes", "encoding": "utf-8", "vocab_size": 256,
-                  "description": "one token id per UTF-8 byte of the text (ids 0-255), no special tokens"}
+TOKENIZER_INFO = {
+    "type": "bytes",
+    "encoding": "utf-8",
+    "vocab_size": 256,
+    "description": "one token id per UTF-8 byte of the text (ids 0-255), no special tokens",
+}
 
 
 def encode(text: str) -> list[int]:

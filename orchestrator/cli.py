@@ -18,8 +18,12 @@ from rich.markup import escape
 from orchestrator.cli_common import SetOption, err
 from orchestrator.contract.errors import MLAError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Size, launch and scale training of MLA (Dynamic Multi-Level Attention) models on Ray.",
+)
+
 
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context) -> None:
@@ -34,8 +38,11 @@ def train(
     config: str = typer.Argument(..., help="Job YAML, e.g. configs/tiny.yaml."),
     set_: Optional[list[str]] = SetOption,
     json_out: bool = typer.Option(False, "--json", help="Print summary.json to stdout at the end."),
-    preflight: bool = typer.Option(True, "--preflight/--no-preflight",
-                                   help="With cluster.address: check every node's Python and the job's paths first."),
+    preflight: bool = typer.Option(
+        True,
+        "--preflight/--no-preflight",
+        help="With cluster.address: check every node's Python and the job's paths first.",
+    ),
 ) -> None:
     """Train a model: plan the layout, start (or connect to) Ray and run DeepSpeed workers."""
     from orchestrator.config import load_job_config

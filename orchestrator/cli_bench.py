@@ -32,8 +32,10 @@ def load_benchmark(name: str) -> ModuleType:
         ConfigError: not running from a checkout (no ``benchmarks/`` beside the package).
     """
     if not (CHECKOUT / "benchmarks" / "__init__.py").is_file():
-        raise ConfigError(f"mla bench runs from a source checkout (no benchmarks/ folder in {CHECKOUT}); "
-                          "clone the repository and run it there")
+        raise ConfigError(
+            f"mla bench runs from a source checkout (no benchmarks/ folder in {CHECKOUT}); "
+            "clone the repository and run it there"
+        )
     if str(CHECKOUT) not in sys.path:
         sys.path.insert(0, str(CHECKOUT))
     return importlib.import_module(f"benchmarks.{name}")
@@ -42,13 +44,26 @@ def load_benchmark(name: str) -> ModuleType:
 @app.command()
 def attention(
     json_out: bool = typer.Option(False, "--json", help="Print the records as JSON to stdout."),
-    seq_lens: str = typer.Option("1024,2048,4096,8192,16384", "--seq-lens", help="Comma-separated n, in tokens."),
+    seq_lens: str = typer.Option(
+        "1024,2048,4096,8192,16384", "--seq-lens", help="Comma-separated n, in tokens."
+    ),
     window: int = typer.Option(128, "--window", min=1, help="Local sliding window w, in tokens."),
-    top_k: int = typer.Option(16, "--top-k", min=1, help="global_k: earlier-key budget, rounded up to whole blocks."),
-    block: int = typer.Option(64, "--block", min=1, help="Block size of the local path and the block selection, in tokens."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per measurement (after one warm-up)."),
+    top_k: int = typer.Option(
+        16, "--top-k", min=1, help="global_k: earlier-key budget, rounded up to whole blocks."
+    ),
+    block: int = typer.Option(
+        64,
+        "--block",
+        min=1,
+        help="Block size of the local path and the block selection, in tokens.",
+    ),
+    repeats: int = typer.Option(
+        3, "--repeats", min=1, help="Timed runs per measurement (after one warm-up)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."
+    ),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory measurement."),
 ) -> None:
     """Dense causal SDPA vs MLA attention core: median time, peak memory, ratios, growth exponent."""
@@ -63,13 +78,23 @@ def attention(
         print(json.dumps([r.to_json() for r in records], indent=2))
 
 
-def _settings(seq_lens: str, window: int, top_k: int, block: int, repeats: int, device: str,
-              threads: Optional[int], memory: bool):
+def _settings(
+    seq_lens: str,
+    window: int,
+    top_k: int,
+    block: int,
+    repeats: int,
+    device: str,
+    threads: Optional[int],
+    memory: bool,
+):
     """Validate the options and build the benchmark settings (imports torch)."""
     try:
         lens = tuple(int(x) for x in seq_lens.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"--seq-lens={seq_lens!r} must be comma-separated integers, e.g. 1024,2048") from None
+        raise ConfigError(
+            f"--seq-lens={seq_lens!r} must be comma-separated integers, e.g. 1024,2048"
+        ) from None
     if not lens or min(lens) < 1:
         raise ConfigError(f"--seq-lens={seq_lens!r} must list positive lengths, e.g. 1024,2048")
     if device not in ("cpu", "cuda"):
@@ -78,15 +103,27 @@ def _settings(seq_lens: str, window: int, top_k: int, block: int, repeats: int, 
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but torch sees no CUDA device; use --device cpu")
-    return load_benchmark("attention").AttentionBenchSettings(seq_lens=lens, window=window, top_k=top_k, block=block,
-                                  repeats=repeats, device=device, threads=threads, memory=memory)
+    return load_benchmark("attention").AttentionBenchSettings(
+        seq_lens=lens,
+        window=window,
+        top_k=top_k,
+        block=block,
+        repeats=repeats,
+        device=device,
+        threads=threads,
+        memory=memory,
+    )
 
 
 @app.command()
 def quality(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON to stdout."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps per model (default: the benchmark's)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+    steps: int = typer.Option(
+        None, "--steps", min=1, help="Optimizer steps per model (default: the benchmark's)."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."
+    ),
 ) -> None:
     """Train dense and MLA versions of one small LM on the same tokens; compare validation loss."""
     import dataclasses
@@ -106,14 +143,22 @@ def quality(
 @app.command()
 def decode(
     json_out: bool = typer.Option(False, "--json", help="Print the records as JSON to stdout."),
-    contexts: str = typer.Option("1024,4096,16384,65536", "--contexts", help="Comma-separated cached tokens n."),
+    contexts: str = typer.Option(
+        "1024,4096,16384,65536", "--contexts", help="Comma-separated cached tokens n."
+    ),
     batches: str = typer.Option("1,8", "--batches", help="Comma-separated batch sizes."),
-    tokens: int = typer.Option(64, "--tokens", min=1, help="Timed new tokens (rounded up to a multiple of --block)."),
+    tokens: int = typer.Option(
+        64, "--tokens", min=1, help="Timed new tokens (rounded up to a multiple of --block)."
+    ),
     window: int = typer.Option(128, "--window", min=1, help="Local sliding window w, in tokens."),
-    global_k: int = typer.Option(64, "--global-k", min=1, help="Global-branch budget (ceil(k / block) blocks)."),
+    global_k: int = typer.Option(
+        64, "--global-k", min=1, help="Global-branch budget (ceil(k / block) blocks)."
+    ),
     block: int = typer.Option(64, "--block", min=1, help="Block size B, in tokens."),
     device: str = typer.Option("cpu", "--device", help="cpu (fp32) or cuda (bf16)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."
+    ),
 ) -> None:
     """Incremental decoding with the KV cache: MLA vs the same model with dense attention, side by side."""
     from rich.console import Console
@@ -121,9 +166,19 @@ def decode(
     bench = load_benchmark("decode")
     ctx, bs = _int_list("--contexts", contexts), _int_list("--batches", batches)
     _check_device(device)
-    settings = bench.DecodeBenchSettings(contexts=ctx, batches=bs, tokens=tokens, window=window, global_k=global_k,
-                                   block=block, device=device, threads=threads)
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)  # the table has 11 columns
+    settings = bench.DecodeBenchSettings(
+        contexts=ctx,
+        batches=bs,
+        tokens=tokens,
+        window=window,
+        global_k=global_k,
+        block=block,
+        device=device,
+        threads=threads,
+    )
+    console = Console(
+        stderr=True, width=None if sys.stderr.isatty() else 180
+    )  # the table has 11 columns
     records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
     bench.render(records, settings, console)
     if json_out:
@@ -134,7 +189,9 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ConfigError(f"{option}={text!r} must be comma-separated integers, e.g. 1024,4096") from None
+        raise ConfigError(
+            f"{option}={text!r} must be comma-separated integers, e.g. 1024,4096"
+        ) from None
     if not values or min(values) < 1:
         raise ConfigError(f"{option}={text!r} must list positive integers, e.g. 1024,4096")
     return values

@@ -14,4 +14,6 @@ from rich.console import Console
 err = Console(stderr=True, highlight=False, markup=False)
 out = Console(highlight=False, markup=False)
 
-SetOption = typer.Option(None, "--set", help="Override a config field: --set train.steps=100 (repeatable).")
+SetOption = typer.Option(
+    None, "--set", help="Override a config field: --set train.steps=100 (repeatable)."
+)

@@ -19,24 +19,42 @@ import typer
 
 from orchestrator.contract.errors import CheckpointError, ConfigError
 
-SourceArg = typer.Argument(..., help="Run folder (runs/NAME), checkpoint folder (runs/NAME/checkpoints/"
-                                     "step_NNNNNNN) or export folder (mla export).")
+SourceArg = typer.Argument(
+    ...,
+    help="Run folder (runs/NAME), checkpoint folder (runs/NAME/checkpoints/"
+    "step_NNNNNNN) or export folder (mla export).",
+)
 DeviceOption = typer.Option("cpu", "--device", help="cpu or cuda.")
 
 
 def generate(
     source: str = SourceArg,
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt text (repeat for a batch of prompts)."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="File whose whole text is one prompt; "
-                                               "a .jsonl file gives one prompt per line ({\"prompt\": ...})."),
+    prompt: Optional[list[str]] = typer.Option(
+        None, "--prompt", help="Prompt text (repeat for a batch of prompts)."
+    ),
+    prompt_file: Optional[Path] = typer.Option(
+        None,
+        "--prompt-file",
+        help="File whose whole text is one prompt; "
+        'a .jsonl file gives one prompt per line ({"prompt": ...}).',
+    ),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="New tokens per prompt."),
-    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature (>= 0; 0 is greedy)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (>= 1)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set of tokens with probability "
-                                "sum >= p, in (0, 1]."),
+    temperature: float = typer.Option(
+        0.8, "--temperature", help="Sampling temperature (>= 0; 0 is greedy)."
+    ),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", help="Sample among the k most likely tokens (>= 1)."
+    ),
+    top_p: float = typer.Option(
+        1.0,
+        "--top-p",
+        help="Nucleus sampling: smallest set of tokens with probability sum >= p, in (0, 1].",
+    ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same output)."),
     device: str = DeviceOption,
-    json_out: bool = typer.Option(False, "--json", help="Print prompts and completions as JSON instead of streaming."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print prompts and completions as JSON instead of streaming."
+    ),
 ) -> None:
     """Generate text from a trained model with the KV cache, streaming tokens as they come."""
     sampling = _sampling(temperature, top_k, top_p, seed)
@@ -52,13 +70,21 @@ def generate(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     stream = _Streamer(prompts) if not json_out else None
-    out = run_generate(loaded.model, ids, max_new_tokens, sampling,
-                       on_tokens=stream.on_tokens if stream else None)
+    out = run_generate(
+        loaded.model, ids, max_new_tokens, sampling, on_tokens=stream.on_tokens if stream else None
+    )
     if stream:
         stream.close()
     else:
-        print(json.dumps([{"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
-                          for p, o in zip(prompts, out, strict=False)], indent=2))
+        print(
+            json.dumps(
+                [
+                    {"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
+                    for p, o in zip(prompts, out, strict=False)
+                ],
+                indent=2,
+            )
+        )
 
 
 class _Streamer:
@@ -95,11 +121,19 @@ class _Streamer:
 
 def eval_command(
     source: str = SourceArg,
-    data: Optional[str] = typer.Option(None, "--data", help="Score this data instead of the run's (text file, "
-                                       "folder, .jsonl, .parquet; as data.path)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per window (default: the run's data.seq_len)."),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        help="Score this data instead of the run's (text file, "
+        "folder, .jsonl, .parquet; as data.path).",
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", help="Tokens per window (default: the run's data.seq_len)."
+    ),
     split: str = typer.Option("val", "--split", help="val, train or all."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
+    max_windows: Optional[int] = typer.Option(
+        None, "--max-windows", help="Score at most this many windows."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     device: str = DeviceOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
@@ -114,20 +148,34 @@ def eval_command(
 
     console = Console(stderr=True)
     trained = ((loaded.job or {}).get("data") or {}).get("seq_len")
-    note = check_seq_len(seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained)
+    note = check_seq_len(
+        seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained
+    )
     if note:
         console.print(note, markup=False)
-    windows = eval_windows(loaded.job, data, seq_len or (None if trained else loaded.cfg.max_seq_len), split,
-                           max_windows)
+    windows = eval_windows(
+        loaded.job,
+        data,
+        seq_len or (None if trained else loaded.cfg.max_seq_len),
+        split,
+        max_windows,
+    )
     console.print(f"scoring {windows.description}", markup=False, highlight=False)
     result = evaluate(loaded.model, windows, batch_size)
-    result = {"source": str(loaded.source), "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
-              "step": loaded.step, "data": windows.description, **result}
+    result = {
+        "source": str(loaded.source),
+        "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
+        "step": loaded.step,
+        "data": windows.description,
+        **result,
+    }
     if json_out:
         print(json.dumps(result, indent=2))
     else:
-        print(f"loss {result['loss']:.6f} nats/token  perplexity {result['perplexity']:.4f}  "
-              f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens, {result['windows']} windows)")
+        print(
+            f"loss {result['loss']:.6f} nats/token  perplexity {result['perplexity']:.4f}  "
+            f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens, {result['windows']} windows)"
+        )
 
 
 def export(
@@ -144,10 +192,13 @@ def export(
         path = save_pretrained(loaded.model, out, source=src, overwrite=overwrite)
     except FileExistsError as exc:
         raise ConfigError(str(exc)) from None
-    print(f"exported step {loaded.step} to {path} (model.safetensors, config.json, tokenizer.json, README.md)")
+    print(
+        f"exported step {loaded.step} to {path} (model.safetensors, config.json, tokenizer.json, README.md)"
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _sampling(temperature: float, top_k: Optional[int], top_p: float, seed: int):
     from mla.sampling import SamplingConfig
@@ -181,11 +232,15 @@ def _jsonl_prompts(path: Path, text: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must look like "
-                              '{"prompt": "..."}') from None
+            raise ConfigError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must look like "
+                '{"prompt": "..."}'
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(f"{path}:{lineno}: no string 'prompt' field; each line must look like "
-                              '{"prompt": "..."}')
+            raise ConfigError(
+                f"{path}:{lineno}: no string 'prompt' field; each line must look like "
+                '{"prompt": "..."}'
+            )
         out.append(record["prompt"])
     return out
 
@@ -202,5 +257,7 @@ def _load(source: str, device: str):
 
     loaded = load_model(source, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     if loaded.cfg.vocab_size != 256:
-        raise CheckpointError(f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256")
+        raise CheckpointError(
+            f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256"
+        )
     return loaded

@@ -29,12 +29,16 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
     from orchestrator.planner.shapes import model_from_params
 
     explicit = {k: v for k, v in dims.items() if v is not None}
-    given = [name for name, v in (("--model", model), ("--params", params), ("--config", config)) if v]
+    given = [
+        name for name, v in (("--model", model), ("--params", params), ("--config", config)) if v
+    ]
     if explicit.get("layers") or explicit.get("hidden"):
         given.append("explicit dims")
     if len(given) != 1:
-        raise PlanError(f"give exactly one model source, got {given or 'none'}: --model NAME "
-                        f"({', '.join(PRESETS)}), --params 70B, --config FILE, or --layers/--hidden/--heads/--vocab")
+        raise PlanError(
+            f"give exactly one model source, got {given or 'none'}: --model NAME "
+            f"({', '.join(PRESETS)}), --params 70B, --config FILE, or --layers/--hidden/--heads/--vocab"
+        )
     if model:
         if model not in PRESETS:
             raise PlanError(f"unknown model preset {model!r}; known presets: {', '.join(PRESETS)}")
@@ -51,11 +55,18 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
         raise PlanError(f"explicit model dims need {', '.join(missing)}")
     h = explicit["hidden"]
     try:
-        cfg = ModelConfig(vocab_size=explicit["vocab"], d_model=h, n_layers=explicit["layers"],
-                          n_heads=explicit["heads"], n_kv_heads=explicit.get("kv_heads"),
-                          ffn_hidden=explicit.get("ffn_hidden") or round(8 * h / 3),
-                          max_seq_len=explicit.get("seq_len") or 4096, attention=explicit.get("attention") or "dense",
-                          local_window=explicit.get("window") or 1024, global_k=explicit.get("top_k") or 256)
+        cfg = ModelConfig(
+            vocab_size=explicit["vocab"],
+            d_model=h,
+            n_layers=explicit["layers"],
+            n_heads=explicit["heads"],
+            n_kv_heads=explicit.get("kv_heads"),
+            ffn_hidden=explicit.get("ffn_hidden") or round(8 * h / 3),
+            max_seq_len=explicit.get("seq_len") or 4096,
+            attention=explicit.get("attention") or "dense",
+            local_window=explicit.get("window") or 1024,
+            global_k=explicit.get("top_k") or 256,
+        )
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     return cfg, None
@@ -79,7 +90,9 @@ def check_plan_numbers(**values: float | None) -> None:
         if name in ("gpus", "gpus_per_node", "global_batch") and value < 1:
             raise PlanError(f"{option} {value}: must be at least 1")
         if name == "efficiency" and not 0 < value <= 1:
-            raise PlanError(f"{option} {value}: the achievable fraction of peak must be in (0, 1], e.g. 0.5")
+            raise PlanError(
+                f"{option} {value}: the achievable fraction of peak must be in (0, 1], e.g. 0.5"
+            )
         if value <= 0:
             raise PlanError(f"{option} {value}: must be greater than 0")
 
@@ -95,7 +108,9 @@ def parse_zero_stages(text: str | None) -> tuple | None:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise PlanError(f"--zero-stages {text!r} must be comma-separated ZeRO stages, e.g. 0,1") from None
+        raise PlanError(
+            f"--zero-stages {text!r} must be comma-separated ZeRO stages, e.g. 0,1"
+        ) from None
 
 
 def print_result(result, top: int) -> None:
@@ -109,23 +124,72 @@ def print_result(result, top: int) -> None:
     if not console.is_terminal:
         console = Console(width=200)
     req = result.request
-    console.print(f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu.name} "
-                  f"({req.gpu.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
-                  f"{req.precision}", highlight=False)
+    console.print(
+        f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu.name} "
+        f"({req.gpu.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
+        f"{req.precision}",
+        highlight=False,
+    )
     rows = [result.estimate] if result.estimate else result.candidates[:top]
-    table = Table(title="estimate" if result.estimate else f"best {len(rows)} of {len(result.candidates)} layouts")
-    for col in ("dp", "tp", "pp", "zero", "mb", "ga", "recompute", "sp", "v", "params", "grads", "optim",
-                "acts", "buffers", "total GiB", "fits", "step s", "80% range s", "tokens/s", "TFLOP/s", "MFU"):
+    table = Table(
+        title="estimate"
+        if result.estimate
+        else f"best {len(rows)} of {len(result.candidates)} layouts"
+    )
+    for col in (
+        "dp",
+        "tp",
+        "pp",
+        "zero",
+        "mb",
+        "ga",
+        "recompute",
+        "sp",
+        "v",
+        "params",
+        "grads",
+        "optim",
+        "acts",
+        "buffers",
+        "total GiB",
+        "fits",
+        "step s",
+        "80% range s",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU",
+    ):
         table.add_column(col, justify="right")
     for c in rows:
         lay, est, mem = c.layout, c.estimate, c.estimate.memory.gib()
-        table.add_row(*map(str, (lay.dp, lay.tp, lay.pp, lay.zero_stage, lay.micro_batch, lay.grad_accum,
-                                 lay.recompute, "y" if lay.sequence_parallel else "", lay.virtual_stages,
-                                 mem["parameters"], mem["gradients"], mem["optimizer"], mem["activations"],
-                                 mem["buffers"], mem["total"], "yes" if est.fits else "NO",
-                                 f"{est.step_time_s:.3g}",
-                                 "{:.3g}-{:.3g}".format(*est.step_time_interval_s), f"{est.tokens_per_s:,.0f}",
-                                 f"{est.tflops_per_gpu:.1f}", f"{100 * est.mfu:.1f}%")))
+        table.add_row(
+            *map(
+                str,
+                (
+                    lay.dp,
+                    lay.tp,
+                    lay.pp,
+                    lay.zero_stage,
+                    lay.micro_batch,
+                    lay.grad_accum,
+                    lay.recompute,
+                    "y" if lay.sequence_parallel else "",
+                    lay.virtual_stages,
+                    mem["parameters"],
+                    mem["gradients"],
+                    mem["optimizer"],
+                    mem["activations"],
+                    mem["buffers"],
+                    mem["total"],
+                    "yes" if est.fits else "NO",
+                    f"{est.step_time_s:.3g}",
+                    "{:.3g}-{:.3g}".format(*est.step_time_interval_s),
+                    f"{est.tokens_per_s:,.0f}",
+                    f"{est.tflops_per_gpu:.1f}",
+                    f"{100 * est.mfu:.1f}%",
+                ),
+            )
+        )
     console.print(table)
     if result.best and not result.estimate:
         console.print(f"chosen: {result.best.reason}", highlight=False)
@@ -134,53 +198,113 @@ def print_result(result, top: int) -> None:
         rej.add_column("layout")
         rej.add_column("reason")
         for r in result.rejected[:top]:
-            rej.add_row(" ".join(f"{k}={v}" for k, v in r.layout.items() if k != "sequence_parallel"), r.reason)
+            rej.add_row(
+                " ".join(f"{k}={v}" for k, v in r.layout.items() if k != "sequence_parallel"),
+                r.reason,
+            )
         console.print(rej)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     if result.close_call:
         console.print(f"close call: {result.close_call}", highlight=False)
-    console.print("TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation. "
-                  "80% range: the step time the calibration residuals expect (benchmarks/planner.py).")
+    console.print(
+        "TFLOP/s and MFU count model FLOPs (6N + attention, PaLM App. B), not recomputation. "
+        "80% range: the step time the calibration residuals expect (benchmarks/planner.py)."
+    )
 
 
 def plan(
-    model: Optional[str] = typer.Option(None, "--model", help="Preset name (tiny, small, 1b, 7b, 13b, 70b).", rich_help_panel=_MODEL),
-    params: Optional[str] = typer.Option(None, "--params", help="Parameter count, e.g. 70B (standard shape rules).", rich_help_panel=_MODEL),
-    config: Optional[str] = typer.Option(None, "--config", help="Job YAML (model, seq_len, batch, pins).", rich_help_panel=_MODEL),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Preset name (tiny, small, 1b, 7b, 13b, 70b).", rich_help_panel=_MODEL
+    ),
+    params: Optional[str] = typer.Option(
+        None,
+        "--params",
+        help="Parameter count, e.g. 70B (standard shape rules).",
+        rich_help_panel=_MODEL,
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Job YAML (model, seq_len, batch, pins).", rich_help_panel=_MODEL
+    ),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, rich_help_panel=_MODEL),
     hidden: Optional[int] = typer.Option(None, "--hidden", min=1, rich_help_panel=_MODEL),
     heads: Optional[int] = typer.Option(None, "--heads", min=1, rich_help_panel=_MODEL),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", min=1, rich_help_panel=_MODEL),
-    ffn_hidden: Optional[int] = typer.Option(None, "--ffn-hidden", min=1, help="Default 8h/3.", rich_help_panel=_MODEL),
+    ffn_hidden: Optional[int] = typer.Option(
+        None, "--ffn-hidden", min=1, help="Default 8h/3.", rich_help_panel=_MODEL
+    ),
     vocab: Optional[int] = typer.Option(None, "--vocab", min=2, rich_help_panel=_MODEL),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Tokens per sequence.", rich_help_panel=_MODEL),
-    attention: Optional[str] = typer.Option(None, "--attention", help="dense or mla.", rich_help_panel=_MODEL),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", min=1, help="Tokens per sequence.", rich_help_panel=_MODEL
+    ),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="dense or mla.", rich_help_panel=_MODEL
+    ),
     window: Optional[int] = typer.Option(None, "--window", min=1, rich_help_panel=_MODEL),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, rich_help_panel=_MODEL),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="Number of GPUs N.", rich_help_panel=_CLUSTER),
-    gpu: str = typer.Option("a100-80gb", "--gpu", help="Catalogue name (a100-40gb, a100-80gb, h100, h200, l4, t4, cpu).", rich_help_panel=_CLUSTER),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", help="Number of GPUs N.", rich_help_panel=_CLUSTER
+    ),
+    gpu: str = typer.Option(
+        "a100-80gb",
+        "--gpu",
+        help="Catalogue name (a100-40gb, a100-80gb, h100, h200, l4, t4, cpu).",
+        rich_help_panel=_CLUSTER,
+    ),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", rich_help_panel=_CLUSTER),
-    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Custom dense peak for --precision.", rich_help_panel=_CLUSTER),
-    memory_gib: Optional[float] = typer.Option(None, "--memory-gib", help="Custom GPU memory.", rich_help_panel=_CLUSTER),
-    intra_node_gbs: Optional[float] = typer.Option(None, "--intra-node-gbs", rich_help_panel=_CLUSTER),
-    inter_node_gbs: Optional[float] = typer.Option(None, "--inter-node-gbs", rich_help_panel=_CLUSTER),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per step.", rich_help_panel=_CLUSTER),
-    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32.", rich_help_panel=_CLUSTER),
-    efficiency: Optional[float] = typer.Option(None, "--efficiency", help="Achievable fraction of peak.", rich_help_panel=_CLUSTER),
+    peak_tflops: Optional[float] = typer.Option(
+        None, "--peak-tflops", help="Custom dense peak for --precision.", rich_help_panel=_CLUSTER
+    ),
+    memory_gib: Optional[float] = typer.Option(
+        None, "--memory-gib", help="Custom GPU memory.", rich_help_panel=_CLUSTER
+    ),
+    intra_node_gbs: Optional[float] = typer.Option(
+        None, "--intra-node-gbs", rich_help_panel=_CLUSTER
+    ),
+    inter_node_gbs: Optional[float] = typer.Option(
+        None, "--inter-node-gbs", rich_help_panel=_CLUSTER
+    ),
+    global_batch: Optional[int] = typer.Option(
+        None, "--global-batch", help="Sequences per step.", rich_help_panel=_CLUSTER
+    ),
+    precision: str = typer.Option(
+        "bf16", "--precision", help="bf16, fp16 or fp32.", rich_help_panel=_CLUSTER
+    ),
+    efficiency: Optional[float] = typer.Option(
+        None, "--efficiency", help="Achievable fraction of peak.", rich_help_panel=_CLUSTER
+    ),
     dp: Optional[int] = typer.Option(None, "--dp", min=1, rich_help_panel=_PIN),
     tp: Optional[int] = typer.Option(None, "--tp", min=1, rich_help_panel=_PIN),
     pp: Optional[int] = typer.Option(None, "--pp", min=1, rich_help_panel=_PIN),
     zero: Optional[int] = typer.Option(None, "--zero", min=0, max=3, rich_help_panel=_PIN),
-    zero_stages: Optional[str] = typer.Option(None, "--zero-stages", help="ZeRO stages the framework offers, e.g. 0,1 for Megatron-LM (default: DeepSpeed's 0-3).", rich_help_panel=_PIN),
+    zero_stages: Optional[str] = typer.Option(
+        None,
+        "--zero-stages",
+        help="ZeRO stages the framework offers, e.g. 0,1 for Megatron-LM (default: DeepSpeed's 0-3).",
+        rich_help_panel=_PIN,
+    ),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, rich_help_panel=_PIN),
-    recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full.", rich_help_panel=_PIN),
-    sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", rich_help_panel=_PIN),
-    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, rich_help_panel=_PIN),
-    estimate_only: bool = typer.Option(False, "--estimate", help="Evaluate exactly the pinned layout (pin every field)."),
-    measure_run: bool = typer.Option(False, "--measure", help="Run the top candidates of --config for a few steps each through the Ray workers and pick the fastest measured (settles close calls)."),
+    recompute: Optional[str] = typer.Option(
+        None, "--recompute", help="none, selective or full.", rich_help_panel=_PIN
+    ),
+    sequence_parallel: Optional[bool] = typer.Option(
+        None, "--sequence-parallel/--no-sequence-parallel", rich_help_panel=_PIN
+    ),
+    virtual_stages: Optional[int] = typer.Option(
+        None, "--virtual-stages", min=1, rich_help_panel=_PIN
+    ),
+    estimate_only: bool = typer.Option(
+        False, "--estimate", help="Evaluate exactly the pinned layout (pin every field)."
+    ),
+    measure_run: bool = typer.Option(
+        False,
+        "--measure",
+        help="Run the top candidates of --config for a few steps each through the Ray workers and pick the fastest measured (settles close calls).",
+    ),
     measure_top: int = typer.Option(3, "--measure-top", min=1, help="Candidates --measure runs."),
-    measure_steps: int = typer.Option(5, "--measure-steps", min=2, help="Steps per measured candidate (the first is not timed)."),
+    measure_steps: int = typer.Option(
+        5, "--measure-steps", min=2, help="Steps per measured candidate (the first is not timed)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
     top: int = typer.Option(10, "--top", min=1, help="Rows shown (and listed in --json)."),
 ) -> None:
@@ -189,39 +313,93 @@ def plan(
     from orchestrator.planner import plan as run_plan
     from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
 
-    check_plan_numbers(gpus=gpus, gpus_per_node=gpus_per_node, peak_tflops=peak_tflops, memory_gib=memory_gib,
-                       intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs, global_batch=global_batch,
-                       efficiency=efficiency)
+    check_plan_numbers(
+        gpus=gpus,
+        gpus_per_node=gpus_per_node,
+        peak_tflops=peak_tflops,
+        memory_gib=memory_gib,
+        intra_node_gbs=intra_node_gbs,
+        inter_node_gbs=inter_node_gbs,
+        global_batch=global_batch,
+        efficiency=efficiency,
+    )
     if precision not in ("bf16", "fp16", "fp32"):
         raise PlanError(f"--precision {precision!r} must be bf16, fp16 or fp32")
     if attention is not None and attention not in ("dense", "mla"):
         raise PlanError(f"--attention {attention!r} must be dense or mla")
     if recompute is not None and recompute not in RECOMPUTE_CHOICES:
         raise PlanError(f"--recompute {recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
-    dims = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab=vocab,
-                seq_len=seq_len, attention=attention, window=window, top_k=top_k)
+    dims = dict(
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        ffn_hidden=ffn_hidden,
+        vocab=vocab,
+        seq_len=seq_len,
+        attention=attention,
+        window=window,
+        top_k=top_k,
+    )
     cfg, job_seq = build_model(model, params, config, dims)
-    batch, pins = global_batch, Pins(dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
-                                     recompute=recompute, sequence_parallel=sequence_parallel,
-                                     virtual_stages=virtual_stages)
+    batch, pins = (
+        global_batch,
+        Pins(
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            zero_stage=zero,
+            micro_batch=micro_batch,
+            recompute=recompute,
+            sequence_parallel=sequence_parallel,
+            virtual_stages=virtual_stages,
+        ),
+    )
     if config:
         from orchestrator.config import load_job_config
 
         batch = batch or load_job_config(config).train.global_batch
     if estimate_only and not pins.complete():
-        missing = [f for f in ("dp", "tp", "pp", "zero_stage", "micro_batch", "recompute", "sequence_parallel",
-                               "virtual_stages") if getattr(pins, f) is None]
-        raise PlanError(f"--estimate needs every layout field pinned; missing: {', '.join(missing)}")
+        missing = [
+            f
+            for f in (
+                "dp",
+                "tp",
+                "pp",
+                "zero_stage",
+                "micro_batch",
+                "recompute",
+                "sequence_parallel",
+                "virtual_stages",
+            )
+            if getattr(pins, f) is None
+        ]
+        raise PlanError(
+            f"--estimate needs every layout field pinned; missing: {', '.join(missing)}"
+        )
     if gpus is None:
         if not pins.complete():
             raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
         gpus = dp * tp * pp
-    spec = get_gpu(gpu, memory_gib=memory_gib, intra_node_gbs=intra_node_gbs, inter_node_gbs=inter_node_gbs,
-                   peak_tflops={precision: peak_tflops} if peak_tflops is not None else None)
-    request = PlanRequest(model=cfg, gpus=gpus, gpu=spec, global_batch=8 * gpus if batch is None else batch,
-                          seq_len=seq_len or job_seq or cfg.max_seq_len, gpus_per_node=gpus_per_node,
-                          precision=precision, pins=pins, allowed_zero_stages=parse_zero_stages(zero_stages),
-                          efficiency=DEFAULT_EFFICIENCY if efficiency is None else efficiency)
+    spec = get_gpu(
+        gpu,
+        memory_gib=memory_gib,
+        intra_node_gbs=intra_node_gbs,
+        inter_node_gbs=inter_node_gbs,
+        peak_tflops={precision: peak_tflops} if peak_tflops is not None else None,
+    )
+    request = PlanRequest(
+        model=cfg,
+        gpus=gpus,
+        gpu=spec,
+        global_batch=8 * gpus if batch is None else batch,
+        seq_len=seq_len or job_seq or cfg.max_seq_len,
+        gpus_per_node=gpus_per_node,
+        precision=precision,
+        pins=pins,
+        allowed_zero_stages=parse_zero_stages(zero_stages),
+        efficiency=DEFAULT_EFFICIENCY if efficiency is None else efficiency,
+    )
     if measure_run and not config:
         raise PlanError("--measure needs --config JOB.yaml (the job whose candidates are run)")
     result = run_plan(request)
@@ -248,12 +426,24 @@ def print_measured(measured: list) -> None:
     from rich.table import Table
 
     table = Table(title="measured (fastest first)")
-    for col in ("layout", "predicted s", "80% range s", "measured s", "measured/predicted", "error"):
+    for col in (
+        "layout",
+        "predicted s",
+        "80% range s",
+        "measured s",
+        "measured/predicted",
+        "error",
+    ):
         table.add_column(col)
     for m in measured:
-        table.add_row(m.layout.describe(), f"{m.predicted_step_s:.3g}", "{:.3g}-{:.3g}".format(*m.interval_s),
-                      "-" if m.measured_step_s is None else f"{m.measured_step_s:.3g}",
-                      "-" if m.ratio is None else f"{m.ratio:.2f}", m.error)
+        table.add_row(
+            m.layout.describe(),
+            f"{m.predicted_step_s:.3g}",
+            "{:.3g}-{:.3g}".format(*m.interval_s),
+            "-" if m.measured_step_s is None else f"{m.measured_step_s:.3g}",
+            "-" if m.ratio is None else f"{m.ratio:.2f}",
+            m.error,
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)

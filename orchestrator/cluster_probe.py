@@ -49,9 +49,14 @@ def probe_node(expect: dict) -> dict:
     """
     found = {name: _version(name) for name in expect.get("distributions", [])}
     report = {
-        "host": socket.gethostname(), "ip": _node_ip(), "python": sys.executable,
-        "python_version": platform.python_version(), "cwd": os.getcwd(), "distributions": found,
-        "import_error": None, "paths": {k: os.path.exists(v) for k, v in expect.get("paths", {}).items()},
+        "host": socket.gethostname(),
+        "ip": _node_ip(),
+        "python": sys.executable,
+        "python_version": platform.python_version(),
+        "cwd": os.getcwd(),
+        "distributions": found,
+        "import_error": None,
+        "paths": {k: os.path.exists(v) for k, v in expect.get("paths", {}).items()},
         "cuda": None,
     }
     if all(v is not None for v in found.values()):
@@ -89,9 +94,12 @@ def _import_all(modules: list[str]) -> str | None:
 def _cuda() -> dict:
     import torch
 
-    return {"available": bool(torch.cuda.is_available()), "devices": int(torch.cuda.device_count()),
-            "torch_cuda": torch.version.cuda,
-            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "available": bool(torch.cuda.is_available()),
+        "devices": int(torch.cuda.device_count()),
+        "torch_cuda": torch.version.cuda,
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def probe_cluster(expect: dict, timeout_s: float = 300.0) -> dict:
@@ -110,8 +118,12 @@ def probe_cluster(expect: dict, timeout_s: float = 300.0) -> dict:
 
     remote = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(expect) for n in nodes}
+    refs = {
+        n["NodeID"]: remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(expect)
+        for n in nodes
+    }
     out: dict = {"nodes": [], "errors": []}
     for node in nodes:
         node_id = node["NodeID"]
@@ -120,8 +132,13 @@ def probe_cluster(expect: dict, timeout_s: float = 300.0) -> dict:
             report = ray.get(refs[node_id], timeout=timeout_s)
             out["nodes"].append({"node_id": node_id, "resources": resources, "report": report})
         except Exception as exc:  # RuntimeEnvSetupError, GetTimeoutError, WorkerCrashedError...
-            out["errors"].append({"node_id": node_id, "ip": node.get("NodeManagerAddress"),
-                                  "error": _last_lines(str(exc) or type(exc).__name__, 20)})
+            out["errors"].append(
+                {
+                    "node_id": node_id,
+                    "ip": node.get("NodeManagerAddress"),
+                    "error": _last_lines(str(exc) or type(exc).__name__, 20),
+                }
+            )
     return out
 
 

@@ -28,7 +28,9 @@ def _allows_bool(annotation: Any) -> bool:
 
 class _Section(BaseModel):
     # allow_inf_nan=False: ``.inf`` / ``.nan`` are refused for every float field (lr, grad_clip, ...).
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -37,7 +39,11 @@ class _Section(BaseModel):
         if isinstance(data, dict):
             for name, value in data.items():
                 field = cls.model_fields.get(name)
-                if field is not None and isinstance(value, bool) and not _allows_bool(field.annotation):
+                if (
+                    field is not None
+                    and isinstance(value, bool)
+                    and not _allows_bool(field.annotation)
+                ):
                     raise ValueError(f"{name}={str(value).lower()} is a boolean; give a number")
         return data
 
@@ -133,11 +139,15 @@ class PrivacySection(_Section):
     @model_validator(mode="after")
     def _budget(self) -> PrivacySection:
         if self.target_epsilon is None and self.noise_multiplier is None:
-            raise ValueError("train.privacy needs target_epsilon or noise_multiplier; set for example "
-                             "train.privacy.target_epsilon=8")
+            raise ValueError(
+                "train.privacy needs target_epsilon or noise_multiplier; set for example "
+                "train.privacy.target_epsilon=8"
+            )
         if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"train.privacy.target_epsilon({self.target_epsilon}) must be > 0; a budget "
-                             "such as 1, 3 or 8 is usual")
+            raise ValueError(
+                f"train.privacy.target_epsilon({self.target_epsilon}) must be > 0; a budget "
+                "such as 1, 3 or 8 is usual"
+            )
         return self
 
 
@@ -325,15 +335,20 @@ class JobConfig(_Section):
         if self.train.global_batch % self.train.micro_batch:
             raise ValueError(
                 f"train.global_batch({self.train.global_batch}) is not a multiple of "
-                f"train.micro_batch({self.train.micro_batch}); make global_batch a multiple of it")
+                f"train.micro_batch({self.train.micro_batch}); make global_batch a multiple of it"
+            )
         if not all(0.0 <= b < 1.0 for b in self.train.betas):
-            raise ValueError(f"train.betas={list(self.train.betas)}: each AdamW beta must be in [0, 1), "
-                             "e.g. [0.9, 0.95]")
+            raise ValueError(
+                f"train.betas={list(self.train.betas)}: each AdamW beta must be in [0, 1), "
+                "e.g. [0.9, 0.95]"
+            )
         if self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr({self.train.min_lr}) > train.lr({self.train.lr})")
         if self.cluster.min_workers and self.cluster.min_workers > self.cluster.num_workers:
-            raise ValueError(f"cluster.min_workers({self.cluster.min_workers}) > "
-                             f"cluster.num_workers({self.cluster.num_workers})")
+            raise ValueError(
+                f"cluster.min_workers({self.cluster.min_workers}) > "
+                f"cluster.num_workers({self.cluster.num_workers})"
+            )
         return self
 
     def model_config_(self) -> ModelConfig:
@@ -349,7 +364,9 @@ class JobConfig(_Section):
         return Path(self.cluster.storage_path or self.run.dir) / self.run.name
 
 
-def load_job_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+def load_job_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+) -> JobConfig:
     """Load a job YAML, apply ``--set`` overrides and validate.
 
     Args:
@@ -364,13 +381,19 @@ def load_job_config(path: str | os.PathLike | None, overrides: list[str] | tuple
     if path is not None:
         p = Path(path)
         if p.is_dir():
-            raise ConfigError(f"config file {str(p)!r} is a folder; pass a YAML file such as configs/tiny.yaml")
+            raise ConfigError(
+                f"config file {str(p)!r} is a folder; pass a YAML file such as configs/tiny.yaml"
+            )
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/tiny.yaml")
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass a YAML file such as configs/tiny.yaml"
+            )
         data = load_yaml_file(p)
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections "
-                              f"({', '.join(JobConfig.model_fields)})")
+            raise ConfigError(
+                f"{p}: the top level must be a mapping of sections "
+                f"({', '.join(JobConfig.model_fields)})"
+            )
     for item in overrides:
         apply_override(data, item)
     return validate_job_dict(data, source=str(path) if path else "config")
@@ -389,8 +412,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # the base class reports unhashable keys
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1}); "
-                    "keep one of them", key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1}); "
+                    "keep one of them",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -404,8 +431,9 @@ def load_yaml_file(path: Path) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); save it as UTF-8 "
-                          "YAML") from None
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); save it as UTF-8 YAML"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
@@ -444,7 +472,9 @@ def validate_job_dict(data: dict, source: str = "config") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid job config:\n" + format_validation_error(exc)) from None
+        raise ConfigError(
+            f"{source}: invalid job config:\n" + format_validation_error(exc)
+        ) from None
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -44,8 +44,10 @@ def resolve_address(address: str | None) -> str:
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ClusterError("no Ray cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS "
-                           "(start a cluster with `ray start --head`)")
+        raise ClusterError(
+            "no Ray cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS "
+            "(start a cluster with `ray start --head`)"
+        )
     if "://" not in address:
         address = f"http://{address}"
     return address
@@ -63,11 +65,16 @@ def configure_token(token_file: str | None) -> bool:
     if token_file:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            raise ClusterError(f"--token-file {str(path)!r} does not exist; get the token with "
-                               "`ray get-auth-token` on the head node")
+            raise ClusterError(
+                f"--token-file {str(path)!r} does not exist; get the token with "
+                "`ray get-auth-token` on the head node"
+            )
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
-    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                     or (Path.home() / ".ray" / "auth_token").is_file())
+    has_token = bool(
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
     if has_token and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
     return has_token
@@ -89,12 +96,16 @@ def connect(address: str | None, token_file: str | None = None):
     except Exception as exc:  # ConnectionError, RuntimeError with HTTP details
         reason = _first_line(exc).rstrip(".")
         if "authentication" in reason.lower():
-            raise ClusterError(f"the Ray cluster at {url} refused the auth token ({reason}); pass the "
-                               "cluster's token with --token-file (`ray get-auth-token` on the head node) "
-                               "or set RAY_AUTH_TOKEN_PATH") from None
-        raise ClusterError(f"cannot reach the Ray cluster at {url} ({reason}). Start one with "
-                           "`ray start --head` (needs ray[default]) and pass its dashboard address "
-                           "(port 8265), or check RAY_ADDRESS") from None
+            raise ClusterError(
+                f"the Ray cluster at {url} refused the auth token ({reason}); pass the "
+                "cluster's token with --token-file (`ray get-auth-token` on the head node) "
+                "or set RAY_AUTH_TOKEN_PATH"
+            ) from None
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {url} ({reason}). Start one with "
+            "`ray start --head` (needs ray[default]) and pass its dashboard address "
+            "(port 8265), or check RAY_ADDRESS"
+        ) from None
 
 
 def stage_code(stage: Path) -> None:
@@ -134,9 +145,17 @@ def prepare_cluster_job(config: str, overrides: list[str], storage_path: str | N
     return JobConfig.model_validate(data)
 
 
-def submit(config: str, overrides: list[str], address: str | None, token_file: str | None = None,
-           storage_path: str | None = None, entrypoint_args: list[str] | None = None,
-           command: str = "train", submission_id: str | None = None, preflight: bool = True) -> tuple[object, str]:
+def submit(
+    config: str,
+    overrides: list[str],
+    address: str | None,
+    token_file: str | None = None,
+    storage_path: str | None = None,
+    entrypoint_args: list[str] | None = None,
+    command: str = "train",
+    submission_id: str | None = None,
+    preflight: bool = True,
+) -> tuple[object, str]:
     """Check the cluster's Python (:mod:`orchestrator.preflight`), then submit
     ``mla COMMAND job.yaml`` to the cluster; returns ``(client, submission_id)``.
 
@@ -161,12 +180,21 @@ def submit(config: str, overrides: list[str], address: str | None, token_file: s
         if preflight:
             expect = expectations(job, check_storage=explicit_storage)
             (Path(tmp) / EXPECT_FILE).write_text(json.dumps(expect.probe_input()))
-            check_result(expect, run_preflight_job(client, expect, runtime_env, python, f"{sid}-preflight",
-                                                   _submit_with_retry))
+            check_result(
+                expect,
+                run_preflight_job(
+                    client, expect, runtime_env, python, f"{sid}-preflight", _submit_with_retry
+                ),
+            )
         args = " ".join(shlex.quote(a) for a in ["--no-preflight", *(entrypoint_args or [])])
         entrypoint = f"{python} -m orchestrator.cli {command} job.yaml {args}".strip()
-        _submit_with_retry(client, entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                           metadata={"mla_run": job.run.name, "mla_command": command})
+        _submit_with_retry(
+            client,
+            entrypoint=entrypoint,
+            submission_id=sid,
+            runtime_env=runtime_env,
+            metadata={"mla_run": job.run.name, "mla_command": command},
+        )
     return client, sid
 
 
@@ -195,6 +223,7 @@ def follow(client, submission_id: str, echo) -> str:
     Raises:
         JobFailedError: the job FAILED or was STOPPED (status, message and last log lines).
     """
+
     async def _tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
             for line in chunk.splitlines():
@@ -205,7 +234,9 @@ def follow(client, submission_id: str, echo) -> str:
     if status != "SUCCEEDED":
         info = client.get_job_info(submission_id)
         tail = "\n".join(client.get_job_logs(submission_id).splitlines()[-15:])
-        raise JobFailedError(f"job {submission_id} {status}: {info.message or 'no message'}\nlast log lines:\n{tail}")
+        raise JobFailedError(
+            f"job {submission_id} {status}: {info.message or 'no message'}\nlast log lines:\n{tail}"
+        )
     return status
 
 
@@ -233,5 +264,6 @@ def require_known_job(client, submission_id: str):
     try:
         return client.get_job_info(submission_id)
     except Exception as exc:
-        raise ConfigError(f"no job {submission_id!r} on this cluster ({_first_line(exc)}); "
-                          "see `mla jobs list`") from None
+        raise ConfigError(
+            f"no job {submission_id!r} on this cluster ({_first_line(exc)}); see `mla jobs list`"
+        ) from None

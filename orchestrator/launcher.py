@@ -45,24 +45,30 @@ def check_data(job: JobConfig) -> str:
     """
     model = job.model_config_()
     if job.data.tokenizer == "byte" and model.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
-                          "set model.vocab_size to at least 256")
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
+            "set model.vocab_size to at least 256"
+        )
     corpus = load_corpus(job.data.path, job.data.val_fraction)
     check_corpus(corpus, job.data.seq_len)
     warn_small_corpus(len(corpus.train), len(corpus.val), job.data.seq_len, job.train.global_batch)
     return f"{corpus.source}: {corpus.n_docs} documents, {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
 
 
-def warn_small_corpus(train_tokens: int, val_tokens: int, seq_len: int, global_batch: int) -> list[str]:
+def warn_small_corpus(
+    train_tokens: int, val_tokens: int, seq_len: int, global_batch: int
+) -> list[str]:
     """Warn (on the console; returned too) when a split holds fewer ``seq_len`` windows than one
     global batch: every step then repeats windows within the batch."""
     warnings = []
     for split, n in (("train", train_tokens), ("validation", val_tokens)):
         windows = max(0, (n - 1) // seq_len)
         if windows < global_batch:
-            warnings.append(f"warning: the {split} split holds {windows} windows of data.seq_len={seq_len} tokens, "
-                            f"fewer than one global batch (train.global_batch={global_batch}): each batch repeats "
-                            "windows; add text or lower data.seq_len / train.global_batch")
+            warnings.append(
+                f"warning: the {split} split holds {windows} windows of data.seq_len={seq_len} tokens, "
+                f"fewer than one global batch (train.global_batch={global_batch}): each batch repeats "
+                "windows; add text or lower data.seq_len / train.global_batch"
+            )
     for text in warnings:
         console.print(text)
     return warnings
@@ -81,8 +87,10 @@ def make_run_dir(job: JobConfig, run_dir) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{name}: cannot create or write the run folder {run_dir} ({exc.strerror}); choose a "
-                          f"writable folder, e.g. --set {name}=runs") from None
+        raise ConfigError(
+            f"{name}: cannot create or write the run folder {run_dir} ({exc.strerror}); choose a "
+            f"writable folder, e.g. --set {name}=runs"
+        ) from None
 
 
 def _read_failure(run_dir) -> dict | None:
@@ -141,7 +149,9 @@ def connect_ray(job: JobConfig, num_cpus: int | None = None, dashboard: bool = F
 
 
 @contextmanager
-def ray_session(job: JobConfig, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[RayHandle]:
+def ray_session(
+    job: JobConfig, num_cpus: int | None = None, dashboard: bool = False
+) -> Iterator[RayHandle]:
     """:func:`connect_ray` as a context manager: the handle is closed on exit."""
     handle = connect_ray(job, num_cpus, dashboard)
     try:
@@ -150,7 +160,9 @@ def ray_session(job: JobConfig, num_cpus: int | None = None, dashboard: bool = F
         handle.close()
 
 
-def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[str, str | None]) -> RayHandle:
+def _connect(
+    job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[str, str | None]
+) -> RayHandle:
     if not job.cluster.address and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
         # Must be set before Ray is first imported: with it, Ray's node-IP lookup returns
         # 127.0.0.1 instead of the machine's external address (ray_constants.ENABLE_RAY_CLUSTER).
@@ -164,7 +176,11 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
         _connect_address(job, verbose)
         return RayHandle(started=False, saved_env=saved)
     cluster = job.cluster
-    num_cpus = cluster.ray_num_cpus or num_cpus or max(1, int(round(cluster.num_workers * cluster.cpus_per_worker)))
+    num_cpus = (
+        cluster.ray_num_cpus
+        or num_cpus
+        or max(1, int(round(cluster.num_workers * cluster.cpus_per_worker)))
+    )
     # Fix the GCS port and publish it as RAY_ADDRESS while the connection lasts (Ray's processes
     # inherit it): Ray's own helpers that look the cluster up (the state API used by Ray Train's
     # placement-group cleaner) would otherwise find the last `ray start` cluster of this
@@ -173,10 +189,18 @@ def _connect(job: JobConfig, num_cpus: int | None, dashboard: bool, saved: dict[
     _set_env(saved, "RAY_GCS_SERVER_PORT", str(port))
     _set_env(saved, "RAY_ADDRESS", f"127.0.0.1:{port}")
     # address="local" always starts a new cluster, even if `ray start` runs on this machine.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cluster.use_gpu else 0,
-             object_store_memory=cluster.object_store_mb * 1024 * 1024, include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=verbose, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1", configure_logging=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=None if cluster.use_gpu else 0,
+        object_store_memory=cluster.object_store_mb * 1024 * 1024,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        log_to_driver=verbose,
+        logging_level=logging.WARNING,
+        _node_ip_address="127.0.0.1",
+        configure_logging=True,
+    )
     return RayHandle(started=True, saved_env=saved)
 
 
@@ -202,12 +226,18 @@ def _connect_address(job: JobConfig, verbose: bool) -> None:
             stage_code(Path(tmp))
             runtime_env = build_runtime_env(job.cluster, working_dir=tmp)
         try:  # ray.init uploads the working_dir before it returns
-            ray.init(address=job.cluster.address, runtime_env=runtime_env, log_to_driver=verbose,
-                     logging_level=logging.WARNING)
+            ray.init(
+                address=job.cluster.address,
+                runtime_env=runtime_env,
+                log_to_driver=verbose,
+                logging_level=logging.WARNING,
+            )
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
-            raise ClusterError(f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
-                               f"({exc}); start one with `ray start --head` or unset cluster.address to use "
-                               "an embedded local Ray") from None
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at cluster.address={job.cluster.address!r} "
+                f"({exc}); start one with `ray start --head` or unset cluster.address to use "
+                "an embedded local Ray"
+            ) from None
 
 
 def check_cluster(job: JobConfig, handle: RayHandle) -> None:
@@ -274,7 +304,9 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
         make_run_dir(job, run_dir)
         print_header(plan, data_text)
         write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
-        (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a diverged earlier attempt of this run name
+        (run_dir / FAILURE_FILE).unlink(
+            missing_ok=True
+        )  # a diverged earlier attempt of this run name
         tail = ProgressTail(run_dir / "metrics.jsonl", job.train.steps)
         watchdog = StartupWatchdog(job, plan.world_sizes, run_dir, job.cluster.startup_timeout_s)
         started = time.time()
@@ -294,21 +326,26 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
             tail.stop_event.set()
             tail.join(timeout=5)
     if result.error is not None:
-        raise JobFailedError(f"training failed: {_root_cause(result.error)} (run folder: {run_dir})") \
-            from result.error
+        raise JobFailedError(
+            f"training failed: {_root_cause(result.error)} (run folder: {run_dir})"
+        ) from result.error
     summary = build_summary(job, run_dir, time.time() - started, plan.privacy)
     failure = _read_failure(run_dir)
     if failure is not None:
         summary.update(status="diverged", error=failure.get("message"))
         write_json_atomic(run_dir / "summary.json", summary)
-        raise JobFailedError(f"{failure.get('message')} (run folder: {run_dir}; the last good checkpoint is "
-                             f"{summary['checkpoint']})")
+        raise JobFailedError(
+            f"{failure.get('message')} (run folder: {run_dir}; the last good checkpoint is "
+            f"{summary['checkpoint']})"
+        )
     summary["status"] = "done"
     write_json_atomic(run_dir / "summary.json", summary)
     spent = f", epsilon {summary['epsilon']:.3g}" if plan.privacy is not None else ""
-    console.print(f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
-                  f"{summary['last_val_loss']}{spent}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
-                  f"{run_dir / 'summary.json'}")
+    console.print(
+        f"done: {summary['steps']} steps, val_loss {summary['first_val_loss']} -> "
+        f"{summary['last_val_loss']}{spent}, {summary['tokens_per_s']:,.0f} tokens/s; summary: "
+        f"{run_dir / 'summary.json'}"
+    )
     return summary
 
 
@@ -353,11 +390,17 @@ def build_trainer(plan: RunPlan, callbacks: list | tuple = ()):
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         # Train V2's ScalingConfig takes (min, max) for elastic training; mypy sees the V1 class
         # that ray.train re-exports when V2 is off.
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,  # type: ignore[arg-type]
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
-                             failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             callbacks=list(callbacks)),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,  # type: ignore[arg-type]
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=plan.run_dir.name,
+            storage_path=str(plan.run_dir.parent),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            callbacks=list(callbacks),
+        ),
     )
 
 
@@ -386,5 +429,3 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
-
-

@@ -31,33 +31,51 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         PlanError: the degrees do not divide the world size, the batch, or the model.
     """
     if job.parallel.auto:
-        return _runnable(_auto_layout(job, world_size), "the planner's choice for "
-                         f"{world_size} workers (parallel.auto)")
+        return _runnable(
+            _auto_layout(job, world_size),
+            f"the planner's choice for {world_size} workers (parallel.auto)",
+        )
     p, t, model = job.parallel, job.train, job.model_config_()
     unit = p.tensor * p.pipeline
     if world_size % unit:
-        raise PlanError(f"parallel.tensor({p.tensor}) * parallel.pipeline({p.pipeline}) = {unit} does not divide "
-                        f"{world_size} workers; use a worker count that is a multiple of {unit}")
+        raise PlanError(
+            f"parallel.tensor({p.tensor}) * parallel.pipeline({p.pipeline}) = {unit} does not divide "
+            f"{world_size} workers; use a worker count that is a multiple of {unit}"
+        )
     dp = world_size // unit
     if p.data is not None and p.data != dp and world_size == job.cluster.num_workers:
-        raise PlanError(f"parallel.data({p.data}) * tensor({p.tensor}) * pipeline({p.pipeline}) = "
-                        f"{p.data * unit} != cluster.num_workers({world_size}); fix one of them or unset parallel.data")
+        raise PlanError(
+            f"parallel.data({p.data}) * tensor({p.tensor}) * pipeline({p.pipeline}) = "
+            f"{p.data * unit} != cluster.num_workers({world_size}); fix one of them or unset parallel.data"
+        )
     if t.global_batch % (dp * t.micro_batch):
-        raise PlanError(f"train.global_batch({t.global_batch}) is not divisible by data-parallel degree ({dp}) * "
-                        f"train.micro_batch({t.micro_batch}); choose a global batch that is a multiple of "
-                        f"{dp * t.micro_batch}")
+        raise PlanError(
+            f"train.global_batch({t.global_batch}) is not divisible by data-parallel degree ({dp}) * "
+            f"train.micro_batch({t.micro_batch}); choose a global batch that is a multiple of "
+            f"{dp * t.micro_batch}"
+        )
     try:
-        layout = Layout(dp=dp, tp=p.tensor, pp=p.pipeline, zero_stage=p.zero_stage, micro_batch=t.micro_batch,
-                        grad_accum=t.global_batch // (dp * t.micro_batch), recompute=p.recompute,
-                        sequence_parallel=p.sequence_parallel, virtual_stages=p.virtual_stages)
+        layout = Layout(
+            dp=dp,
+            tp=p.tensor,
+            pp=p.pipeline,
+            zero_stage=p.zero_stage,
+            micro_batch=t.micro_batch,
+            grad_accum=t.global_batch // (dp * t.micro_batch),
+            recompute=p.recompute,
+            sequence_parallel=p.sequence_parallel,
+            virtual_stages=p.virtual_stages,
+        )
         layout.check_model(model.n_heads, model.kv_heads, model.n_layers)
     except LayoutError as exc:
         raise PlanError(f"parallel: {exc}") from None
     if model.vocab_size % p.tensor:
-        raise PlanError(f"model.vocab_size({model.vocab_size}) is not divisible by parallel.tensor({p.tensor}): the "
-                        "vocabulary-parallel embedding splits it; set model.vocab_size to a multiple of "
-                        f"{p.tensor} (e.g. {-(-model.vocab_size // p.tensor) * p.tensor}; ids above the tokenizer's "
-                        "are never targets) or lower parallel.tensor")
+        raise PlanError(
+            f"model.vocab_size({model.vocab_size}) is not divisible by parallel.tensor({p.tensor}): the "
+            "vocabulary-parallel embedding splits it; set model.vocab_size to a multiple of "
+            f"{p.tensor} (e.g. {-(-model.vocab_size // p.tensor) * p.tensor}; ids above the tokenizer's "
+            "are never targets) or lower parallel.tensor"
+        )
     return _runnable(layout, "parallel")
 
 
@@ -72,12 +90,18 @@ def _runnable(layout: Layout, where: str) -> Layout:
 def _auto_layout(job: JobConfig, world_size: int) -> Layout:
     from orchestrator.planner import plan_job
 
-    result = plan_job(job, world_size=world_size, gpu=job.cluster.gpu if job.cluster.use_gpu else "cpu")
+    result = plan_job(
+        job, world_size=world_size, gpu=job.cluster.gpu if job.cluster.use_gpu else "cpu"
+    )
     if result.best is None:  # only estimate mode returns no best; a search returns one or raises
-        raise PlanError(f"parallel.auto: no layout fits {world_size} workers: {'; '.join(result.notes)}")
+        raise PlanError(
+            f"parallel.auto: no layout fits {world_size} workers: {'; '.join(result.notes)}"
+        )
     layout = result.best.layout
     if layout.world_size != world_size:
-        raise PlanError(f"parallel.auto: {'; '.join(result.notes)}; set cluster.num_workers={layout.world_size}")
+        raise PlanError(
+            f"parallel.auto: {'; '.join(result.notes)}; set cluster.num_workers={layout.world_size}"
+        )
     return layout
 
 
@@ -109,8 +133,10 @@ def check_resumable(job: JobConfig, plan: RunPlan) -> None:
     for w, layout in plan.layouts.items():
         problem = resume_problem(saved, layout)
         if problem and saved is not None:
-            raise PlanError(f"checkpoint {found[1]} was written under {saved.describe()} and the plan for "
-                            f"{w} workers is {layout.describe()}; {problem}")
+            raise PlanError(
+                f"checkpoint {found[1]} was written under {saved.describe()} and the plan for "
+                f"{w} workers is {layout.describe()}; {problem}"
+            )
 
 
 def runnable_layouts(job: JobConfig, sizes: range | None = None) -> dict[int, Layout]:
@@ -153,6 +179,9 @@ def build_run_plan(job: JobConfig) -> RunPlan:
         PlanError: ``cluster.num_workers`` has no layout.
     """
     layouts = runnable_layouts(job)
-    return RunPlan(job=job, layouts=layouts,
-                   deepspeed={w: build_deepspeed_config(job, layout) for w, layout in layouts.items()},
-                   run_dir=job.run_dir.resolve())
+    return RunPlan(
+        job=job,
+        layouts=layouts,
+        deepspeed={w: build_deepspeed_config(job, layout) for w, layout in layouts.items()},
+        run_dir=job.run_dir.resolve(),
+    )

@@ -30,7 +30,13 @@ DISTRIBUTION = "mla-train"
 #: Extras whose requirements a cluster node needs ("" is the core list); dev tools are not.
 RUNTIME_EXTRAS = ("", "train")
 #: What the job's driver and workers import; tried on each node once every requirement is there.
-IMPORTS = ["orchestrator.cli", "orchestrator.launcher", "workers.train_loop", "deepspeed", "ray.train.torch"]
+IMPORTS = [
+    "orchestrator.cli",
+    "orchestrator.launcher",
+    "workers.train_loop",
+    "deepspeed",
+    "ray.train.torch",
+]
 EXPECT_FILE = ".mla-preflight.json"
 """Name of the expectations file inside the uploaded working_dir."""
 
@@ -41,7 +47,8 @@ FIXES = (
     "(KubeRay: set cluster.image, or `mla k8s render --image`); or\n"
     "  2. give the job a Ray runtime env: --set cluster.runtime_env.py_executable=/path/to/venv/bin/python "
     "(a virtual environment on every node, made with `scripts/install.sh /path/to/venv/bin/python --extras train`), "
-    "or cluster.runtime_env.pip: [...] (installed by Ray for the job; see the README)")
+    "or cluster.runtime_env.pip: [...] (installed by Ray for the job; see the README)"
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,13 @@ class Expectations:
 
     def probe_input(self) -> dict:
         """The JSON document :func:`orchestrator.cluster_probe.probe_node` takes."""
-        return {"distributions": list(self.requirements), "imports": IMPORTS, "paths": dict(self.paths),
-                "use_gpu": self.use_gpu, "timeout_s": self.timeout_s}
+        return {
+            "distributions": list(self.requirements),
+            "imports": IMPORTS,
+            "paths": dict(self.paths),
+            "use_gpu": self.use_gpu,
+            "timeout_s": self.timeout_s,
+        }
 
 
 def project_requirements() -> dict[str, str]:
@@ -84,7 +96,9 @@ def project_requirements() -> dict[str, str]:
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text())["project"]
         extras = project.get("optional-dependencies", {})
-        lines = list(project.get("dependencies", [])) + [r for e in RUNTIME_EXTRAS if e for r in extras.get(e, [])]
+        lines = list(project.get("dependencies", [])) + [
+            r for e in RUNTIME_EXTRAS if e for r in extras.get(e, [])
+        ]
     else:
         lines = metadata.requires(DISTRIBUTION) or []
     out: dict[str, str] = {}
@@ -114,10 +128,15 @@ def expectations(job, check_storage: bool) -> Expectations:
         ray_version = metadata.version("ray")
     except metadata.PackageNotFoundError:
         ray_version = None
-    return Expectations(python=".".join(platform.python_version_tuple()[:2]), requirements=project_requirements(),
-                        ray_version=ray_version, paths=paths,
-                        local_paths={k: Path(v).expanduser().exists() for k, v in paths.items()},
-                        use_gpu=job.cluster.use_gpu, timeout_s=float((rt.setup_timeout_s if rt else 600) + 300))
+    return Expectations(
+        python=".".join(platform.python_version_tuple()[:2]),
+        requirements=project_requirements(),
+        ray_version=ray_version,
+        paths=paths,
+        local_paths={k: Path(v).expanduser().exists() for k, v in paths.items()},
+        use_gpu=job.cluster.use_gpu,
+        timeout_s=float((rt.setup_timeout_s if rt else 600) + 300),
+    )
 
 
 def node_problems(expect: Expectations, report: dict, gpus: float) -> tuple[list[str], list[str]]:
@@ -134,17 +153,28 @@ def node_problems(expect: Expectations, report: dict, gpus: float) -> tuple[list
         env.append("missing " + ", ".join(missing))
     for name, version in sorted(found.items()):
         spec = expect.requirements.get(name, "")
-        if version is not None and spec and not SpecifierSet(spec).contains(version, prereleases=True):
+        if (
+            version is not None
+            and spec
+            and not SpecifierSet(spec).contains(version, prereleases=True)
+        ):
             env.append(f"{name} {version} (the project pins {name}{spec})")
     ray = found.get("ray")
-    if ray and expect.ray_version and ray != expect.ray_version and not any(e.startswith("ray ") for e in env):
+    if (
+        ray
+        and expect.ray_version
+        and ray != expect.ray_version
+        and not any(e.startswith("ray ") for e in env)
+    ):
         env.append(f"ray {ray} (the submitter runs ray {expect.ray_version}; they must match)")
     if report.get("import_error"):
         env.append(report["import_error"])
     cuda = report.get("cuda")
     if expect.use_gpu and gpus > 0 and cuda is not None and not cuda.get("available"):
-        env.append(f"CUDA not visible to torch (torch built for CUDA {cuda.get('torch_cuda')}, "
-                   f"CUDA_VISIBLE_DEVICES={cuda.get('visible_devices')!r}) on a node with {gpus:g} GPU(s)")
+        env.append(
+            f"CUDA not visible to torch (torch built for CUDA {cuda.get('torch_cuda')}, "
+            f"CUDA_VISIBLE_DEVICES={cuda.get('visible_devices')!r}) on a node with {gpus:g} GPU(s)"
+        )
     paths = [label for label, ok in sorted(report.get("paths", {}).items()) if not ok]
     return env, paths
 
@@ -168,21 +198,35 @@ def check_result(expect: Expectations, result: dict) -> None:
         report = node["report"]
         env, paths = node_problems(expect, report, node.get("resources", {}).get("GPU", 0))
         if env:
-            groups.setdefault((report.get("python"), report.get("python_version"), tuple(env)), []).append(report["ip"])
+            groups.setdefault(
+                (report.get("python"), report.get("python_version"), tuple(env)), []
+            ).append(report["ip"])
         for label in paths:
             missing_paths.setdefault(label, []).append(report["ip"])
-    lines = [f"- node{'s' if len(ips) > 1 else ''} {', '.join(ips)} (python {py}, {ver}): {'; '.join(env)}"
-             for (py, ver, env), ips in groups.items()]
-    lines += [f"- node {e.get('ip') or e['node_id'][:8]}: the probe could not run there: {e['error']}"
-              for e in result.get("errors", [])]
+    lines = [
+        f"- node{'s' if len(ips) > 1 else ''} {', '.join(ips)} (python {py}, {ver}): {'; '.join(env)}"
+        for (py, ver, env), ips in groups.items()
+    ]
+    lines += [
+        f"- node {e.get('ip') or e['node_id'][:8]}: the probe could not run there: {e['error']}"
+        for e in result.get("errors", [])
+    ]
     if result.get("cluster_error"):
-        lines.append(f"- the preflight job could not reach its own cluster: {result['cluster_error']}")
-    if expect.use_gpu and result.get("nodes") and not any(n.get("resources", {}).get("GPU", 0) for n in result["nodes"]):
+        lines.append(
+            f"- the preflight job could not reach its own cluster: {result['cluster_error']}"
+        )
+    if (
+        expect.use_gpu
+        and result.get("nodes")
+        and not any(n.get("resources", {}).get("GPU", 0) for n in result["nodes"])
+    ):
         lines.append("- cluster.use_gpu is true but no node of the cluster advertises a GPU")
     path_lines = [_path_line(label, expect, ips) for label, ips in missing_paths.items()]
     if not lines and not path_lines:
         return
-    text = "the cluster cannot run this job (checked before any training started):\n" + "\n".join(lines + path_lines)
+    text = "the cluster cannot run this job (checked before any training started):\n" + "\n".join(
+        lines + path_lines
+    )
     if lines:
         text += "\n" + FIXES
     raise ClusterError(text)
@@ -191,16 +235,24 @@ def check_result(expect: Expectations, result: dict) -> None:
 def _path_line(label: str, expect: Expectations, ips: list[str]) -> str:
     path = expect.paths[label]
     where = "exists on this machine but not" if expect.local_paths.get(label) else "does not exist"
-    relative = "" if Path(path).is_absolute() else " (a relative path is read from the job's working directory there)"
+    relative = (
+        ""
+        if Path(path).is_absolute()
+        else " (a relative path is read from the job's working directory there)"
+    )
     what = "the data" if label == "data.path" else "run folders and checkpoints"
-    return (f"- {label} {path!r} {where} on node{'s' if len(ips) > 1 else ''} {', '.join(ips)} of the cluster"
-            f"{relative}: {what} must be visible on the cluster: put {'it' if label == 'data.path' else 'them'} on "
-            "storage every node mounts at the same path (NFS, a ReadWriteMany volume) and point "
-            f"{label} at that absolute path" + (", or use an object-store URI (s3://...)" if label != "data.path" else ""))
+    return (
+        f"- {label} {path!r} {where} on node{'s' if len(ips) > 1 else ''} {', '.join(ips)} of the cluster"
+        f"{relative}: {what} must be visible on the cluster: put {'it' if label == 'data.path' else 'them'} on "
+        "storage every node mounts at the same path (NFS, a ReadWriteMany volume) and point "
+        f"{label} at that absolute path"
+        + (", or use an object-store URI (s3://...)" if label != "data.path" else "")
+    )
 
 
-def run_preflight_job(client, expect: Expectations, runtime_env: dict, python: str, submission_id: str,
-                      submit) -> dict:
+def run_preflight_job(
+    client, expect: Expectations, runtime_env: dict, python: str, submission_id: str, submit
+) -> dict:
     """Run the probe as a Ray job with the job's runtime env and return its result.
 
     Args:
@@ -216,8 +268,14 @@ def run_preflight_job(client, expect: Expectations, runtime_env: dict, python: s
             runtime env failed to install: Ray's message and the last log lines are included),
             or did not finish within ``expect.timeout_s``.
     """
-    submit(client, entrypoint=f"{python} -m orchestrator.cluster_probe {EXPECT_FILE}", submission_id=submission_id,
-           runtime_env=runtime_env, entrypoint_num_cpus=0, metadata={"mla_command": "preflight"})
+    submit(
+        client,
+        entrypoint=f"{python} -m orchestrator.cluster_probe {EXPECT_FILE}",
+        submission_id=submission_id,
+        runtime_env=runtime_env,
+        entrypoint_num_cpus=0,
+        metadata={"mla_command": "preflight"},
+    )
     deadline = time.time() + expect.timeout_s
     status = "PENDING"
     while time.time() < deadline:
@@ -228,7 +286,7 @@ def run_preflight_job(client, expect: Expectations, runtime_env: dict, python: s
     logs = client.get_job_logs(submission_id)
     for line in logs.splitlines():
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
+            return json.loads(line[len(MARKER) :])
     if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         client.stop_job(submission_id)
     info = client.get_job_info(submission_id)
@@ -237,7 +295,8 @@ def run_preflight_job(client, expect: Expectations, runtime_env: dict, python: s
         f"the preflight check could not run on the cluster (job {submission_id} {status}: "
         f"{(info.message or 'no message').strip()}); nothing was started. Last log lines:\n{tail}\n"
         "If a runtime env was being installed, its logs are in the message above (raise "
-        "cluster.runtime_env.setup_timeout_s if it is only slow). " + FIXES)
+        "cluster.runtime_env.setup_timeout_s if it is only slow). " + FIXES
+    )
 
 
 def preflight_connected(job, check_storage: bool = True) -> None:

@@ -79,8 +79,10 @@ class ProgressTail(threading.Thread):
 def restart_line(attempt: int, resumed_from: int | None) -> str:
     """The console line for the ``attempt``-th start of the worker group in this invocation."""
     if attempt > 1:
-        return (f"worker group restarted (attempt {attempt}), resumed from step {resumed_from or 0}; "
-                f"progress continues at step {(resumed_from or 0) + 1}")
+        return (
+            f"worker group restarted (attempt {attempt}), resumed from step {resumed_from or 0}; "
+            f"progress continues at step {(resumed_from or 0) + 1}"
+        )
     if resumed_from is not None:
         return f"resumed from step {resumed_from}"
     return "workers started"
@@ -89,9 +91,13 @@ def restart_line(attempt: int, resumed_from: int | None) -> str:
 def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     """One progress line: ``step 40/200  loss 2.3141  val 2.2810  tok/s 5,210  lr 2.9e-03  12s``."""
     parts = [f"step {record['step']:>5}/{total_steps}"]
-    for key, label, fmt in (("loss", "loss", ".4f"), ("val_loss", "val", ".4f"), ("tokens_per_s", "tok/s", ",.0f"),
-                            ("lr", "lr", ".2e"),
-                            ("epsilon", "eps", ".3g")):
+    for key, label, fmt in (
+        ("loss", "loss", ".4f"),
+        ("val_loss", "val", ".4f"),
+        ("tokens_per_s", "tok/s", ",.0f"),
+        ("lr", "lr", ".2e"),
+        ("epsilon", "eps", ".3g"),
+    ):
         if key in record:
             value = record[key]
             parts.append(f"{label} {'nan' if value is None else format(value, fmt)}")
@@ -101,7 +107,9 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     return "  ".join(parts)
 
 
-def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy: PrivacyPlan | None = None) -> dict:
+def build_summary(
+    job: JobConfig, run_dir: Path, wall_time_s: float, privacy: PrivacyPlan | None = None
+) -> dict:
     """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run (with the epsilon spent
     and the privacy plan when ``privacy`` is given)."""
     records = _read_jsonl(run_dir / "metrics.jsonl")
@@ -123,7 +131,9 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy: Pr
         "world_size": last_event.get("world_size"),
         "attempts": len(events),
         "resumed_from_step": resumes[-1]["resumed_from_step"] if resumes else None,
-        "resumes": [{"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes],
+        "resumes": [
+            {"step": e["resumed_from_step"], "world_size": e["world_size"]} for e in resumes
+        ],
         "checkpoint": str(found[1]) if found else None,
         **(_privacy_summary(records, privacy) if privacy is not None else {}),
     }
@@ -131,9 +141,12 @@ def build_summary(job: JobConfig, run_dir: Path, wall_time_s: float, privacy: Pr
 
 def _privacy_summary(records: list[dict], privacy: PrivacyPlan) -> dict:
     spent = [r for r in records if "epsilon" in r]
-    return {"epsilon": spent[-1]["epsilon"] if spent else 0.0, "delta": privacy.delta,
-            "epsilon_per_eval": [{"step": r["step"], "epsilon": r["epsilon"]} for r in spent],
-            "privacy": privacy.to_dict()}
+    return {
+        "epsilon": spent[-1]["epsilon"] if spent else 0.0,
+        "delta": privacy.delta,
+        "epsilon_per_eval": [{"step": r["step"], "epsilon": r["epsilon"]} for r in spent],
+        "privacy": privacy.to_dict(),
+    }
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -149,8 +162,10 @@ def print_header(plan: RunPlan, data_text: str) -> None:
     job, layout, run_dir = plan.job, plan.main_layout, plan.run_dir
     model = plan.model
     sizes = ", ".join(map(str, plan.world_sizes))
-    console.print(f"mla train {job.run.name}: {count_parameters(model):,} parameters, "
-                  f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})")
+    console.print(
+        f"mla train {job.run.name}: {count_parameters(model):,} parameters, "
+        f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})"
+    )
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")
     if plan.privacy is not None:
@@ -159,7 +174,13 @@ def print_header(plan: RunPlan, data_text: str) -> None:
 
 def describe_privacy(plan: PrivacyPlan, steps: int) -> str:
     """One header line for a DP-SGD run."""
-    budget = f"target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "no target epsilon"
-    return (f"privacy: DP-SGD, Poisson sampling q={plan.sample_rate:.3g} (N={plan.n_sequences:,}), noise_multiplier "
-            f"{plan.noise_multiplier:.4g}, max_grad_norm {plan.max_grad_norm:g}, delta {plan.delta:.3g}, "
-            f"{plan.accountant} accountant, {budget} over {steps} steps")
+    budget = (
+        f"target epsilon {plan.target_epsilon:g}"
+        if plan.target_epsilon is not None
+        else "no target epsilon"
+    )
+    return (
+        f"privacy: DP-SGD, Poisson sampling q={plan.sample_rate:.3g} (N={plan.n_sequences:,}), noise_multiplier "
+        f"{plan.noise_multiplier:.4g}, max_grad_norm {plan.max_grad_norm:g}, delta {plan.delta:.3g}, "
+        f"{plan.accountant} accountant, {budget} over {steps} steps"
+    )

@@ -13,8 +13,23 @@ import shlex
 from orchestrator.config import ClusterSection, RuntimeEnvSection
 
 #: Never uploaded with the job: environments, run outputs, checkpoints, caches, VCS data.
-WORKING_DIR_EXCLUDES = [".venv", "venv", "env", "runs", "ray_results", "checkpoints", "*.egg-info", ".git",
-                        "__pycache__", ".pytest_cache", "*.pt", "*.pth", "*.safetensors", ".mypy_cache", "k8s/crds"]
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    "venv",
+    "env",
+    "runs",
+    "ray_results",
+    "checkpoints",
+    "*.egg-info",
+    ".git",
+    "__pycache__",
+    ".pytest_cache",
+    "*.pt",
+    "*.pth",
+    "*.safetensors",
+    ".mypy_cache",
+    "k8s/crds",
+]
 
 
 def build_runtime_env(cluster: ClusterSection, working_dir: str | None) -> dict:

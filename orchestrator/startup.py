@@ -35,14 +35,19 @@ def resources_asked(job: JobConfig, sizes: Iterable[int | str]) -> dict[str, flo
 
 def shortfall(asked: dict[str, float], available: dict[str, float]) -> str | None:
     """``"CPU 4 asked, 2 in the cluster"``-style text for every short resource, or ``None``."""
-    short = [f"{k} {v:g} asked, {available.get(k, 0.0):g} in the cluster" for k, v in asked.items()
-             if v > available.get(k, 0.0) + 1e-9]
+    short = [
+        f"{k} {v:g} asked, {available.get(k, 0.0):g} in the cluster"
+        for k, v in asked.items()
+        if v > available.get(k, 0.0) + 1e-9
+    ]
     return "; ".join(short) or None
 
 
 def _fix(job: JobConfig) -> str:
-    return ("lower cluster.num_workers (or set cluster.min_workers), lower cluster.cpus_per_worker, "
-            "or add nodes" + ("" if job.cluster.address else " / raise cluster.ray_num_cpus"))
+    return (
+        "lower cluster.num_workers (or set cluster.min_workers), lower cluster.cpus_per_worker, "
+        "or add nodes" + ("" if job.cluster.address else " / raise cluster.ray_num_cpus")
+    )
 
 
 def check_placeable(job: JobConfig, sizes: Iterable[int | str]) -> None:
@@ -100,7 +105,11 @@ class StartupWatchdog(threading.Thread):
             total = ray.cluster_resources()
         except Exception:  # Ray gone: say what was asked
             available, total = {}, {}
-        have = ", ".join(f"{k} {available.get(k, 0.0):g} free of {total.get(k, 0.0):g}" for k in asked)
-        return (f"no worker group started within cluster.startup_timeout_s={self.timeout_s:g} s: asked for "
-                f"{', '.join(f'{k} {v:g}' for k, v in asked.items())}, the cluster has {have}; {_fix(self.job)}, "
-                "or raise cluster.startup_timeout_s if nodes are still being added")
+        have = ", ".join(
+            f"{k} {available.get(k, 0.0):g} free of {total.get(k, 0.0):g}" for k in asked
+        )
+        return (
+            f"no worker group started within cluster.startup_timeout_s={self.timeout_s:g} s: asked for "
+            f"{', '.join(f'{k} {v:g}' for k, v in asked.items())}, the cluster has {have}; {_fix(self.job)}, "
+            "or raise cluster.startup_timeout_s if nodes are still being added"
+        )

@@ -43,10 +43,14 @@ def parse_search(items: list[str]) -> dict[str, list]:
         key, sep, raw = item.partition("=")
         values = [_number_or_value(yaml.safe_load(v)) for v in raw.split(",") if v.strip()]
         if not sep or not key.strip() or not values:
-            raise ConfigError(f"--search {item!r}: expected KEY=V1,V2,..., e.g. --search model.local_window=16,32,64")
+            raise ConfigError(
+                f"--search {item!r}: expected KEY=V1,V2,..., e.g. --search model.local_window=16,32,64"
+            )
         space[key.strip()] = values
     if not space:
-        raise ConfigError("give at least one --search KEY=V1,V2,... (e.g. --search model.global_k=4,8,16)")
+        raise ConfigError(
+            "give at least one --search KEY=V1,V2,... (e.g. --search model.global_k=4,8,16)"
+        )
     return space
 
 
@@ -73,7 +77,9 @@ def pick_best(rows: list[dict], space: dict, metric: str) -> dict | None:
     """The trial with the lowest finite ``best_<metric>``; ties go to the numerically smallest
     searched values (in the order of ``space``). Diverged trials are never best."""
     col = f"best_{metric}"
-    done = [r for r in rows if r[col] is not None and math.isfinite(r[col]) and not r.get("diverged")]
+    done = [
+        r for r in rows if r[col] is not None and math.isfinite(r[col]) and not r.get("diverged")
+    ]
     if not done:
         return None
     return min(done, key=lambda r: (r[col], [value_order(r[k]) for k in space]))
@@ -128,9 +134,17 @@ class SweepResult:
     best: dict
 
 
-def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, scheduler: str = "asha",
-              metric: str = "val_loss", max_steps: int | None = None, search_mode: str = "grid",
-              resume: bool = False, preflight: bool = True) -> SweepResult:
+def run_sweep(
+    job: JobConfig,
+    space: dict[str, list],
+    samples: int = 1,
+    scheduler: str = "asha",
+    metric: str = "val_loss",
+    max_steps: int | None = None,
+    search_mode: str = "grid",
+    resume: bool = False,
+    preflight: bool = True,
+) -> SweepResult:
     """Run (or resume) a Tune sweep of ``space`` and write the sweep's outputs.
 
     With ``cluster.address`` set and ``preflight``, every node's Python and the job's paths are
@@ -150,7 +164,9 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps}: give at least 1 step per trial")
     if max_steps:
-        job = validate_job_dict({**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "steps": max_steps}})
+        job = validate_job_dict(
+            {**job.model_dump(mode="json"), "train": {**job.train.model_dump(), "steps": max_steps}}
+        )
     validate_space(job, space)
     sweep_dir = (Path(job.cluster.storage_path or job.run.dir) / f"{job.run.name}-sweep").resolve()
     load_torch_before_ray()
@@ -161,40 +177,68 @@ def run_sweep(job: JobConfig, space: dict[str, list], samples: int = 1, schedule
         check_cluster(job, handle)
     from ray import tune
 
-    param_space = {key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v)) for key, v in space.items()}
+    param_space = {
+        key: (tune.grid_search(v) if search_mode == "grid" else tune.choice(v))
+        for key, v in space.items()
+    }
     param_space |= {"_base": job.model_dump(mode="json"), "_trials_dir": str(sweep_dir / "trials")}
     try:
-        tuner = _restore(sweep_dir) if resume else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)
+        tuner = (
+            _restore(sweep_dir)
+            if resume
+            else _new_tuner(job, param_space, sweep_dir, samples, scheduler, metric)
+        )
         with _inside(sweep_dir):
             grid = tuner.fit()
     finally:
         handle.close()
-    rows = sorted((_row(r, space, job.train.steps, metric) for r in grid),
-                  key=lambda r: [value_order(r[k]) for k in space])
+    rows = sorted(
+        (_row(r, space, job.train.steps, metric) for r in grid),
+        key=lambda r: [value_order(r[k]) for k in space],
+    )
     best = pick_best(rows, space, metric)
     if best is None:
         errors = "; ".join(str(r.get("error")) for r in rows if r.get("error"))
-        raise JobFailedError(f"every trial failed or diverged: {errors or 'no metrics reported'} "
-                             f"(sweep folder: {sweep_dir})")
+        raise JobFailedError(
+            f"every trial failed or diverged: {errors or 'no metrics reported'} "
+            f"(sweep folder: {sweep_dir})"
+        )
     write_outputs(job, sweep_dir, rows, best, space, metric)
     return SweepResult(sweep_dir, rows, best)
 
 
-def _new_tuner(job: JobConfig, param_space: dict, sweep_dir: Path, samples: int, scheduler: str, metric: str):
+def _new_tuner(
+    job: JobConfig, param_space: dict, sweep_dir: Path, samples: int, scheduler: str, metric: str
+):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     steps = job.train.steps
-    sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=max(1, min(job.train.eval_every * 2, steps)),
-                          reduction_factor=2) if scheduler == "asha" else FIFOScheduler()
+    sched = (
+        ASHAScheduler(
+            time_attr="step",
+            max_t=steps,
+            grace_period=max(1, min(job.train.eval_every * 2, steps)),
+            reduction_factor=2,
+        )
+        if scheduler == "asha"
+        else FIFOScheduler()
+    )
     per_trial = job.cluster.num_workers * job.cluster.cpus_per_worker
     concurrent = max(1, int(_cluster_cpus() // per_trial))
     return tune.Tuner(
         tune.with_resources(_trial_driver, DRIVER_RESOURCES),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=sched, num_samples=samples,
-                                    max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="min",
+            scheduler=sched,
+            num_samples=samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0
+        ),
     )
 
 
@@ -202,9 +246,15 @@ def _restore(sweep_dir: Path):
     from ray import tune
 
     if not tune.Tuner.can_restore(str(sweep_dir)):
-        raise ConfigError(f"--resume: no sweep to restore in {sweep_dir}; run it once without --resume")
-    return tune.Tuner.restore(str(sweep_dir), trainable=tune.with_resources(_trial_driver, DRIVER_RESOURCES),
-                              resume_unfinished=True, resume_errored=True)
+        raise ConfigError(
+            f"--resume: no sweep to restore in {sweep_dir}; run it once without --resume"
+        )
+    return tune.Tuner.restore(
+        str(sweep_dir),
+        trainable=tune.with_resources(_trial_driver, DRIVER_RESOURCES),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
 
 
 @contextlib.contextmanager
@@ -237,24 +287,40 @@ def _row(result, space: dict, max_steps: int, metric: str) -> dict:
     frame = result.metrics_dataframe
     has = frame is not None and len(frame) and "step" in frame
     trained = frame[frame["step"] > 0] if has else None
-    values = [float(v) for v in trained[metric] if v is not None and v == v] \
-        if trained is not None and metric in trained else []
-    diverged = bool(has and "diverged" in frame and frame["diverged"].fillna(False).astype(bool).any())
+    values = (
+        [float(v) for v in trained[metric] if v is not None and v == v]
+        if trained is not None and metric in trained
+        else []
+    )
+    diverged = bool(
+        has and "diverged" in frame and frame["diverged"].fillna(False).astype(bool).any()
+    )
     diverged = diverged or any(not math.isfinite(v) for v in values)
     best = min(values) if values and not diverged else None
     steps = int(frame["step"].max()) if has else 0
     error = None if result.error is None else str(result.error).splitlines()[0]
-    return {**{k: result.config.get(k) for k in space}, f"best_{metric}": best, "steps": steps,
-            "stopped_early": result.error is None and not diverged and steps < max_steps,
-            "diverged": diverged,
-            "error": error or ("diverged (non-finite loss or skipped steps)" if diverged else None)}
+    return {
+        **{k: result.config.get(k) for k in space},
+        f"best_{metric}": best,
+        "steps": steps,
+        "stopped_early": result.error is None and not diverged and steps < max_steps,
+        "diverged": diverged,
+        "error": error or ("diverged (non-finite loss or skipped steps)" if diverged else None),
+    }
 
 
-def write_outputs(job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict, space: dict, metric: str) -> None:
+def write_outputs(
+    job: JobConfig, sweep_dir: Path, rows: list[dict], best: dict, space: dict, metric: str
+) -> None:
     """Write ``trials.json``, ``best.yaml`` and ``val_loss.png`` into the sweep folder."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sweep_dir / "trials.json", {"metric": metric, "trials": rows, "best": best})
-    best_job = trial_job(job.model_dump(mode="json"), {k: best[k] for k in space}, job.run.dir, f"{job.run.name}-best")
+    best_job = trial_job(
+        job.model_dump(mode="json"),
+        {k: best[k] for k in space},
+        job.run.dir,
+        f"{job.run.name}-best",
+    )
     data = best_job.model_dump(mode="json")
     data["cluster"]["storage_path"] = job.cluster.storage_path
     atomic_write(sweep_dir / "best.yaml", yaml.safe_dump(data, sort_keys=False))
@@ -273,8 +339,20 @@ def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> No
     if len(keys) >= 2:
         xs = sorted({r[keys[0]] for r in rows}, key=value_order)
         ys = sorted({r[keys[1]] for r in rows}, key=value_order)
-        grid = [[min((r[col] for r in rows if r[keys[0]] == x and r[keys[1]] == y and r[col] is not None),
-                     default=float("nan")) for x in xs] for y in ys]
+        grid = [
+            [
+                min(
+                    (
+                        r[col]
+                        for r in rows
+                        if r[keys[0]] == x and r[keys[1]] == y and r[col] is not None
+                    ),
+                    default=float("nan"),
+                )
+                for x in xs
+            ]
+            for y in ys
+        ]
         im = ax.imshow(grid, origin="lower", cmap="viridis_r", aspect="auto")
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_yticks(range(len(ys)), [str(y) for y in ys])
@@ -285,7 +363,10 @@ def plot_sweep(rows: list[dict], keys: list[str], metric: str, path: Path) -> No
                 ax.text(j, i, "-" if v != v else f"{v:.3f}", ha="center", va="center", color="w")
         fig.colorbar(im, ax=ax, label=f"best {metric}")
     else:
-        pts = sorted(((r[keys[0]], r[col]) for r in rows if r[col] is not None), key=lambda p: value_order(p[0]))
+        pts = sorted(
+            ((r[keys[0]], r[col]) for r in rows if r[col] is not None),
+            key=lambda p: value_order(p[0]),
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         ax.set_xlabel(keys[0])
         ax.set_ylabel(f"best {metric}")

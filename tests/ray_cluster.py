@@ -35,7 +35,9 @@ class Cluster:
 
 
 def _count_nodes(gcs: str, env: dict) -> int:
-    out = subprocess.run([RAY, "status", f"--address={gcs}"], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [RAY, "status", f"--address={gcs}"], capture_output=True, text=True, env=env, timeout=60
+    )
     active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
     return active.count("node_")
 
@@ -51,9 +53,13 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Pa
     ray = str(bin_dir / "ray")
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           # the nodes run jobs with this virtual environment's python, as an activated venv would
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        # the nodes run jobs with this virtual environment's python, as an activated venv would
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("PYTHONPATH", None)  # the nodes' Python sees only its own packages
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
@@ -64,14 +70,42 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Pa
     # that another cluster on the same address would hold: give every node a free one.
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start([ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
-                             f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
-                             "--include-dashboard=true", f"--num-cpus={head_cpus}",
-                             f"--dashboard-agent-listen-port={free_port('')}", *common], env, tmp / "head.log"))
+        procs.append(
+            _start(
+                [
+                    ray,
+                    "start",
+                    "--head",
+                    f"--node-ip-address={HEAD_IP}",
+                    f"--port={gcs_port}",
+                    f"--dashboard-host={HEAD_IP}",
+                    f"--dashboard-port={dash_port}",
+                    "--include-dashboard=true",
+                    f"--num-cpus={head_cpus}",
+                    f"--dashboard-agent-listen-port={free_port('')}",
+                    *common,
+                ],
+                env,
+                tmp / "head.log",
+            )
+        )
         _wait(lambda: _count_nodes(gcs, env) >= 1, 120, "head node", tmp / "head.log")
-        procs.append(_start([ray, "start", f"--address={gcs}", f"--node-ip-address={SECOND_IP}",
-                             f"--num-cpus={worker_cpus}", f"--dashboard-agent-listen-port={free_port('')}",
-                             '--resources={"second_node": 1}', *common], env, tmp / "worker.log"))
+        procs.append(
+            _start(
+                [
+                    ray,
+                    "start",
+                    f"--address={gcs}",
+                    f"--node-ip-address={SECOND_IP}",
+                    f"--num-cpus={worker_cpus}",
+                    f"--dashboard-agent-listen-port={free_port('')}",
+                    '--resources={"second_node": 1}',
+                    *common,
+                ],
+                env,
+                tmp / "worker.log",
+            )
+        )
         _wait(lambda: _count_nodes(gcs, env) >= 2, 120, "second node", tmp / "worker.log")
         yield Cluster(f"http://{HEAD_IP}:{dash_port}", gcs, token, env)
     finally:
@@ -79,7 +113,9 @@ def ray_cluster(tmp: Path, head_cpus: int = 1, worker_cpus: int = 1, bin_dir: Pa
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _wait(predicate, timeout: float, what: str, log: Path) -> None:

@@ -51,7 +51,9 @@ def _reference(q, k, v, gate, window, top_k, indexer, block):
     if indexer == "exact":
         return dense_reference_attention(q, k, v, gate, window=window, top_k=top_k)
     sel = reference_select_blocks(q, k, top_k, block)
-    return block_selection_reference_attention(q, k, v, gate, window=window, selection=sel, block=block)
+    return block_selection_reference_attention(
+        q, k, v, gate, window=window, selection=sel, block=block
+    )
 
 
 @pytest.mark.parametrize("indexer,gated", MODES)
@@ -74,7 +76,9 @@ def test_chunked_block_paths_match_dense_reference(indexer, monkeypatch):
     out = multi_level_attention(q, key, v, gate, window=9, top_k=5, indexer=indexer, block=8)
     ref = _reference(q, key, v, gate, 9, 5, indexer, 8)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for got, want in zip(_grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate)), strict=False):
+    for got, want in zip(
+        _grads(out, (q, key, v, gate)), _grads(ref, (q, key, v, gate)), strict=False
+    ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -90,8 +94,10 @@ def test_no_output_depends_on_a_future_token(indexer, gated):
     n, t = 45, 29
     q, k, v, gate = (x.detach() for x in _inputs(n, 3))
     g = gate if gated else None
+
     def run(q, k, v, g):
         return multi_level_attention(q, k, v, g, window=6, top_k=5, indexer=indexer, block=8)
+
     base = run(q, k, v, g)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
@@ -146,7 +152,9 @@ def test_sparse_paths_never_materialise_n_by_n(indexer):
 def test_local_branch_alone_matches_band_reference():
     q, k, v, _ = _inputs(33, 3)
     out = blocked_local_attention(q, k, v, window=7, block=4)
-    band = dense_reference_attention(q, k, v, torch.ones(q.shape[:3], dtype=q.dtype), window=7, top_k=1)
+    band = dense_reference_attention(
+        q, k, v, torch.ones(q.shape[:3], dtype=q.dtype), window=7, top_k=1
+    )
     torch.testing.assert_close(out, band, rtol=1e-12, atol=1e-12)
 
 
@@ -170,24 +178,39 @@ def test_rope_scores_depend_only_on_relative_position():
     cos, sin = rope_cache(64, 8)
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+
     def rows(x):
         return apply_rope(x.expand(1, 1, 64, 8), cos, sin)[0, 0]
+
     rq, rk = rows(q), rows(k)
     torch.testing.assert_close(rq[10] @ rk[7], rq[40] @ rk[37], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(rq[10] @ rk[7], rq[10] @ rk[3])
 
 
 def _module(attention="mla", mix="gate", **kw):
-    cfg = ModelConfig(d_model=24, n_heads=3, n_kv_heads=kw.pop("kv", None), max_seq_len=40,
-                      attention=attention, mix=mix, **kw)
+    cfg = ModelConfig(
+        d_model=24,
+        n_heads=3,
+        n_kv_heads=kw.pop("kv", None),
+        max_seq_len=40,
+        attention=attention,
+        mix=mix,
+        **kw,
+    )
     torch.manual_seed(0)
     return MultiLevelAttention(cfg).double()
 
 
 def test_module_parameters_and_non_persistent_rope_cache():
     names = {n: tuple(p.shape) for n, p in _module(kv=1).named_parameters()}
-    assert names == {"wq.weight": (24, 24), "wk.weight": (8, 24), "wv.weight": (8, 24),
-                     "wo.weight": (24, 24), "w_gate.weight": (3, 24), "w_gate.bias": (3,)}
+    assert names == {
+        "wq.weight": (24, 24),
+        "wk.weight": (8, 24),
+        "wv.weight": (8, 24),
+        "wo.weight": (24, 24),
+        "w_gate.weight": (3, 24),
+        "w_gate.bias": (3,),
+    }
     assert _module(mix="sum").w_gate is None and _module(attention="dense").w_gate is None
     assert not any("rope" in key for key in _module().state_dict())
 
@@ -196,7 +219,9 @@ def test_module_parameters_and_non_persistent_rope_cache():
 def test_mla_with_full_window_and_k_equals_dense_module(indexer):
     dense = _module(attention="dense", kv=1)
     mla = _module(local_window=40, global_k=40, indexer=indexer, block_size=8, kv=1)
-    mla.load_state_dict(dense.state_dict(), strict=False)  # gate stays random: both branches = dense
+    mla.load_state_dict(
+        dense.state_dict(), strict=False
+    )  # gate stays random: both branches = dense
     x = torch.randn(2, 30, 24, dtype=torch.float64)
     torch.testing.assert_close(mla(x), dense(x), rtol=1e-10, atol=1e-10)
 

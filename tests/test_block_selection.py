@@ -18,14 +18,22 @@ from mla.reference import block_selection_reference_attention, reference_select_
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # (seq, heads, kv_heads, global_k, block): ragged n, n_sel in {1, 2, > #blocks}, G in {1, 2, 4}, nb = 1.
-CASES = [(37, 4, 4, 8, 8), (70, 4, 2, 20, 16), (64, 4, 1, 9, 8), (50, 2, 1, 500, 8), (5, 4, 2, 3, 8),
-         (129, 4, 2, 16, 16)]
+CASES = [
+    (37, 4, 4, 8, 8),
+    (70, 4, 2, 20, 16),
+    (64, 4, 1, 9, 8),
+    (50, 2, 1, 500, 8),
+    (5, 4, 2, 3, 8),
+    (129, 4, 2, 16, 16),
+]
 
 
 def _qk(n, heads, kv, d=8, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, heads, n, d, dtype=dtype, generator=gen),
-            torch.randn(2, kv, n, d, dtype=dtype, generator=gen))
+    return (
+        torch.randn(2, heads, n, d, dtype=dtype, generator=gen),
+        torch.randn(2, kv, n, d, dtype=dtype, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("n,heads,kv,global_k,block", CASES)
@@ -46,7 +54,10 @@ def test_selection_shapes_counts_and_padding():
     assert (idx[~valid] == -1).all()  # padding after the valid ids
     blk = torch.arange(9).view(1, 1, 9, 1).expand_as(idx)
     assert ((idx < blk) & (idx >= 0))[valid].all()  # never J >= I
-    assert all(len(set(row[:c].tolist())) == c for row, c in zip(idx.reshape(-1, 3), counts.reshape(-1), strict=False))
+    assert all(
+        len(set(row[:c].tolist())) == c
+        for row, c in zip(idx.reshape(-1, 3), counts.reshape(-1), strict=False)
+    )
 
 
 def test_selection_is_best_first_by_group_score():
@@ -102,8 +113,10 @@ def test_selection_and_output_are_causal_bitwise(t):
     s1, s2 = select_blocks(q, k, 16, block), select_blocks(q2, k2, 16, block)
     first_blocks = (t - 1) // block + 1  # blocks I with I*B <= t - 1: they read positions < t only
     assert torch.equal(s1.indices[:, :, :first_blocks], s2.indices[:, :, :first_blocks])
+
     def run(*x):
         return multi_level_attention(*x, window=6, top_k=16, indexer="block", block=block)
+
     base, moved = run(q, k, v, gate), run(q2, k2, v2, g2)
     assert torch.equal(moved[:, :, :t], base[:, :, :t])
     assert not torch.allclose(moved[:, :, t:], base[:, :, t:])
@@ -117,7 +130,7 @@ def test_token_mask_is_causal_and_covers_diagonal_plus_selected_blocks():
     assert not (mask & (i.view(1, -1) > i.view(-1, 1))).any()
     assert mask[0, 0, 44, 40:45].all() and mask[0, 0, 44].sum() == 5 + 8  # own block + one block
     j = int(sel.indices[0, 0, 5, 0])
-    assert mask[0, 0, 40, j * 8:(j + 1) * 8].all()
+    assert mask[0, 0, 40, j * 8 : (j + 1) * 8].all()
 
 
 def test_bad_budget_or_block_raises():
@@ -138,12 +151,22 @@ def test_negative_control_a_future_block_in_the_selection_is_caught_by_the_refer
 
     q, k = _qk(40, 2, 1)
     v = torch.randn_like(k)
-    only_global = torch.zeros(2, 2, 40, dtype=torch.float64)  # gate 0: the reference's global branch
+    only_global = torch.zeros(
+        2, 2, 40, dtype=torch.float64
+    )  # gate 0: the reference's global branch
     sel = select_blocks(q, k, 8, 8)
+
     def ref(s):
-        return block_selection_reference_attention(q, k, v, only_global, window=4, selection=s, block=8)
-    torch.testing.assert_close(block_selection_attention(q, k, v, sel, 8), ref(sel), rtol=1e-12, atol=1e-12)
+        return block_selection_reference_attention(
+            q, k, v, only_global, window=4, selection=s, block=8
+        )
+
+    torch.testing.assert_close(
+        block_selection_attention(q, k, v, sel, 8), ref(sel), rtol=1e-12, atol=1e-12
+    )
     bad = sel.indices.clone()
     bad[:, :, 2, 0] = 4  # block 2 "selects" block 4
     leaked = BlockSelection(bad, sel.counts)
-    assert (block_selection_attention(q, k, v, leaked, 8) - ref(leaked))[:, :, 16:24].abs().max() > 1e-3
+    assert (block_selection_attention(q, k, v, leaked, 8) - ref(leaked))[
+        :, :, 16:24
+    ].abs().max() > 1e-3

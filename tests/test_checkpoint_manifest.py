@@ -36,13 +36,19 @@ class FakeEngine:
 
 
 def _save(run_dir: Path, step: int, keep: int = 5) -> Path:
-    return save_checkpoint(FakeEngine(), run_dir, step, {"layout": {"dp": 1}}, 0, keep, lambda: None)
+    return save_checkpoint(
+        FakeEngine(), run_dir, step, {"layout": {"dp": 1}}, 0, keep, lambda: None
+    )
 
 
 def test_manifest_is_written_and_verifies(tmp_path):
     path = _save(tmp_path, 10)
     manifest = json.loads((path / MANIFEST).read_text())
-    assert set(manifest["files"]) == {"meta.json", "consolidated/stage_000.pt", "consolidated/state.json"}
+    assert set(manifest["files"]) == {
+        "meta.json",
+        "consolidated/stage_000.pt",
+        "consolidated/state.json",
+    }
     assert manifest["files"]["consolidated/stage_000.pt"]["bytes"] == 700
     assert verify_checkpoint(path) is None
 
@@ -115,5 +121,8 @@ def test_driver_resume_check_reports_rejected_checkpoints_without_a_traceback(tm
     (bad / "meta.json").write_text("")  # the JSONDecodeError of the issue
     check_resumable(job, build_run_plan(job))
     err = capsys.readouterr().err
-    assert "step_0000020 rejected: meta.json has 0 bytes" in err and "resuming from step_0000010" in err
+    assert (
+        "step_0000020 rejected: meta.json has 0 bytes" in err
+        and "resuming from step_0000010" in err
+    )
     assert meta["step"] == 10

@@ -7,12 +7,18 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("args, message", [
-    (("trian", "configs/tiny.yaml"), "No such command 'trian'"),
-    (("train",), "Missing argument"),
-    (("train", "configs/tiny.yaml", "--bogus"), "No such option: --bogus"),
-    (("plan", "--model", "7b", "--gpus", "abc", "--gpu", "h100", "--global-batch", "64"), "Invalid value for '--gpus'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("trian", "configs/tiny.yaml"), "No such command 'trian'"),
+        (("train",), "Missing argument"),
+        (("train", "configs/tiny.yaml", "--bogus"), "No such option: --bogus"),
+        (
+            ("plan", "--model", "7b", "--gpus", "abc", "--gpu", "h100", "--global-batch", "64"),
+            "Invalid value for '--gpus'",
+        ),
+    ],
+)
 def test_usage_mistakes_exit_2_with_one_message_and_no_traceback(mla_cli, args, message):
     result = mla_cli(*args, timeout=120)
     assert result.returncode == 2
@@ -33,5 +39,7 @@ def test_model_validator_errors_read_as_one_sentence(mla_cli):
 
 def test_cli_imports_neither_torch_nor_ray():
     code = "import sys, orchestrator.cli; print('torch' in sys.modules, 'ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    ).stdout
     assert out.split() == ["False", "False"]

@@ -38,7 +38,9 @@ def test_out_of_range_value_names_field_and_value():
 
 
 def test_global_batch_must_be_multiple_of_micro_batch():
-    with pytest.raises(ConfigError, match=r"global_batch\(30\) is not a multiple of train.micro_batch\(8\)"):
+    with pytest.raises(
+        ConfigError, match=r"global_batch\(30\) is not a multiple of train.micro_batch\(8\)"
+    ):
         validate_job_dict({"train": {"global_batch": 30, "micro_batch": 8}})
 
 
@@ -78,4 +80,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_json_schema_forbids_unknown_keys():
     schema = JobConfig.model_json_schema()
     assert schema["$defs"]["ModelSection"]["additionalProperties"] is False
-    assert "Sliding-window" in schema["$defs"]["ModelSection"]["properties"]["local_window"]["description"]
+    assert (
+        "Sliding-window"
+        in schema["$defs"]["ModelSection"]["properties"]["local_window"]["description"]
+    )

@@ -9,15 +9,18 @@ from orchestrator.config import load_job_config
 from orchestrator.contract.errors import ConfigError, PlanError
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.steps=true", ["train", "steps=true is a boolean"]),
-    ("cluster.num_workers=false", ["cluster", "num_workers=false is a boolean"]),
-    ("train.lr=.inf", ["train.lr", "finite"]),
-    ("train.grad_clip=.inf", ["train.grad_clip", "finite"]),
-    ("train.weight_decay=.nan", ["train.weight_decay", "finite"]),
-    ("train.seed=-5", ["train.seed", "greater than or equal to 0"]),
-    ("train.betas=[2, 3]", ["train.betas=[2.0, 3.0]", "[0, 1)"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.steps=true", ["train", "steps=true is a boolean"]),
+        ("cluster.num_workers=false", ["cluster", "num_workers=false is a boolean"]),
+        ("train.lr=.inf", ["train.lr", "finite"]),
+        ("train.grad_clip=.inf", ["train.grad_clip", "finite"]),
+        ("train.weight_decay=.nan", ["train.weight_decay", "finite"]),
+        ("train.seed=-5", ["train.seed", "greater than or equal to 0"]),
+        ("train.betas=[2, 3]", ["train.betas=[2.0, 3.0]", "[0, 1)"]),
+    ],
+)
 def test_bad_values_are_refused_naming_the_field(override, words):
     with pytest.raises(ConfigError) as err:
         load_job_config("configs/tiny.yaml", [override])
@@ -26,7 +29,9 @@ def test_bad_values_are_refused_naming_the_field(override, words):
 
 
 def test_bools_stay_valid_for_bool_fields_and_warmup_zero_is_allowed():
-    job = load_job_config("configs/tiny.yaml", ["cluster.use_gpu=false", "train.warmup_steps=0", "train.seed=0"])
+    job = load_job_config(
+        "configs/tiny.yaml", ["cluster.use_gpu=false", "train.warmup_steps=0", "train.seed=0"]
+    )
     assert job.cluster.use_gpu is False and job.train.warmup_steps == 0
 
 
@@ -48,7 +53,9 @@ def test_vocab_not_divisible_by_tensor_parallel_is_refused_before_launch():
     from orchestrator.layouts import build_run_plan
 
     job = load_job_config("configs/tiny.yaml", ["model.vocab_size=257", "parallel.tensor=2"])
-    with pytest.raises(PlanError, match=r"model.vocab_size\(257\) is not divisible by parallel.tensor\(2\).*258"):
+    with pytest.raises(
+        PlanError, match=r"model.vocab_size\(257\) is not divisible by parallel.tensor\(2\).*258"
+    ):
         build_run_plan(job)
 
 
@@ -63,27 +70,39 @@ def _req(vocab: int):
     from mla.config import PRESETS
     from orchestrator.planner.types import PlanRequest
 
-    return PlanRequest(model=PRESETS["tiny"].replace(vocab_size=vocab), gpus=2, gpu="h100", global_batch=32,
-                       seq_len=128)
+    return PlanRequest(
+        model=PRESETS["tiny"].replace(vocab_size=vocab),
+        gpus=2,
+        gpu="h100",
+        global_batch=32,
+        seq_len=128,
+    )
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--peak-tflops", "-5"], "--peak-tflops -5.0: must be greater than 0"),
-    (["--global-batch", "0"], "--global-batch 0: must be at least 1"),
-    (["--efficiency", "0"], "--efficiency 0.0: the achievable fraction"),
-    (["--efficiency", "1.5"], "--efficiency 1.5"),
-    (["--intra-node-gbs", "0"], "--intra-node-gbs 0.0: must be greater than 0"),
-    (["--inter-node-gbs", "nan"], "--inter-node-gbs nan: give a finite number"),
-    (["--memory-gib", "-1"], "--memory-gib -1.0"),
-    (["--gpus", "0"], "--gpus 0: must be at least 1"),
-    (["--precision", "fp8"], "--precision 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--peak-tflops", "-5"], "--peak-tflops -5.0: must be greater than 0"),
+        (["--global-batch", "0"], "--global-batch 0: must be at least 1"),
+        (["--efficiency", "0"], "--efficiency 0.0: the achievable fraction"),
+        (["--efficiency", "1.5"], "--efficiency 1.5"),
+        (["--intra-node-gbs", "0"], "--intra-node-gbs 0.0: must be greater than 0"),
+        (["--inter-node-gbs", "nan"], "--inter-node-gbs nan: give a finite number"),
+        (["--memory-gib", "-1"], "--memory-gib -1.0"),
+        (["--gpus", "0"], "--gpus 0: must be at least 1"),
+        (["--precision", "fp8"], "--precision 'fp8'"),
+    ],
+)
 def test_mla_plan_checks_every_number(args, words):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", "--model", "7b", "--gpus", "8", *args],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", "--model", "7b", "--gpus", "8", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert words in out.stderr and "Traceback" not in out.stderr
 
@@ -95,8 +114,13 @@ def test_fp32_memory_counts_fp32_activations_and_zero3_gradients():
 
     cfg = PRESETS["7b"]
     layout = Layout(dp=8, zero_stage=3, micro_batch=1, grad_accum=1)
-    fp32, bf16 = memory_per_gpu(cfg, 2048, layout, "fp32"), memory_per_gpu(cfg, 2048, layout, "bf16")
+    fp32, bf16 = (
+        memory_per_gpu(cfg, 2048, layout, "fp32"),
+        memory_per_gpu(cfg, 2048, layout, "bf16"),
+    )
     logits = 2048 * cfg.vocab_size  # s * b * V
     assert fp32.activations - 8 * logits == pytest.approx(2 * (bf16.activations - 6 * logits))
-    assert fp32.gradients == pytest.approx(4 * fp32.parameters / 4)  # 4-byte grads partitioned like params
+    assert fp32.gradients == pytest.approx(
+        4 * fp32.parameters / 4
+    )  # 4-byte grads partitioned like params
     assert fp32.gradients > 0

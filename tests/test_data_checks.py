@@ -13,7 +13,9 @@ from workers.data import load_corpus
 def test_binary_file_is_refused_naming_it(tmp_path):
     path = tmp_path / "blob.txt"
     path.write_bytes(os.urandom(4096).replace(b"\x00", b"\x01"))  # random bytes: ~70% invalid UTF-8
-    with pytest.raises(DataError, match=r"blob.txt: looks binary \(\d+% of it is not valid UTF-8\)"):
+    with pytest.raises(
+        DataError, match=r"blob.txt: looks binary \(\d+% of it is not valid UTF-8\)"
+    ):
         load_corpus(str(path))
 
 
@@ -33,6 +35,8 @@ def test_text_with_a_few_invalid_bytes_is_still_text(tmp_path):
 def test_fewer_windows_than_a_global_batch_warns(capsys):
     from orchestrator.launcher import warn_small_corpus
 
-    assert warn_small_corpus(10 * 64 + 1, 100 * 64, 64, 32)[0].startswith("warning: the train split holds 10 windows")
+    assert warn_small_corpus(10 * 64 + 1, 100 * 64, 64, 32)[0].startswith(
+        "warning: the train split holds 10 windows"
+    )
     assert "fewer than one global batch" in " ".join(capsys.readouterr().err.split())
     assert warn_small_corpus(100 * 64, 100 * 64, 64, 32) == []

@@ -34,25 +34,41 @@ def assert_close_rel(actual, expected, rtol=RTOL):
     assert err <= rtol, f"max error {err:.2e} relative to the largest logit exceeds {rtol:.0e}"
 
 
-@pytest.mark.parametrize("window, global_k, block, kv_heads, prompt_len", [
-    (8, 5, 4, None, 7),     # 2 selected blocks, prompt not a multiple of the block
-    (3, 1, 4, 2, 1),        # GQA, one-token prompt, window smaller than the block
-    (20, 12, 8, 1, 13),     # one kv head for all query heads, window > block
-    (16, 40, 5, None, 22),  # odd block size, many selected blocks
-    (200, 8, 4, 2, 3),      # window longer than the sequence
-])
-def test_mla_block_selection_decoding_matches_full_forward(window, global_k, block, kv_heads, prompt_len):
-    model = small_model(attention="mla", indexer="block", local_window=window, global_k=global_k,
-                        block_size=block, n_kv_heads=kv_heads)
+@pytest.mark.parametrize(
+    "window, global_k, block, kv_heads, prompt_len",
+    [
+        (8, 5, 4, None, 7),  # 2 selected blocks, prompt not a multiple of the block
+        (3, 1, 4, 2, 1),  # GQA, one-token prompt, window smaller than the block
+        (20, 12, 8, 1, 13),  # one kv head for all query heads, window > block
+        (16, 40, 5, None, 22),  # odd block size, many selected blocks
+        (200, 8, 4, 2, 3),  # window longer than the sequence
+    ],
+)
+def test_mla_block_selection_decoding_matches_full_forward(
+    window, global_k, block, kv_heads, prompt_len
+):
+    model = small_model(
+        attention="mla",
+        indexer="block",
+        local_window=window,
+        global_k=global_k,
+        block_size=block,
+        n_kv_heads=kv_heads,
+    )
     tokens = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(1))
-    full = model(tokens)[:, prompt_len - 1:-1]
+    full = model(tokens)[:, prompt_len - 1 : -1]
     assert_close_rel(incremental_logits(model, tokens, prompt_len), full)
 
 
-@pytest.mark.parametrize("kw", [dict(attention="dense"), dict(attention="dense", n_kv_heads=2),
-                                dict(attention="mla", indexer="exact", local_window=6, global_k=5, block_size=4),
-                                dict(attention="mla", indexer="block", mix="sum", local_window=6, global_k=9,
-                                     block_size=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(attention="dense"),
+        dict(attention="dense", n_kv_heads=2),
+        dict(attention="mla", indexer="exact", local_window=6, global_k=5, block_size=4),
+        dict(attention="mla", indexer="block", mix="sum", local_window=6, global_k=9, block_size=4),
+    ],
+)
 def test_dense_exact_and_sum_mix_decoding_matches_full_forward(kw):
     model = small_model(**kw)
     tokens = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))
@@ -83,11 +99,15 @@ def test_batched_rows_of_different_lengths_equal_per_row_decoding(attention):
     state, logits = prefill(model, padded, lengths)
     batched = [logits_at_last(logits, state)]
     for t in range(steps - 1):
-        batched.append(decode_step(model, torch.stack([s[n + t] for s, n in zip(seqs, lengths, strict=False)]), state))
+        batched.append(
+            decode_step(
+                model, torch.stack([s[n + t] for s, n in zip(seqs, lengths, strict=False)]), state
+            )
+        )
     batched = torch.stack(batched, dim=1)
     for i, (s, n) in enumerate(zip(seqs, lengths, strict=False)):
         alone = incremental_logits(model, s.view(1, -1), n)
-        assert_close_rel(batched[i:i + 1], alone)
+        assert_close_rel(batched[i : i + 1], alone)
 
 
 def test_rolling_buffer_holds_exactly_the_window_and_never_more_than_w():

@@ -18,8 +18,9 @@ GOLDEN = Path(__file__).parent / "golden" / "deepspeed"
 FAMILIES = {
     "data_parallel_zero2": Layout(dp=4, zero_stage=2, micro_batch=8, grad_accum=1),
     "zero3": Layout(dp=2, zero_stage=3, micro_batch=8, grad_accum=2),
-    "tensor_parallel_recompute": Layout(dp=1, tp=2, zero_stage=1, micro_batch=8, grad_accum=4,
-                                        recompute="selective"),
+    "tensor_parallel_recompute": Layout(
+        dp=1, tp=2, zero_stage=1, micro_batch=8, grad_accum=4, recompute="selective"
+    ),
     "pipeline_zero1": Layout(dp=1, pp=2, zero_stage=1, micro_batch=4, grad_accum=8),
 }
 
@@ -40,4 +41,4 @@ def test_image_ray_version_is_the_train_extra_pin():
     from orchestrator.k8s.render import RAY_VERSION
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert f"]=={RAY_VERSION}\"" in pyproject
+    assert f']=={RAY_VERSION}"' in pyproject

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def cpu_flex_backward(monkeypatch):
     """Let eager flex run its dense autograd path on CPU (private API; noticed if it changes)."""
     if not hasattr(fa, "_validate_device"):
-        pytest.skip("torch.nn.attention.flex_attention._validate_device is gone: revisit this recipe")
+        pytest.skip(
+            "torch.nn.attention.flex_attention._validate_device is gone: revisit this recipe"
+        )
     monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
 
 
@@ -57,15 +59,24 @@ def test_cpu_flex_backward_is_still_refused_without_the_bypass():
 
 # (seq, block, window, global_k, heads, kv_heads): ragged n, w in {1, B-1, B, >= n},
 # n_sel in {1, 2, > #blocks}, G = Hq/Hkv in {1, 2, 4}.
-CASES = [(100, 16, 1, 16, 4, 4), (100, 16, 15, 20, 4, 2), (128, 16, 16, 16, 4, 1),
-         (70, 16, 90, 200, 2, 1), (37, 8, 9, 9, 4, 2), (16, 16, 4, 16, 2, 2)]
+CASES = [
+    (100, 16, 1, 16, 4, 4),
+    (100, 16, 15, 20, 4, 2),
+    (128, 16, 16, 16, 4, 1),
+    (70, 16, 90, 200, 2, 1),
+    (37, 8, 9, 9, 4, 2),
+    (16, 16, 4, 16, 2, 2),
+]
 
 
 @pytest.mark.parametrize("n,block,w,global_k,heads,kv", CASES)
-def test_flex_core_matches_dense_reference_in_fp64_with_gradients(cpu_flex_backward, n, block, w, global_k,
-                                                                   heads, kv):
+def test_flex_core_matches_dense_reference_in_fp64_with_gradients(
+    cpu_flex_backward, n, block, w, global_k, heads, kv
+):
     q, k, v, gate = _inputs(n, heads, kv)
-    out = mla_core(q, k, v, gate, window_block_mask(n, w, block, "cpu"), top_k=global_k, block=block)
+    out = mla_core(
+        q, k, v, gate, window_block_mask(n, w, block, "cpu"), top_k=global_k, block=block
+    )
     sel = select_blocks(q, k, global_k, block)
     ref = block_selection_reference_attention(q, k, v, gate, window=w, selection=sel, block=block)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -86,8 +97,10 @@ def _block_pattern(block_mask) -> torch.Tensor:
     b, h, nq = block_mask.kv_num_blocks.shape
     nk = block_mask.kv_indices.shape[-1]
     out = torch.zeros(b, h, nq, nk, dtype=torch.long)
-    lists = [(block_mask.kv_num_blocks, block_mask.kv_indices, 1),
-             (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, 2)]
+    lists = [
+        (block_mask.kv_num_blocks, block_mask.kv_indices, 1),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, 2),
+    ]
     for num, idx, value in lists:
         for bi in range(b):
             for hi in range(h):
@@ -101,7 +114,9 @@ def _block_pattern(block_mask) -> torch.Tensor:
 def check_block_mask(block_mask, n: int, heads: int, block: int) -> None:
     """Every listed block agrees with ``mask_mod`` evaluated on all n x n pairs: a full block is
     all True, a partial block has some True, an absent block is all False."""
-    dense = fa.create_mask(block_mask.mask_mod, block_mask.kv_num_blocks.shape[0], heads, n, n, device="cpu")
+    dense = fa.create_mask(
+        block_mask.mask_mod, block_mask.kv_num_blocks.shape[0], heads, n, n, device="cpu"
+    )
     nb = -(-n // block)
     pad = torch.zeros(*dense.shape[:2], nb * block, nb * block, dtype=torch.bool)
     valid = torch.zeros_like(pad)
@@ -110,7 +125,9 @@ def check_block_mask(block_mask, n: int, heads: int, block: int) -> None:
     real = valid.view(*dense.shape[:2], nb, block, nb, block).transpose(3, 4)
     pattern = _block_pattern(block_mask).expand(dense.shape[0], heads, nb, nb)
     any_true, all_true = tiles.any((-1, -2)), (tiles | ~real).all((-1, -2))
-    assert not (any_true & (pattern == 0)).any(), "mask_mod keeps a pair in a block that is not listed"
+    assert not (any_true & (pattern == 0)).any(), (
+        "mask_mod keeps a pair in a block that is not listed"
+    )
     assert all_true[pattern == 2].all(), "a full block holds a pair that mask_mod removes"
 
 
@@ -145,9 +162,15 @@ def test_selection_block_mask_to_dense_and_full_blocks():
 def test_negative_control_mask_mod_disagreeing_with_indices_is_caught():
     n, block = 64, 16
     good = window_block_mask(n, 20, block, "cpu")
-    bad = fa.BlockMask.from_kv_blocks(good.kv_num_blocks, good.kv_indices, good.full_kv_num_blocks,
-                                      good.full_kv_indices, BLOCK_SIZE=block,
-                                      mask_mod=lambda b, h, q, kv: kv <= q, seq_lengths=(n, n))
+    bad = fa.BlockMask.from_kv_blocks(
+        good.kv_num_blocks,
+        good.kv_indices,
+        good.full_kv_num_blocks,
+        good.full_kv_indices,
+        BLOCK_SIZE=block,
+        mask_mod=lambda b, h, q, kv: kv <= q,
+        seq_lengths=(n, n),
+    )
     with pytest.raises(AssertionError, match="not listed"):
         check_block_mask(bad, n, 1, block)
 
@@ -164,6 +187,7 @@ def test_negative_control_future_block_listed_as_full_is_caught():
 
 
 # ---------------------------------------------------------------------- compiled CPU flex (slowish)
+
 
 @pytest.fixture(scope="module")
 def compiled_cpu_core():
@@ -189,8 +213,9 @@ def test_compiled_cpu_core_equals_eager_and_reference_and_never_recompiles(compi
         eager = mla_core(q, k, v, gate, wmask, top_k=global_k, block=block)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         sel = select_blocks(q, k, global_k, block)
-        ref = block_selection_reference_attention(*(x.double() for x in (q, k, v, gate)), window=w,
-                                                  selection=sel, block=block)
+        ref = block_selection_reference_attention(
+            *(x.double() for x in (q, k, v, gate)), window=w, selection=sel, block=block
+        )
         torch.testing.assert_close(compiled.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -203,10 +228,17 @@ def test_negative_control_compiled_flex_reads_indices_that_eager_ignores(compile
     q, k, v, _ = (x.detach().float() for x in _inputs(n, 2, 2))
     nb = n // block
     diag = torch.arange(nb, dtype=torch.int32).view(1, 1, nb, 1).expand(1, 1, nb, nb).contiguous()
-    bad = fa.BlockMask.from_kv_blocks(torch.ones(1, 1, nb, dtype=torch.int32), diag, BLOCK_SIZE=block,
-                                      mask_mod=lambda b, h, q, kv: kv <= q, seq_lengths=(n, n))
+    bad = fa.BlockMask.from_kv_blocks(
+        torch.ones(1, 1, nb, dtype=torch.int32),
+        diag,
+        BLOCK_SIZE=block,
+        mask_mod=lambda b, h, q, kv: kv <= q,
+        seq_lengths=(n, n),
+    )
     with torch.no_grad(), inductor_config.patch(epilogue_fusion=False):
-        compiled = torch.compile(fa.flex_attention, fullgraph=True, dynamic=False)(q, k, v, block_mask=bad)
+        compiled = torch.compile(fa.flex_attention, fullgraph=True, dynamic=False)(
+            q, k, v, block_mask=bad
+        )
     eager = fa.flex_attention(q, k, v, block_mask=bad)
     assert (compiled - eager).abs().max() > 1e-2
 
@@ -218,7 +250,9 @@ def test_backend_choice_on_cpu(monkeypatch):
     assert flex_backend(q, 64) == "blocked"  # CPU flex forward is opt-in
     monkeypatch.setenv(CPU_FORWARD_ENV, "1")
     assert flex_backend(q, 64) == "flex"
-    assert flex_backend(q, 64, q.clone().requires_grad_()) == "blocked"  # training: CPU flex has no backward
+    assert (
+        flex_backend(q, 64, q.clone().requires_grad_()) == "blocked"
+    )  # training: CPU flex has no backward
     with torch.no_grad():
         assert flex_backend(q, 64, q.clone().requires_grad_()) == "flex"
     assert flex_backend(q.double(), 64) == "blocked"

@@ -23,7 +23,9 @@ REL_RMS = 1e-2
 
 
 def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt())
+    return float(
+        (got.float() - want.float()).pow(2).mean().sqrt() / want.float().pow(2).mean().sqrt()
+    )
 
 
 def _inputs(n, heads, kv, d, seed=0):
@@ -35,8 +37,10 @@ def _inputs(n, heads, kv, d, seed=0):
     return [t.bfloat16() for t in (q, k, v, gate)]
 
 
-@pytest.mark.parametrize("n,heads,kv,d,w,global_k", [(2048, 4, 4, 64, 128, 16), (1000, 16, 4, 128, 300, 256),
-                                                     (4096, 8, 2, 64, 64, 512)])
+@pytest.mark.parametrize(
+    "n,heads,kv,d,w,global_k",
+    [(2048, 4, 4, 64, 128, 16), (1000, 16, 4, 128, 300, 256), (4096, 8, 2, 64, 64, 512)],
+)
 def test_flex_bf16_matches_fp32_reference_with_gradients(n, heads, kv, d, w, global_k):
     bf = [t.requires_grad_() for t in _inputs(n, heads, kv, d)]
     assert flex_backend(bf[0], 128) == "flex"
@@ -62,7 +66,9 @@ def test_flex_path_does_not_recompile_across_steps_at_a_fixed_shape():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in (1, 2):
             x = [t.requires_grad_() for t in _inputs(2048, 4, 4, 64, seed=seed)]
-            multi_level_attention(*x, window=128, top_k=16, indexer="block", block=128).sum().backward()
+            multi_level_attention(
+                *x, window=128, top_k=16, indexer="block", block=128
+            ).sum().backward()
 
 
 def test_negative_control_off_by_one_window_fails_the_bound():

@@ -19,7 +19,9 @@ def test_gqa_parameter_count_by_hand():
 
 
 def test_dense_has_no_gate_parameters():
-    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, attention="dense")
+    cfg = ModelConfig(
+        vocab_size=1000, d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, attention="dense"
+    )
     layer = 128 + 4096 + 8192 + 4096 + 3 * 64 * 128
     assert count_parameters(cfg) == 2 * layer + 64_000 + 64 == 146_240
 
@@ -39,7 +41,9 @@ def test_exact_indexer_span_is_k_tokens():
 def test_mla_span_is_clipped_by_sequence_length():
     # T=16 < w=32 and < 2 blocks of 32: span = 16 + 16, plus the scoring 2*4*4*32*1/32
     assert attention_flops_per_token(PRESETS["tiny"], 16) == 12 * 4 * 128 * 32 + 32
-    assert attention_flops_per_token(PRESETS["tiny"].replace(indexer="exact"), 16) == 12 * 4 * 128 * 24
+    assert (
+        attention_flops_per_token(PRESETS["tiny"].replace(indexer="exact"), 16) == 12 * 4 * 128 * 24
+    )
 
 
 def test_block_selection_span_rounds_k_up_to_whole_blocks_plus_the_diagonal():
@@ -57,14 +61,25 @@ def test_dense_attention_term_is_palm_12LHQT():
 def test_block_selection_adds_pooled_key_scoring():
     block = PRESETS["tiny"]  # block_size 32 -> 256/32 = 8 pooled key blocks per query block
     wide = block.replace(global_k=72)  # ceil(72/32) = 3 blocks + diagonal: span 128, not 64
-    assert attention_flops_per_token(wide, 256) - attention_flops_per_token(block, 256) == 12 * 4 * 128 * 64
+    assert (
+        attention_flops_per_token(wide, 256) - attention_flops_per_token(block, 256)
+        == 12 * 4 * 128 * 64
+    )
     assert attention_flops_per_token(block, 256) - 12 * 4 * 128 * 96 == 2 * 4 * 4 * 32 * 8 / 32
 
 
 def test_palm_worked_check_llama3_405b():
     # formulas.md §5 check 5: 12*L*h*s = 12*126*16384*8192 = 0.203e12 FLOP/token
-    cfg = ModelConfig(vocab_size=128000, d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8,
-                      ffn_hidden=53248, max_seq_len=8192, attention="dense")
+    cfg = ModelConfig(
+        vocab_size=128000,
+        d_model=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        ffn_hidden=53248,
+        max_seq_len=8192,
+        attention="dense",
+    )
     assert attention_flops_per_token(cfg, 8192) == pytest.approx(0.203e12, rel=2e-3)
     assert count_parameters(cfg) == pytest.approx(405e9, rel=0.01)
 

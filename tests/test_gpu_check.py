@@ -27,8 +27,12 @@ def test_attention_rows_carry_ratio_keys_and_a_passing_prefix_check(smoke):
     rows = report.data["sections"]["attention"]["rows"]
     assert [r["pass"] for r in rows] == ["forward", "forward_backward"]
     for r in rows:
-        assert r["ratio_dense_over_mla"] == pytest.approx(r["dense_ms"][r["dense_best"]] / r["mla_ms"], rel=1e-2, abs=1e-3)
-        assert r["keys_per_query_mla_max"] == 16 + 16 + 16 and r["keys_per_query_dense_mean"] == 32.5
+        assert r["ratio_dense_over_mla"] == pytest.approx(
+            r["dense_ms"][r["dense_best"]] / r["mla_ms"], rel=1e-2, abs=1e-3
+        )
+        assert (
+            r["keys_per_query_mla_max"] == 16 + 16 + 16 and r["keys_per_query_dense_mean"] == 32.5
+        )
         assert r["mla_prefix_rel_rms"] < 1e-5
     assert report.data["failures"] == []
     report.write()

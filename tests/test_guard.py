@@ -37,7 +37,9 @@ def test_first_step_runs_at_a_positive_lr_and_warmup_zero_means_peak_at_once():
     assert lr_at(20, 100, 3e-3, 3e-4, 20) == pytest.approx(3e-3)
     assert lr_at(1, 100, 3e-3, 3e-4, 0) == pytest.approx(3e-3, rel=1e-3)  # no warm-up: near peak
     assert lr_at(100, 100, 3e-3, 3e-4, 0) == pytest.approx(3e-4)
-    assert lr_at(1, 1, 3e-3, 3e-4, 0) == pytest.approx(3e-4)  # one step: its end is the schedule's end
+    assert lr_at(1, 1, 3e-3, 3e-4, 0) == pytest.approx(
+        3e-4
+    )  # one step: its end is the schedule's end
     lrs = [lr_at(s, 100, 3e-3, 3e-4, 20) for s in range(1, 101)]
     assert min(lrs) > 0 and all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False))
 
@@ -47,14 +49,24 @@ def test_deepspeed_config_has_no_scheduler_that_would_run_step_one_at_lr_zero():
     from orchestrator.contract.deepspeed_config import build_deepspeed_config
     from orchestrator.contract.layout import Layout
 
-    cfg = build_deepspeed_config(JobConfig(), Layout(dp=2, zero_stage=2, micro_batch=8, grad_accum=2))
+    cfg = build_deepspeed_config(
+        JobConfig(), Layout(dp=2, zero_stage=2, micro_batch=8, grad_accum=2)
+    )
     assert "scheduler" not in cfg
 
 
 def test_metrics_are_strict_json_with_non_finite_values_flagged():
     record = strict_record({"step": 3, "loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
-    assert record == {"step": 3, "loss": None, "val_loss": None, "lr": 1e-3, "nonfinite": ["loss", "val_loss"]}
-    text = json.dumps(finite_or_none({"a": [1.0, -math.inf], "b": {"c": math.nan}}), allow_nan=False)
+    assert record == {
+        "step": 3,
+        "loss": None,
+        "val_loss": None,
+        "lr": 1e-3,
+        "nonfinite": ["loss", "val_loss"],
+    }
+    text = json.dumps(
+        finite_or_none({"a": [1.0, -math.inf], "b": {"c": math.nan}}), allow_nan=False
+    )
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
 
 

@@ -43,14 +43,17 @@ def test_base_image_is_rayproject_ray_for_the_pinned_ray_and_python():
     bases = re.findall(r"^FROM (rayproject/ray:\S+) AS (\S+)$", DOCKERFILE, re.M)
     assert dict((stage, image) for image, stage in bases) == {
         "base-cpu": "rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-cpu",
-        "base-gpu": "rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${CUDA_TAG}"}
+        "base-gpu": "rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${CUDA_TAG}",
+    }
 
 
 def test_every_build_stage_installs_with_the_shared_script_and_the_image_runs_as_non_root():
     stages = _stages()
     for target in ("cpu", "gpu"):
         build = stages[f"build-{target}"]
-        assert re.search(r"scripts/install\.sh python --extras train$", build, re.M), build  # non-editable
+        assert re.search(r"scripts/install\.sh python --extras train$", build, re.M), (
+            build
+        )  # non-editable
         assert "--editable" not in build
         final = stages[target]
         assert f"--from=build-{target}" in final and "scripts/install.sh" not in final
@@ -59,7 +62,9 @@ def test_every_build_stage_installs_with_the_shared_script_and_the_image_runs_as
 
 
 def test_make_installs_with_the_same_script_which_reads_every_pin_from_pyproject():
-    rule = re.search(r"^\$\(BIN\)/\.installed:.*?(?=^\S)", (ROOT / "Makefile").read_text(), re.M | re.S).group(0)
+    rule = re.search(
+        r"^\$\(BIN\)/\.installed:.*?(?=^\S)", (ROOT / "Makefile").read_text(), re.M | re.S
+    ).group(0)
     assert "scripts/install.sh $(BIN)/python --editable" in rule
     assert "pip install" not in rule  # nothing installed beside the script
     script = (ROOT / "scripts" / "install.sh").read_text()
@@ -70,11 +75,19 @@ def test_make_installs_with_the_same_script_which_reads_every_pin_from_pyproject
 
 @pytest.mark.parametrize("image", [None, "registry.example/ml/mla-train:0.1.0-gpu"])
 def test_render_puts_cluster_image_into_every_container(image):
-    job = load_job_config(ROOT / "configs" / "tiny.yaml", [f"cluster.image={image}"] if image else [])
+    job = load_job_config(
+        ROOT / "configs" / "tiny.yaml", [f"cluster.image={image}"] if image else []
+    )
     rayjob = render_job(job, RenderOptions())[1]
     cluster = rayjob["spec"]["rayClusterSpec"]
-    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    images = [c["image"] for pod in pods for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])]
+    pods = [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
+    images = [
+        c["image"]
+        for pod in pods
+        for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+    ]
     assert len(images) >= 2 and set(images) == {image or DEFAULT_IMAGE}
 
 

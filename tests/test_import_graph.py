@@ -41,23 +41,33 @@ def _top(name: str) -> str:
 
 @pytest.mark.parametrize("package", ["workers", "mla"])
 def test_data_plane_and_model_reach_the_control_plane_only_through_the_contract(package):
-    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in _modules(package)
-           for line, name in _imports(path)
-           if _top(name) == "orchestrator" and not name.startswith("orchestrator.contract")]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in _modules(package)
+        for line, name in _imports(path)
+        if _top(name) == "orchestrator" and not name.startswith("orchestrator.contract")
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_the_contract_imports_only_itself_the_job_schema_and_the_model_shape():
     allowed = ("orchestrator.contract", "orchestrator.config", "mla.config")
-    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in _modules("orchestrator/contract")
-           for line, name in _imports(path)
-           if _top(name) in ("orchestrator", "workers", "mla", *HEAVY) and not name.startswith(allowed)]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in _modules("orchestrator/contract")
+        for line, name in _imports(path)
+        if _top(name) in ("orchestrator", "workers", "mla", *HEAVY) and not name.startswith(allowed)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_mla_never_imports_ray_or_deepspeed():
-    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in _modules("mla")
-           for line, name in _imports(path) if _top(name) in ("ray", "deepspeed")]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in _modules("mla")
+        for line, name in _imports(path)
+        if _top(name) in ("ray", "deepspeed")
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -77,8 +87,14 @@ print(json.dumps({"modules": len(list(pkgutil.walk_packages(orchestrator.__path_
 
 
 def test_no_orchestrator_module_imports_torch_ray_or_deepspeed_at_import_time():
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["modules"] >= 30  # every module was imported, not only the CLI
     assert report["culprits"] == {}, report["culprits"]

@@ -34,20 +34,47 @@ def run(tmp_path_factory):
 
 def test_generate_streams_text_and_is_reproducible(run):
     path, _, _ = run
-    args = ("generate", path, "--prompt", "def ", "--max-new-tokens", 30, "--seed", 3, "--top-k", 20)
+    args = (
+        "generate",
+        path,
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        30,
+        "--seed",
+        3,
+        "--top-k",
+        20,
+    )
     a, b = mla(*args), mla(*args)
     assert a.returncode == 0, a.stderr
-    assert a.stdout.startswith("def ") and len(a.stdout.encode()) > len("def ") and a.stdout == b.stdout
+    assert (
+        a.stdout.startswith("def ")
+        and len(a.stdout.encode()) > len("def ")
+        and a.stdout == b.stdout
+    )
 
 
 def test_generate_batch_of_prompts_from_a_jsonl_file_as_json(run, tmp_path):
     path, _, _ = run
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "import "}\n{"prompt": "class A:"}\n')
-    result = mla("generate", path, "--prompt-file", prompts, "--max-new-tokens", 5, "--json", "--temperature", 0)
+    result = mla(
+        "generate",
+        path,
+        "--prompt-file",
+        prompts,
+        "--max-new-tokens",
+        5,
+        "--json",
+        "--temperature",
+        0,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert [o["prompt"] for o in out] == ["import ", "class A:"] and all(o["new_tokens"] == 5 for o in out)
+    assert [o["prompt"] for o in out] == ["import ", "class A:"] and all(
+        o["new_tokens"] == 5 for o in out
+    )
 
 
 def test_eval_json_is_the_mean_token_cross_entropy_of_the_windows(run):
@@ -57,8 +84,8 @@ def test_eval_json_is_the_mean_token_cross_entropy_of_the_windows(run):
     report = json.loads(result.stdout)
     data = np.frombuffer(text.read_bytes(), dtype=np.uint8).astype(np.int64)
     n = (len(data) - 1) // 32
-    x = torch.from_numpy(data[:n * 32].reshape(n, 32))
-    y = torch.from_numpy(data[1:n * 32 + 1].reshape(n, 32))
+    x = torch.from_numpy(data[: n * 32].reshape(n, 32))
+    y = torch.from_numpy(data[1 : n * 32 + 1].reshape(n, 32))
     with torch.no_grad():
         loss = float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
     assert report["windows"] == n and abs(report["loss"] - loss) < 1e-5
@@ -77,14 +104,17 @@ def test_export_then_generate_from_the_export(run, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--prompt", ""), "prompt 1 is empty"),
-    (("--prompt", "x" * 65), "prompt 1 has 65 tokens, more than the model's max_seq_len (64)"),
-    (("--prompt", "x", "--top-p", "0"), "--top-p=0.0 must be in (0, 1]"),
-    (("--prompt", "x", "--top-p", "1.5"), "--top-p=1.5 must be in (0, 1]"),
-    (("--prompt", "x", "--temperature", "-1"), "--temperature=-1.0 must be >= 0"),
-    ((), "no prompt given"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--prompt", ""), "prompt 1 is empty"),
+        (("--prompt", "x" * 65), "prompt 1 has 65 tokens, more than the model's max_seq_len (64)"),
+        (("--prompt", "x", "--top-p", "0"), "--top-p=0.0 must be in (0, 1]"),
+        (("--prompt", "x", "--top-p", "1.5"), "--top-p=1.5 must be in (0, 1]"),
+        (("--prompt", "x", "--temperature", "-1"), "--temperature=-1.0 must be >= 0"),
+        ((), "no prompt given"),
+    ],
+)
 def test_generate_bad_input_exits_2_with_one_message(run, args, message):
     path, _, _ = run
     result = mla("generate", path, *args)
@@ -99,10 +129,17 @@ def test_missing_and_half_written_checkpoints_exit_2(tmp_path):
     ckpt = run / "checkpoints" / "step_0000010"
     (ckpt / "meta.json").unlink()
     half = mla("eval", run)
-    assert half.returncode == 2 and "no complete checkpoint" in half.stderr and "Traceback" not in half.stderr
+    assert (
+        half.returncode == 2
+        and "no complete checkpoint" in half.stderr
+        and "Traceback" not in half.stderr
+    )
 
 
 def test_eval_refuses_a_sequence_longer_than_the_model_allows(run):
     path, _, text = run
     result = mla("eval", path, "--data", text, "--seq-len", 65)
-    assert result.returncode == 2 and "--seq-len=65 is longer than the model allows (max_seq_len=64" in result.stderr
+    assert (
+        result.returncode == 2
+        and "--seq-len=65 is longer than the model allows (max_seq_len=64" in result.stderr
+    )

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.config import load_job_config
 from orchestrator.contract.errors import ClusterError
 from orchestrator.k8s import client as k8s
 from orchestrator.k8s.render import RenderOptions, render_job
-from orchestrator.config import load_job_config
 
 kmock = pytest.importorskip("kmock")
 from kubernetes import client as kclient  # noqa: E402
@@ -38,7 +37,7 @@ class ApiServer:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
-    def __enter__(self) -> "ApiServer":
+    def __enter__(self) -> ApiServer:
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("kmock server did not start")
@@ -51,9 +50,16 @@ class ApiServer:
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for plural, kind in [("ray.io/v1/rayjobs", "RayJob"), ("ray.io/v1/rayclusters", "RayCluster"),
-                                 ("v1/pods", "Pod"), ("v1/events", "Event"), ("v1/configmaps", "ConfigMap")]:
-                emulator.resources[plural] = kmock.ResourceInfo(kind=kind, namespaced=True, subresources={"status"})
+            for plural, kind in [
+                ("ray.io/v1/rayjobs", "RayJob"),
+                ("ray.io/v1/rayclusters", "RayCluster"),
+                ("v1/pods", "Pod"),
+                ("v1/events", "Event"),
+                ("v1/configmaps", "ConfigMap"),
+            ]:
+                emulator.resources[plural] = kmock.ResourceInfo(
+                    kind=kind, namespaced=True, subresources={"status"}
+                )
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
@@ -63,11 +69,23 @@ class ApiServer:
 def server(tmp_path):
     with ApiServer() as srv:
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": srv.url}}],
-            "users": [{"name": "me", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "me", "namespace": NS}}]}))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "test",
+                    "clusters": [{"name": "test", "cluster": {"server": srv.url}}],
+                    "users": [{"name": "me", "user": {"token": "test-token"}}],
+                    "contexts": [
+                        {
+                            "name": "test",
+                            "context": {"cluster": "test", "user": "me", "namespace": NS},
+                        }
+                    ],
+                }
+            )
+        )
         srv.kubeconfig = str(kubeconfig)
         yield srv
 
@@ -77,36 +95,82 @@ class Operator:
 
     def __init__(self, url: str, name: str) -> None:
         api = kclient.ApiClient(kclient.Configuration(host=url))
-        self.custom, self.core, self.name = kclient.CustomObjectsApi(api), kclient.CoreV1Api(api), name
+        self.custom, self.core, self.name = (
+            kclient.CustomObjectsApi(api),
+            kclient.CoreV1Api(api),
+            name,
+        )
         self.cluster = f"{name}-x7k2p"
 
     def status(self, **status) -> None:
-        self.custom.patch_namespaced_custom_object_status("ray.io", "v1", NS, "rayjobs", self.name, {"status": status})
+        self.custom.patch_namespaced_custom_object_status(
+            "ray.io", "v1", NS, "rayjobs", self.name, {"status": status}
+        )
 
     def pod(self, name: str, node_type: str = "worker", scheduled: bool = True) -> None:
-        body = {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": NS,
-                             "labels": {"ray.io/cluster": self.cluster, "ray.io/node-type": node_type}},
-                "spec": {"containers": [{"name": "ray", "image": "img",
-                                         "resources": {"limits": {"nvidia.com/gpu": "2" if node_type == "worker" else "0"}}}]},
-                "status": {"phase": "Pending", "conditions": [] if scheduled else [
-                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": {"ray.io/cluster": self.cluster, "ray.io/node-type": node_type},
+            },
+            "spec": {
+                "containers": [
+                    {
+                        "name": "ray",
+                        "image": "img",
+                        "resources": {
+                            "limits": {"nvidia.com/gpu": "2" if node_type == "worker" else "0"}
+                        },
+                    }
+                ]
+            },
+            "status": {
+                "phase": "Pending",
+                "conditions": []
+                if scheduled
+                else [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+            },
+        }
         self.core.create_namespaced_pod(NS, body)
 
     def running(self, name: str) -> None:
-        self.core.patch_namespaced_pod_status(name, NS, {"status": {"phase": "Running", "conditions": [
-            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}})
+        self.core.patch_namespaced_pod_status(
+            name,
+            NS,
+            {
+                "status": {
+                    "phase": "Running",
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "True"},
+                        {"type": "Ready", "status": "True"},
+                    ],
+                }
+            },
+        )
 
     def failed_scheduling(self, pod: str, message: str = GPU_MSG) -> None:
-        self.core.create_namespaced_event(NS, {
-            "apiVersion": "v1", "kind": "Event", "metadata": {"name": f"{pod}.1", "namespace": NS},
-            "involvedObject": {"kind": "Pod", "name": pod, "namespace": NS},
-            "reason": "FailedScheduling", "message": message, "type": "Warning",
-            "lastTimestamp": "2025-01-01T00:00:00Z"})
+        self.core.create_namespaced_event(
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{pod}.1", "namespace": NS},
+                "involvedObject": {"kind": "Pod", "name": pod, "namespace": NS},
+                "reason": "FailedScheduling",
+                "message": message,
+                "type": "Warning",
+                "lastTimestamp": "2025-01-01T00:00:00Z",
+            },
+        )
 
 
 def _objects(name="mla-gpu-small"):
-    return render_job(load_job_config(GPU_SMALL), RenderOptions(gpus_per_worker=2, namespace=NS, name=name))
+    return render_job(
+        load_job_config(GPU_SMALL), RenderOptions(gpus_per_worker=2, namespace=NS, name=name)
+    )
 
 
 def _follow(server, name, steps, monkeypatch):
@@ -163,12 +227,26 @@ def test_watch_reports_pending_running_resize_and_success(server, monkeypatch):
     op = Operator(server.url, "mla-gpu-small")
     steps = [
         lambda: op.status(jobDeploymentStatus="Initializing", rayClusterName=op.cluster),
-        lambda: (op.pod("head", "head"), op.running("head"), op.pod("w1", scheduled=False), op.pod("w2", scheduled=False),
-                 op.failed_scheduling("w1"), op.failed_scheduling("w2")),
-        lambda: (op.running("w1"), op.running("w2"), op.status(jobDeploymentStatus="Running", jobStatus="RUNNING")),
+        lambda: (
+            op.pod("head", "head"),
+            op.running("head"),
+            op.pod("w1", scheduled=False),
+            op.pod("w2", scheduled=False),
+            op.failed_scheduling("w1"),
+            op.failed_scheduling("w2"),
+        ),
+        lambda: (
+            op.running("w1"),
+            op.running("w2"),
+            op.status(jobDeploymentStatus="Running", jobStatus="RUNNING"),
+        ),
         lambda: (op.pod("w3"), op.pod("w4"), op.running("w3"), op.running("w4")),
-        lambda: op.status(jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
-                          startTime="2025-01-01T10:00:00Z", endTime="2025-01-01T10:20:00Z"),
+        lambda: op.status(
+            jobDeploymentStatus="Complete",
+            jobStatus="SUCCEEDED",
+            startTime="2025-01-01T10:00:00Z",
+            endTime="2025-01-01T10:20:00Z",
+        ),
     ]
     snap, lines = _follow(server, "mla-gpu-small", steps, monkeypatch)
     assert snap.succeeded
@@ -189,12 +267,33 @@ def test_failed_job_is_reported_with_reason_and_cli_exits_nonzero(server):
     api = k8s.connect(server.kubeconfig)
     k8s.submit(api, _objects())
     op = Operator(server.url, "mla-gpu-small")
-    op.status(jobDeploymentStatus="Failed", jobStatus="FAILED", rayClusterName=op.cluster, reason="AppFailed",
-              message="Job entrypoint command failed with exit code 1")
-    result = CliRunner().invoke(app, ["k8s", "status", "mla-gpu-small", "-n", NS, "--kubeconfig", server.kubeconfig,
-                                      "--watch", "--interval", "0.05", "--json"])
+    op.status(
+        jobDeploymentStatus="Failed",
+        jobStatus="FAILED",
+        rayClusterName=op.cluster,
+        reason="AppFailed",
+        message="Job entrypoint command failed with exit code 1",
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "k8s",
+            "status",
+            "mla-gpu-small",
+            "-n",
+            NS,
+            "--kubeconfig",
+            server.kubeconfig,
+            "--watch",
+            "--interval",
+            "0.05",
+            "--json",
+        ],
+    )
     assert result.exit_code == 1
-    assert isinstance(result.exception, Exception) and "AppFailed: Job entrypoint command failed" in str(result.exception)
+    assert isinstance(
+        result.exception, Exception
+    ) and "AppFailed: Job entrypoint command failed" in str(result.exception)
     assert '"deployment": "Failed"' in result.stdout
 
 
@@ -203,7 +302,9 @@ def test_cli_submit_status_delete(server):
     base = ["-n", NS, "--kubeconfig", server.kubeconfig]
     result = runner.invoke(app, ["k8s", "submit", GPU_SMALL, "-g", "2", "--no-watch", *base])
     assert result.exit_code == 0, result.output
-    Operator(server.url, "mla-gpu-small").status(jobDeploymentStatus="Initializing", rayClusterName="c")
+    Operator(server.url, "mla-gpu-small").status(
+        jobDeploymentStatus="Initializing", rayClusterName="c"
+    )
     result = runner.invoke(app, ["k8s", "status", "mla-gpu-small", "--json", *base])
     assert result.exit_code == 0, result.output
     assert "starting Ray cluster c" in result.stdout
@@ -220,10 +321,18 @@ def test_cli_submit_status_delete(server):
 
 def test_unreachable_server_is_a_cluster_error(tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": "http://127.0.0.1:9"}}],
-        "users": [{"name": "u", "user": {}}], "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}]}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [{"name": "t", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+            }
+        )
+    )
     api = k8s.connect(str(kubeconfig))
     api.configuration.retries = 0
     with pytest.raises(ClusterError, match="cannot reach the Kubernetes API server"):

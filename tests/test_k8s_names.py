@@ -15,13 +15,22 @@ from orchestrator.k8s.render import RenderOptions, render_job, to_yaml
 from orchestrator.k8s.validate import validation_errors
 
 
-@pytest.mark.parametrize("opts, words", [
-    (RenderOptions(namespace="My_NS"), "--namespace: 'My_NS' is not a DNS-1123 label"),
-    (RenderOptions(queue="team a!"), "--queue: 'team a!' is not a label value"),
-    (RenderOptions(checkpoint_pvc="Bad_Claim"), "--pvc: 'Bad_Claim' is not a DNS-1123 subdomain"),
-    (RenderOptions(storage_path="relative/ckpt"), "--storage-path: 'relative/ckpt' is not an absolute path"),
-    (RenderOptions(node_selector={"gpu": "a" * 64}), "--node-selector"),
-])
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (RenderOptions(namespace="My_NS"), "--namespace: 'My_NS' is not a DNS-1123 label"),
+        (RenderOptions(queue="team a!"), "--queue: 'team a!' is not a label value"),
+        (
+            RenderOptions(checkpoint_pvc="Bad_Claim"),
+            "--pvc: 'Bad_Claim' is not a DNS-1123 subdomain",
+        ),
+        (
+            RenderOptions(storage_path="relative/ckpt"),
+            "--storage-path: 'relative/ckpt' is not an absolute path",
+        ),
+        (RenderOptions(node_selector={"gpu": "a" * 64}), "--node-selector"),
+    ],
+)
 def test_render_refuses_names_kubernetes_would_reject(opts, words):
     with pytest.raises(ConfigError) as err:
         render_job(load_job_config("configs/tiny.yaml"), opts)
@@ -39,8 +48,12 @@ def test_validate_reports_bad_namespace_label_claim_and_mount_path():
     rayjob["metadata"]["labels"]["mla.run"] = "not valid!"
     cluster = rayjob["spec"]["rayClusterSpec"]
     pod = cluster["workerGroupSpecs"][0]["template"]["spec"]
-    pod["volumes"] = [v if "persistentVolumeClaim" not in v else
-                      {**v, "persistentVolumeClaim": {"claimName": "Bad_Claim"}} for v in pod["volumes"]]
+    pod["volumes"] = [
+        v
+        if "persistentVolumeClaim" not in v
+        else {**v, "persistentVolumeClaim": {"claimName": "Bad_Claim"}}
+        for v in pod["volumes"]
+    ]
     pod["containers"][0]["volumeMounts"][-1]["mountPath"] = "relative/path"
     text = "\n".join(validation_errors(rayjob))
     assert "metadata.namespace: 'Team_A' is not a DNS-1123 label" in text
@@ -61,12 +74,22 @@ def test_mla_k8s_validate_fails_on_them_and_on_a_non_mapping_document(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "k8s", "validate", str(scalar)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "not a Kubernetes object" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "k8s", "validate", str(scalar)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        out.returncode == 2
+        and "not a Kubernetes object" in out.stderr
+        and "Traceback" not in out.stderr
+    )
 
 
-@pytest.mark.parametrize("text", [b"apiVersion: v1\nclusters: [oops\n", b"\xff\xfe bad", b"clusters: 5\n"])
+@pytest.mark.parametrize(
+    "text", [b"apiVersion: v1\nclusters: [oops\n", b"\xff\xfe bad", b"clusters: 5\n"]
+)
 def test_malformed_kubeconfig_is_a_message(tmp_path, text):
     from orchestrator.contract.errors import ClusterError
     from orchestrator.k8s.client import connect

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.config import load_job_config, validate_job_dict
 from orchestrator.contract.errors import ConfigError, PlanError
-from orchestrator.k8s.render import RenderOptions, render_job, rayjob_name, to_yaml, worker_bounds
+from orchestrator.k8s.render import RenderOptions, rayjob_name, render_job, to_yaml, worker_bounds
 from orchestrator.k8s.validate import validation_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +24,32 @@ GPU_SMALL = ROOT / "tests" / "k8s_configs" / "gpu_small.yaml"  # tp=2, gb=32, mb
 TINY = ROOT / "configs" / "tiny.yaml"
 
 CASES = {
-    "gpu_small": (GPU_SMALL, RenderOptions(gpus_per_worker=2, queue="team-a", namespace="ml",
-                                           node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"})),
-    "gpu_small_s3": (GPU_SMALL, RenderOptions(gpus_per_worker=4, storage_path="s3://bucket/mla",
-                                              active_deadline_seconds=86400, backoff_limit=2)),
+    "gpu_small": (
+        GPU_SMALL,
+        RenderOptions(
+            gpus_per_worker=2,
+            queue="team-a",
+            namespace="ml",
+            node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        ),
+    ),
+    "gpu_small_s3": (
+        GPU_SMALL,
+        RenderOptions(
+            gpus_per_worker=4,
+            storage_path="s3://bucket/mla",
+            active_deadline_seconds=86400,
+            backoff_limit=2,
+        ),
+    ),
     "tiny": (TINY, RenderOptions()),
 }
 
 
 def _job(path, *overrides):
-    return load_job_config(path, list(overrides))  # a missing config fails (ConfigError), never skips
+    return load_job_config(
+        path, list(overrides)
+    )  # a missing config fails (ConfigError), never skips
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -45,7 +61,9 @@ def test_render_matches_golden(case):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(text)
     assert golden.is_file(), f"missing {golden}; run with MLA_UPDATE_GOLDEN=1 to create it"
-    assert text == golden.read_text(), f"{golden} differs; if intended, regenerate with MLA_UPDATE_GOLDEN=1"
+    assert text == golden.read_text(), (
+        f"{golden} differs; if intended, regenerate with MLA_UPDATE_GOLDEN=1"
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -78,7 +96,9 @@ def test_pinned_data_parallel_degree_fixes_the_world_size():
 
 
 def test_no_runnable_size_is_a_plan_error_with_the_numbers():
-    with pytest.raises(PlanError, match=r"no world size in \[4, 16\].*gpus_per_worker\(3\).*\[2, 4, 8, 16\]"):
+    with pytest.raises(
+        PlanError, match=r"no world size in \[4, 16\].*gpus_per_worker\(3\).*\[2, 4, 8, 16\]"
+    ):
         worker_bounds(_job(GPU_SMALL), RenderOptions(gpus_per_worker=3))
     with pytest.raises(ConfigError, match=r"--min-gpus\(8\) > --max-gpus\(4\)"):
         worker_bounds(_job(GPU_SMALL), RenderOptions(min_gpus=8, max_gpus=4))
@@ -91,6 +111,7 @@ def test_entrypoint_and_configmap_round_trip_into_a_valid_elastic_job():
     data = yaml.safe_load(config_map["data"]["job.yaml"])
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     from orchestrator.config import apply_override
+
     for item in overrides:
         apply_override(data, item)
     job = validate_job_dict(data)
@@ -132,8 +153,22 @@ def test_rayjob_name_is_sanitised_and_checked():
 
 def test_cli_render_to_stdout_and_file(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["k8s", "render", str(GPU_SMALL), "-g", "2", "--queue", "team-a",
-                                 "--node-selector", "pool=gpu", "--namespace", "ml"])
+    result = runner.invoke(
+        app,
+        [
+            "k8s",
+            "render",
+            str(GPU_SMALL),
+            "-g",
+            "2",
+            "--queue",
+            "team-a",
+            "--node-selector",
+            "pool=gpu",
+            "--namespace",
+            "ml",
+        ],
+    )
     assert result.exit_code == 0, result.output
     objs = list(yaml.safe_load_all(result.stdout))
     assert [o["kind"] for o in objs] == ["ConfigMap", "RayJob"]
@@ -141,4 +176,6 @@ def test_cli_render_to_stdout_and_file(tmp_path):
     assert objs[1]["metadata"]["namespace"] == "ml"
     out = tmp_path / "job.yaml"
     result = runner.invoke(app, ["k8s", "render", str(GPU_SMALL), "-g", "2", "-o", str(out)])
-    assert result.exit_code == 0 and list(yaml.safe_load_all(out.read_text()))[1]["kind"] == "RayJob"
+    assert (
+        result.exit_code == 0 and list(yaml.safe_load_all(out.read_text()))[1]["kind"] == "RayJob"
+    )

@@ -9,8 +9,14 @@ import pytest
 import yaml
 
 from orchestrator.config import validate_job_dict
-from orchestrator.k8s.validate import (CRD_FILES, extract_crd_schemas, load_manifests, strict_schema,
-                                       validation_errors, vendored_schemas)
+from orchestrator.k8s.validate import (
+    CRD_FILES,
+    extract_crd_schemas,
+    load_manifests,
+    strict_schema,
+    validation_errors,
+    vendored_schemas,
+)
 from orchestrator.layouts import runnable_layouts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +57,15 @@ def test_manifest_validates_with_every_optional_field_on(path):
 def test_optional_fields_are_present_and_documented():
     for path in (ROOT / "k8s" / "raycluster.yaml", ROOT / "k8s" / "rayjob-train.yaml"):
         lines = path.read_text().splitlines()
-        starts = [i for i, line in enumerate(lines) if OPTIONAL.match(line) and not OPTIONAL.match(lines[i - 1])]
+        starts = [
+            i
+            for i, line in enumerate(lines)
+            if OPTIONAL.match(line) and not OPTIONAL.match(lines[i - 1])
+        ]
         assert len(starts) >= 3, path
-        for i in starts:  # the comment right above each optional block says what it is and its default
+        for (
+            i
+        ) in starts:  # the comment right above each optional block says what it is and its default
             above = lines[i - 1].strip()
             assert above.startswith("#") and not above.startswith("#+"), (path.name, lines[i])
         assert sum("Default:" in line for line in lines) >= len(starts) - 2, path.name
@@ -61,8 +73,17 @@ def test_optional_fields_are_present_and_documented():
 
 def test_rbac_role_is_namespaced_and_least_privilege():
     role = next(o for o in load_manifests(ROOT / "k8s" / "rbac.yaml") if o["kind"] == "Role")
-    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules[("ray.io", "rayjobs")] == rules[("ray.io", "rayclusters")] == {"create", "get", "list", "watch", "delete"}
+    rules = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert (
+        rules[("ray.io", "rayjobs")]
+        == rules[("ray.io", "rayclusters")]
+        == {"create", "get", "list", "watch", "delete"}
+    )
     assert rules[("", "pods")] == {"get", "list", "watch"}
     assert rules[("", "events")] == {"list"}
     assert not any(verbs & {"update", "patch", "*"} for verbs in rules.values())
@@ -86,14 +107,17 @@ def _train_rayjob():
     return copy.deepcopy(load_manifests(ROOT / "k8s" / "rayjob-train.yaml")[1])
 
 
-@pytest.mark.parametrize("where, typo", [
-    ("spec", "shutdownAfterJobFinish"),
-    ("spec.rayClusterSpec", "enableInTreeAutoScaling"),
-    ("spec.rayClusterSpec.workerGroupSpecs.0", "minReplica"),
-    ("spec.rayClusterSpec.workerGroupSpecs.0.template.spec", "toleration"),
-    ("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0", "resource"),
-    ("metadata", "label"),
-])
+@pytest.mark.parametrize(
+    "where, typo",
+    [
+        ("spec", "shutdownAfterJobFinish"),
+        ("spec.rayClusterSpec", "enableInTreeAutoScaling"),
+        ("spec.rayClusterSpec.workerGroupSpecs.0", "minReplica"),
+        ("spec.rayClusterSpec.workerGroupSpecs.0.template.spec", "toleration"),
+        ("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0", "resource"),
+        ("metadata", "label"),
+    ],
+)
 def test_a_typo_in_a_field_name_fails_validation(where, typo):
     obj = _train_rayjob()
     node = obj
@@ -110,7 +134,9 @@ def test_wrong_types_and_enums_fail_validation():
     obj = _train_rayjob()
     obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
     obj["spec"]["rayClusterSpec"]["autoscalerOptions"]["upscalingMode"] = "Fast"
-    obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "one"
+    obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]["nvidia.com/gpu"] = "one"
     text = "\n".join(validation_errors(obj))
     assert "'eight' is not of type 'integer'" in text
     assert "'Fast' is not one of ['Default', 'Aggressive', 'Conservative']" in text
@@ -132,24 +158,44 @@ def test_kuberay_semantic_checks():
 
 
 def test_builtin_kind_typo_fails_validation():
-    role = copy.deepcopy(next(o for o in load_manifests(ROOT / "k8s" / "rbac.yaml") if o["kind"] == "Role"))
+    role = copy.deepcopy(
+        next(o for o in load_manifests(ROOT / "k8s" / "rbac.yaml") if o["kind"] == "Role")
+    )
     role["rules"][0]["resourceName"] = ["x"]  # the field is resourceNames
     errors = validation_errors(role)
     assert errors and all("'resourceName' was unexpected" in e for e in errors)
-    assert {"(Kubernetes 1.29)", "(Kubernetes 1.37)"} <= {re.search(r"\(Kubernetes [\d.]+\)", e).group() for e in errors}
+    assert {"(Kubernetes 1.29)", "(Kubernetes 1.37)"} <= {
+        re.search(r"\(Kubernetes [\d.]+\)", e).group() for e in errors
+    }
 
 
 def test_unknown_kind_is_reported():
-    assert "Couldn't find schema" in validation_errors({"apiVersion": "v1", "kind": "Poddy", "metadata": {"name": "x"}})[0]
+    assert (
+        "Couldn't find schema"
+        in validation_errors({"apiVersion": "v1", "kind": "Poddy", "metadata": {"name": "x"}})[0]
+    )
 
 
 # ----------------------------------------------------------------------------- the vendored schemas
 def test_strict_schema_closes_objects_but_respects_preserve_unknown_fields():
-    schema = strict_schema({"type": "object", "properties": {
-        "a": {"type": "object", "properties": {"b": {"type": "string", "nullable": True}}},
-        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {}},
-        "map": {"type": "object", "additionalProperties": {"type": "string"}}}})
-    assert schema["additionalProperties"] is False and schema["properties"]["a"]["additionalProperties"] is False
+    schema = strict_schema(
+        {
+            "type": "object",
+            "properties": {
+                "a": {"type": "object", "properties": {"b": {"type": "string", "nullable": True}}},
+                "free": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "properties": {},
+                },
+                "map": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        }
+    )
+    assert (
+        schema["additionalProperties"] is False
+        and schema["properties"]["a"]["additionalProperties"] is False
+    )
     assert schema["properties"]["a"]["properties"]["b"]["type"] == ["string", "null"]
     assert "additionalProperties" not in schema["properties"]["free"]
     assert schema["properties"]["map"]["additionalProperties"] == {"type": "string"}
@@ -157,7 +203,9 @@ def test_strict_schema_closes_objects_but_respects_preserve_unknown_fields():
 
 def test_vendored_schemas_equal_the_shared_crds():
     if not SHARED_CRDS.is_dir():
-        assert not os.environ.get("MLA_KUBERAY_CRDS"), f"MLA_KUBERAY_CRDS={SHARED_CRDS} is not a folder"
+        assert not os.environ.get("MLA_KUBERAY_CRDS"), (
+            f"MLA_KUBERAY_CRDS={SHARED_CRDS} is not a folder"
+        )
         pytest.skip(f"no KubeRay v1.7.0 CRDs at {SHARED_CRDS}; set MLA_KUBERAY_CRDS to compare")
     assert extract_crd_schemas(SHARED_CRDS) == vendored_schemas()
     assert set(vendored_schemas()["schemas"]) == set(CRD_FILES)

@@ -11,21 +11,29 @@ from workers.parallel.groups import layout_groups, topology_groups
 # Hand-checked: rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank (tensor fastest).
 GOLDEN = {
     # 8 ranks, dp=2 tp=2 pp=2 (the example of Megatron-LM's initialize_model_parallel docstring).
-    (2, 2, 2): {"tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
-                "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
-                "pp": [[0, 4], [1, 5], [2, 6], [3, 7]]},
+    (2, 2, 2): {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+    },
     # 8 ranks, dp=1 tp=4 pp=2: one replica, two stages of four tensor ranks.
-    (1, 4, 2): {"tp": [[0, 1, 2, 3], [4, 5, 6, 7]],
-                "dp": [[0], [1], [2], [3], [4], [5], [6], [7]],
-                "pp": [[0, 4], [1, 5], [2, 6], [3, 7]]},
+    (1, 4, 2): {
+        "tp": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "dp": [[0], [1], [2], [3], [4], [5], [6], [7]],
+        "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+    },
     # 16 ranks, dp=2 tp=2 pp=4 (Megatron-LM's 16-GPU example: tp groups of 2, pp groups of 4).
-    (2, 2, 4): {"tp": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
-                "dp": [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
-                "pp": [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]},
+    (2, 2, 4): {
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]],
+        "dp": [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]],
+        "pp": [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]],
+    },
     # 16 ranks, dp=4 tp=4 pp=1.
-    (4, 4, 1): {"tp": [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]],
-                "dp": [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]],
-                "pp": [[r] for r in range(16)]},
+    (4, 4, 1): {
+        "tp": [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]],
+        "dp": [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]],
+        "pp": [[r] for r in range(16)],
+    },
 }
 
 
@@ -36,8 +44,21 @@ def test_groups_match_hand_checked_golden(shape):
     assert layout_groups(layout) == GOLDEN[shape]
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (8, 1, 1), (2, 2, 2), (2, 2, 4), (4, 4, 4), (2, 8, 4), (16, 4, 1),
-                                   (1, 8, 8), (3, 2, 5), (8, 8, 21)])  # last: 1,344 ranks (dp8 tp8 pp21)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1),
+        (8, 1, 1),
+        (2, 2, 2),
+        (2, 2, 4),
+        (4, 4, 4),
+        (2, 8, 4),
+        (16, 4, 1),
+        (1, 8, 8),
+        (3, 2, 5),
+        (8, 8, 21),
+    ],
+)  # last: 1,344 ranks (dp8 tp8 pp21)
 def test_groups_agree_with_deepspeed_topology(shape):
     dp, tp, pp = shape
     layout = Layout(dp=dp, tp=tp, pp=pp)
@@ -65,12 +86,15 @@ def test_megatron_1344_rank_shape_hand_checked_ranks():
     assert list(range(1336, 1344)) in layout.tp_groups()
 
 
-@pytest.mark.parametrize("kwargs, reason", [
-    ({"pp": 2, "zero_stage": 3}, "zero_stage=3 with pp=2"),
-    ({"pp": 2, "zero_stage": 2}, "zero_stage=2 with pp=2"),
-    ({"tp": 0}, "tp=0"),
-    ({"virtual_stages": 2}, "virtual_stages=2 needs pp > 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"pp": 2, "zero_stage": 3}, "zero_stage=3 with pp=2"),
+        ({"pp": 2, "zero_stage": 2}, "zero_stage=2 with pp=2"),
+        ({"tp": 0}, "tp=0"),
+        ({"virtual_stages": 2}, "virtual_stages=2 needs pp > 1"),
+    ],
+)
 def test_invalid_layouts_raise_with_the_reason(kwargs, reason):
     with pytest.raises(LayoutError, match=reason):
         Layout(**kwargs)

@@ -11,14 +11,29 @@ import pytest
 MLA = [sys.executable, "-m", "orchestrator.cli"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "configs"], "is a folder"),
-    (["train", "configs/tiny.yaml", "--set", "run.dir=/proc/mla"], "run.dir: cannot create or write the run folder"),
-    (["plan", "--model", "7b", "--gpus", "8", "--attention", "foo"], "--attention 'foo' must be dense or mla"),
-    (["k8s", "render", "configs/tiny.yaml", "-o", "/nonexistent/dir/x.yaml"], "--output '/nonexistent/dir/x.yaml'"),
-    (["k8s", "render", "configs/tiny.yaml", "--image", "a b"], "--image: 'a b' is not a container image"),
-    (["k8s", "render", "configs/tiny.yaml", "--namespace", "Team_A"], "--namespace: 'Team_A'"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "configs"], "is a folder"),
+        (
+            ["train", "configs/tiny.yaml", "--set", "run.dir=/proc/mla"],
+            "run.dir: cannot create or write the run folder",
+        ),
+        (
+            ["plan", "--model", "7b", "--gpus", "8", "--attention", "foo"],
+            "--attention 'foo' must be dense or mla",
+        ),
+        (
+            ["k8s", "render", "configs/tiny.yaml", "-o", "/nonexistent/dir/x.yaml"],
+            "--output '/nonexistent/dir/x.yaml'",
+        ),
+        (
+            ["k8s", "render", "configs/tiny.yaml", "--image", "a b"],
+            "--image: 'a b' is not a container image",
+        ),
+        (["k8s", "render", "configs/tiny.yaml", "--namespace", "Team_A"], "--namespace: 'Team_A'"),
+    ],
+)
 def test_malformed_input_is_one_message_and_exit_2(args, words):
     out = subprocess.run([*MLA, *args], capture_output=True, text=True, timeout=180)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -12,14 +12,48 @@ from mla.config import ModelConfig
 from mla.model import MLATransformer, TransformerBlock
 
 CONFIGS = {
-    "mla-gate": ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,
-                            max_seq_len=64, local_window=8, global_k=4, block_size=8),
-    "mla-sum": ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, ffn_hidden=40,
-                           max_seq_len=64, mix="sum", indexer="exact"),
-    "dense": ModelConfig(vocab_size=70, d_model=48, n_layers=2, n_heads=6, ffn_hidden=64,
-                         max_seq_len=64, attention="dense"),
-    "gqa": ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                       ffn_hidden=48, max_seq_len=64, local_window=8, global_k=4, block_size=8),
+    "mla-gate": ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_hidden=48,
+        max_seq_len=64,
+        local_window=8,
+        global_k=4,
+        block_size=8,
+    ),
+    "mla-sum": ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        ffn_hidden=40,
+        max_seq_len=64,
+        mix="sum",
+        indexer="exact",
+    ),
+    "dense": ModelConfig(
+        vocab_size=70,
+        d_model=48,
+        n_layers=2,
+        n_heads=6,
+        ffn_hidden=64,
+        max_seq_len=64,
+        attention="dense",
+    ),
+    "gqa": ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=48,
+        max_seq_len=64,
+        local_window=8,
+        global_k=4,
+        block_size=8,
+    ),
 }
 
 
@@ -81,7 +115,9 @@ def test_block_is_usable_alone():
 @pytest.mark.parametrize("name", ["mla-gate", "mla-sum", "dense", "gqa"])
 def test_loss_decreases_when_overfitting_one_batch(name):
     model = _model(name)
-    tokens = torch.randint(0, CONFIGS[name].vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, CONFIGS[name].vocab_size, (4, 33), generator=torch.Generator().manual_seed(0)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):

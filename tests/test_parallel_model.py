@@ -12,7 +12,12 @@ from mla.config import get_preset
 from mla.model import MLATransformer
 from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups
-from workers.parallel.pipeline import SequentialLM, VocabParallelLoss, canonical_parameters, layer_specs
+from workers.parallel.pipeline import (
+    SequentialLM,
+    VocabParallelLoss,
+    canonical_parameters,
+    layer_specs,
+)
 from workers.parallel.tensor_parallel import shard, split_dim
 
 CFG = get_preset("tiny")
@@ -60,7 +65,9 @@ def test_recompute_keeps_loss_and_gradients(recompute):
         model = _sequential(mode)
         loss = model(x, y)
         loss.backward()
-        grads.append((loss.detach(), {k: p.grad.clone() for k, p in canonical_parameters(model).items()}))
+        grads.append(
+            (loss.detach(), {k: p.grad.clone() for k, p in canonical_parameters(model).items()})
+        )
     (l0, g0), (l1, g1) = grads
     assert torch.allclose(l0, l1, rtol=1e-6)
     assert all(torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-7) for k in g0)

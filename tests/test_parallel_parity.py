@@ -14,8 +14,13 @@ from workers.parallel.reshard import read_consolidated
 pytestmark = pytest.mark.slow
 STEPS = 20
 LAYOUTS = [  # (dp, tp, pp, recompute)
-    (2, 1, 1, "none"), (1, 2, 1, "none"), (1, 1, 2, "none"), (2, 2, 1, "none"),
-    (2, 1, 2, "none"), (1, 2, 2, "selective"), (4, 1, 1, "full"),
+    (2, 1, 1, "none"),
+    (1, 2, 1, "none"),
+    (1, 1, 2, "none"),
+    (2, 2, 1, "none"),
+    (2, 1, 2, "none"),
+    (1, 2, 2, "selective"),
+    (4, 1, 1, "full"),
 ]
 
 
@@ -29,11 +34,16 @@ def test_reference_run_learns():
     assert sum(ref["losses"][-5:]) < 0.9 * sum(ref["losses"][:5])
 
 
-@pytest.mark.parametrize("dp, tp, pp, recompute", LAYOUTS, ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p, _ in LAYOUTS])
+@pytest.mark.parametrize(
+    "dp, tp, pp, recompute", LAYOUTS, ids=[f"dp{d}-tp{t}-pp{p}" for d, t, p, _ in LAYOUTS]
+)
 def test_layout_matches_single_process_run(tmp_path, dp, tp, pp, recompute):
     ref = reference_run(STEPS)
-    out = run_parity(ParityRun(parity_layout(dp, tp, pp, recompute), steps=STEPS, save_at=STEPS,
-                               save_dir=str(tmp_path)))
+    out = run_parity(
+        ParityRun(
+            parity_layout(dp, tp, pp, recompute), steps=STEPS, save_at=STEPS, save_dir=str(tmp_path)
+        )
+    )
     rel = _relative(out["losses"], ref["losses"])
     print(f"(dp, tp, pp) = ({dp}, {tp}, {pp}): max relative loss difference {rel:.2e}")
     assert rel < 1e-3

@@ -31,7 +31,9 @@ def test_consolidated_checkpoint_holds_full_tensors(saved_under_tp2_pp2):
     assert tensors["param"]["blocks.0.attn.wq.weight"].shape == (128, 128)  # both tensor shards
     assert tensors["param"]["tok_emb.weight"].shape == (256, 128)  # both vocabulary shards
     assert float(tensors["exp_avg_sq"]["blocks.3.mlp.w2.weight"].abs().sum()) > 0
-    assert json.loads((folder / "state.json").read_text())["scheduler"] is None  # lr is a function of the step
+    assert (
+        json.loads((folder / "state.json").read_text())["scheduler"] is None
+    )  # lr is a function of the step
 
 
 @pytest.mark.parametrize("dp, tp, pp", [(4, 1, 1), (2, 1, 1)])

@@ -16,26 +16,89 @@ runner = CliRunner()
 
 
 def test_plan_json_document():
-    res = runner.invoke(app, ["plan", "--model", "tiny", "--gpus", "4", "--gpu", "cpu", "--global-batch", "32",
-                              "--json", "--top", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "tiny",
+            "--gpus",
+            "4",
+            "--gpu",
+            "cpu",
+            "--global-batch",
+            "32",
+            "--json",
+            "--top",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["best"]["layout"]["dp"] * doc["best"]["layout"]["tp"] * doc["best"]["layout"]["pp"] == 4
+    assert (
+        doc["best"]["layout"]["dp"] * doc["best"]["layout"]["tp"] * doc["best"]["layout"]["pp"] == 4
+    )
     assert len(doc["candidates"]) == 3
 
 
 def test_estimate_mode_with_every_field_pinned():
-    res = runner.invoke(app, ["plan", "--params", "7B", "--gpu", "a100-40gb", "--global-batch", "8", "--dp", "1",
-                              "--tp", "1", "--pp", "1", "--zero", "0", "--micro-batch", "1", "--recompute", "none",
-                              "--no-sequence-parallel", "--virtual-stages", "1", "--estimate", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--params",
+            "7B",
+            "--gpu",
+            "a100-40gb",
+            "--global-batch",
+            "8",
+            "--dp",
+            "1",
+            "--tp",
+            "1",
+            "--pp",
+            "1",
+            "--zero",
+            "0",
+            "--micro-batch",
+            "1",
+            "--recompute",
+            "none",
+            "--no-sequence-parallel",
+            "--virtual-stages",
+            "1",
+            "--estimate",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     est = json.loads(res.stdout)["estimate"]
     assert est["estimate"]["fits"] is False and "> 40 GiB" in est["reason"]
 
 
 def test_explicit_dims_table():
-    res = runner.invoke(app, ["plan", "--layers", "4", "--hidden", "256", "--heads", "4", "--vocab", "1000",
-                              "--seq-len", "128", "--gpus", "2", "--gpu", "cpu", "--global-batch", "8"])
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--layers",
+            "4",
+            "--hidden",
+            "256",
+            "--heads",
+            "4",
+            "--vocab",
+            "1000",
+            "--seq-len",
+            "128",
+            "--gpus",
+            "2",
+            "--gpu",
+            "cpu",
+            "--global-batch",
+            "8",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "best" in res.stdout and "tokens/s" in res.stdout
 
@@ -46,8 +109,23 @@ def test_estimate_without_all_pins_is_an_error():
 
 
 def test_zero_stages_option_restricts_the_plan():
-    res = runner.invoke(app, ["plan", "--model", "tiny", "--gpus", "4", "--gpu", "cpu", "--global-batch", "32",
-                              "--zero-stages", "0,1", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "tiny",
+            "--gpus",
+            "4",
+            "--gpu",
+            "cpu",
+            "--global-batch",
+            "32",
+            "--zero-stages",
+            "0,1",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["request"]["allowed_zero_stages"] == [0, 1]

@@ -5,13 +5,27 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from mla.config import PRESETS, ModelConfig
-from orchestrator.planner.memory import (activation_bytes_per_layer, buffer_bytes, layers_on_stage,
-                                         mla_attention_bytes, model_state_bytes, stage_parameters,
-                                         zero_paper_bytes)
 from orchestrator.contract.layout import Layout
+from orchestrator.planner.memory import (
+    activation_bytes_per_layer,
+    buffer_bytes,
+    layers_on_stage,
+    mla_attention_bytes,
+    model_state_bytes,
+    stage_parameters,
+    zero_paper_bytes,
+)
 
-GPT3 = ModelConfig(vocab_size=51200, d_model=12288, n_layers=96, n_heads=96, ffn_hidden=32768,
-                   max_seq_len=2048, attention="dense", dropout=0.1)
+GPT3 = ModelConfig(
+    vocab_size=51200,
+    d_model=12288,
+    n_layers=96,
+    n_heads=96,
+    ffn_hidden=32768,
+    max_seq_len=2048,
+    attention="dense",
+    dropout=0.1,
+)
 
 
 @pytest.mark.parametrize("stage,gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
@@ -21,14 +35,18 @@ def test_zero_paper_figure1(stage, gb):
 
 @pytest.mark.parametrize("psi,gpus_per_node,nodes", [(7.5e9, 8, 8), (1.3e9, 4, 1), (70e9, 8, 16)])
 def test_zero2_matches_deepspeed_estimator(psi, gpus_per_node, nodes):
-    _, ds_gpu = estimate_zero2_model_states_mem_needs(int(psi), gpus_per_node, nodes, cpu_offload=False)
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(
+        int(psi), gpus_per_node, nodes, cpu_offload=False
+    )
     ours = sum(model_state_bytes(int(psi), 2, gpus_per_node * nodes, "bf16"))
     assert ours == pytest.approx(ds_gpu, abs=1)
 
 
 @pytest.mark.parametrize("psi,largest", [(7.5e9, 206e6), (1e9, 65e6)])
 def test_zero3_matches_deepspeed_estimator(psi, largest):
-    _, ds_gpu, ds_largest = estimate_zero3_model_states_mem_needs(int(psi), int(largest), 8, 8, cpu_offload=False)
+    _, ds_gpu, ds_largest = estimate_zero3_model_states_mem_needs(
+        int(psi), int(largest), 8, 8, cpu_offload=False
+    )
     ours = sum(model_state_bytes(int(psi), 3, 64, "bf16"))
     assert ours + ds_largest == pytest.approx(ds_gpu, abs=1)
 
@@ -46,10 +64,16 @@ def test_megatron_distributed_optimizer_fp16_table():
     assert sum(model_state_bytes(1.0, 1, 8, "fp16")) == pytest.approx(4 + 16 / 8)
 
 
-@pytest.mark.parametrize("kwargs,gb", [
-    (dict(tp=1), 2.87), (dict(tp=8), 0.58), (dict(tp=8, sequence_parallel=True), 0.36),
-    (dict(tp=8, sequence_parallel=True, recompute="selective"), 0.107),
-    (dict(tp=8, recompute="full"), 0.050)])
+@pytest.mark.parametrize(
+    "kwargs,gb",
+    [
+        (dict(tp=1), 2.87),
+        (dict(tp=8), 0.58),
+        (dict(tp=8, sequence_parallel=True), 0.36),
+        (dict(tp=8, sequence_parallel=True, recompute="selective"), 0.107),
+        (dict(tp=8, recompute="full"), 0.050),
+    ],
+)
 def test_korthikanti_gpt3_worked_check(kwargs, gb):
     got = activation_bytes_per_layer(GPT3, 2048, 1, flash=False, **kwargs)
     assert got / 1e9 == pytest.approx(gb, rel=0.02)
@@ -67,7 +91,10 @@ def test_gqa_shrinks_key_value_activations():
 
 
 def test_mla_attention_term_tiny_by_hand():
-    assert mla_attention_bytes(PRESETS["tiny"], 256, 8) == 8 * 4 * 256 * 8 * 139 + 4 * 256 * 8 * 128 + 2 * 8 * 256 * 4
+    assert (
+        mla_attention_bytes(PRESETS["tiny"], 256, 8)
+        == 8 * 4 * 256 * 8 * 139 + 4 * 256 * 8 * 128 + 2 * 8 * 256 * 4
+    )
     assert mla_attention_bytes(PRESETS["tiny"], 256, 8, "selective") == 2 * 8 * 256 * 4
 
 
@@ -83,10 +110,15 @@ def test_embedding_and_head_sit_on_first_and_last_stage():
     assert last - middle == cfg.vocab_size * cfg.d_model + cfg.d_model
 
 
-@pytest.mark.parametrize("stage,dp,per_param", [(0, 8, 18.0), (1, 8, 6 + 12 / 8), (1, 64, 6 + 12 / 64)])
+@pytest.mark.parametrize(
+    "stage,dp,per_param", [(0, 8, 18.0), (1, 8, 6 + 12 / 8), (1, 64, 6 + 12 / 64)]
+)
 def test_megatron_bf16_fp32_main_grads_match_the_readme_table(stage, dp, per_param):
     # Megatron-LM README "Distributed Optimizer", bf16 param / fp32 grads row: 18 and 6 + 12/d
-    assert sum(model_state_bytes(1.0, stage, dp, "bf16", fp32_main_grads=True)) == pytest.approx(per_param)
+    assert sum(model_state_bytes(1.0, stage, dp, "bf16", fp32_main_grads=True)) == pytest.approx(
+        per_param
+    )
     # fp16 rows are unchanged (20 and 4 + 16/d): the flag concerns bf16 only
     assert sum(model_state_bytes(1.0, stage, dp, "fp16", fp32_main_grads=True)) == pytest.approx(
-        sum(model_state_bytes(1.0, stage, dp, "fp16")))
+        sum(model_state_bytes(1.0, stage, dp, "fp16"))
+    )

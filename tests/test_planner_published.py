@@ -44,8 +44,11 @@ def test_every_published_layout_is_predicted_to_fit(published):
 
 
 def test_achieved_throughput_within_15_percent_on_median(published):
-    errors = [abs(predicted(row, cand, DEFAULT_EFFICIENCY) / row.achieved - 1) for row, cand in published
-              if row.achieved]
+    errors = [
+        abs(predicted(row, cand, DEFAULT_EFFICIENCY) / row.achieved - 1)
+        for row, cand in published
+        if row.achieved
+    ]
     assert len(errors) >= 20
     assert median(errors) <= 0.15
 
@@ -53,6 +56,9 @@ def test_achieved_throughput_within_15_percent_on_median(published):
 def test_best_layout_has_published_tensor_and_pipeline_degree(rows):
     # Same constraints as the row: GPUs, batch, precision, recompute policy and the framework's ZeRO
     # stages; benchmarks/planner.py prints the misses and why.
-    same = [(lambda b: (b.tp, b.pp))(plan(row.request).best.layout) == (row.published.tp, row.published.pp)
-            for row in rows]
+    same = [
+        (lambda b: (b.tp, b.pp))(plan(row.request).best.layout)
+        == (row.published.tp, row.published.pp)
+        for row in rows
+    ]
     assert sum(same) >= 0.8 * len(same)

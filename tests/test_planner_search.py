@@ -6,8 +6,16 @@ from mla.config import PRESETS
 from mla.flops import count_parameters
 from orchestrator.config import validate_job_dict
 from orchestrator.contract.errors import PlanError
-from orchestrator.planner import (PlanRequest, Pins, get_gpu, min_gpus, model_from_params, parse_count, plan,
-                                  plan_job)
+from orchestrator.planner import (
+    Pins,
+    PlanRequest,
+    get_gpu,
+    min_gpus,
+    model_from_params,
+    parse_count,
+    plan,
+    plan_job,
+)
 
 
 def test_every_candidate_respects_the_rules():
@@ -23,7 +31,9 @@ def test_every_candidate_respects_the_rules():
 
 
 def test_pins_restrict_the_search():
-    req = PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64, pins=Pins(tp=2, recompute="full"))
+    req = PlanRequest(
+        model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64, pins=Pins(tp=2, recompute="full")
+    )
     assert {(c.layout.tp, c.layout.recompute) for c in plan(req).candidates} == {(2, "full")}
 
 
@@ -39,19 +49,25 @@ def test_more_tensor_parallelism_than_heads():
 
 
 def test_batch_no_layout_divides():
-    req = PlanRequest(model=PRESETS["tiny"], gpus=8, gpu="cpu", global_batch=7, pins=Pins(tp=1, pp=1))
+    req = PlanRequest(
+        model=PRESETS["tiny"], gpus=8, gpu="cpu", global_batch=7, pins=Pins(tp=1, pp=1)
+    )
     with pytest.raises(PlanError, match="not divisible by dp=8.*\n.*fix: use a global batch"):
         plan(req)
 
 
 def test_model_that_fits_nowhere_names_the_minimum_gpu_count():
-    req = PlanRequest(model=model_from_params("100B", seq_len=2048), gpus=8, gpu="a100-80gb", global_batch=64)
+    req = PlanRequest(
+        model=model_from_params("100B", seq_len=2048), gpus=8, gpu="a100-80gb", global_batch=64
+    )
     with pytest.raises(PlanError, match=r"smallest GPU count that fits is \d+"):
         plan(req)
 
 
 def test_min_gpus_is_minimal():
-    req = PlanRequest(model=model_from_params("100B", seq_len=2048), gpus=8, gpu="a100-80gb", global_batch=64)
+    req = PlanRequest(
+        model=model_from_params("100B", seq_len=2048), gpus=8, gpu="a100-80gb", global_batch=64
+    )
     n, layout = min_gpus(req)
     assert layout is not None and layout.world_size == n
     with pytest.raises(PlanError):
@@ -83,8 +99,13 @@ def test_shape_rule_hits_the_parameter_count(target):
 
 @pytest.mark.parametrize("world", range(1, 9))
 def test_plan_job_tiny_on_any_cpu_world_size(world):
-    job = validate_job_dict({"model": {"preset": "tiny"}, "parallel": {"zero_stage": 2},
-                             "train": {"micro_batch": 8, "global_batch": 32}})
+    job = validate_job_dict(
+        {
+            "model": {"preset": "tiny"},
+            "parallel": {"zero_stage": 2},
+            "train": {"micro_batch": 8, "global_batch": 32},
+        }
+    )
     result = plan_job(job, world)
     lay = result.best.layout
     assert lay.zero_stage == 2 and lay.micro_batch == 8 and lay.global_batch == 32
@@ -94,31 +115,63 @@ def test_plan_job_tiny_on_any_cpu_world_size(world):
 
 
 def test_plan_job_pins_explicit_parallel_fields():
-    job = validate_job_dict({"model": {"preset": "tiny"}, "parallel": {"tensor": 2, "zero_stage": 1}})
+    job = validate_job_dict(
+        {"model": {"preset": "tiny"}, "parallel": {"tensor": 2, "zero_stage": 1}}
+    )
     lay = plan_job(job, 4).best.layout
     assert (lay.tp, lay.zero_stage, lay.dp) == (2, 1, 2)
 
 
 def test_to_json_has_the_documented_fields():
     doc = plan(PlanRequest(model=PRESETS["tiny"], gpus=4, gpu="cpu", global_batch=32)).to_json()
-    assert set(doc["best"]["layout"]) >= {"dp", "tp", "pp", "micro_batch", "grad_accum", "zero_stage", "recompute",
-                                          "sequence_parallel", "virtual_stages"}
-    assert set(doc["best"]["estimate"]) >= {"memory_gib", "fits", "step_time_s", "tokens_per_s", "tflops_per_gpu",
-                                            "mfu"}
-    assert set(doc["best"]["estimate"]["memory_gib"]) == {"parameters", "gradients", "optimizer", "activations",
-                                                          "buffers", "total"}
+    assert set(doc["best"]["layout"]) >= {
+        "dp",
+        "tp",
+        "pp",
+        "micro_batch",
+        "grad_accum",
+        "zero_stage",
+        "recompute",
+        "sequence_parallel",
+        "virtual_stages",
+    }
+    assert set(doc["best"]["estimate"]) >= {
+        "memory_gib",
+        "fits",
+        "step_time_s",
+        "tokens_per_s",
+        "tflops_per_gpu",
+        "mfu",
+    }
+    assert set(doc["best"]["estimate"]["memory_gib"]) == {
+        "parameters",
+        "gradients",
+        "optimizer",
+        "activations",
+        "buffers",
+        "total",
+    }
     assert doc["candidates"][0] == doc["best"]
 
 
 def test_allowed_zero_stages_restrict_the_search():
-    req = PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64, allowed_zero_stages=(0, 1))
+    req = PlanRequest(
+        model=PRESETS["7b"], gpus=16, gpu="h100", global_batch=64, allowed_zero_stages=(0, 1)
+    )
     assert {c.layout.zero_stage for c in plan(req).candidates} <= {0, 1}
-    assert 3 in {c.layout.zero_stage for c in plan(req.replace(allowed_zero_stages=None)).candidates}
+    assert 3 in {
+        c.layout.zero_stage for c in plan(req.replace(allowed_zero_stages=None)).candidates
+    }
 
 
-@pytest.mark.parametrize("stages,pins,match", [((), Pins(), "non-empty set of ZeRO stages"),
-                                               ((0, 4), Pins(), "allowed_zero_stages=\\(0, 4\\)"),
-                                               ((0, 1), Pins(zero_stage=3), "pinned zero_stage=3 is not in")])
+@pytest.mark.parametrize(
+    "stages,pins,match",
+    [
+        ((), Pins(), "non-empty set of ZeRO stages"),
+        ((0, 4), Pins(), "allowed_zero_stages=\\(0, 4\\)"),
+        ((0, 1), Pins(zero_stage=3), "pinned zero_stage=3 is not in"),
+    ],
+)
 def test_bad_allowed_zero_stages_are_plan_errors(stages, pins, match):
     with pytest.raises(PlanError, match=match):
         PlanRequest(model=PRESETS["7b"], gpus=16, gpu="h100", allowed_zero_stages=stages, pins=pins)
@@ -132,10 +185,19 @@ def test_tie_break_prefers_room_then_small_model_parallel_size_then_tensor_paral
 
     def cand(dp, tp, pp, gib):
         mem = est.memory.__class__(0, 0, 0, 0, gib * 2**30)
-        layout = lay.replace(dp=dp, tp=tp, pp=pp, zero_stage=1, virtual_stages=1, sequence_parallel=True)
+        layout = lay.replace(
+            dp=dp, tp=tp, pp=pp, zero_stage=1, virtual_stages=1, sequence_parallel=True
+        )
         return best.__class__(layout, est.__class__(**{**est.__dict__, "memory": mem}))
 
-    roomy_tp, roomy_pp, small_mp, full = cand(2, 8, 1, 40), cand(2, 4, 2, 40), cand(4, 4, 1, 40), cand(8, 2, 1, 79)
+    roomy_tp, roomy_pp, small_mp, full = (
+        cand(2, 8, 1, 40),
+        cand(2, 4, 2, 40),
+        cand(4, 4, 1, 40),
+        cand(8, 2, 1, 79),
+    )
     assert sorted([roomy_pp, roomy_tp], key=preference)[0] is roomy_tp
     assert sorted([roomy_tp, small_mp], key=preference)[0] is small_mp
-    assert rank([full, roomy_tp])[0] is roomy_tp  # equal speed: the layout near the memory limit loses
+    assert (
+        rank([full, roomy_tp])[0] is roomy_tp
+    )  # equal speed: the layout near the memory limit loses

@@ -3,12 +3,19 @@
 import pytest
 
 from mla.config import ModelConfig
-from orchestrator.planner import PlanRequest, Pins, estimate, plan
-from orchestrator.planner.step_time import ring_time, stage_flops_per_token
 from orchestrator.contract.layout import Layout
+from orchestrator.planner import Pins, PlanRequest, estimate, plan
+from orchestrator.planner.step_time import ring_time, stage_flops_per_token
 
-GPT1T = ModelConfig(vocab_size=51200, d_model=25600, n_layers=128, n_heads=160, ffn_hidden=68267,
-                    max_seq_len=2048, attention="dense")
+GPT1T = ModelConfig(
+    vocab_size=51200,
+    d_model=25600,
+    n_layers=128,
+    n_heads=160,
+    ffn_hidden=68267,
+    max_seq_len=2048,
+    attention="dense",
+)
 
 
 def _req(**kw):
@@ -74,8 +81,16 @@ def test_more_memory_bandwidth_never_slows_a_step():
 
 
 def test_estimate_mode_reports_not_fitting_layout():
-    pins = Pins(dp=1, tp=1, pp=1, zero_stage=0, micro_batch=1, recompute="none", sequence_parallel=False,
-                virtual_stages=1)
+    pins = Pins(
+        dp=1,
+        tp=1,
+        pp=1,
+        zero_stage=0,
+        micro_batch=1,
+        recompute="none",
+        sequence_parallel=False,
+        virtual_stages=1,
+    )
     result = plan(_req(gpus=1, global_batch=8, pins=pins))
     assert result.estimate is not None and not result.estimate.estimate.fits
     assert "GiB >" in result.estimate.estimate.reason
@@ -83,8 +98,16 @@ def test_estimate_mode_reports_not_fitting_layout():
     assert doc["estimate"]["fits"] is False and doc["layout"]["dp"] == 1
 
 
-LLAMA8B = ModelConfig(vocab_size=128000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
-                      max_seq_len=8192, attention="dense")
+LLAMA8B = ModelConfig(
+    vocab_size=128000,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=14336,
+    max_seq_len=8192,
+    attention="dense",
+)
 
 
 def test_zero3_gathers_are_exposed_once_they_outgrow_forward_compute():
@@ -103,7 +126,10 @@ def test_zero3_gathers_are_exposed_once_they_outgrow_forward_compute():
 def test_zero3_moves_more_exposed_traffic_than_zero1_per_step():
     lay1 = Layout(dp=256, tp=1, pp=1, zero_stage=1, micro_batch=1, grad_accum=4)
     req = PlanRequest(model=LLAMA8B, gpus=256, gpu="a100-80gb", global_batch=1024, seq_len=1024)
-    assert estimate(req, lay1.replace(zero_stage=3)).time.dp_comm_s > estimate(req, lay1).time.dp_comm_s
+    assert (
+        estimate(req, lay1.replace(zero_stage=3)).time.dp_comm_s
+        > estimate(req, lay1).time.dp_comm_s
+    )
 
 
 def test_tp_comm_overlap_leaves_one_chunk_in_tp_exposed():
@@ -116,4 +142,7 @@ def test_param_gather_overlap_hides_the_zero1_all_gather():
     lay = Layout(dp=64, tp=1, pp=1, zero_stage=1, micro_batch=1, grad_accum=4)
     req = PlanRequest(model=LLAMA8B, gpus=64, gpu="h100", global_batch=256, seq_len=8192)
     assert estimate(req, lay).time.dp_comm_s > 0
-    assert estimate(req.replace(overlap_param_gather=True), lay).time.dp_comm_s < estimate(req, lay).time.dp_comm_s
+    assert (
+        estimate(req.replace(overlap_param_gather=True), lay).time.dp_comm_s
+        < estimate(req, lay).time.dp_comm_s
+    )

@@ -15,7 +15,6 @@ from orchestrator.config import load_job_config
 from orchestrator.contract.errors import ClusterError
 from orchestrator.preflight import check_result, expectations, project_requirements
 
-
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
@@ -27,8 +26,17 @@ def _result(expect, ips=("10.0.0.1",), gpus: float = 0, imports: bool = False) -
     """Probe this process once per pretend node (the same Python answering for each)."""
     probe = {**expect.probe_input(), **({} if imports else {"imports": []})}
     report = probe_node(probe)
-    return {"nodes": [{"node_id": f"n{i}", "resources": {"CPU": 1.0, "GPU": gpus},
-                       "report": {**report, "ip": ip}} for i, ip in enumerate(ips)], "errors": []}
+    return {
+        "nodes": [
+            {
+                "node_id": f"n{i}",
+                "resources": {"CPU": 1.0, "GPU": gpus},
+                "report": {**report, "ip": ip},
+            }
+            for i, ip in enumerate(ips)
+        ],
+        "errors": [],
+    }
 
 
 def test_this_environment_passes_its_own_preflight():
@@ -40,7 +48,9 @@ def test_this_environment_passes_its_own_preflight():
 
 def test_missing_packages_are_named_once_for_all_nodes_with_the_two_fixes():
     expect = expectations(_job(), check_storage=False)
-    expect = dataclasses.replace(expect, requirements={**expect.requirements, "no-such-dist": ">=1"})
+    expect = dataclasses.replace(
+        expect, requirements={**expect.requirements, "no-such-dist": ">=1"}
+    )
     with pytest.raises(ClusterError) as err:
         check_result(expect, _result(expect, ips=("10.0.0.1", "10.0.0.2")))
     text = str(err.value)
@@ -51,13 +61,20 @@ def test_missing_packages_are_named_once_for_all_nodes_with_the_two_fixes():
 
 def test_version_mismatches_name_both_sides():
     expect = expectations(_job(), check_storage=False)
-    expect = dataclasses.replace(expect, python="3.10", ray_version="2.59.0",
-                                 requirements={**expect.requirements, "torch": "==2.12.0"})
+    expect = dataclasses.replace(
+        expect,
+        python="3.10",
+        ray_version="2.59.0",
+        requirements={**expect.requirements, "torch": "==2.12.0"},
+    )
     with pytest.raises(ClusterError) as err:
         check_result(expect, _result(expect))
     text = str(err.value)
     assert f"Python {platform.python_version()} (the submitter runs 3.10)" in text
-    assert "(the project pins torch==2.12.0)" in text and "(the submitter runs ray 2.59.0; they must match)" in text
+    assert (
+        "(the project pins torch==2.12.0)" in text
+        and "(the submitter runs ray 2.59.0; they must match)" in text
+    )
 
 
 def test_gpu_job_on_nodes_without_cuda_says_so():
@@ -71,7 +88,9 @@ def test_gpu_job_on_nodes_without_cuda_says_so():
 def test_a_path_that_exists_only_here_must_be_visible_on_the_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text("text")
-    expect = expectations(_job("data.path=corpus.txt", "cluster.storage_path=/no/such/runs"), check_storage=True)
+    expect = expectations(
+        _job("data.path=corpus.txt", "cluster.storage_path=/no/such/runs"), check_storage=True
+    )
     result = _result(expect)
     for node in result["nodes"]:  # a node whose working directory lacks the file, as on a cluster
         node["report"]["paths"]["data.path"] = False

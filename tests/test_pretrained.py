@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_checkpoint_export_load_pretrained_gives_identical_logits(tmp_path):
     run, model = write_run(tmp_path, n_kv_heads=2)
     loaded = load_model(run)
-    out = save_pretrained(loaded.model, tmp_path / "export", source={"checkpoint": str(loaded.checkpoint), "step": 10})
+    out = save_pretrained(
+        loaded.model, tmp_path / "export", source={"checkpoint": str(loaded.checkpoint), "step": 10}
+    )
     back = mla.load_pretrained(out)
     tensors = load_file(str(out / "model.safetensors"))
     assert set(tensors) == {n for n, _ in model.named_parameters()}

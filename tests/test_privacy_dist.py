@@ -27,14 +27,18 @@ SIGMA, CLIP, STEPS, MB = 2.0, 0.05, 30, 2
 def _ds_config(layout: Layout, lr: float | None = None) -> dict:
     job = load_job_config("configs/tiny.yaml", ["train.privacy.noise_multiplier=1"])
     cfg = build_deepspeed_config(job, layout)
-    if lr is not None:  # constant lr (lr 0: weights stay put, so only the noise varies across steps)
+    if (
+        lr is not None
+    ):  # constant lr (lr 0: weights stay put, so only the noise varies across steps)
         cfg["optimizer"]["params"]["lr"] = lr
         del cfg["scheduler"]
     return cfg
 
 
 def _plan(layout: Layout, sigma: float, clip: float) -> PrivacyPlan:
-    return PrivacyPlan(sigma, clip, layout.global_batch / 1000, layout.global_batch, 1000, 1e-5, "rdp")
+    return PrivacyPlan(
+        sigma, clip, layout.global_batch / 1000, layout.global_batch, 1000, 1e-5, "rdp"
+    )
 
 
 def _batch(rank: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,21 +81,37 @@ def _parity(rank: int, world: int) -> dict:
         x, y = _batch(10 * step + rank, MB * 2)
         losses.append((plain.train_batch(x, y), dpsgd.train_batch(x, y)))
     a, b = plain.canonical_parameters(), private.canonical_parameters()
-    moved = max(float((p - q).abs().max()) for p, q in zip(a.values(), build_engine(
-        layout, cfg, SMALL, 0, 0.1).canonical_parameters().values(), strict=True))
+    moved = max(
+        float((p - q).abs().max())
+        for p, q in zip(
+            a.values(),
+            build_engine(layout, cfg, SMALL, 0, 0.1).canonical_parameters().values(),
+            strict=True,
+        )
+    )
     diff = max(float((a[n] - b[n]).abs().max()) for n in a)
     return {"losses": losses, "max_param_diff": diff, "max_update": moved}
 
 
 @pytest.mark.parametrize("world, accums", [(1, (1, 3)), (2, (1, 2))])
-def test_summed_gradient_noise_std_is_sigma_times_clip_for_any_ranks_and_accumulation(world, accums):
+def test_summed_gradient_noise_std_is_sigma_times_clip_for_any_ranks_and_accumulation(
+    world, accums
+):
     results = run_local(_measure, world, accums, timeout_s=900)
     for ga in accums:
         std = results[0][f"std_ga{ga}"]
-        assert std == pytest.approx(SIGMA * CLIP, rel=0.02), (world, ga, std)  # sqrt(dp) too much would be 41%
-        assert all(r[f"std_ga{ga}"] == pytest.approx(std, rel=1e-6) for r in results)  # all ranks step alike
+        assert std == pytest.approx(SIGMA * CLIP, rel=0.02), (
+            world,
+            ga,
+            std,
+        )  # sqrt(dp) too much would be 41%
+        assert all(
+            r[f"std_ga{ga}"] == pytest.approx(std, rel=1e-6) for r in results
+        )  # all ranks step alike
     if world == 2:
         r = results[0]
         for plain, private in r["losses"]:
             assert private == pytest.approx(plain, rel=1e-6)
-        assert r["max_update"] > 1e-3 and r["max_param_diff"] < 1e-3 * r["max_update"]  # measured 1.3e-6 vs 9e-3
+        assert (
+            r["max_update"] > 1e-3 and r["max_param_diff"] < 1e-3 * r["max_update"]
+        )  # measured 1.3e-6 vs 9e-3

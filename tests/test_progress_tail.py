@@ -19,11 +19,19 @@ def test_restart_prints_attempt_and_resumes_progress_after_the_checkpoint(tmp_pa
     metrics, events = tmp_path / "metrics.jsonl", tmp_path / "events.jsonl"
     tail = ProgressTail(metrics, 30)
     _write(events, [{"event": "start", "resumed_from_step": None}])
-    _write(metrics, [{"step": 0, "val_loss": 5.2}] + [{"step": s, "loss": 4.0, "lr": 1e-3} for s in (5, 10, 15)])
+    _write(
+        metrics,
+        [{"step": 0, "val_loss": 5.2}]
+        + [{"step": s, "loss": 4.0, "lr": 1e-3} for s in (5, 10, 15)],
+    )
     tail.poll()
     # a worker is killed after step 15; the restart trims the records past checkpoint 10
     tmp = metrics.with_suffix(".tmp")
-    _write(tmp, [{"step": 0, "val_loss": 5.2}, {"step": 5, "loss": 4.0}, {"step": 10, "loss": 4.0}], mode="w")
+    _write(
+        tmp,
+        [{"step": 0, "val_loss": 5.2}, {"step": 5, "loss": 4.0}, {"step": 10, "loss": 4.0}],
+        mode="w",
+    )
     os.replace(tmp, metrics)
     _write(events, [{"event": "start", "resumed_from_step": 10}])
     tail.poll()

@@ -12,7 +12,11 @@ from workers.rng import seed_step, step_seed
 def _loss(model, step: int, dp_rank: int = 0) -> float:
     seed_step(1234, step, dp_rank)
     x = torch.arange(64).reshape(2, 32) % 256
-    return float(model(x, x).detach()) if _returns_loss(model) else float(model(x).float().mean().detach())
+    return (
+        float(model(x, x).detach())
+        if _returns_loss(model)
+        else float(model(x).float().mean().detach())
+    )
 
 
 def _returns_loss(model) -> bool:
@@ -33,5 +37,7 @@ def test_same_step_same_dropout_whatever_ran_before(one_torch_thread):
 
 
 def test_step_seeds_differ_by_step_rank_and_base_seed():
-    seeds = {step_seed(s, t, r, p) for s in (0, 1) for t in range(50) for r in range(4) for p in range(2)}
+    seeds = {
+        step_seed(s, t, r, p) for s in (0, 1) for t in range(50) for r in range(4) for p in range(2)
+    }
     assert len(seeds) == 2 * 50 * 4 * 2 and all(0 <= v < 2**63 for v in seeds)

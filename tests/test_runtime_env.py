@@ -15,13 +15,19 @@ def _cluster(*sets: str):
 
 
 def test_user_fields_reach_ray_unchanged_next_to_the_code_and_the_setup_timeout():
-    cluster = _cluster("cluster.runtime_env.pip=[emoji==2.8.0, 'pyjokes>=0.6']",
-                       "cluster.runtime_env.env_vars={NCCL_DEBUG: INFO}",
-                       "cluster.runtime_env.setup_timeout_s=120")
+    cluster = _cluster(
+        "cluster.runtime_env.pip=[emoji==2.8.0, 'pyjokes>=0.6']",
+        "cluster.runtime_env.env_vars={NCCL_DEBUG: INFO}",
+        "cluster.runtime_env.setup_timeout_s=120",
+    )
     env = build_runtime_env(cluster, working_dir="/tmp/code")
-    assert env == {"pip": ["emoji==2.8.0", "pyjokes>=0.6"], "env_vars": {"NCCL_DEBUG": "INFO"},
-                   "config": {"setup_timeout_seconds": 120}, "working_dir": "/tmp/code",
-                   "excludes": WORKING_DIR_EXCLUDES}
+    assert env == {
+        "pip": ["emoji==2.8.0", "pyjokes>=0.6"],
+        "env_vars": {"NCCL_DEBUG": "INFO"},
+        "config": {"setup_timeout_seconds": 120},
+        "working_dir": "/tmp/code",
+        "excludes": WORKING_DIR_EXCLUDES,
+    }
 
 
 def test_ray_accepts_the_runtime_env():
@@ -40,10 +46,16 @@ def test_without_runtime_env_only_the_code_and_the_timeout_are_set():
 
 def test_py_executable_also_starts_the_driver():
     assert driver_python(_cluster()) == "python"
-    assert driver_python(_cluster("cluster.runtime_env.py_executable=/opt/venv/bin/python")) == "/opt/venv/bin/python"
+    assert (
+        driver_python(_cluster("cluster.runtime_env.py_executable=/opt/venv/bin/python"))
+        == "/opt/venv/bin/python"
+    )
     assert driver_python(_cluster("cluster.runtime_env.py_executable='uv run'")) == "uv run"
 
 
 def test_a_typo_in_runtime_env_names_the_allowed_keys():
-    with pytest.raises(ConfigError, match=r"runtime_env.env_var: unknown key 'env_var' \(did you mean 'env_vars'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"runtime_env.env_var: unknown key 'env_var' \(did you mean 'env_vars'\?\)",
+    ):
         _cluster("cluster.runtime_env.env_var={A: b}")

@@ -27,7 +27,10 @@ def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path):
     watchdog.start()
     with pytest.raises(KeyboardInterrupt):
         time.sleep(10)
-    assert "no worker group started within cluster.startup_timeout_s=0.5 s: asked for CPU 3" in watchdog.reason
+    assert (
+        "no worker group started within cluster.startup_timeout_s=0.5 s: asked for CPU 3"
+        in watchdog.reason
+    )
 
 
 def test_watchdog_stays_quiet_once_a_worker_group_started(tmp_path):

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
     """The `mla train` command of a fast tiny run under ``tmp_path`` (test_privacy_e2e uses it too)."""
-    return MlaCli().command("train", TINY_CONFIG, sets=[f"run.dir={tmp_path}", *FAST_OVERRIDES, *overrides])
+    return MlaCli().command(
+        "train", TINY_CONFIG, sets=[f"run.dir={tmp_path}", *FAST_OVERRIDES, *overrides]
+    )
 
 
 def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
@@ -60,14 +62,19 @@ def test_two_worker_run_learns_and_a_rerun_resumes(tmp_path):
     summary = _summary(run_dir)
     assert summary["resumed_from_step"] == 20 and summary["steps"] == 40
     assert [s for s, _ in complete_checkpoints(run_dir)] == [30, 40]  # checkpoint.keep = 2
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step_")) == [
-        "rejected-step_0000030"]  # the stale .tmp- folder is gone, the corrupt one set aside
+    assert sorted(
+        p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step_")
+    ) == ["rejected-step_0000030"]  # the stale .tmp- folder is gone, the corrupt one set aside
 
 
 def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "kill"
-    proc = subprocess.Popen(_cmd(tmp_path, "train.steps=60", "run.name=kill", "cluster.max_failures=2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "train.steps=60", "run.name=kill", "cluster.max_failures=2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not complete_checkpoints(run_dir):
@@ -84,7 +91,9 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert summary["steps"] == 60
     assert summary["attempts"] == 2 and summary["resumed_from_step"] >= 10
     assert not any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps))  # records past the checkpoint were trimmed, none repeated
 
 
@@ -101,12 +110,25 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
     the run with exit 1 naming the step, writes no checkpoint from the bad streak and keeps the
     good ones; metrics and summary stay strict JSON."""
     run_dir = tmp_path / "div"
-    good = _run(_cmd(tmp_path, "train.steps=10", "run.name=div", "checkpoint.every=5", "train.log_every=1"))
+    good = _run(
+        _cmd(tmp_path, "train.steps=10", "run.name=div", "checkpoint.every=5", "train.log_every=1")
+    )
     assert good.returncode == 0, good.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[1]["step"] == 1 and records[1]["lr"] == pytest.approx(3e-3 / 5)  # the lr step 1 used
-    bad = _run(_cmd(tmp_path, "train.steps=30", "run.name=div", "checkpoint.every=5", "train.lr=1e6",
-                    "train.min_lr=0", "train.max_bad_steps=4"))
+    assert records[1]["step"] == 1 and records[1]["lr"] == pytest.approx(
+        3e-3 / 5
+    )  # the lr step 1 used
+    bad = _run(
+        _cmd(
+            tmp_path,
+            "train.steps=30",
+            "run.name=div",
+            "checkpoint.every=5",
+            "train.lr=1e6",
+            "train.min_lr=0",
+            "train.max_bad_steps=4",
+        )
+    )
     assert bad.returncode == 1, bad.stderr[-3000:]
     assert "training diverged" in bad.stderr and "lower train.lr" in bad.stderr
     assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10]
@@ -118,8 +140,18 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
 
 
 def test_more_workers_than_the_embedded_ray_has_fails_with_the_reason(tmp_path):
-    result = _run(_cmd(tmp_path, "cluster.num_workers=3", "cluster.ray_num_cpus=2", "train.global_batch=24",
-                       "run.name=big"), timeout=120)
+    result = _run(
+        _cmd(
+            tmp_path,
+            "cluster.num_workers=3",
+            "cluster.ray_num_cpus=2",
+            "train.global_batch=24",
+            "run.name=big",
+        ),
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "the workers cannot be placed: CPU 3 asked, 2 in the cluster" in " ".join(result.stderr.split())
+    assert "the workers cannot be placed: CPU 3 asked, 2 in the cluster" in " ".join(
+        result.stderr.split()
+    )
     assert "Traceback" not in result.stderr

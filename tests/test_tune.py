@@ -13,7 +13,9 @@ from orchestrator.tune import parse_search, plot_sweep, trial_job, validate_spac
 
 def test_parse_search_parses_values_as_yaml():
     assert parse_search(["model.local_window=16,32", "train.lr=0.001,0.01"]) == {
-        "model.local_window": [16, 32], "train.lr": [0.001, 0.01]}
+        "model.local_window": [16, 32],
+        "train.lr": [0.001, 0.01],
+    }
 
 
 @pytest.mark.parametrize("bad", ["model.local_window", "=1,2", "model.global_k="])
@@ -44,12 +46,34 @@ def test_plot_is_written_for_two_searched_fields(tmp_path):
 
 
 @pytest.mark.slow
-def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_trains(tmp_path, mla_cli):
-    sets = ["data.seq_len=64", "train.micro_batch=8", "train.global_batch=16", "train.warmup_steps=5",
-            "train.log_every=10", "train.eval_every=5", "train.eval_batches=1", "checkpoint.every=40",
-            "cluster.num_workers=1", f"run.dir={tmp_path}", "run.name=sweep"]
-    args = ["tune", "configs/tiny.yaml", "--search", "model.local_window=8,16,32",
-            "--search", "model.global_k=2,8", "--scheduler", "asha", "--max-steps", "40"]
+def test_six_trial_asha_sweep_writes_table_best_config_and_plot_and_best_config_trains(
+    tmp_path, mla_cli
+):
+    sets = [
+        "data.seq_len=64",
+        "train.micro_batch=8",
+        "train.global_batch=16",
+        "train.warmup_steps=5",
+        "train.log_every=10",
+        "train.eval_every=5",
+        "train.eval_batches=1",
+        "checkpoint.every=40",
+        "cluster.num_workers=1",
+        f"run.dir={tmp_path}",
+        "run.name=sweep",
+    ]
+    args = [
+        "tune",
+        "configs/tiny.yaml",
+        "--search",
+        "model.local_window=8,16,32",
+        "--search",
+        "model.global_k=2,8",
+        "--scheduler",
+        "asha",
+        "--max-steps",
+        "40",
+    ]
     result = mla_cli(*args, sets=sets, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     sweep = tmp_path / "sweep-sweep"
@@ -86,15 +110,41 @@ def test_best_excludes_the_untrained_step0_evaluation_and_diverged_trials_are_ne
     from orchestrator.tune import _row, pick_best
 
     space = {"train.lr": [1e-3, 1e6]}
-    diverged = _row(_Result({"train.lr": 1e6}, [{"step": 0, "val_loss": 5.2348},
-                                                 {"step": 10, "loss": 5.545, "diverged": True}]), space, 40, "val_loss")
-    nan = _row(_Result({"train.lr": 10.0}, [{"step": 0, "val_loss": 5.2348},
-                                             {"step": 10, "val_loss": float("nan")}]), space, 40, "val_loss")
-    good = _row(_Result({"train.lr": 1e-3}, [{"step": 0, "val_loss": 5.2348}, {"step": 10, "val_loss": 5.4}]),
-                space, 40, "val_loss")
-    assert diverged["diverged"] and diverged["best_val_loss"] is None and "diverged" in diverged["error"]
+    diverged = _row(
+        _Result(
+            {"train.lr": 1e6},
+            [{"step": 0, "val_loss": 5.2348}, {"step": 10, "loss": 5.545, "diverged": True}],
+        ),
+        space,
+        40,
+        "val_loss",
+    )
+    nan = _row(
+        _Result(
+            {"train.lr": 10.0},
+            [{"step": 0, "val_loss": 5.2348}, {"step": 10, "val_loss": float("nan")}],
+        ),
+        space,
+        40,
+        "val_loss",
+    )
+    good = _row(
+        _Result(
+            {"train.lr": 1e-3}, [{"step": 0, "val_loss": 5.2348}, {"step": 10, "val_loss": 5.4}]
+        ),
+        space,
+        40,
+        "val_loss",
+    )
+    assert (
+        diverged["diverged"]
+        and diverged["best_val_loss"] is None
+        and "diverged" in diverged["error"]
+    )
     assert nan["best_val_loss"] is None  # the NaN evaluation is not "best 5.2348"
-    assert good["best_val_loss"] == 5.4  # worse than the untrained 5.2348, but the only trained value
+    assert (
+        good["best_val_loss"] == 5.4
+    )  # worse than the untrained 5.2348, but the only trained value
     assert pick_best([diverged, nan, good], space, "val_loss") is good
     assert pick_best([diverged, nan], space, "val_loss") is None
 
@@ -103,7 +153,10 @@ def test_ties_are_broken_numerically_not_by_string_order():
     from orchestrator.tune import pick_best
 
     space = {"model.local_window": [9, 10]}
-    rows = [{"model.local_window": 10, "best_val_loss": 2.0}, {"model.local_window": 9, "best_val_loss": 2.0}]
+    rows = [
+        {"model.local_window": 10, "best_val_loss": 2.0},
+        {"model.local_window": 9, "best_val_loss": 2.0},
+    ]
     assert pick_best(rows, space, "val_loss")["model.local_window"] == 9  # "10" < "9" as strings
 
 

@@ -34,8 +34,9 @@ from orchestrator.contract.checkpoints import (
 from orchestrator.contract.io import fsync_dir, write_json_atomic
 
 
-def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, rank: int, keep: int,
-                    barrier) -> Path:
+def save_checkpoint(
+    engine, run_dir: str | os.PathLike, step: int, meta: dict, rank: int, keep: int, barrier
+) -> Path:
     """Save ``engine`` (a DeepSpeed engine) atomically as the checkpoint of ``step``.
 
     Args:
@@ -62,7 +63,9 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, meta: dict, r
     barrier()
     if rank == 0:
         write_json_atomic(tmp / "meta.json", {"step": step, "tag": TAG, **meta})
-        write_json_atomic(tmp / MANIFEST, build_manifest(tmp))  # last: it proves the rest is complete
+        write_json_atomic(
+            tmp / MANIFEST, build_manifest(tmp)
+        )  # last: it proves the rest is complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -86,8 +89,10 @@ def load_checkpoint(engine, path: Path) -> dict:
         meta = read_meta(path)
         load_path, _ = engine.load_checkpoint(str(path), tag=meta.get("tag", TAG))
     except (OSError, ValueError, EOFError, KeyError, RuntimeError) as exc:
-        raise RuntimeError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}; move it aside "
-                           "to resume from an older one, or set checkpoint.resume=false") from None
+        raise RuntimeError(
+            f"could not load checkpoint {path}: {type(exc).__name__}: {exc}; move it aside "
+            "to resume from an older one, or set checkpoint.resume=false"
+        ) from None
     if load_path is None:
         raise RuntimeError(f"could not load checkpoint {path}")
     return meta

@@ -56,8 +56,11 @@ class Corpus:
 def stdlib_files() -> list[Path]:
     """The Python standard library's ``.py`` files (tests excluded), sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py")
-                  if not _EXCLUDED_STDLIB_DIRS.intersection(p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*.py")
+        if not _EXCLUDED_STDLIB_DIRS.intersection(p.relative_to(root).parts)
+    )
 
 
 def _is_val(name: str, val_fraction: float) -> bool:
@@ -91,19 +94,28 @@ def check_text(text: str, data: bytes, where: Path | str) -> None:
         DataError: naming the file and the evidence.
     """
     if b"\x00" in data:
-        raise DataError(f"{where}: looks binary (it contains NUL bytes), not text; point data.path at UTF-8 text, "
-                        "a .jsonl or a .parquet file")
+        raise DataError(
+            f"{where}: looks binary (it contains NUL bytes), not text; point data.path at UTF-8 text, "
+            "a .jsonl or a .parquet file"
+        )
     bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if text and bad > BINARY_REPLACEMENT_FRACTION * len(text):
-        raise DataError(f"{where}: looks binary ({100 * bad / len(text):.0f}% of it is not valid UTF-8), not text; "
-                        "convert it to UTF-8 or point data.path at text files")
+        raise DataError(
+            f"{where}: looks binary ({100 * bad / len(text):.0f}% of it is not valid UTF-8), not text; "
+            "convert it to UTF-8 or point data.path at text files"
+        )
 
 
 def _documents(path: Path) -> tuple[list[tuple[str, bytes]], str]:
     """Return ``[(name, bytes)]`` documents of a data path and a description of it."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         return [(str(p.relative_to(path)), _encode(_read_text(p))) for p in files], f"folder {path}"
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -122,11 +134,15 @@ def _jsonl_documents(path: Path) -> list[tuple[str, bytes]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be an "
-                                "object with a 'text' field") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be an "
+                    "object with a 'text' field"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: line has no string 'text' field; each line must "
-                                'look like {"text": "..."}')
+                raise DataError(
+                    f"{path}:{lineno}: line has no string 'text' field; each line must "
+                    'look like {"text": "..."}'
+                )
             docs.append((f"{lineno}", _encode(record["text"])))
     return docs
 
@@ -139,8 +155,10 @@ def _parquet_documents(path: Path) -> list[tuple[str, bytes]]:
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot be read as Parquet ({exc})") from None
     if "text" not in table.column_names:
-        raise DataError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); "
-                        "rename the text column to 'text'")
+        raise DataError(
+            f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); "
+            "rename the text column to 'text'"
+        )
     texts = table.column("text").to_pylist()
     return [(f"{i}", _encode(t)) for i, t in enumerate(texts) if isinstance(t, str)]
 
@@ -163,9 +181,11 @@ def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
     else:
         p = Path(path).expanduser()
         if not p.exists():
-            raise DataError(f"data.path {str(p)!r} does not exist; point data.path at a text file, a "
-                            "folder of text files, a .jsonl or a .parquet file, or unset it to use the "
-                            "Python standard library sources")
+            raise DataError(
+                f"data.path {str(p)!r} does not exist; point data.path at a text file, a "
+                "folder of text files, a .jsonl or a .parquet file, or unset it to use the "
+                "Python standard library sources"
+            )
         docs, source = _documents(p)
     docs = [(name, data) for name, data in docs if data]
     if not docs:
@@ -179,15 +199,19 @@ def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
         val = b"".join(d for n, d in docs if _is_val(n, val_fraction))
         if not val:  # tiny corpora: hold out the last document
             train, val = b"".join(d for _, d in docs[:-1]), docs[-1][1]
-    return Corpus(np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), source, len(docs))
+    return Corpus(
+        np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), source, len(docs)
+    )
 
 
 def check_corpus(corpus: Corpus, seq_len: int) -> None:
     """Raise :class:`DataError` unless both splits hold at least one ``seq_len + 1`` window."""
     for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
         if len(tokens) < seq_len + 1:
-            raise DataError(f"{corpus.source}: the {split} split has {len(tokens)} tokens, shorter than one "
-                            f"sequence (data.seq_len + 1 = {seq_len + 1}); add text or lower data.seq_len")
+            raise DataError(
+                f"{corpus.source}: the {split} split has {len(tokens)} tokens, shorter than one "
+                f"sequence (data.seq_len + 1 = {seq_len + 1}); add text or lower data.seq_len"
+            )
 
 
 class WindowBatches:
@@ -221,13 +245,19 @@ class WindowBatches:
         epoch, pos = np.divmod(indices, self.n_windows)
         starts = np.empty_like(pos)
         for e in np.unique(epoch):
-            order = self.order if e == 0 else np.random.default_rng([int(e), len(self.order)]).permutation(self.order)
+            order = (
+                self.order
+                if e == 0
+                else np.random.default_rng([int(e), len(self.order)]).permutation(self.order)
+            )
             starts[epoch == e] = order[pos[epoch == e]] * self.seq_len
         rows = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         chunk = self.tokens[rows].astype(np.int64)
         return chunk[:, :-1], chunk[:, 1:]
 
-    def rank_slice(self, step: int, global_batch: int, dp_rank: int, dp: int) -> tuple[np.ndarray, np.ndarray]:
+    def rank_slice(
+        self, step: int, global_batch: int, dp_rank: int, dp: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The sequences of optimizer step ``step`` that data-parallel rank ``dp_rank`` reads:
         shape ``(global_batch // dp, seq_len)`` each."""
         per_rank = global_batch // dp

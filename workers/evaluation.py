@@ -47,16 +47,25 @@ def check_seq_len(seq_len: int, max_seq_len: int, trained_seq_len: int | None) -
     if seq_len < 1:
         raise ConfigError(f"--seq-len={seq_len} must be a positive number of tokens")
     if seq_len > max_seq_len:
-        raise ConfigError(f"--seq-len={seq_len} is longer than the model allows (max_seq_len={max_seq_len}: "
-                          f"its rotary table ends there); use --seq-len {max_seq_len} or less")
+        raise ConfigError(
+            f"--seq-len={seq_len} is longer than the model allows (max_seq_len={max_seq_len}: "
+            f"its rotary table ends there); use --seq-len {max_seq_len} or less"
+        )
     if trained_seq_len and seq_len > trained_seq_len:
-        return (f"note: --seq-len={seq_len} is longer than the run trained on ({trained_seq_len}); positions past "
-                "it were never trained")
+        return (
+            f"note: --seq-len={seq_len} is longer than the run trained on ({trained_seq_len}); positions past "
+            "it were never trained"
+        )
     return None
 
 
-def eval_windows(job: dict | None, data_path: str | None, seq_len: int | None, split: str,
-                 max_windows: int | None) -> EvalData:
+def eval_windows(
+    job: dict | None,
+    data_path: str | None,
+    seq_len: int | None,
+    split: str,
+    max_windows: int | None,
+) -> EvalData:
     """The windows ``mla eval`` scores (see the module docstring).
 
     Args:
@@ -79,15 +88,28 @@ def eval_windows(job: dict | None, data_path: str | None, seq_len: int | None, s
     path = data["path"] if own else data_path
     seq = int(seq_len or data["seq_len"])
     corpus = load_corpus(path, float(data["val_fraction"]))
-    tokens = {"val": corpus.val, "train": corpus.train,
-              "all": np.concatenate([corpus.train, corpus.val])}[split]
-    if own and split == "val" and seq_len in (None, data["seq_len"]) and "seed" in train and max_windows is None:
+    tokens = {
+        "val": corpus.val,
+        "train": corpus.train,
+        "all": np.concatenate([corpus.train, corpus.val]),
+    }[split]
+    if (
+        own
+        and split == "val"
+        and seq_len in (None, data["seq_len"])
+        and "seed" in train
+        and max_windows is None
+    ):
         batches = WindowBatches(tokens, seq, int(train["seed"]) + 1)
         gb = int(train["global_batch"])
         n = max(1, min(int(train["eval_batches"]), batches.n_windows // gb)) * gb
         x, y = batches.windows(np.arange(n))
-        return EvalData(x, y, f"{corpus.source}, validation split: the {n} windows of {seq} tokens the run "
-                              "evaluated on")
+        return EvalData(
+            x,
+            y,
+            f"{corpus.source}, validation split: the {n} windows of {seq} tokens the run "
+            "evaluated on",
+        )
     batches = WindowBatches(tokens, seq, seed=0, shuffle=False)
     n = batches.n_windows if max_windows is None else min(max_windows, batches.n_windows)
     x, y = batches.windows(np.arange(n))
@@ -112,13 +134,19 @@ def evaluate(model: MLATransformer, data: EvalData, batch_size: int = 8, progres
     total, count = 0.0, 0
     n = len(data.inputs)
     for start in range(0, n, batch_size):
-        x = torch.from_numpy(data.inputs[start:start + batch_size]).to(device)
-        y = torch.from_numpy(data.targets[start:start + batch_size]).to(device)
+        x = torch.from_numpy(data.inputs[start : start + batch_size]).to(device)
+        y = torch.from_numpy(data.targets[start : start + batch_size]).to(device)
         logits = model(x).float()
         total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double())
         count += y.numel()
         if progress is not None:
             progress(min(start + batch_size, n), n)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2),
-            "tokens": count, "windows": n, "seq_len": int(data.inputs.shape[1])}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss / math.log(2),
+        "tokens": count,
+        "windows": n,
+        "seq_len": int(data.inputs.shape[1]),
+    }

@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-FIXES = ("lower train.lr", "set train.grad_clip (e.g. 1.0)",
-         "with fp16 use bf16 (fp16 overflows; its loss-scale calibration also skips the first steps)",
-         "or raise train.max_bad_steps if a few bad steps are expected")
+FIXES = (
+    "lower train.lr",
+    "set train.grad_clip (e.g. 1.0)",
+    "with fp16 use bf16 (fp16 overflows; its loss-scale calibration also skips the first steps)",
+    "or raise train.max_bad_steps if a few bad steps are expected",
+)
 
 
 class Diverged(Exception):
@@ -68,14 +71,25 @@ class DivergenceGuard:
             return
         self.bad += 1
         self.first_bad_step = self.first_bad_step or step
-        self._log.append(f"step {step}: {', '.join(reasons)} (loss {_fmt(loss)}, grad norm {_fmt(grad_norm)})")
+        self._log.append(
+            f"step {step}: {', '.join(reasons)} (loss {_fmt(loss)}, grad norm {_fmt(grad_norm)})"
+        )
         if self.bad >= self.max_bad_steps:
-            raise Diverged(f"training diverged: {self.bad} consecutive bad steps from step {self.first_bad_step} "
-                           f"(train.max_bad_steps={self.max_bad_steps}): " + "; ".join(self._log[-3:]) +
-                           ". Likely fixes: " + "; ".join(FIXES), step)
+            raise Diverged(
+                f"training diverged: {self.bad} consecutive bad steps from step {self.first_bad_step} "
+                f"(train.max_bad_steps={self.max_bad_steps}): "
+                + "; ".join(self._log[-3:])
+                + ". Likely fixes: "
+                + "; ".join(FIXES),
+                step,
+            )
 
     @staticmethod
     def params_diverged(step: int) -> Diverged:
         """The error for non-finite parameters found before writing the checkpoint of ``step``."""
-        return Diverged(f"training diverged: the parameters hold NaN or Inf at step {step}; no checkpoint was "
-                        "written from them and the older checkpoints are kept. Likely fixes: " + "; ".join(FIXES), step)
+        return Diverged(
+            f"training diverged: the parameters hold NaN or Inf at step {step}; no checkpoint was "
+            "written from them and the older checkpoints are kept. Likely fixes: "
+            + "; ".join(FIXES),
+            step,
+        )

@@ -72,27 +72,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"{p} does not exist; pass a run folder (runs/NAME), a checkpoint folder "
-                              "(runs/NAME/checkpoints/step_NNNNNNN) or an export folder")
+        raise CheckpointError(
+            f"{p} does not exist; pass a run folder (runs/NAME), a checkpoint folder "
+            "(runs/NAME/checkpoints/step_NNNNNNN) or an export folder"
+        )
     if p.name.startswith(".tmp-step_"):
-        raise CheckpointError(f"{p} is a checkpoint whose save did not finish (a .tmp- folder); use a "
-                              "complete step_NNNNNNN folder or the run folder")
+        raise CheckpointError(
+            f"{p} is a checkpoint whose save did not finish (a .tmp- folder); use a "
+            "complete step_NNNNNNN folder or the run folder"
+        )
     if _STEP.match(p.name):
         reason = verify_checkpoint(p)
         if reason is not None:
-            raise CheckpointError(f"{p} is not a complete checkpoint ({reason}); use another checkpoint "
-                                  "or the run folder")
+            raise CheckpointError(
+                f"{p} is not a complete checkpoint ({reason}); use another checkpoint "
+                "or the run folder"
+            )
         return p
     found, rejected = find_resumable(p)
     if found is not None:
         return found[1]
     root = checkpoint_root(p)
-    others = sorted(c.name for c in root.iterdir() if not _STEP.match(c.name)) if root.is_dir() else []
-    seen = [f"{path.name}: {why}" for path, why in rejected] + [f"{name}: a save that did not finish"
-                                                                 for name in others]
+    others = (
+        sorted(c.name for c in root.iterdir() if not _STEP.match(c.name)) if root.is_dir() else []
+    )
+    seen = [f"{path.name}: {why}" for path, why in rejected] + [
+        f"{name}: a save that did not finish" for name in others
+    ]
     hint = f" (rejected {'; '.join(seen)})" if seen else ""
-    raise CheckpointError(f"{p} holds no complete checkpoint{hint}; pass a run folder with "
-                          "checkpoints/step_NNNNNNN/manifest.json, a checkpoint folder or an export folder")
+    raise CheckpointError(
+        f"{p} holds no complete checkpoint{hint}; pass a run folder with "
+        "checkpoints/step_NNNNNNN/manifest.json, a checkpoint folder or an export folder"
+    )
 
 
 def read_checkpoint_weights(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -105,27 +116,35 @@ def read_checkpoint_weights(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     meta = json.loads((ckpt / "meta.json").read_text())
     if "model" not in meta:
-        raise CheckpointError(f"{ckpt / 'meta.json'} records no model shape ('model'); it was not written "
-                              "by `mla train`")
+        raise CheckpointError(
+            f"{ckpt / 'meta.json'} records no model shape ('model'); it was not written "
+            "by `mla train`"
+        )
     folder = ckpt / meta.get("tag", TAG)
     stages = sorted(folder.glob("stage_*.pt"))
     expected = int(meta.get("layout", {}).get("pp", 1))
     if not (folder / "state.json").is_file() or len(stages) != expected:
-        raise CheckpointError(f"{folder} is incomplete: expected state.json and {expected} stage file(s), found "
-                              f"{[s.name for s in stages] or 'none'}; use another checkpoint")
+        raise CheckpointError(
+            f"{folder} is incomplete: expected state.json and {expected} stage file(s), found "
+            f"{[s.name for s in stages] or 'none'}; use another checkpoint"
+        )
     params: dict[str, torch.Tensor] = {}
     for stage in stages:
         try:
             content = torch.load(stage, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated or corrupt zip/pickle: several exception types
-            raise CheckpointError(f"{stage} cannot be read ({type(exc).__name__}: {exc}); the file is truncated "
-                                  "or corrupt, use another checkpoint") from None
+            raise CheckpointError(
+                f"{stage} cannot be read ({type(exc).__name__}: {exc}); the file is truncated "
+                "or corrupt, use another checkpoint"
+            ) from None
         for name, t in content.get("param", {}).items():
             params.setdefault(name, t)
     return meta, params
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
     """Load a model for inference (see the module docstring for what ``path`` may be).
 
     Args:

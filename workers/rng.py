@@ -14,7 +14,9 @@ import numpy as np
 
 def step_seed(seed: int, step: int, dp_rank: int, pp_rank: int = 0) -> int:
     """A 63-bit seed for ``(seed, step, dp_rank, pp_rank)`` (NumPy ``SeedSequence`` mixing)."""
-    state = np.random.SeedSequence([seed, step, dp_rank, pp_rank]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, step, dp_rank, pp_rank]).generate_state(
+        2, dtype=np.uint32
+    )
     return (int(state[0]) << 31) ^ int(state[1])
 
 

@@ -97,16 +97,27 @@ class Trainer:
         self.train_cfg, self.data_cfg = self.job.train, self.job.data
         self.run_dir = plan.run_dir
         self.model_cfg = plan.model
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.job.cluster.use_gpu \
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.job.cluster.use_gpu
             else torch.device("cpu")
-        self.engine = build_engine(layout, ds_config, self.model_cfg, self.train_cfg.seed,
-                                   self.train_cfg.weight_decay, self.device)
+        )
+        self.engine = build_engine(
+            layout,
+            ds_config,
+            self.model_cfg,
+            self.train_cfg.seed,
+            self.train_cfg.weight_decay,
+            self.device,
+        )
         corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction)
         seq = self.data_cfg.seq_len
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
         self.dp_rank = layout.coords(rank)[1]
-        self.private = build_private_training(plan.privacy, self.engine, self.train_batches, self.train_cfg.seed)
+        self.private = build_private_training(
+            plan.privacy, self.engine, self.train_batches, self.train_cfg.seed
+        )
         self.guard = DivergenceGuard(self.train_cfg.max_bad_steps)
         self._last: dict = {}
 
@@ -117,7 +128,14 @@ class Trainer:
         log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
         ckpt_every = self.job.checkpoint.every
         if start == 0:
-            self.log({"step": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0, **self._privacy_metrics()})
+            self.log(
+                {
+                    "step": 0,
+                    "val_loss": self.evaluate(),
+                    "elapsed_s": 0.0,
+                    **self._privacy_metrics(),
+                }
+            )
             self.report(0)
         t0, tokens, window_loss = time.perf_counter(), 0, []
         for step in range(start + 1, steps + 1):
@@ -130,15 +148,22 @@ class Trainer:
             evaluate = step % eval_every == 0 or last
             save = step % ckpt_every == 0 or last
             try:
-                save = self.check_step(step, window_loss[-1], self.engine.skipped_steps() - skipped, save)
+                save = self.check_step(
+                    step, window_loss[-1], self.engine.skipped_steps() - skipped, save
+                )
             except Diverged as exc:
                 self.log({"step": step, "loss": window_loss[-1], "lr": lr, "diverged": True})
                 self.fail(exc)
                 return
             if step % log_every == 0 or evaluate:
                 elapsed = time.perf_counter() - t0
-                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr,
-                          "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(window_loss)}
+                record = {
+                    "step": step,
+                    "loss": float(np.mean(window_loss)),
+                    "lr": lr,
+                    "tokens_per_s": tokens / elapsed,
+                    "step_time_s": elapsed / len(window_loss),
+                }
                 if evaluate:
                     record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
@@ -159,24 +184,35 @@ class Trainer:
             raise DivergenceGuard.params_diverged(step)
         if save and self.guard.bad:  # parameters of a bad streak are suspect: keep the older ones
             if self.rank == 0:
-                self._event({"event": "checkpoint_skipped", "step": step,
-                             "reason": f"{self.guard.bad} bad steps in a row"})
+                self._event(
+                    {
+                        "event": "checkpoint_skipped",
+                        "step": step,
+                        "reason": f"{self.guard.bad} bad steps in a row",
+                    }
+                )
             return False
         return save
 
     def fail(self, exc: Diverged) -> None:
         """Record why the run stopped (rank 0) and report it; the worker then returns normally."""
         if self.rank == 0:
-            write_json_atomic(self.run_dir / FAILURE_FILE, {"error": "diverged", "step": exc.step,
-                                                             "message": str(exc)})
+            write_json_atomic(
+                self.run_dir / FAILURE_FILE,
+                {"error": "diverged", "step": exc.step, "message": str(exc)},
+            )
         self.report(exc.step)
 
     def train_step(self, step_index: int) -> float:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
         if self.private is not None:  # DP-SGD on a Poisson sample (workers.privacy)
             return self.private.train_step(step_index)
-        x, y = self.train_batches.rank_slice(step_index, self.layout.global_batch, self.dp_rank, self.layout.dp)
-        seed_step(self.train_cfg.seed, step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0])
+        x, y = self.train_batches.rank_slice(
+            step_index, self.layout.global_batch, self.dp_rank, self.layout.dp
+        )
+        seed_step(
+            self.train_cfg.seed, step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0]
+        )
         return self.engine.train_batch(x, y)
 
     @torch.no_grad()
@@ -186,7 +222,9 @@ class Trainer:
         n_batches = max(1, min(self.train_cfg.eval_batches, self.val_batches.n_windows // gb))
         total = 0.0
         for b in range(n_batches):
-            total += self.engine.eval_batch(*self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp))
+            total += self.engine.eval_batch(
+                *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
+            )
         return total / n_batches
 
     def resume(self) -> int:
@@ -198,18 +236,26 @@ class Trainer:
             saved = saved_layout(path)
             problem = resume_problem(saved, self.layout)
             if problem:
-                raise RuntimeError(f"checkpoint {path} was written under {saved.describe() if saved else '?'} "
-                                   f"and cannot load under {self.layout.describe()}: {problem}")
+                raise RuntimeError(
+                    f"checkpoint {path} was written under {saved.describe() if saved else '?'} "
+                    f"and cannot load under {self.layout.describe()}: {problem}"
+                )
             meta = load_checkpoint(self.engine, path)
             if self.private is not None:
                 self.private.load_state(meta.get("privacy"))
         if self.rank == 0:
             self._trim_metrics(step)
-            self._event({"event": "start", "world_size": self.world, "layout": self.layout.to_dict(),
-                         "resumed_from_step": step if found else None,
-                         "checkpoint": str(found[1]) if found else None,
-                         "checkpoint_layout": saved.to_dict() if saved else None,
-                         "rejected_checkpoints": [{"path": str(p), "reason": r} for p, r in rejected]})
+            self._event(
+                {
+                    "event": "start",
+                    "world_size": self.world,
+                    "layout": self.layout.to_dict(),
+                    "resumed_from_step": step if found else None,
+                    "checkpoint": str(found[1]) if found else None,
+                    "checkpoint_layout": saved.to_dict() if saved else None,
+                    "rejected_checkpoints": [{"path": str(p), "reason": r} for p, r in rejected],
+                }
+            )
         return step
 
     def _choose_checkpoint(self) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
@@ -218,7 +264,9 @@ class Trainer:
         choice: list = [None]
         if self.rank == 0:
             remove_stale_temporaries(self.run_dir)
-            found, rejected = find_resumable(self.run_dir) if self.job.checkpoint.resume else (None, [])
+            found, rejected = (
+                find_resumable(self.run_dir) if self.job.checkpoint.resume else (None, [])
+            )
             for path, _ in rejected:
                 set_aside(path)
             choice = [(found, rejected)]
@@ -228,11 +276,16 @@ class Trainer:
 
     def checkpoint(self, step: int) -> Path:
         """Atomic DeepSpeed checkpoint of all ranks; returns its folder."""
-        meta = {"world_size": self.world, "layout": self.layout.to_dict(), "model": self.model_cfg.to_dict()}
+        meta = {
+            "world_size": self.world,
+            "layout": self.layout.to_dict(),
+            "model": self.model_cfg.to_dict(),
+        }
         if self.private is not None:
             meta["privacy"] = self.private.state()
-        return save_checkpoint(self.engine, self.run_dir, step, meta, self.rank,
-                               self.job.checkpoint.keep, dist.barrier)
+        return save_checkpoint(
+            self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
+        )
 
     def report(self, step: int) -> None:
         """``ray.train.report`` the latest metrics (every rank: it is a collective).
@@ -247,7 +300,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def log(self, record: dict) -> None:
-        record = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        record = {
+            k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         record = strict_record(record)
         self._last = {**self._last, **record}
         if self.rank != 0:
@@ -259,8 +315,11 @@ class Trainer:
         return {} if self.private is None else {"epsilon": self.private.epsilon()}
 
     def _last_metrics(self) -> dict:
-        return {k: v for k, v in self._last.items()
-                if k in ("loss", "val_loss", "tokens_per_s", "epsilon", "diverged") and v is not None}
+        return {
+            k: v
+            for k, v in self._last.items()
+            if k in ("loss", "val_loss", "tokens_per_s", "epsilon", "diverged") and v is not None
+        }
 
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:
@@ -271,13 +330,18 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _record_worker(run_dir: Path, rank: int, world: int) -> None:
     folder = run_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"rank_{rank}.json",
-                      {"rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname()})
+    write_json_atomic(
+        folder / f"rank_{rank}.json",
+        {"rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname()},
+    )

@@ -55,7 +55,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return find_resumable(run_dir)[0]
 
 
-def find_resumable(run_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+def find_resumable(
+    run_dir: str | os.PathLike,
+) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
     """The newest verified checkpoint and the newer ones rejected on the way, with the reason.
 
     Returns:
@@ -64,8 +66,10 @@ def find_resumable(run_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None,
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None, []
-    candidates = sorted(((int(m.group(1)), c) for c in root.iterdir() if (m := _STEP_DIR.match(c.name))),
-                        reverse=True)
+    candidates = sorted(
+        ((int(m.group(1)), c) for c in root.iterdir() if (m := _STEP_DIR.match(c.name))),
+        reverse=True,
+    )
     rejected: list[tuple[Path, str]] = []
     for step, path in candidates:
         reason = verify_checkpoint(path)
@@ -86,7 +90,10 @@ def build_manifest(folder: Path) -> dict:
     (except the manifest itself)."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
     return {"version": 1, "files": files}
 
 

@@ -45,14 +45,21 @@ def build_deepspeed_config(job: JobConfig, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
-                       "weight_decay": t.weight_decay, "torch_adam": True},
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,
+            },
         },
         "zero_optimization": {"stage": layout.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
     }
     if layout.recompute != "none":
-        config["activation_checkpointing"] = {"partition_activations": False,
-                                              "contiguous_memory_optimization": False}
+        config["activation_checkpointing"] = {
+            "partition_activations": False,
+            "contiguous_memory_optimization": False,
+        }
     return config

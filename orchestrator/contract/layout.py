@@ -54,8 +54,10 @@ def resume_problem(saved: Layout | None, planned: Layout) -> str | None:
         return None
     if saved.layout_free_checkpoints and planned.layout_free_checkpoints:
         return None
-    return ("ZeRO-3 checkpoints load under the same layout only: resume with the same workers and "
-            "parallel settings, use parallel.zero_stage<=2, or start a new run name")
+    return (
+        "ZeRO-3 checkpoints load under the same layout only: resume with the same workers and "
+        "parallel settings, use parallel.zero_stage<=2, or start a new run name"
+    )
 
 
 class LayoutError(ValueError):
@@ -105,10 +107,14 @@ class Layout:
         if self.zero_stage not in (0, 1, 2, 3):
             raise LayoutError(f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.pp > 1 and self.zero_stage > 1:
-            raise LayoutError(f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline "
-                              "engine supports ZeRO stage 0 or 1 only; use zero_stage<=1 or pp=1")
+            raise LayoutError(
+                f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline "
+                "engine supports ZeRO stage 0 or 1 only; use zero_stage<=1 or pp=1"
+            )
         if self.recompute not in RECOMPUTE_CHOICES:
-            raise LayoutError(f"recompute={self.recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}")
+            raise LayoutError(
+                f"recompute={self.recompute!r} must be one of {', '.join(RECOMPUTE_CHOICES)}"
+            )
         if self.sequence_parallel and self.tp == 1:
             raise LayoutError("sequence_parallel=True needs tp > 1")
         if self.virtual_stages > 1 and self.pp == 1:
@@ -127,8 +133,10 @@ class Layout:
     def check_world_size(self, world_size: int) -> None:
         """Raise :class:`LayoutError` unless ``dp * tp * pp == world_size``."""
         if self.world_size != world_size:
-            raise LayoutError(f"dp({self.dp}) * tp({self.tp}) * pp({self.pp}) = {self.world_size} "
-                              f"!= world_size({world_size})")
+            raise LayoutError(
+                f"dp({self.dp}) * tp({self.tp}) * pp({self.pp}) = {self.world_size} "
+                f"!= world_size({world_size})"
+            )
 
     def check_model(self, n_heads: int, n_kv_heads: int, n_layers: int) -> None:
         """Raise :class:`LayoutError` if the model cannot be split this way.
@@ -138,10 +146,14 @@ class Layout:
         when it does not divide).
         """
         if not tp_splits_heads(self.tp, n_heads, n_kv_heads):
-            raise LayoutError(f"tp({self.tp}) must divide n_heads({n_heads}) and n_kv_heads({n_kv_heads})")
+            raise LayoutError(
+                f"tp({self.tp}) must divide n_heads({n_heads}) and n_kv_heads({n_kv_heads})"
+            )
         if self.pp * self.virtual_stages > n_layers:
-            raise LayoutError(f"pp({self.pp}) * virtual_stages({self.virtual_stages}) > n_layers({n_layers}): "
-                              "every pipeline stage needs at least one layer")
+            raise LayoutError(
+                f"pp({self.pp}) * virtual_stages({self.virtual_stages}) > n_layers({n_layers}): "
+                "every pipeline stage needs at least one layer"
+            )
 
     @property
     def layout_free_checkpoints(self) -> bool:
@@ -159,8 +171,10 @@ class Layout:
 
     def describe(self) -> str:
         """One-line summary, e.g. ``dp=2 tp=1 pp=1 zero=2 mb=8 ga=2``."""
-        text = (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero_stage} "
-                f"mb={self.micro_batch} ga={self.grad_accum}")
+        text = (
+            f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero_stage} "
+            f"mb={self.micro_batch} ga={self.grad_accum}"
+        )
         if self.recompute != "none":
             text += f" recompute={self.recompute}"
         return text
@@ -178,15 +192,27 @@ class Layout:
 
     def tp_groups(self) -> list[list[int]]:
         """Tensor-parallel groups: ranks that hold shards of the same layers."""
-        return [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+        return [
+            [self.rank_of(p, d, t) for t in range(self.tp)]
+            for p in range(self.pp)
+            for d in range(self.dp)
+        ]
 
     def dp_groups(self) -> list[list[int]]:
         """Data-parallel groups: ranks that hold the same shard and average gradients."""
-        return [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+        return [
+            [self.rank_of(p, d, t) for d in range(self.dp)]
+            for p in range(self.pp)
+            for t in range(self.tp)
+        ]
 
     def pp_groups(self) -> list[list[int]]:
         """Pipeline groups: ranks that hold consecutive stages of one replica shard."""
-        return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+        return [
+            [self.rank_of(p, d, t) for p in range(self.pp)]
+            for d in range(self.dp)
+            for t in range(self.tp)
+        ]
 
 
 def unsupported_reason(layout: Layout) -> str | None:
@@ -202,9 +228,13 @@ def unsupported_reason(layout: Layout) -> str | None:
         'sequence_parallel=True is not implemented by the DeepSpeed workers; set parallel.sequence_parallel=false'
     """
     if layout.sequence_parallel:
-        return ("sequence_parallel=True is not implemented by the DeepSpeed workers; "
-                "set parallel.sequence_parallel=false")
+        return (
+            "sequence_parallel=True is not implemented by the DeepSpeed workers; "
+            "set parallel.sequence_parallel=false"
+        )
     if layout.virtual_stages > 1:
-        return (f"virtual_stages={layout.virtual_stages}: DeepSpeed's PipelineEngine has no interleaved "
-                "schedule; set parallel.virtual_stages=1")
+        return (
+            f"virtual_stages={layout.virtual_stages}: DeepSpeed's PipelineEngine has no interleaved "
+            "schedule; set parallel.virtual_stages=1"
+        )
     return None

@@ -45,8 +45,10 @@ class RunPlan:
 
     def __post_init__(self) -> None:
         if set(self.layouts) != set(self.deepspeed) or not self.layouts:
-            raise ValueError(f"layouts {sorted(self.layouts)} and deepspeed {sorted(self.deepspeed)} "
-                             "must plan the same, non-empty set of world sizes")
+            raise ValueError(
+                f"layouts {sorted(self.layouts)} and deepspeed {sorted(self.deepspeed)} "
+                "must plan the same, non-empty set of world sizes"
+            )
         for world, layout in self.layouts.items():
             layout.check_world_size(world)
         if not self.run_dir.is_absolute():
@@ -74,6 +76,7 @@ class RunPlan:
             RuntimeError: nothing was planned for ``world_size``.
         """
         if world_size not in self.layouts:
-            raise RuntimeError(f"no layout was planned for world_size={world_size}; "
-                               f"planned: {self.world_sizes}")
+            raise RuntimeError(
+                f"no layout was planned for world_size={world_size}; planned: {self.world_sizes}"
+            )
         return self.layouts[world_size], dict(self.deepspeed[world_size])

@@ -43,15 +43,19 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
         return client.ApiClient(cfg)
     except (config.ConfigException, OSError) as exc:
-        raise ClusterError(f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig FILE "
-                           "[--context NAME], set $KUBECONFIG, or run inside a pod with a service account") from None
+        raise ClusterError(
+            f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig FILE "
+            "[--context NAME], set $KUBECONFIG, or run inside a pod with a service account"
+        ) from None
     except (ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as exc:
         # the kubernetes client lets a malformed file escape as YAML/Unicode/Type errors
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClusterError(f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a "
-                           "UTF-8 YAML kubeconfig with clusters, users and contexts lists (see `kubectl config "
-                           "view`)") from None
+        raise ClusterError(
+            f"kubeconfig {where} is malformed ({type(exc).__name__}: {first}); it must be a "
+            "UTF-8 YAML kubeconfig with clusters, users and contexts lists (see `kubectl config "
+            "view`)"
+        ) from None
 
 
 def submit(api: Any, objs: list[dict]) -> dict:
@@ -78,13 +82,16 @@ def submit(api: Any, objs: list[dict]) -> dict:
     ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
     custom, core = _apis(client, api)
     with _api_errors(f"create RayJob {ns}/{name}"):
-        created = custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, rayjob, field_validation="Strict")
+        created = custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, rayjob, field_validation="Strict"
+        )
         created = created or custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     uid = created.get("metadata", {}).get("uid")
     body = dict(config_map, metadata=dict(config_map["metadata"]))
     if uid:  # the API server always sets it; garbage collection then removes the ConfigMap too
-        body["metadata"]["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
-                                                "name": name, "uid": uid}]
+        body["metadata"]["ownerReferences"] = [
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "name": name, "uid": uid}
+        ]
     try:
         with _api_errors(f"create ConfigMap {ns}/{body['metadata']['name']}"):
             core.create_namespaced_config_map(ns, body, field_validation="Strict")
@@ -111,13 +118,22 @@ def observe(api: Any, name: str, namespace: str) -> tuple[dict, list[dict], list
         return rayjob, [], []
     with _api_errors(f"list pods of Ray cluster {namespace}/{cluster}"):
         pods = core.list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}").items
-        events = core.list_namespaced_event(namespace, field_selector="involvedObject.kind=Pod").items
+        events = core.list_namespaced_event(
+            namespace, field_selector="involvedObject.kind=Pod"
+        ).items
     plain = api.sanitize_for_serialization
     return rayjob, [plain(p) for p in pods], [plain(e) for e in events]
 
 
-def watch(api: Any, name: str, namespace: str, echo: Callable[[str], None], *,
-          interval_s: float = 2.0, timeout_s: float | None = None) -> Snapshot:
+def watch(
+    api: Any,
+    name: str,
+    namespace: str,
+    echo: Callable[[str], None],
+    *,
+    interval_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> Snapshot:
     """Follow a RayJob until it finishes, echoing each change in plain words.
 
     Polls :func:`observe` every ``interval_s`` seconds (three GET requests) and prints what
@@ -152,15 +168,18 @@ def delete(api: Any, name: str, namespace: str) -> list[str]:
 
     custom, core = _apis(client, api)
     with _api_errors(f"delete RayJob {namespace}/{name}"):
-        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                               propagation_policy="Background")
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+        )
     deleted = [f"RayJob/{name}"]
     try:
         core.delete_namespaced_config_map(config_map_name(name), namespace)
         deleted.append(f"ConfigMap/{config_map_name(name)}")
     except client.ApiException as exc:
         if exc.status != 404:  # 404: garbage collection was faster, or it never existed
-            raise ClusterError(_api_message(f"delete ConfigMap {config_map_name(name)}", exc)) from None
+            raise ClusterError(
+                _api_message(f"delete ConfigMap {config_map_name(name)}", exc)
+            ) from None
     return deleted
 
 
@@ -187,8 +206,10 @@ class _api_errors:
         if isinstance(exc, ApiException):
             raise ClusterError(_api_message(self.action, exc)) from None
         if isinstance(exc, HTTPError):
-            raise ClusterError(f"{self.action}: cannot reach the Kubernetes API server ({exc}); "
-                               "check the kubeconfig's server address and your network") from None
+            raise ClusterError(
+                f"{self.action}: cannot reach the Kubernetes API server ({exc}); "
+                "check the kubeconfig's server address and your network"
+            ) from None
 
 
 def _api_message(action: str, exc: Any) -> str:
@@ -198,9 +219,11 @@ def _api_message(action: str, exc: Any) -> str:
         detail = json.loads(exc.body).get("message") or exc.reason
     except (TypeError, ValueError, AttributeError):
         detail = exc.reason
-    hint = {404: "it does not exist (check the name and --namespace)",
-            409: "it exists already; delete it first (mla k8s delete NAME) or choose another --name",
-            403: "forbidden; bind the Role in k8s/rbac.yaml to your user or service account",
-            401: "not authenticated; refresh your kubeconfig credentials",
-            422: "the API server rejected the object as invalid"}.get(exc.status, "")
+    hint = {
+        404: "it does not exist (check the name and --namespace)",
+        409: "it exists already; delete it first (mla k8s delete NAME) or choose another --name",
+        403: "forbidden; bind the Role in k8s/rbac.yaml to your user or service account",
+        401: "not authenticated; refresh your kubeconfig credentials",
+        422: "the API server rejected the object as invalid",
+    }.get(exc.status, "")
     return f"{action}: HTTP {exc.status} {detail}" + (f"; {hint}" if hint else "")

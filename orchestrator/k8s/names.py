@@ -19,24 +19,30 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 def dns1123_label_error(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 label (namespace), or ``None``."""
     if not isinstance(value, str) or len(value) > 63 or not _LABEL.match(value):
-        return (f"{value!r} is not a DNS-1123 label (at most 63 lower-case letters, digits and '-', starting and "
-                "ending with a letter or digit)")
+        return (
+            f"{value!r} is not a DNS-1123 label (at most 63 lower-case letters, digits and '-', starting and "
+            "ending with a letter or digit)"
+        )
     return None
 
 
 def dns1123_subdomain_error(value: str) -> str | None:
     """Why ``value`` is not a DNS-1123 subdomain (object or claim name), or ``None``."""
     if not isinstance(value, str) or len(value) > 253 or not _SUBDOMAIN.match(value):
-        return (f"{value!r} is not a DNS-1123 subdomain (at most 253 lower-case letters, digits, '-' and '.', "
-                "starting and ending with a letter or digit)")
+        return (
+            f"{value!r} is not a DNS-1123 subdomain (at most 253 lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit)"
+        )
     return None
 
 
 def label_value_error(value: str) -> str | None:
     """Why ``value`` is not a label value, or ``None``."""
     if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-        return (f"{value!r} is not a label value (at most 63 letters, digits, '-', '_' and '.', starting and "
-                "ending with a letter or digit)")
+        return (
+            f"{value!r} is not a label value (at most 63 letters, digits, '-', '_' and '.', starting and "
+            "ending with a letter or digit)"
+        )
     return None
 
 
@@ -89,7 +95,11 @@ def name_errors(obj: dict) -> list[str]:
     if "name" in meta and (e := dns1123_subdomain_error(meta["name"])):
         errors.append(f"metadata.name: {e}")
     errors += _labels_errors("metadata.labels", meta.get("labels"))
-    cluster = (obj.get("spec") or {}).get("rayClusterSpec") if obj.get("kind") == "RayJob" else obj.get("spec")
+    cluster = (
+        (obj.get("spec") or {}).get("rayClusterSpec")
+        if obj.get("kind") == "RayJob"
+        else obj.get("spec")
+    )
     if isinstance(cluster, dict):
         head = (cluster.get("headGroupSpec") or {}).get("template")
         if isinstance(head, dict):

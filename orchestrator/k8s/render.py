@@ -138,13 +138,19 @@ def worker_bounds(job: JobConfig, opts: RenderOptions) -> WorkerBounds:
     if opts.gpus_per_worker < 1:
         raise ConfigError(f"--gpus-per-worker({opts.gpus_per_worker}) must be >= 1")
     if lo > hi:
-        raise ConfigError(f"--min-gpus({lo}) > --max-gpus({hi}); make the minimum at most the maximum")
+        raise ConfigError(
+            f"--min-gpus({lo}) > --max-gpus({hi}); make the minimum at most the maximum"
+        )
     from orchestrator.layouts import runnable_layouts
 
     tp, pp = job.parallel.tensor, job.parallel.pipeline
     gb, mb = job.train.global_batch, job.train.micro_batch
-    sizes = [w for w in runnable_layouts(job, range(lo, hi + 1)) if w % opts.gpus_per_worker == 0
-             and (job.parallel.data is None or w == job.parallel.data * tp * pp)]
+    sizes = [
+        w
+        for w in runnable_layouts(job, range(lo, hi + 1))
+        if w % opts.gpus_per_worker == 0
+        and (job.parallel.data is None or w == job.parallel.data * tp * pp)
+    ]
     if not sizes:
         nearby = list(runnable_layouts(job, range(1, max(4 * hi, 8) + 1)))
         raise PlanError(
@@ -152,7 +158,8 @@ def worker_bounds(job: JobConfig, opts: RenderOptions) -> WorkerBounds:
             f"micro_batch({mb}), gpus_per_worker({opts.gpus_per_worker})"
             + (f" and parallel.data({job.parallel.data})" if job.parallel.data else "")
             + f"; runnable world sizes up to {max(4 * hi, 8)}: {nearby or 'none'}. "
-            "Change --min-gpus/--max-gpus, --gpus-per-worker or the batch sizes")
+            "Change --min-gpus/--max-gpus, --gpus-per-worker or the batch sizes"
+        )
     return WorkerBounds(tuple(sizes), opts.gpus_per_worker)
 
 
@@ -166,9 +173,11 @@ def rayjob_name(job: JobConfig, opts: RenderOptions) -> str:
     name = opts.name or "mla-" + re.sub(r"[^a-z0-9-]", "-", job.run.name.lower())
     name = name.rstrip("-") if opts.name is None else name
     if len(name) > MAX_RAYJOB_NAME or not DNS1035.match(name):
-        raise ConfigError(f"RayJob name {name!r} must be a DNS-1035 label (lower-case letters, digits "
-                          f"and '-', starting with a letter) of at most {MAX_RAYJOB_NAME} characters; "
-                          "pass --name or shorten run.name")
+        raise ConfigError(
+            f"RayJob name {name!r} must be a DNS-1035 label (lower-case letters, digits "
+            f"and '-', starting with a letter) of at most {MAX_RAYJOB_NAME} characters; "
+            "pass --name or shorten run.name"
+        )
     return name
 
 
@@ -180,11 +189,21 @@ def entrypoint(bounds: WorkerBounds, opts: RenderOptions) -> str:
         --set cluster.num_workers=8 --set cluster.min_workers=2 --set
         cluster.storage_path=/mnt/checkpoints``
     """
-    args = ["mla", "train", f"{JOB_CONFIG_DIR}/job.yaml",
-            "--set", "cluster.address=auto", "--set", "cluster.use_gpu=true",
-            "--set", f"cluster.num_workers={bounds.max_gpus}",
-            "--set", f"cluster.min_workers={bounds.min_gpus}",
-            "--set", f"cluster.storage_path={opts.storage_path}"]
+    args = [
+        "mla",
+        "train",
+        f"{JOB_CONFIG_DIR}/job.yaml",
+        "--set",
+        "cluster.address=auto",
+        "--set",
+        "cluster.use_gpu=true",
+        "--set",
+        f"cluster.num_workers={bounds.max_gpus}",
+        "--set",
+        f"cluster.min_workers={bounds.min_gpus}",
+        "--set",
+        f"cluster.storage_path={opts.storage_path}",
+    ]
     return shlex.join(args)
 
 
@@ -203,15 +222,26 @@ def check_options(opts: RenderOptions) -> None:
     )
 
     checks = [("--namespace", dns1123_label_error(opts.namespace))]
-    if not opts.image.strip() or any(c.isspace() for c in opts.image):
-        checks.append(("--image", f"{opts.image!r} is not a container image reference (e.g. rayproject/ray:2.60.0)"))
+    image = opts.image or ""  # render_job has filled it from cluster.image
+    if not image.strip() or any(c.isspace() for c in image):
+        checks.append(
+            (
+                "--image",
+                f"{opts.image!r} is not a container image reference (e.g. rayproject/ray:2.60.0)",
+            )
+        )
     if opts.queue is not None:
         checks.append(("--queue", label_value_error(opts.queue)))
     if "://" not in opts.storage_path:
-        checks += [("--storage-path", mount_path_error(opts.storage_path)),
-                   ("--pvc", dns1123_subdomain_error(opts.checkpoint_pvc))]
+        checks += [
+            ("--storage-path", mount_path_error(opts.storage_path)),
+            ("--pvc", dns1123_subdomain_error(opts.checkpoint_pvc)),
+        ]
     for key, value in opts.node_selector.items():
-        checks += [("--node-selector", label_key_error(key)), ("--node-selector", label_value_error(value))]
+        checks += [
+            ("--node-selector", label_key_error(key)),
+            ("--node-selector", label_value_error(value)),
+        ]
     for option, problem in checks:
         if problem:
             raise ConfigError(f"{option}: {problem}")
@@ -229,12 +259,20 @@ def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
     check_options(opts)
     bounds = worker_bounds(job, opts)
     name = rayjob_name(job, opts)
-    labels = {"app.kubernetes.io/name": "mla-train", "app.kubernetes.io/managed-by": "mla",
-              LABEL_RUN: name.removeprefix("mla-") or name}
+    labels = {
+        "app.kubernetes.io/name": "mla-train",
+        "app.kubernetes.io/managed-by": "mla",
+        LABEL_RUN: name.removeprefix("mla-") or name,
+    }
     config_map = {
-        "apiVersion": "v1", "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
         "metadata": {"name": config_map_name(name), "namespace": opts.namespace, "labels": labels},
-        "data": {"job.yaml": yaml.safe_dump(job.model_dump(mode="json", exclude_unset=True), sort_keys=False)},
+        "data": {
+            "job.yaml": yaml.safe_dump(
+                job.model_dump(mode="json", exclude_unset=True), sort_keys=False
+            )
+        },
     }
     job_labels = {**labels, **({KUEUE_QUEUE_LABEL: opts.queue} if opts.queue else {})}
     spec = {
@@ -248,9 +286,14 @@ def render_job(job: JobConfig, opts: RenderOptions | None = None) -> list[dict]:
     if opts.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = opts.active_deadline_seconds
     rayjob = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": opts.namespace, "labels": job_labels,
-                     "annotations": {ANNOTATION_WORLD_SIZES: ",".join(map(str, bounds.sizes))}},
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": name,
+            "namespace": opts.namespace,
+            "labels": job_labels,
+            "annotations": {ANNOTATION_WORLD_SIZES: ",".join(map(str, bounds.sizes))},
+        },
         "spec": spec,
     }
     return [config_map, rayjob]
@@ -266,46 +309,69 @@ def raycluster_spec(name: str, bounds: WorkerBounds, opts: RenderOptions) -> dic
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": opts.idle_timeout_seconds,
-                              "resources": _resources(cpu="500m", memory="512Mi")},
-        "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"},
-                          "template": {"spec": _head_pod(name, opts)}},
-        "workerGroupSpecs": [{
-            "groupName": WORKER_GROUP,
-            "replicas": bounds.min_replicas,
-            "minReplicas": bounds.min_replicas,
-            "maxReplicas": bounds.max_replicas,
-            "rayStartParams": {},
-            "template": {"spec": _worker_pod(bounds, opts)},
-        }],
+        "autoscalerOptions": {
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": opts.idle_timeout_seconds,
+            "resources": _resources(cpu="500m", memory="512Mi"),
+        },
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},
+            "template": {"spec": _head_pod(name, opts)},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": WORKER_GROUP,
+                "replicas": bounds.min_replicas,
+                "minReplicas": bounds.min_replicas,
+                "maxReplicas": bounds.max_replicas,
+                "rayStartParams": {},
+                "template": {"spec": _worker_pod(bounds, opts)},
+            }
+        ],
     }
 
 
 def _head_pod(name: str, opts: RenderOptions) -> dict:
-    mounts = [{"name": "job-config", "mountPath": JOB_CONFIG_DIR, "readOnly": True}] + _ckpt_mounts(opts)
+    mounts = [{"name": "job-config", "mountPath": JOB_CONFIG_DIR, "readOnly": True}] + _ckpt_mounts(
+        opts
+    )
     container = {
-        "name": "ray-head", "image": opts.image,
-        "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}],
+        "name": "ray-head",
+        "image": opts.image,
+        "ports": [
+            {"containerPort": 6379, "name": "gcs-server"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": 10001, "name": "client"},
+        ],
         "resources": _resources(cpu=str(opts.head_cpu), memory=opts.head_memory),
         "volumeMounts": mounts,
     }
-    volumes = [{"name": "job-config", "configMap": {"name": config_map_name(name)}}] + _ckpt_volumes(opts)
+    volumes = [
+        {"name": "job-config", "configMap": {"name": config_map_name(name)}}
+    ] + _ckpt_volumes(opts)
     return {"containers": [container], "volumes": volumes}
 
 
 def _worker_pod(bounds: WorkerBounds, opts: RenderOptions) -> dict:
     g = bounds.gpus_per_worker
     container = {
-        "name": "ray-worker", "image": opts.image,
-        "resources": _resources(cpu=str(opts.cpus_per_gpu * g), memory=f"{opts.memory_per_gpu_gib * g}Gi", gpus=g),
+        "name": "ray-worker",
+        "image": opts.image,
+        "resources": _resources(
+            cpu=str(opts.cpus_per_gpu * g), memory=f"{opts.memory_per_gpu_gib * g}Gi", gpus=g
+        ),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}] + _ckpt_mounts(opts),
     }
     pod = {
         "containers": [container],
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{opts.shm_per_gpu_gib * g}Gi"}}]
-                   + _ckpt_volumes(opts),
+        "volumes": [
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": f"{opts.shm_per_gpu_gib * g}Gi"},
+            }
+        ]
+        + _ckpt_volumes(opts),
     }
     if opts.node_selector:
         pod["nodeSelector"] = dict(opts.node_selector)
@@ -318,7 +384,11 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict:
 
 
 def _ckpt_mounts(opts: RenderOptions) -> list[dict]:
-    return [] if "://" in opts.storage_path else [{"name": "checkpoints", "mountPath": opts.storage_path}]
+    return (
+        []
+        if "://" in opts.storage_path
+        else [{"name": "checkpoints", "mountPath": opts.storage_path}]
+    )
 
 
 def _ckpt_volumes(opts: RenderOptions) -> list[dict]:

@@ -80,14 +80,20 @@ def snapshot(rayjob: dict, pods: list[dict], events: list[dict]) -> Snapshot:
         facts["workers_pending"] = _pending_line(pending, events)
     failed = [p for p in workers if (p.get("status") or {}).get("phase") == "Failed"]
     if failed:
-        facts["workers_failed"] = (f"{len(failed)} worker pod(s) failed: "
-                                   + "; ".join(_failure(p) for p in failed))
+        facts["workers_failed"] = f"{len(failed)} worker pod(s) failed: " + "; ".join(
+            _failure(p) for p in failed
+        )
     gpus = sum(_gpus(p) for p in running)
     if status.get("jobDeploymentStatus") == "Running" or running:
         facts["workers_running"] = f"job running with {len(running)} worker pod(s), {gpus} GPU(s)"
-    return Snapshot(name=name, deployment=status.get("jobDeploymentStatus", ""),
-                    job_status=status.get("jobStatus", ""), workers_running=len(running),
-                    gpus_running=gpus, facts=facts)
+    return Snapshot(
+        name=name,
+        deployment=status.get("jobDeploymentStatus", ""),
+        job_status=status.get("jobStatus", ""),
+        workers_running=len(running),
+        gpus_running=gpus,
+        facts=facts,
+    )
 
 
 def changes(prev: Snapshot | None, cur: Snapshot) -> list[str]:
@@ -97,10 +103,17 @@ def changes(prev: Snapshot | None, cur: Snapshot) -> list[str]:
     """
     old = prev.facts if prev else {}
     lines = []
-    if (prev is not None and prev.deployment == "Running" and cur.deployment == "Running"
-            and prev.workers_running and prev.workers_running != cur.workers_running):
-        lines.append(f"resize: {prev.workers_running} -> {cur.workers_running} worker pod(s) "
-                     f"({prev.gpus_running} -> {cur.gpus_running} GPUs)")
+    if (
+        prev is not None
+        and prev.deployment == "Running"
+        and cur.deployment == "Running"
+        and prev.workers_running
+        and prev.workers_running != cur.workers_running
+    ):
+        lines.append(
+            f"resize: {prev.workers_running} -> {cur.workers_running} worker pod(s) "
+            f"({prev.gpus_running} -> {cur.gpus_running} GPUs)"
+        )
     lines += [text for key, text in cur.facts.items() if old.get(key) != text]
     return lines
 
@@ -125,7 +138,9 @@ def _deployment_line(name: str, status: dict) -> str:
         return f"RayJob {name} succeeded{_duration(status)}"
     if state in ("Complete", "Failed"):
         job_state = status.get("jobStatus") or "no Ray job status"
-        return f"RayJob {name} failed ({job_state}){_duration(status)}: {reason or 'no reason given'}"
+        return (
+            f"RayJob {name} failed ({job_state}){_duration(status)}: {reason or 'no reason given'}"
+        )
     if state == "ValidationFailed":
         return f"RayJob {name} rejected by KubeRay: {reason or 'invalid spec'}"
     if state == "Retrying":
@@ -138,7 +153,11 @@ def _deployment_line(name: str, status: dict) -> str:
 def _pending_line(pending: list[dict], events: list[dict]) -> str:
     messages = [m for m in (_unschedulable(p, events) for p in pending) if m]
     if messages:
-        waiting = "waiting for GPUs" if any("nvidia.com/gpu" in m for m in messages) else "not schedulable"
+        waiting = (
+            "waiting for GPUs"
+            if any("nvidia.com/gpu" in m for m in messages)
+            else "not schedulable"
+        )
         return f"{len(pending)} worker pod(s) pending, {waiting}: {messages[-1]}"
     problems = [m for m in (_pod_problem(p, events) for p in pending) if m]
     return f"{len(pending)} worker pod(s) starting" + (f": {problems[-1]}" if problems else "")
@@ -169,14 +188,22 @@ def _unschedulable(pod: dict, events: list[dict]) -> str | None:
         if (pod.get("status") or {}).get("phase", "Pending") != "Pending":
             return None
     name = pod.get("metadata", {}).get("name")
-    mine = [e for e in events if e.get("reason") == "FailedScheduling"
-            and (e.get("involvedObject") or {}).get("name") == name]
+    mine = [
+        e
+        for e in events
+        if e.get("reason") == "FailedScheduling"
+        and (e.get("involvedObject") or {}).get("name") == name
+    ]
     return max(mine, key=_event_time).get("message") if mine else None
 
 
 def _event_time(event: dict) -> str:
-    return str(event.get("lastTimestamp") or event.get("eventTime")
-               or event.get("metadata", {}).get("creationTimestamp") or "")
+    return str(
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("metadata", {}).get("creationTimestamp")
+        or ""
+    )
 
 
 def _failure(pod: dict) -> str:
@@ -185,12 +212,17 @@ def _failure(pod: dict) -> str:
         term = (cs.get("state") or {}).get("terminated")
         if term:
             return f"{pod['metadata']['name']} exited {term.get('exitCode')} ({term.get('reason', 'Error')})"
-    return f"{pod['metadata']['name']} {status.get('reason', 'failed')}: {status.get('message', '')}".rstrip(": ")
+    return f"{pod['metadata']['name']} {status.get('reason', 'failed')}: {status.get('message', '')}".rstrip(
+        ": "
+    )
 
 
 def _is_ready(pod: dict) -> bool:
     status = pod.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
     return status.get("phase") == "Running" and (ready or not status.get("conditions"))
 
 

@@ -75,7 +75,9 @@ def extract_crd_schemas(crd_dir: str | Path) -> dict:
             raise ManifestError(f"CRD file {str(path)!r} not found; pass the folder holding {name}")
         raw = path.read_bytes()
         out["sources"][name] = hashlib.sha256(raw).hexdigest()
-        crd = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C parser: 10x faster
+        crd = yaml.load(
+            raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        )  # C parser: 10x faster
         versions = {v["name"]: v for v in crd["spec"]["versions"]}
         if "v1" not in versions:
             raise ManifestError(f"{path}: no v1 version (found {', '.join(versions)})")
@@ -119,8 +121,12 @@ def strict_schema(node: Any) -> Any:
     out = {k: strict_schema(v) for k, v in node.items()}
     if out.get("nullable") and isinstance(out.get("type"), str):
         out["type"] = [out["type"], "null"]
-    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -141,7 +147,9 @@ def _k8s_registry(version: str):
     from referencing import Registry, Resource
 
     kv_utils = _kubernetes_validate()
-    defs = kv_utils.schema_contents(f"kubernetes-json-schema/v{version}.0-local-strict/_definitions.json", version)
+    defs = kv_utils.schema_contents(
+        f"kubernetes-json-schema/v{version}.0-local-strict/_definitions.json", version
+    )
     return Resource.from_contents(defs) @ Registry()
 
 
@@ -149,8 +157,10 @@ def _kubernetes_validate():
     try:
         from kubernetes_validate import utils
     except ImportError:  # pragma: no cover - dev dependency
-        raise ManifestError("validating Kubernetes manifests needs the 'kubernetes-validate' package; "
-                            "install the dev extras: pip install -e '.[dev]'") from None
+        raise ManifestError(
+            "validating Kubernetes manifests needs the 'kubernetes-validate' package; "
+            "install the dev extras: pip install -e '.[dev]'"
+        ) from None
     return utils
 
 
@@ -172,8 +182,10 @@ def validation_errors(obj: dict) -> list[str]:
         if not errors:
             errors = kuberay_errors(obj)
     elif obj["apiVersion"].startswith("ray.io/"):
-        errors = [f"apiVersion {obj['apiVersion']!r} kind {obj['kind']!r}: only ray.io/v1 RayCluster "
-                  "and RayJob are supported"]
+        errors = [
+            f"apiVersion {obj['apiVersion']!r} kind {obj['kind']!r}: only ray.io/v1 RayCluster "
+            "and RayJob are supported"
+        ]
     else:
         errors = _builtin_errors(obj)
     from orchestrator.k8s.names import name_errors
@@ -212,10 +224,14 @@ def kuberay_errors(obj: dict) -> list[str]:
     name = obj.get("metadata", {}).get("name", "")
     limit = MAX_RAYJOB_NAME if obj["kind"] == "RayJob" else MAX_RAYCLUSTER_NAME
     if len(name) > limit:
-        errors.append(f"metadata.name: {obj['kind']} name {name!r} has {len(name)} characters; KubeRay allows {limit}")
+        errors.append(
+            f"metadata.name: {obj['kind']} name {name!r} has {len(name)} characters; KubeRay allows {limit}"
+        )
     if not DNS1035.match(name):
-        errors.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
-                      "starting with a letter)")
+        errors.append(
+            f"metadata.name: {name!r} is not a DNS-1035 label (lower-case letters, digits, '-', "
+            "starting with a letter)"
+        )
     spec = obj.get("spec", {})
     if obj["kind"] == "RayJob":
         errors += _rayjob_spec_errors(spec)
@@ -246,7 +262,9 @@ def _rayjob_spec_errors(spec: dict) -> list[str]:
 
 def _raycluster_spec_errors(spec: dict) -> list[str]:
     errors = []
-    if spec and not spec.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers"):
+    if spec and not spec.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get(
+        "containers"
+    ):
         errors.append("headGroupSpec: needs at least one container")
     for i, group in enumerate(spec.get("workerGroupSpecs", [])):
         where = f"workerGroupSpecs[{i}]"
@@ -255,7 +273,9 @@ def _raycluster_spec_errors(spec: dict) -> list[str]:
         lo, hi = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
         replicas = group.get("replicas", lo)
         if not lo <= replicas <= hi:
-            errors.append(f"{where}: needs minReplicas({lo}) <= replicas({replicas}) <= maxReplicas({hi})")
+            errors.append(
+                f"{where}: needs minReplicas({lo}) <= replicas({replicas}) <= maxReplicas({hi})"
+            )
     return errors
 
 
@@ -271,13 +291,17 @@ def load_manifests(path: str | Path) -> list[dict]:
     try:
         docs = [d for d in yaml.safe_load_all(p.read_bytes().decode("utf-8")) if d is not None]
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+        raise ManifestError(
+            f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{p}: not valid YAML: {exc}") from None
     bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
     if bad:
-        raise ManifestError(f"{p}: document {bad[0] + 1} is a {type(docs[bad[0]]).__name__}, not a Kubernetes "
-                            "object (a mapping with apiVersion, kind and metadata)")
+        raise ManifestError(
+            f"{p}: document {bad[0] + 1} is a {type(docs[bad[0]]).__name__}, not a Kubernetes "
+            "object (a mapping with apiVersion, kind and metadata)"
+        )
     return docs
 
 
@@ -293,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         for obj in load_manifests(path):
             errors = validation_errors(obj)
             bad += bool(errors)
-            print("\n".join(f"{path}: {e}" for e in errors) or f"{path}: {obj['kind']}/{obj['metadata']['name']} ok")
+            print(
+                "\n".join(f"{path}: {e}" for e in errors)
+                or f"{path}: {obj['kind']}/{obj['metadata']['name']} ok"
+            )
     return 1 if bad else 0
 
 

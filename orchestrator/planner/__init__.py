@@ -22,6 +22,20 @@ from orchestrator.planner.search import min_gpus, plan
 from orchestrator.planner.shapes import model_from_params, parse_count
 from orchestrator.planner.types import Candidate, Estimate, Pins, PlanRequest, PlanResult, Rejection
 
-__all__ = ["GPU_CATALOGUE", "GpuSpec", "get_gpu", "estimate", "plan_job", "plan", "min_gpus",
-           "model_from_params", "parse_count", "Candidate", "Estimate", "Pins", "PlanRequest", "PlanResult",
-           "Rejection"]
+__all__ = [
+    "GPU_CATALOGUE",
+    "GpuSpec",
+    "get_gpu",
+    "estimate",
+    "plan_job",
+    "plan",
+    "min_gpus",
+    "model_from_params",
+    "parse_count",
+    "Candidate",
+    "Estimate",
+    "Pins",
+    "PlanRequest",
+    "PlanResult",
+    "Rejection",
+]

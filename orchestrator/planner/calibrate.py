@@ -68,7 +68,16 @@ def _gpu(row: dict) -> str | None:
 #: support ZeRO 0-1 with pipelines (Smith et al. 2022 §2.2, Black et al. 2022 §2.3); TII's
 #: Gigatron uses "3D parallelism and ZeRO optimizer sharding" (Almazrouei et al. 2023,
 #: arXiv:2311.16867 §4.3) for all three Falcon models (source "tiiuae").
-MEGATRON_STYLE = ("SC21", "Korthikanti", "Megatron-LM", "NeMo", "MT-NLG", "gpt-neox", "Gigatron", "tiiuae")
+MEGATRON_STYLE = (
+    "SC21",
+    "Korthikanti",
+    "Megatron-LM",
+    "NeMo",
+    "MT-NLG",
+    "gpt-neox",
+    "Gigatron",
+    "tiiuae",
+)
 
 
 #: Frameworks whose bf16 gradients live in an unsharded fp32 buffer (``PlanRequest.fp32_main_grads``):
@@ -122,9 +131,16 @@ def _metric(row: dict) -> tuple[float | None, str]:
 #: Llama 2 (Touvron et al. 2023, Table 1/§2.2: GQA with 8 KV heads for 70B), Llama 3 (Llama Team
 #: 2024, Table 3: 8 KV heads, FFN 14,336 / 28,672 / 53,248), Falcon (TII model cards: multi-query
 #: for 7B, 8 KV groups for 40B/180B).
-KNOWN_ARCH = {"Llama 3 8B": (8, 14336), "Llama 3 70B": (8, 28672), "Llama 3.1 405B": (8, 53248),
-              "Llama 2 13B": (40, 13824), "Llama 2 70B": (8, 28672), "Falcon-7B": (1, None),
-              "Falcon-40B": (8, None), "Falcon-180B": (8, None)}
+KNOWN_ARCH = {
+    "Llama 3 8B": (8, 14336),
+    "Llama 3 70B": (8, 28672),
+    "Llama 3.1 405B": (8, 53248),
+    "Llama 2 13B": (40, 13824),
+    "Llama 2 70B": (8, 28672),
+    "Falcon-7B": (1, None),
+    "Falcon-40B": (8, None),
+    "Falcon-180B": (8, None),
+}
 
 
 def _model(row: dict) -> ModelConfig:
@@ -132,9 +148,17 @@ def _model(row: dict) -> ModelConfig:
     vocab = int(_num(row["vocab"]) or DEFAULT_VOCAB)
     gpt = any(k in row["model"] for k in ("GPT", "NLG", "Megatron"))
     kv, ffn = next((v for k, v in KNOWN_ARCH.items() if row["model"].startswith(k)), (None, None))
-    return ModelConfig(vocab_size=vocab, d_model=h, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                       ffn_hidden=ffn or round(8 * h / 3), max_seq_len=seq, attention="dense",
-                       dropout=0.1 if gpt else 0.0)
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=h,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_hidden=ffn or round(8 * h / 3),
+        max_seq_len=seq,
+        attention="dense",
+        dropout=0.1 if gpt else 0.0,
+    )
 
 
 def row_problem(row: dict) -> str:
@@ -156,16 +180,31 @@ def to_published(row: dict) -> PublishedRow:
     gpus, tp, pp = (int(_num(row[k])) for k in ("num_gpus", "tp", "pp"))
     old = any(k in row["source"] for k in ("SC21", "Korthikanti", "MT-NLG", "gpt-neox"))
     pins = Pins(recompute=_recompute(row))
-    request = PlanRequest(model=_model(row), gpus=gpus, gpu=_gpu(row), global_batch=int(_num(row["global_batch"])),
-                          precision="fp16" if "fp16" in row["notes"] else "bf16", pins=pins,
-                          flash_attention=not old, overlap_dp=not old, allowed_zero_stages=_zero_stages(row),
-                          fp32_main_grads=any(k in row["source"] for k in FP32_MAIN_GRADS),
-                          overlap_param_gather="--overlap-param-gather" in row["notes"],
-                          overlap_tp="--tp-comm-overlap" in row["notes"], constants=MEGATRON_DGX)
+    request = PlanRequest(
+        model=_model(row),
+        gpus=gpus,
+        gpu=_gpu(row),
+        global_batch=int(_num(row["global_batch"])),
+        precision="fp16" if "fp16" in row["notes"] else "bf16",
+        pins=pins,
+        flash_attention=not old,
+        overlap_dp=not old,
+        allowed_zero_stages=_zero_stages(row),
+        fp32_main_grads=any(k in row["source"] for k in FP32_MAIN_GRADS),
+        overlap_param_gather="--overlap-param-gather" in row["notes"],
+        overlap_tp="--tp-comm-overlap" in row["notes"],
+        constants=MEGATRON_DGX,
+    )
     mb, v = _num(row["micro_batch"]), _num(row["interleave_v"])
-    published = Pins(dp=gpus // (tp * pp), tp=tp, pp=pp, recompute=pins.recompute,
-                     micro_batch=int(mb) if mb else None, virtual_stages=int(v) if v else None,
-                     sequence_parallel=True if "sequence parallel" in row["recompute"] else None)
+    published = Pins(
+        dp=gpus // (tp * pp),
+        tp=tp,
+        pp=pp,
+        recompute=pins.recompute,
+        micro_batch=int(mb) if mb else None,
+        virtual_stages=int(v) if v else None,
+        sequence_parallel=True if "sequence parallel" in row["recompute"] else None,
+    )
     achieved, metric = _metric(row)
     return PublishedRow(row["model"], request, published, achieved, metric)
 
@@ -196,8 +235,11 @@ def published_candidate(row: PublishedRow) -> Candidate:
 def predicted(row: PublishedRow, cand: Candidate, efficiency: float) -> float:
     """The planner's number comparable to ``row.achieved`` for ``cand`` at ``efficiency``."""
     est = estimate(row.request.replace(efficiency=efficiency), cand.layout)
-    return {"hardware_tflops": est.hardware_tflops_per_gpu, "model_tflops": est.tflops_per_gpu,
-            "mfu": est.mfu}[row.metric]
+    return {
+        "hardware_tflops": est.hardware_tflops_per_gpu,
+        "model_tflops": est.tflops_per_gpu,
+        "mfu": est.mfu,
+    }[row.metric]
 
 
 def median(values: list[float]) -> float:
@@ -207,7 +249,9 @@ def median(values: list[float]) -> float:
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def fit_efficiency(pairs: list[tuple[PublishedRow, Candidate]], lo: float = 0.2, hi: float = 1.0) -> float:
+def fit_efficiency(
+    pairs: list[tuple[PublishedRow, Candidate]], lo: float = 0.2, hi: float = 1.0
+) -> float:
     """Efficiency minimising the median ``|log(predicted/achieved)|`` (golden-section search).
 
     Raises:
@@ -230,6 +274,6 @@ def leave_one_out(pairs: list[tuple[PublishedRow, Candidate]]) -> list[float]:
     """Relative errors ``predicted/achieved - 1`` of each row with the efficiency fitted on the others."""
     errors = []
     for i, (row, cand) in enumerate(pairs):
-        eff = fit_efficiency(pairs[:i] + pairs[i + 1:])
+        eff = fit_efficiency(pairs[:i] + pairs[i + 1 :])
         errors.append(predicted(row, cand, eff) / row.achieved - 1)
     return errors

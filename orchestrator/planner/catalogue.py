@@ -56,7 +56,9 @@ class GpuSpec:
             raise PlanError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         if precision not in self.peak_tflops:
             supported = ", ".join(self.peak_tflops)
-            raise PlanError(f"{self.name} has no {precision} peak in the catalogue; use one of: {supported}")
+            raise PlanError(
+                f"{self.name} has no {precision} peak in the catalogue; use one of: {supported}"
+            )
         return self.peak_tflops[precision] * 1e12
 
     def replace(self, **changes: object) -> GpuSpec:
@@ -64,39 +66,106 @@ class GpuSpec:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_NV_A100 = ("NVIDIA A100 datasheet (dense FP16/BF16 312 TF, TF32-free FP32 19.5 TF; NVLink3 600 GB/s "
-            "total = 300 GB/s per direction; HBM 1.555 TB/s (40 GB), 2.039 TB/s (80 GB)); DGX A100: one 200 Gb/s HDR HCA per GPU (Narayanan et al. "
-            "SC21 §5) = 25 GB/s")
-_NV_H100 = ("NVIDIA H100 SXM5 product page (BF16 1,979 TF with sparsity = 989.4 dense; FP32 67 TF; NVLink4 "
-            "900 GB/s total = 450 per direction; HBM3 3.35 TB/s); DGX H100: 8 x 400 Gb/s ConnectX-7 = 50 GB/s per GPU "
-            "(NVIDIA DGX BasePOD reference architecture); 80 GB HBM3 = 79.6 GiB visible")
+_NV_A100 = (
+    "NVIDIA A100 datasheet (dense FP16/BF16 312 TF, TF32-free FP32 19.5 TF; NVLink3 600 GB/s "
+    "total = 300 GB/s per direction; HBM 1.555 TB/s (40 GB), 2.039 TB/s (80 GB)); DGX A100: one 200 Gb/s HDR HCA per GPU (Narayanan et al. "
+    "SC21 §5) = 25 GB/s"
+)
+_NV_H100 = (
+    "NVIDIA H100 SXM5 product page (BF16 1,979 TF with sparsity = 989.4 dense; FP32 67 TF; NVLink4 "
+    "900 GB/s total = 450 per direction; HBM3 3.35 TB/s); DGX H100: 8 x 400 Gb/s ConnectX-7 = 50 GB/s per GPU "
+    "(NVIDIA DGX BasePOD reference architecture); 80 GB HBM3 = 79.6 GiB visible"
+)
 
 #: Known devices. Keys are lower case; :func:`get_gpu` also accepts common aliases.
 GPU_CATALOGUE: dict[str, GpuSpec] = {
-    "a100-40gb": GpuSpec("a100-40gb", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 40.0, 300.0, 25.0, 1.555,
-                         source=_NV_A100 + "; 40 GB HBM2"),
-    "a100-80gb": GpuSpec("a100-80gb", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 80.0, 300.0, 25.0, 2.039,
-                         source=_NV_A100 + "; 80 GB HBM2e"),
-    "h100": GpuSpec("h100", {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}, 79.6, 450.0, 50.0, 3.35, source=_NV_H100),
-    "h100-96gb": GpuSpec("h100-96gb", {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}, 94.0, 450.0, 50.0, 2.4,
-                         source="torchtitan benchmarks/llama3_h100_202412_torchtitan.md (Grand Teton H100, "
-                                "96 GB HBM2e 2.4 TB/s, 500 W cap, 400 Gb/s RDMA per GPU); peak as H100 SXM"),
-    "h200": GpuSpec("h200", {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}, 140.4, 450.0, 50.0, 4.8,
-                    source="MLCommons inference v4.1 system 'NVIDIA H200-SXM-141GB' (18x NVLink4, 900 GB/s; HBM3e 4.8 TB/s); "
-                           "same compute die as H100 SXM; DGX H200 8 x 400 Gb/s ConnectX-7"),
-    "l4": GpuSpec("l4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}, 22.5, 32.0, 3.125, 0.3,
-                  source="NVIDIA L4 datasheet (FP16/BF16 242 TF with sparsity = 121 dense, FP32 30.3 TF, "
-                         "24 GB GDDR6 300 GB/s, PCIe Gen4 x16 64 GB/s total); GCP g2-standard-96: 8 L4, 100 Gb/s"),
-    "t4": GpuSpec("t4", {"fp16": 65.0, "fp32": 8.1}, 15.0, 16.0, 3.125, 0.32,
-                  source="NVIDIA T4 datasheet (FP16 65 TF mixed precision, FP32 8.1 TF, 16 GB GDDR6 320 GB/s, "
-                         "PCIe Gen3 x16 32 GB/s total, no bf16 tensor cores); 100 Gb/s per 8-GPU node"),
-    "cpu": GpuSpec("cpu", {"bf16": 0.1, "fp16": 0.1, "fp32": 0.1}, 4.0, 5.0, 1.25, 0.02,
-                   source="local runs: one Ray worker process on ~2 AVX2 cores (~0.1 TFLOP/s), 4 GiB per "
-                          "worker, ~20 GB/s DRAM share, gloo over shared memory (~5 GB/s) or 10 GbE (1.25 GB/s); rough by design"),
+    "a100-40gb": GpuSpec(
+        "a100-40gb",
+        {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        40.0,
+        300.0,
+        25.0,
+        1.555,
+        source=_NV_A100 + "; 40 GB HBM2",
+    ),
+    "a100-80gb": GpuSpec(
+        "a100-80gb",
+        {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        80.0,
+        300.0,
+        25.0,
+        2.039,
+        source=_NV_A100 + "; 80 GB HBM2e",
+    ),
+    "h100": GpuSpec(
+        "h100",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0},
+        79.6,
+        450.0,
+        50.0,
+        3.35,
+        source=_NV_H100,
+    ),
+    "h100-96gb": GpuSpec(
+        "h100-96gb",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0},
+        94.0,
+        450.0,
+        50.0,
+        2.4,
+        source="torchtitan benchmarks/llama3_h100_202412_torchtitan.md (Grand Teton H100, "
+        "96 GB HBM2e 2.4 TB/s, 500 W cap, 400 Gb/s RDMA per GPU); peak as H100 SXM",
+    ),
+    "h200": GpuSpec(
+        "h200",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0},
+        140.4,
+        450.0,
+        50.0,
+        4.8,
+        source="MLCommons inference v4.1 system 'NVIDIA H200-SXM-141GB' (18x NVLink4, 900 GB/s; HBM3e 4.8 TB/s); "
+        "same compute die as H100 SXM; DGX H200 8 x 400 Gb/s ConnectX-7",
+    ),
+    "l4": GpuSpec(
+        "l4",
+        {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+        22.5,
+        32.0,
+        3.125,
+        0.3,
+        source="NVIDIA L4 datasheet (FP16/BF16 242 TF with sparsity = 121 dense, FP32 30.3 TF, "
+        "24 GB GDDR6 300 GB/s, PCIe Gen4 x16 64 GB/s total); GCP g2-standard-96: 8 L4, 100 Gb/s",
+    ),
+    "t4": GpuSpec(
+        "t4",
+        {"fp16": 65.0, "fp32": 8.1},
+        15.0,
+        16.0,
+        3.125,
+        0.32,
+        source="NVIDIA T4 datasheet (FP16 65 TF mixed precision, FP32 8.1 TF, 16 GB GDDR6 320 GB/s, "
+        "PCIe Gen3 x16 32 GB/s total, no bf16 tensor cores); 100 Gb/s per 8-GPU node",
+    ),
+    "cpu": GpuSpec(
+        "cpu",
+        {"bf16": 0.1, "fp16": 0.1, "fp32": 0.1},
+        4.0,
+        5.0,
+        1.25,
+        0.02,
+        source="local runs: one Ray worker process on ~2 AVX2 cores (~0.1 TFLOP/s), 4 GiB per "
+        "worker, ~20 GB/s DRAM share, gloo over shared memory (~5 GB/s) or 10 GbE (1.25 GB/s); rough by design",
+    ),
 }
 
-_ALIASES = {"a100": "a100-80gb", "a100-80": "a100-80gb", "a100-40": "a100-40gb", "h100-80gb": "h100",
-            "h100-sxm": "h100", "h200-141gb": "h200"}
+_ALIASES = {
+    "a100": "a100-80gb",
+    "a100-80": "a100-80gb",
+    "a100-40": "a100-40gb",
+    "h100-80gb": "h100",
+    "h100-sxm": "h100",
+    "h200-141gb": "h200",
+}
 
 
 def get_gpu(name: str, **custom: object) -> GpuSpec:
@@ -115,6 +184,8 @@ def get_gpu(name: str, **custom: object) -> GpuSpec:
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in GPU_CATALOGUE:
-        raise PlanError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPU_CATALOGUE)} "
-                        f"(aliases: {', '.join(_ALIASES)}), or give custom values")
+        raise PlanError(
+            f"unknown GPU {name!r}; known GPUs: {', '.join(GPU_CATALOGUE)} "
+            f"(aliases: {', '.join(_ALIASES)}), or give custom values"
+        )
     return GPU_CATALOGUE[key].replace(**custom)

@@ -59,9 +59,15 @@ class CostConstants:
 #: Uncalibrated: the counted model as it stood before the sweeps were used.
 COUNTED = CostConstants()
 #: Fitted on all ten Aleph Alpha groups (``benchmarks/planner.py --fit`` prints them).
-CALIBRATED = CostConstants(activation_scale=1.4, loss_bytes_per_logit=56.0, transient_layers=2.0,
-                           usable_memory_fraction=1.0, tp_link_fraction=0.2, step_time_band=(-0.27, 0.09),
-                           relative_error=0.12)
+CALIBRATED = CostConstants(
+    activation_scale=1.4,
+    loss_bytes_per_logit=56.0,
+    transient_layers=2.0,
+    usable_memory_fraction=1.0,
+    tp_link_fraction=0.2,
+    step_time_band=(-0.27, 0.09),
+    relative_error=0.12,
+)
 #: Published Megatron-LM / NeMo / torchtitan runs on DGX-class nodes (published_layouts.csv): the
 #: counted memory fits every published layout as it is, and their tensor-parallel collectives
 #: reach the NVLink datasheet bandwidth the catalogue holds, so only the counted model applies.

@@ -23,8 +23,10 @@ def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
     if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
         return f"tp={tp} does not divide heads={cfg.n_heads} and kv_heads={cfg.kv_heads}"
     if cfg.vocab_size % tp:
-        return (f"tp={tp} does not divide vocab={cfg.vocab_size} (the vocabulary-parallel embedding splits it); "
-                f"pad the vocabulary to a multiple of {tp} (Megatron's --make-vocab-size-divisible-by)")
+        return (
+            f"tp={tp} does not divide vocab={cfg.vocab_size} (the vocabulary-parallel embedding splits it); "
+            f"pad the vocabulary to a multiple of {tp} (Megatron's --make-vocab-size-divisible-by)"
+        )
     if pp > cfg.n_layers:
         return f"pp={pp} > layers={cfg.n_layers}"
     if req.global_batch % dp:
@@ -42,12 +44,16 @@ def layout_problem(req: PlanRequest, layout: Layout) -> str:
     if problem:
         return problem
     if layout.global_batch != req.global_batch:
-        return (f"dp({layout.dp}) * micro_batch({layout.micro_batch}) * grad_accum({layout.grad_accum}) "
-                f"= {layout.global_batch} != global batch {req.global_batch}")
+        return (
+            f"dp({layout.dp}) * micro_batch({layout.micro_batch}) * grad_accum({layout.grad_accum}) "
+            f"= {layout.global_batch} != global batch {req.global_batch}"
+        )
     if layout.virtual_stages > 1:
         if req.model.n_layers % (layout.pp * layout.virtual_stages):
-            return (f"virtual_stages={layout.virtual_stages} with pp={layout.pp}: layers={req.model.n_layers} "
-                    f"not divisible by pp*virtual_stages={layout.pp * layout.virtual_stages}")
+            return (
+                f"virtual_stages={layout.virtual_stages} with pp={layout.pp}: layers={req.model.n_layers} "
+                f"not divisible by pp*virtual_stages={layout.pp * layout.virtual_stages}"
+            )
         if layout.grad_accum % layout.pp:
             return f"interleaving needs micro-batches({layout.grad_accum}) divisible by pp({layout.pp})"
     return ""
@@ -63,16 +69,45 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
     Example: tiny preset on 2 CPU workers, dp=2, ZeRO-2, mb=8, B=32, s=256 → ~1.08 GiB per worker.
     """
     cfg, seq, kernel = req.model, req.seq_len, get_kernel(req.kernel)
-    memory = memory_per_gpu(cfg, seq, layout, req.precision, req.flash_attention, req.fp32_main_grads, kernel,
-                            req.constants, req.fused_loss)
-    time = step_time(cfg, seq, layout, req.precision, req.gpu, req.node_size, req.efficiency, req.overlap_dp,
-                     req.overlap_param_gather, req.overlap_tp, kernel, req.constants)
+    memory = memory_per_gpu(
+        cfg,
+        seq,
+        layout,
+        req.precision,
+        req.flash_attention,
+        req.fp32_main_grads,
+        kernel,
+        req.constants,
+        req.fused_loss,
+    )
+    time = step_time(
+        cfg,
+        seq,
+        layout,
+        req.precision,
+        req.gpu,
+        req.node_size,
+        req.efficiency,
+        req.overlap_dp,
+        req.overlap_param_gather,
+        req.overlap_tp,
+        kernel,
+        req.constants,
+    )
     tokens_per_s = req.global_batch * seq / time.total
     peak = req.gpu.peak_flops(req.precision)
     model_flops = training_flops_per_token(cfg, seq) * tokens_per_s / layout.world_size
     stage_model, stage_extra = stage_flops_per_token(cfg, seq, layout.pp, layout.recompute)
     hardware = model_flops * (1 + stage_extra / stage_model)
     limit = req.gpu.memory_gib * req.constants.usable_memory_fraction
-    return Estimate(memory=memory, memory_limit_gib=limit, time=time, tokens_per_s=tokens_per_s,
-                    tflops_per_gpu=model_flops / 1e12, hardware_tflops_per_gpu=hardware / 1e12,
-                    mfu=model_flops / peak, hfu=hardware / peak, step_time_band=req.constants.step_time_band)
+    return Estimate(
+        memory=memory,
+        memory_limit_gib=limit,
+        time=time,
+        tokens_per_s=tokens_per_s,
+        tflops_per_gpu=model_flops / 1e12,
+        hardware_tflops_per_gpu=hardware / 1e12,
+        mfu=model_flops / peak,
+        hfu=hardware / peak,
+        step_time_band=req.constants.step_time_band,
+    )

@@ -53,10 +53,18 @@ def memory_terms(run) -> list[tuple[float, float, float, float]]:
         psi = stage_parameters(q.model, lay.tp, lay.pp, stage)
         fixed = sum(model_state_bytes(psi, lay.zero_stage, lay.dp, q.precision, q.fp32_main_grads))
         fixed += buffer_bytes(q.model, psi, lay, q.precision)
-        act = stage_activation_bytes(q.model, q.seq_len, lay, stage, q.flash_attention, kernel.norm_activation_bytes)
-        layer = activation_bytes_per_layer(q.model, q.seq_len, lay.micro_batch, lay.tp,
-                                           sequence_parallel=lay.sequence_parallel, flash=q.flash_attention,
-                                           norm_bytes=kernel.norm_activation_bytes)
+        act = stage_activation_bytes(
+            q.model, q.seq_len, lay, stage, q.flash_attention, kernel.norm_activation_bytes
+        )
+        layer = activation_bytes_per_layer(
+            q.model,
+            q.seq_len,
+            lay.micro_batch,
+            lay.tp,
+            sequence_parallel=lay.sequence_parallel,
+            flash=q.flash_attention,
+            norm_bytes=kernel.norm_activation_bytes,
+        )
         last = stage == lay.pp - 1 and not q.fused_loss
         logits = q.seq_len * lay.micro_batch * q.model.vocab_size if last else 0.0
         out.append((fixed, act, layer, logits))
@@ -65,7 +73,9 @@ def memory_terms(run) -> list[tuple[float, float, float, float]]:
 
 def memory_grid() -> list[tuple[float, float, float, float]]:
     """``(activation_scale, loss_bytes, transient_layers, usable_fraction)`` points, smallest first."""
-    return list(itertools.product(ACTIVATION_SCALES, LOSS_BYTES, TRANSIENT_LAYERS, USABLE_FRACTIONS))
+    return list(
+        itertools.product(ACTIVATION_SCALES, LOSS_BYTES, TRANSIENT_LAYERS, USABLE_FRACTIONS)
+    )
 
 
 def oom_predictions(runs: list, grid: list) -> list[list[bool]]:
@@ -74,15 +84,21 @@ def oom_predictions(runs: list, grid: list) -> list[list[bool]]:
     limits = [r.request.gpu.memory_gib * 2**30 for r in runs]
     out = []
     for a, c, t, u in grid:
-        out.append([max(f + a * act + t * lay + c * lg for f, act, lay, lg in ts) > u * lim
-                    for ts, lim in zip(terms, limits, strict=False)])
+        out.append(
+            [
+                max(f + a * act + t * lay + c * lg for f, act, lay, lg in ts) > u * lim
+                for ts, lim in zip(terms, limits, strict=False)
+            ]
+        )
     return out
 
 
 def best_memory_point(runs: list, grid: list, predictions: list, keep: list[bool]) -> tuple:
     """Grid point with the most correct OOM predictions over the runs where ``keep`` is True."""
+
     def score(i: int) -> int:
         return sum(p == r.oom for p, r, k in zip(predictions[i], runs, keep, strict=False) if k)
+
     return grid[max(range(len(grid)), key=lambda i: (score(i), -i))]
 
 
@@ -97,7 +113,9 @@ def demeaned_log_errors(runs: list, predicted: list[float]) -> list[float]:
     for r, p in zip(runs, predicted, strict=False):
         by_group.setdefault(r.group, []).append(math.log(r.step_time_s / p))
     med = {g: _median(v) for g, v in by_group.items()}
-    return [math.log(r.step_time_s / p) - med[r.group] for r, p in zip(runs, predicted, strict=False)]
+    return [
+        math.log(r.step_time_s / p) - med[r.group] for r, p in zip(runs, predicted, strict=False)
+    ]
 
 
 def best_link_fraction(runs: list, base: CostConstants) -> float:
@@ -105,20 +123,35 @@ def best_link_fraction(runs: list, base: CostConstants) -> float:
     measured = [r for r in runs if not r.oom]
 
     def loss(f: float) -> float:
-        return sum(e * e for e in demeaned_log_errors(measured, step_times(measured, base.replace(tp_link_fraction=f))))
+        return sum(
+            e * e
+            for e in demeaned_log_errors(
+                measured, step_times(measured, base.replace(tp_link_fraction=f))
+            )
+        )
+
     return min(TP_LINK_FRACTIONS, key=loss)
 
 
-def fit_constants(runs: list, keep: list[bool] | None = None, predictions: list | None = None,
-                  grid: list | None = None) -> CostConstants:
+def fit_constants(
+    runs: list,
+    keep: list[bool] | None = None,
+    predictions: list | None = None,
+    grid: list | None = None,
+) -> CostConstants:
     """Constants fitted on the runs where ``keep`` is True (all by default); see the module docstring."""
     keep = keep or [True] * len(runs)
     grid = grid or memory_grid()
     predictions = predictions or oom_predictions(runs, grid)
     a, c, t, u = best_memory_point(runs, grid, predictions, keep)
-    base = CALIBRATED.replace(activation_scale=a, loss_bytes_per_logit=c, transient_layers=t,
-                              usable_memory_fraction=u)
-    return base.replace(tp_link_fraction=best_link_fraction([r for r, k in zip(runs, keep, strict=False) if k], base))
+    base = CALIBRATED.replace(
+        activation_scale=a, loss_bytes_per_logit=c, transient_layers=t, usable_memory_fraction=u
+    )
+    return base.replace(
+        tp_link_fraction=best_link_fraction(
+            [r for r, k in zip(runs, keep, strict=False) if k], base
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -143,14 +176,22 @@ def score_group(runs: list, constants: CostConstants) -> GroupScore:
     ests = [estimate(r.request.replace(constants=constants), r.layout) for r in runs]
     accuracy = sum((not e.fits) == r.oom for e, r in zip(ests, runs, strict=False)) / len(runs)
     fit = [(e.step_time_s, r.step_time_s) for e, r in zip(ests, runs, strict=False) if not r.oom]
-    rho = float(spearmanr([1 / p for p, _ in fit], [1 / m for _, m in fit]).statistic) if len(fit) > 2 else math.nan
-    chosen = min((i for i, e in enumerate(ests) if e.fits), key=lambda i: ests[i].step_time_s, default=None)
+    rho = (
+        float(spearmanr([1 / p for p, _ in fit], [1 / m for _, m in fit]).statistic)
+        if len(fit) > 2
+        else math.nan
+    )
+    chosen = min(
+        (i for i, e in enumerate(ests) if e.fits), key=lambda i: ests[i].step_time_s, default=None
+    )
     best = min(m for _, m in fit)
     pick = runs[chosen] if chosen is not None else None
     regret = math.inf if pick is None or pick.oom else pick.step_time_s / best - 1
     text = f"{pick.layout.describe()} {pick.kernel}" if pick else "none predicted to fit"
     errors = tuple(math.log(m / p) for p, m in fit)
-    return GroupScore(runs[0].group, len(runs), len(fit), accuracy, rho, regret, text, constants, errors)
+    return GroupScore(
+        runs[0].group, len(runs), len(fit), accuracy, rho, regret, text, constants, errors
+    )
 
 
 def residual_band(scores: list[GroupScore], coverage: float = 0.8) -> tuple[float, float, float]:
@@ -169,7 +210,12 @@ def residual_band(scores: list[GroupScore], coverage: float = 0.8) -> tuple[floa
 
     def quantile(values: list[float], p: float) -> float:
         return values[min(len(values) - 1, max(0, round(p * (len(values) - 1))))]
-    return quantile(every, q), quantile(every, 1 - q), (quantile(centred, 1 - q) - quantile(centred, q)) / 2
+
+    return (
+        quantile(every, q),
+        quantile(every, 1 - q),
+        (quantile(centred, 1 - q) - quantile(centred, q)) / 2,
+    )
 
 
 def leave_one_group_out(runs: list) -> list[GroupScore]:

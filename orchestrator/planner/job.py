@@ -9,9 +9,15 @@ from orchestrator.contract.layout import LAYOUT_FREE_ZERO_STAGES
 from orchestrator.planner.search import plan
 from orchestrator.planner.types import Pins, PlanRequest, PlanResult
 
-_PARALLEL_TO_PIN = {"data": "dp", "tensor": "tp", "pipeline": "pp", "zero_stage": "zero_stage",
-                    "recompute": "recompute", "sequence_parallel": "sequence_parallel",
-                    "virtual_stages": "virtual_stages"}
+_PARALLEL_TO_PIN = {
+    "data": "dp",
+    "tensor": "tp",
+    "pipeline": "pp",
+    "zero_stage": "zero_stage",
+    "recompute": "recompute",
+    "sequence_parallel": "sequence_parallel",
+    "virtual_stages": "virtual_stages",
+}
 
 
 def job_pins(job: JobConfig) -> Pins:
@@ -42,7 +48,9 @@ def job_precision(job: JobConfig, gpu: str) -> str:
     return resolve_precision(job.train.precision, use_gpu=gpu != "cpu")
 
 
-def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: int | None = None) -> PlanResult:
+def plan_job(
+    job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: int | None = None
+) -> PlanResult:
     """Plan ``job`` on ``world_size`` workers.
 
     Model from ``job.model_config_()``, sequence length ``job.data.seq_len``, global batch
@@ -61,10 +69,17 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
     """
     first_error = None
     for n in range(world_size, 0, -1):
-        req = PlanRequest(model=job.model_config_(), gpus=n, gpu=gpu, global_batch=job.train.global_batch,
-                          seq_len=job.data.seq_len, gpus_per_node=gpus_per_node,
-                          precision=job_precision(job, gpu), pins=job_pins(job),
-                          allowed_zero_stages=AUTO_ZERO_STAGES if job.parallel.auto else None)
+        req = PlanRequest(
+            model=job.model_config_(),
+            gpus=n,
+            gpu=gpu,
+            global_batch=job.train.global_batch,
+            seq_len=job.data.seq_len,
+            gpus_per_node=gpus_per_node,
+            precision=job_precision(job, gpu),
+            pins=job_pins(job),
+            allowed_zero_stages=AUTO_ZERO_STAGES if job.parallel.auto else None,
+        )
         try:
             result = plan(req)
         except PlanError as exc:
@@ -73,7 +88,14 @@ def plan_job(job: JobConfig, world_size: int, gpu: str = "cpu", gpus_per_node: i
         if n < world_size:
             why = "; ".join(line.strip() for line in str(first_error).splitlines()[1:3])
             note = f"no layout uses all {world_size} workers ({why}); using {n} of them"
-            result = PlanResult(result.request, result.best, result.candidates, result.rejected,
-                                result.estimate, result.notes + (note,), result.close_call)
+            result = PlanResult(
+                result.request,
+                result.best,
+                result.candidates,
+                result.rejected,
+                result.estimate,
+                result.notes + (note,),
+                result.close_call,
+            )
         return result
     raise first_error

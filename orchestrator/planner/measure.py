@@ -37,14 +37,20 @@ class Measurement:
     @property
     def ratio(self) -> float | None:
         """Measured / predicted step time."""
-        return None if self.measured_step_s is None else self.measured_step_s / self.predicted_step_s
+        return (
+            None if self.measured_step_s is None else self.measured_step_s / self.predicted_step_s
+        )
 
     def to_dict(self) -> dict:
         """JSON form."""
-        return {"layout": self.layout.to_dict(), "predicted_step_s": round(self.predicted_step_s, 6),
-                "interval_s": [round(v, 6) for v in self.interval_s], "measured_step_s": self.measured_step_s,
-                "measured_over_predicted": None if self.ratio is None else round(self.ratio, 4),
-                "error": self.error}
+        return {
+            "layout": self.layout.to_dict(),
+            "predicted_step_s": round(self.predicted_step_s, 6),
+            "interval_s": [round(v, 6) for v in self.interval_s],
+            "measured_step_s": self.measured_step_s,
+            "measured_over_predicted": None if self.ratio is None else round(self.ratio, 4),
+            "error": self.error,
+        }
 
 
 def runnable_candidates(candidates: list[Candidate], top: int) -> list[Candidate]:
@@ -70,11 +76,24 @@ def candidate_job(job: JobConfig, layout: Layout, index: int, steps: int) -> Job
     ``parallel.data=2``, checkpoint only at the last step, no resume.
     """
     data = job.model_dump(mode="json")
-    data["parallel"] = {"auto": False, "data": layout.dp, "tensor": layout.tp, "pipeline": layout.pp,
-                        "zero_stage": layout.zero_stage, "recompute": layout.recompute,
-                        "sequence_parallel": layout.sequence_parallel, "virtual_stages": layout.virtual_stages}
-    data["train"] |= {"steps": steps, "micro_batch": layout.micro_batch, "log_every": 1, "eval_every": steps,
-                      "eval_batches": 1, "warmup_steps": 1}
+    data["parallel"] = {
+        "auto": False,
+        "data": layout.dp,
+        "tensor": layout.tp,
+        "pipeline": layout.pp,
+        "zero_stage": layout.zero_stage,
+        "recompute": layout.recompute,
+        "sequence_parallel": layout.sequence_parallel,
+        "virtual_stages": layout.virtual_stages,
+    }
+    data["train"] |= {
+        "steps": steps,
+        "micro_batch": layout.micro_batch,
+        "log_every": 1,
+        "eval_every": steps,
+        "eval_batches": 1,
+        "warmup_steps": 1,
+    }
     data["cluster"] |= {"num_workers": layout.world_size, "min_workers": None, "max_failures": 0}
     data["checkpoint"] |= {"every": steps, "keep": 1, "resume": False}
     data["run"]["name"] = f"{job.run.name}-measure-{index}"
@@ -88,15 +107,24 @@ def measured_step_time(run_dir: Path) -> float:
         PlanError: fewer than two steps were logged.
     """
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
     times = [r["step_time_s"] for r in records if "step_time_s" in r][1:]
     if not times:
         raise PlanError(f"{path}: fewer than two logged steps; use --measure-steps 3 or more")
     return statistics.median(times)
 
 
-def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: int = 5,
-            run: Callable[[JobConfig], dict] | None = None) -> list[Measurement]:
+def measure(
+    job: JobConfig,
+    candidates: list[Candidate],
+    top: int = 3,
+    steps: int = 5,
+    run: Callable[[JobConfig], dict] | None = None,
+) -> list[Measurement]:
     """Run the first ``top`` runnable ``candidates`` for ``steps`` steps each; fastest measured first.
 
     Args:
@@ -113,8 +141,10 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
         raise PlanError(f"--measure-steps {steps} must be at least 2 (the first step is warm-up)")
     chosen = runnable_candidates(candidates, top)
     if not chosen:
-        raise PlanError("no planned layout can run on the DeepSpeed workers (sequence parallelism and "
-                        "interleaving are not implemented); pin --no-sequence-parallel --virtual-stages 1")
+        raise PlanError(
+            "no planned layout can run on the DeepSpeed workers (sequence parallelism and "
+            "interleaving are not implemented); pin --no-sequence-parallel --virtual-stages 1"
+        )
     if run is None:
         from orchestrator.launcher import run_training
 
@@ -125,9 +155,22 @@ def measure(job: JobConfig, candidates: list[Candidate], top: int = 3, steps: in
         est = cand.estimate
         try:
             run(sub)
-            out.append(Measurement(cand.layout, est.step_time_s, est.step_time_interval_s,
-                                   measured_step_time(sub.run_dir.resolve())))
+            out.append(
+                Measurement(
+                    cand.layout,
+                    est.step_time_s,
+                    est.step_time_interval_s,
+                    measured_step_time(sub.run_dir.resolve()),
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - a failing candidate (e.g. out of memory) is reported, not fatal
-            out.append(Measurement(cand.layout, est.step_time_s, est.step_time_interval_s, None,
-                                   str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__))
+            out.append(
+                Measurement(
+                    cand.layout,
+                    est.step_time_s,
+                    est.step_time_interval_s,
+                    None,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__,
+                )
+            )
     return sorted(out, key=lambda m: (m.measured_step_s is None, m.measured_step_s or 0.0))

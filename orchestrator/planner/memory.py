@@ -51,13 +51,24 @@ class MemoryBreakdown:
 
     def gib(self) -> dict:
         """Parts and ``total`` in GiB, rounded to 0.01."""
-        parts = {k: getattr(self, k) for k in ("parameters", "gradients", "optimizer", "activations", "buffers")}
-        return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(self.total / GIB, 2)}
+        parts = {
+            k: getattr(self, k)
+            for k in ("parameters", "gradients", "optimizer", "activations", "buffers")
+        }
+        return {
+            **{k: round(v / GIB, 2) for k, v in parts.items()},
+            "total": round(self.total / GIB, 2),
+        }
 
     def largest_part(self) -> tuple[str, float]:
         """``(name, bytes)`` of the biggest part."""
-        return max(((k, getattr(self, k)) for k in ("parameters", "gradients", "optimizer", "activations",
-                                                    "buffers")), key=lambda kv: kv[1])
+        return max(
+            (
+                (k, getattr(self, k))
+                for k in ("parameters", "gradients", "optimizer", "activations", "buffers")
+            ),
+            key=lambda kv: kv[1],
+        )
 
 
 def zero_paper_bytes(psi: float, stage: int, nd: int, k: int = 12) -> float:
@@ -72,8 +83,9 @@ def zero_paper_bytes(psi: float, stage: int, nd: int, k: int = 12) -> float:
     return 2 * psi / shards[0] + 2 * psi / shards[1] + k * psi / shards[2]
 
 
-def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
-                      fp32_main_grads: bool = False) -> tuple[float, float, float]:
+def model_state_bytes(
+    psi: float, stage: int, dp: int, precision: str, fp32_main_grads: bool = False
+) -> tuple[float, float, float]:
     """``(parameters, gradients, optimizer)`` bytes per GPU for ``psi`` parameters on this GPU.
 
     Mixed precision (bf16/fp16) as DeepSpeed allocates it: 2-byte parameters, 2-byte gradients,
@@ -106,9 +118,17 @@ def model_state_bytes(psi: float, stage: int, dp: int, precision: str,
     return params, grads, opt * psi / (dp if stage >= 1 else 1)
 
 
-def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int, tp: int = 1, *,
-                               sequence_parallel: bool = False, recompute: str = "none",
-                               flash: bool = True, norm_bytes: float = 0.0) -> float:
+def activation_bytes_per_layer(
+    cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    tp: int = 1,
+    *,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    flash: bool = True,
+    norm_bytes: float = 0.0,
+) -> float:
     """Activation bytes one transformer block keeps for backward, per GPU (16-bit activations).
 
     Korthikanti et al. 2022 §4.1 count ``sbh·(34 + 5as/h)`` bytes per layer: attention 11sbh +
@@ -139,7 +159,9 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     return replicated / (tp if sequence_parallel else 1) + split / tp
 
 
-def mla_attention_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, recompute: str = "none") -> float:
+def mla_attention_bytes(
+    cfg: ModelConfig, seq_len: int, micro_batch: int, recompute: str = "none"
+) -> float:
     """Extra activation bytes of one MLA attention core, all heads (divide by tp for a shard).
 
     As ``mla/global_attention.py`` implements the global branch (gather-based): the gathered keys
@@ -204,8 +226,15 @@ def in_flight_micro_batches(pp: int, stage: int, grad_accum: int, virtual_stages
     return held
 
 
-def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool = True,
-                           norm_bytes: float = 0.0, precision: str = "bf16") -> float:
+def stage_activation_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    stage: int,
+    flash: bool = True,
+    norm_bytes: float = 0.0,
+    precision: str = "bf16",
+) -> float:
     """Activation bytes of one GPU on pipeline ``stage`` at its peak.
 
     In-flight micro-batches × layers on the stage × :func:`activation_bytes_per_layer`; full
@@ -217,18 +246,33 @@ def stage_activation_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, f
     Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
     8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
     """
-    per_layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
-                                           sequence_parallel=layout.sequence_parallel,
-                                           recompute=layout.recompute, flash=flash, norm_bytes=norm_bytes)
+    per_layer = activation_bytes_per_layer(
+        cfg,
+        seq_len,
+        layout.micro_batch,
+        layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        recompute=layout.recompute,
+        flash=flash,
+        norm_bytes=norm_bytes,
+    )
     held = in_flight_micro_batches(layout.pp, stage, layout.grad_accum, layout.virtual_stages)
     total = held * layers_on_stage(cfg.n_layers, layout.pp, stage) * per_layer
     if layout.recompute == "full":
-        total += activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
-                                            sequence_parallel=layout.sequence_parallel, flash=flash,
-                                            norm_bytes=norm_bytes)
+        total += activation_bytes_per_layer(
+            cfg,
+            seq_len,
+            layout.micro_batch,
+            layout.tp,
+            sequence_parallel=layout.sequence_parallel,
+            flash=flash,
+            norm_bytes=norm_bytes,
+        )
     total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
-        total += (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+        total += (
+            (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+        )
     return total
 
 
@@ -249,8 +293,16 @@ def buffer_bytes(cfg: ModelConfig, psi: float, layout, precision: str, gpu_name:
     return total
 
 
-def calibrated_extra_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, flash: bool,
-                           norm_bytes: float, constants, fused_loss: bool = True) -> float:
+def calibrated_extra_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    stage: int,
+    flash: bool,
+    norm_bytes: float,
+    constants,
+    fused_loss: bool = True,
+) -> float:
     """Transient peak bytes the counted activations miss, with the fitted constants
     (:mod:`.constants`): ``transient_layers`` × one layer's full activations (the backward of
     one block: its ``(s, b, h)``-shaped tensors and their gradients, counted without ``s × s``
@@ -262,17 +314,33 @@ def calibrated_extra_bytes(cfg: ModelConfig, seq_len: int, layout, stage: int, f
     Example: 13B at 8k, mb=4, tp=4, pp=4, last stage, flash, 6 layers and 24 B/logit:
     6 · 8192·4·5120·(8 + 4 + 4 + 6·2.7)/4 B + 24 · 8192·4·32000 B = 8.1e9 + 25.2e9 B.
     """
-    layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp,
-                                       sequence_parallel=layout.sequence_parallel, flash=flash, norm_bytes=norm_bytes)
+    layer = activation_bytes_per_layer(
+        cfg,
+        seq_len,
+        layout.micro_batch,
+        layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        flash=flash,
+        norm_bytes=norm_bytes,
+    )
     extra = constants.transient_layers * layer
     if stage == layout.pp - 1 and not fused_loss:
         extra += constants.loss_bytes_per_logit * seq_len * layout.micro_batch * cfg.vocab_size
     return extra
 
 
-def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: int,
-                 flash: bool = True, fp32_main_grads: bool = False, kernel=None, constants=None,
-                 fused_loss: bool = True) -> MemoryBreakdown:
+def stage_memory(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    precision: str,
+    stage: int,
+    flash: bool = True,
+    fp32_main_grads: bool = False,
+    kernel=None,
+    constants=None,
+    fused_loss: bool = True,
+) -> MemoryBreakdown:
     """Memory of one GPU on pipeline ``stage`` (see the module docstring for sources).
 
     ``kernel`` (:class:`.kernels.KernelSpec`) adds unfused-norm activations; ``constants``
@@ -280,18 +348,29 @@ def stage_memory(cfg: ModelConfig, seq_len: int, layout, precision: str, stage: 
     and adds :func:`calibrated_extra_bytes`. Without them the count is the papers' as is.
     """
     psi = stage_parameters(cfg, layout.tp, layout.pp, stage)
-    params, grads, opt = model_state_bytes(psi, layout.zero_stage, layout.dp, precision, fp32_main_grads)
+    params, grads, opt = model_state_bytes(
+        psi, layout.zero_stage, layout.dp, precision, fp32_main_grads
+    )
     norm = kernel.norm_activation_bytes if kernel is not None else 0.0
     act = stage_activation_bytes(cfg, seq_len, layout, stage, flash, norm, precision)
     if constants is not None:
-        act = constants.activation_scale * act + calibrated_extra_bytes(cfg, seq_len, layout, stage, flash, norm,
-                                                                        constants, fused_loss)
+        act = constants.activation_scale * act + calibrated_extra_bytes(
+            cfg, seq_len, layout, stage, flash, norm, constants, fused_loss
+        )
     return MemoryBreakdown(params, grads, opt, act, buffer_bytes(cfg, psi, layout, precision))
 
 
-def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash: bool = True,
-                   fp32_main_grads: bool = False, kernel=None, constants=None,
-                   fused_loss: bool = True) -> MemoryBreakdown:
+def memory_per_gpu(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    precision: str,
+    flash: bool = True,
+    fp32_main_grads: bool = False,
+    kernel=None,
+    constants=None,
+    fused_loss: bool = True,
+) -> MemoryBreakdown:
     """Memory of the most loaded GPU: the larger of the first and the last pipeline stage.
 
     The first stage holds the embedding and the most in-flight micro-batches; the last holds the
@@ -301,9 +380,21 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, layout, precision: str, flash
     Example: tiny preset, dp=2, ZeRO-2, micro-batch 8, seq 256, bf16 → about 1.08 GiB, of which
     1 GiB is the fixed runtime overhead (counted, no constants).
     """
-    first = stage_memory(cfg, seq_len, layout, precision, 0, flash, fp32_main_grads, kernel, constants, fused_loss)
+    first = stage_memory(
+        cfg, seq_len, layout, precision, 0, flash, fp32_main_grads, kernel, constants, fused_loss
+    )
     if layout.pp == 1:
         return first
-    last = stage_memory(cfg, seq_len, layout, precision, layout.pp - 1, flash, fp32_main_grads, kernel, constants,
-                        fused_loss)
+    last = stage_memory(
+        cfg,
+        seq_len,
+        layout,
+        precision,
+        layout.pp - 1,
+        flash,
+        fp32_main_grads,
+        kernel,
+        constants,
+        fused_loss,
+    )
     return first if first.total >= last.total else last

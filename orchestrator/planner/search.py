@@ -34,7 +34,11 @@ def meshes(req: PlanRequest) -> list[tuple[int, int, int]]:
     for tp in divisors(req.gpus):
         for pp in divisors(req.gpus // tp):
             dp = req.gpus // (tp * pp)
-            if req.pins.allows("dp", dp) and req.pins.allows("tp", tp) and req.pins.allows("pp", pp):
+            if (
+                req.pins.allows("dp", dp)
+                and req.pins.allows("tp", tp)
+                and req.pins.allows("pp", pp)
+            ):
                 out.append((dp, tp, pp))
     return out
 
@@ -44,19 +48,41 @@ def variants(req: PlanRequest, dp: int, tp: int, pp: int):
     pins, layers = req.pins, req.model.n_layers
     zeros = [z for z in (0, 1, 2, 3) if req.zero_allowed(z, pp)]
     recs = [r for r in RECOMPUTE if pins.allows("recompute", r)]
-    sps = [s for s in ((False, True) if tp > 1 else (False,)) if pins.allows("sequence_parallel", s)]
+    sps = [
+        s for s in ((False, True) if tp > 1 else (False,)) if pins.allows("sequence_parallel", s)
+    ]
     if pins.sequence_parallel and tp == 1:
         sps = [True]
-    vs = [v for v in divisors(layers // pp if layers % pp == 0 else 1) if pins.allows("virtual_stages", v)]
+    vs = [
+        v
+        for v in divisors(layers // pp if layers % pp == 0 else 1)
+        if pins.allows("virtual_stages", v)
+    ]
     if pins.virtual_stages and pins.virtual_stages not in vs:
         vs = [pins.virtual_stages]
-    mbs = [b for b in divisors(req.global_batch // dp) if pins.allows("micro_batch", b)] or [pins.micro_batch]
+    mbs = [b for b in divisors(req.global_batch // dp) if pins.allows("micro_batch", b)] or [
+        pins.micro_batch
+    ]
     for zero, rec, sp, v in itertools.product(zeros, recs, sps, vs if pp > 1 else [1]):
-        yield [dict(dp=dp, tp=tp, pp=pp, zero_stage=zero, recompute=rec, sequence_parallel=sp, virtual_stages=v,
-                    micro_batch=mb, grad_accum=max(1, req.global_batch // (dp * mb))) for mb in mbs]
+        yield [
+            dict(
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                zero_stage=zero,
+                recompute=rec,
+                sequence_parallel=sp,
+                virtual_stages=v,
+                micro_batch=mb,
+                grad_accum=max(1, req.global_batch // (dp * mb)),
+            )
+            for mb in mbs
+        ]
 
 
-def search_mesh(req: PlanRequest, dp: int, tp: int, pp: int) -> tuple[list[Candidate], Rejection | None]:
+def search_mesh(
+    req: PlanRequest, dp: int, tp: int, pp: int
+) -> tuple[list[Candidate], Rejection | None]:
     """Fitting candidates on one mesh, or one rejection (the least-memory variant's reason)."""
     fitting, smallest, problems = [], None, []
     for group in variants(req, dp, tp, pp):
@@ -81,7 +107,9 @@ def search_mesh(req: PlanRequest, dp: int, tp: int, pp: int) -> tuple[list[Candi
         return fitting, None
     if smallest is not None:
         return [], Rejection(smallest.layout.to_dict(), smallest.estimate.reason)
-    return [], Rejection({"dp": dp, "tp": tp, "pp": pp}, problems[0] if problems else "no variant allowed by pins")
+    return [], Rejection(
+        {"dp": dp, "tp": tp, "pp": pp}, problems[0] if problems else "no variant allowed by pins"
+    )
 
 
 #: Predictions closer than this fraction are a tie: the step-time model cannot resolve them (its
@@ -114,8 +142,11 @@ def preference(c: Candidate, comfortable: float = COMFORTABLE_MEMORY_FRACTION) -
     return (tight(c, comfortable), lay.tp * lay.pp, -lay.tp, lay.virtual_stages)
 
 
-def rank(candidates: list[Candidate], tolerance: float = TIE_TOLERANCE,
-         comfortable: float = COMFORTABLE_MEMORY_FRACTION) -> list[Candidate]:
+def rank(
+    candidates: list[Candidate],
+    tolerance: float = TIE_TOLERANCE,
+    comfortable: float = COMFORTABLE_MEMORY_FRACTION,
+) -> list[Candidate]:
     """Best first: highest tokens/s, then least memory; the first is the preferred layout
     (:func:`preference`) among those within ``tolerance`` of the fastest.
     """
@@ -131,17 +162,23 @@ def rank(candidates: list[Candidate], tolerance: float = TIE_TOLERANCE,
 def explain(best: Candidate, ranked: list[Candidate]) -> str:
     """Why ``best`` was chosen, naming the runner-up on another mesh."""
     e = best.estimate
-    text = (f"highest predicted throughput of {len(ranked)} fitting layouts: {e.tokens_per_s:,.0f} tokens/s, "
-            f"MFU {100 * e.mfu:.1f}%, {e.memory.total / GIB:.1f} of {e.memory_limit_gib:g} GiB")
+    text = (
+        f"highest predicted throughput of {len(ranked)} fitting layouts: {e.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {100 * e.mfu:.1f}%, {e.memory.total / GIB:.1f} of {e.memory_limit_gib:g} GiB"
+    )
     mesh = lambda c: (c.layout.dp, c.layout.tp, c.layout.pp)  # noqa: E731
     other = next((c for c in ranked if mesh(c) != mesh(best)), None)
     if other is not None:
         delta = 100 * (other.estimate.tokens_per_s / e.tokens_per_s - 1)
-        text += (f"; best other degrees dp={other.layout.dp} tp={other.layout.tp} pp={other.layout.pp}: "
-                 f"{delta:+.1f}% tokens/s")
+        text += (
+            f"; best other degrees dp={other.layout.dp} tp={other.layout.tp} pp={other.layout.pp}: "
+            f"{delta:+.1f}% tokens/s"
+        )
         if delta > 0:
-            text += (f" (within the {100 * TIE_TOLERANCE:g}% tie tolerance; preferred: memory below "
-                     f"{100 * COMFORTABLE_MEMORY_FRACTION:g}% of the GPU, then smaller tp*pp, then larger tp)")
+            text += (
+                f" (within the {100 * TIE_TOLERANCE:g}% tie tolerance; preferred: memory below "
+                f"{100 * COMFORTABLE_MEMORY_FRACTION:g}% of the GPU, then smaller tp*pp, then larger tp)"
+            )
     return text
 
 
@@ -179,9 +216,11 @@ def estimate_command(layout: Layout, gpu_name: str) -> str:
     --recompute none --no-sequence-parallel --virtual-stages 1``.
     """
     sp = "--sequence-parallel" if layout.sequence_parallel else "--no-sequence-parallel"
-    return (f"mla plan --estimate --gpu {gpu_name} --dp {layout.dp} --tp {layout.tp} --pp {layout.pp} "
-            f"--zero {layout.zero_stage} --micro-batch {layout.micro_batch} --recompute {layout.recompute} {sp} "
-            f"--virtual-stages {layout.virtual_stages}")
+    return (
+        f"mla plan --estimate --gpu {gpu_name} --dp {layout.dp} --tp {layout.tp} --pp {layout.pp} "
+        f"--zero {layout.zero_stage} --micro-batch {layout.micro_batch} --recompute {layout.recompute} {sp} "
+        f"--virtual-stages {layout.virtual_stages}"
+    )
 
 
 def close_call_note(req: PlanRequest, best: Candidate, ranked: list[Candidate]) -> str:
@@ -200,53 +239,81 @@ def close_call_note(req: PlanRequest, best: Candidate, ranked: list[Candidate]) 
     gap = abs(math.log(other.estimate.step_time_s / best.estimate.step_time_s))
     if gap >= error:
         return ""
-    return (f"{best.layout.describe()} and {other.layout.describe()} are predicted {100 * gap:.1f}% apart, within "
-            f"the model's error (±{100 * error:.0f}% between layouts of one job): measure both: "
-            f"`{estimate_command(best.layout, req.gpu.name)}` and `{estimate_command(other.layout, req.gpu.name)}` "
-            f"(with the same model and batch options) give the predictions; `mla plan --measure` runs them")
+    return (
+        f"{best.layout.describe()} and {other.layout.describe()} are predicted {100 * gap:.1f}% apart, within "
+        f"the model's error (±{100 * error:.0f}% between layouts of one job): measure both: "
+        f"`{estimate_command(best.layout, req.gpu.name)}` and `{estimate_command(other.layout, req.gpu.name)}` "
+        f"(with the same model and batch options) give the predictions; `mla plan --measure` runs them"
+    )
 
 
 def _estimate_only(req: PlanRequest) -> PlanResult:
     p = req.pins
     per_replica = req.global_batch // p.dp if p.dp else 0
     try:
-        layout = Layout(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=p.micro_batch,
-                        grad_accum=max(1, per_replica // p.micro_batch), recompute=p.recompute,
-                        sequence_parallel=p.sequence_parallel, virtual_stages=p.virtual_stages)
+        layout = Layout(
+            dp=p.dp,
+            tp=p.tp,
+            pp=p.pp,
+            zero_stage=p.zero_stage,
+            micro_batch=p.micro_batch,
+            grad_accum=max(1, per_replica // p.micro_batch),
+            recompute=p.recompute,
+            sequence_parallel=p.sequence_parallel,
+            virtual_stages=p.virtual_stages,
+        )
     except LayoutError as exc:
         raise PlanError(f"pinned layout is invalid: {exc}") from None
     if layout.world_size != req.gpus:
-        raise PlanError(f"dp({p.dp}) * tp({p.tp}) * pp({p.pp}) = {layout.world_size} != gpus({req.gpus}); "
-                        f"pass --gpus {layout.world_size} or change the degrees")
+        raise PlanError(
+            f"dp({p.dp}) * tp({p.tp}) * pp({p.pp}) = {layout.world_size} != gpus({req.gpus}); "
+            f"pass --gpus {layout.world_size} or change the degrees"
+        )
     problem = layout_problem(req, layout)
     if problem:
         raise PlanError(f"pinned layout {layout.describe()} cannot run: {problem}")
     est = estimate(req, layout)
     cand = Candidate(layout, est, "pinned layout" if est.fits else est.reason)
-    return PlanResult(req, cand if est.fits else None, [cand] if est.fits else [],
-                      [] if est.fits else [Rejection(layout.to_dict(), est.reason)], estimate=cand)
+    return PlanResult(
+        req,
+        cand if est.fits else None,
+        [cand] if est.fits else [],
+        [] if est.fits else [Rejection(layout.to_dict(), est.reason)],
+        estimate=cand,
+    )
 
 
 def no_layout_message(req: PlanRequest, rejected: list[Rejection]) -> str:
     """PlanError text: the reasons by mesh and what would fit."""
-    lines = [f"no layout of {req.gpus} x {req.gpu.name} ({req.gpu.memory_gib:g} GiB) can train this model "
-             f"(global batch {req.global_batch}, seq {req.seq_len}, {req.precision}):"]
-    lines += [f"  dp={r.layout.get('dp')} tp={r.layout.get('tp')} pp={r.layout.get('pp')}: {r.reason}"
-              for r in rejected[:12]]
+    lines = [
+        f"no layout of {req.gpus} x {req.gpu.name} ({req.gpu.memory_gib:g} GiB) can train this model "
+        f"(global batch {req.global_batch}, seq {req.seq_len}, {req.precision}):"
+    ]
+    lines += [
+        f"  dp={r.layout.get('dp')} tp={r.layout.get('tp')} pp={r.layout.get('pp')}: {r.reason}"
+        for r in rejected[:12]
+    ]
     if len(rejected) > 12:
         lines.append(f"  ... and {len(rejected) - 12} more")
     if not rejected:
-        lines.append(f"  no (dp, tp, pp) with dp*tp*pp = {req.gpus} matches the pins {req.pins.to_dict()}")
+        lines.append(
+            f"  no (dp, tp, pp) with dp*tp*pp = {req.gpus} matches the pins {req.pins.to_dict()}"
+        )
     if any("not divisible by dp" in r.reason for r in rejected) and all(
-            "not divisible" in r.reason or "tp=" in r.reason or "pp=" in r.reason for r in rejected):
+        "not divisible" in r.reason or "tp=" in r.reason or "pp=" in r.reason for r in rejected
+    ):
         ok = [d for d in divisors(req.global_batch) if req.gpus % d == 0]
-        lines.append(f"fix: use a global batch divisible by a data-parallel degree dividing {req.gpus} "
-                     f"(e.g. {req.gpus * 8}); divisors usable now: {ok}")
+        lines.append(
+            f"fix: use a global batch divisible by a data-parallel degree dividing {req.gpus} "
+            f"(e.g. {req.gpus * 8}); divisors usable now: {ok}"
+        )
     elif any(r.reason.startswith("total") for r in rejected):
         lines.append(min_gpus_hint(req))
     elif rejected:
-        lines.append(f"fix: tp must divide the heads ({req.model.n_heads}) and the {req.node_size} GPUs per node, "
-                     f"pp at most the layers ({req.model.n_layers}); unpin or change --tp/--pp/--gpus")
+        lines.append(
+            f"fix: tp must divide the heads ({req.model.n_heads}) and the {req.node_size} GPUs per node, "
+            f"pp at most the layers ({req.model.n_layers}); unpin or change --tp/--pp/--gpus"
+        )
     return "\n".join(lines)
 
 
@@ -254,9 +321,13 @@ def min_gpus_hint(req: PlanRequest) -> str:
     """``fix: ... needs at least N GPUs`` (or that no count up to 2^20 fits)."""
     n, layout = min_gpus(req)
     if n is None:
-        return "fix: no GPU count up to 1,048,576 fits; use GPUs with more memory or a smaller model"
-    return (f"fix: the smallest GPU count that fits is {n} ({layout.describe()}), "
-            f"or use GPUs with more memory / a shorter sequence")
+        return (
+            "fix: no GPU count up to 1,048,576 fits; use GPUs with more memory or a smaller model"
+        )
+    return (
+        f"fix: the smallest GPU count that fits is {n} ({layout.describe()}), "
+        f"or use GPUs with more memory / a shorter sequence"
+    )
 
 
 def fits_somewhere(req: PlanRequest) -> Layout | None:
@@ -267,8 +338,12 @@ def fits_somewhere(req: PlanRequest) -> Layout | None:
     """
     n = req.gpus
     batch = -(-max(req.global_batch, n) // n) * n
-    least = req.replace(global_batch=batch, pins=req.pins.__class__(
-        **{**req.pins.to_dict(), "micro_batch": 1, "recompute": req.pins.recompute or "full"}))
+    least = req.replace(
+        global_batch=batch,
+        pins=req.pins.__class__(
+            **{**req.pins.to_dict(), "micro_batch": 1, "recompute": req.pins.recompute or "full"}
+        ),
+    )
     for dp, tp, pp in meshes(least):
         if mesh_problem(least, dp, tp, pp):
             continue
@@ -276,8 +351,16 @@ def fits_somewhere(req: PlanRequest) -> Layout | None:
         if zero is None:
             continue
         try:
-            layout = Layout(dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=1, grad_accum=batch // dp,
-                            recompute=least.pins.recompute, sequence_parallel=tp > 1)
+            layout = Layout(
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                zero_stage=zero,
+                micro_batch=1,
+                grad_accum=batch // dp,
+                recompute=least.pins.recompute,
+                sequence_parallel=tp > 1,
+            )
         except LayoutError:
             continue
         if estimate(least, layout).fits:

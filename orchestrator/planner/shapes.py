@@ -37,7 +37,9 @@ def parse_count(text: str | int | float) -> float:
     return float(match.group(1)) * _SUFFIX[match.group(2)]
 
 
-def model_from_params(n_params: str | float, vocab_size: int = 32000, seq_len: int = 4096) -> ModelConfig:
+def model_from_params(
+    n_params: str | float, vocab_size: int = 32000, seq_len: int = 4096
+) -> ModelConfig:
     """A dense transformer of about ``n_params`` parameters by the standard shape rules.
 
     Args:
@@ -61,13 +63,27 @@ def model_from_params(n_params: str | float, vocab_size: int = 32000, seq_len: i
     step = 1024 if width >= 2048 else 128
     d_model = max(128, step * round(width / step))
     n_layers = max(1, round((target - vocab_size * d_model) / (12 * d_model**2)))
-    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=d_model // 128,
-                       ffn_hidden=_swiglu_hidden(d_model), max_seq_len=seq_len, attention="dense",
-                       local_window=min(1024, seq_len), global_k=min(256, seq_len))
+    return ModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=d_model // 128,
+        ffn_hidden=_swiglu_hidden(d_model),
+        max_seq_len=seq_len,
+        attention="dense",
+        local_window=min(1024, seq_len),
+        global_k=min(256, seq_len),
+    )
 
 
 def describe_model(cfg: ModelConfig) -> str:
     """One-line summary, e.g. ``70.3B params, L=71 d=9088 H=71 kv=71 ffn=24320 V=32000 dense``."""
-    attn = cfg.attention if cfg.attention == "dense" else f"mla(w={cfg.local_window}, k={cfg.global_k})"
-    return (f"{count_parameters(cfg) / 1e9:.1f}B params, L={cfg.n_layers} d={cfg.d_model} H={cfg.n_heads} "
-            f"kv={cfg.kv_heads} ffn={cfg.ffn_hidden} V={cfg.vocab_size} {attn}")
+    attn = (
+        cfg.attention
+        if cfg.attention == "dense"
+        else f"mla(w={cfg.local_window}, k={cfg.global_k})"
+    )
+    return (
+        f"{count_parameters(cfg) / 1e9:.1f}B params, L={cfg.n_layers} d={cfg.d_model} H={cfg.n_heads} "
+        f"kv={cfg.kv_heads} ffn={cfg.ffn_hidden} V={cfg.vocab_size} {attn}"
+    )

@@ -52,15 +52,26 @@ class StepTime:
     @property
     def total(self) -> float:
         """Step time, seconds."""
-        return self.compute_s + self.recompute_s + self.tp_comm_s + self.bubble_s + self.p2p_s + self.dp_comm_s
+        return (
+            self.compute_s
+            + self.recompute_s
+            + self.tp_comm_s
+            + self.bubble_s
+            + self.p2p_s
+            + self.dp_comm_s
+        )
 
     def to_dict(self) -> dict:
         """Parts in seconds (6 significant digits)."""
-        return {k: float(f"{getattr(self, k):.6g}") for k in
-                ("compute_s", "recompute_s", "tp_comm_s", "bubble_s", "p2p_s", "dp_comm_s")}
+        return {
+            k: float(f"{getattr(self, k):.6g}")
+            for k in ("compute_s", "recompute_s", "tp_comm_s", "bubble_s", "p2p_s", "dp_comm_s")
+        }
 
 
-def stage_flops_per_token(cfg: ModelConfig, seq_len: int, pp: int, recompute: str) -> tuple[float, float]:
+def stage_flops_per_token(
+    cfg: ModelConfig, seq_len: int, pp: int, recompute: str
+) -> tuple[float, float]:
     """``(model, extra)`` training FLOPs per token on the slowest pipeline stage.
 
     A layer costs ``6·P_layer`` + its share of the PaLM attention term; the output head
@@ -93,11 +104,15 @@ def ring_time(nbytes: float, n: int, bandwidth_gbs: float, factor: float, pieces
     """
     if n <= 1:
         return 0.0
-    return factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9) + pieces * factor * (n - 1) * COLLECTIVE_LATENCY_S
+    return (
+        factor * (n - 1) / n * nbytes / (bandwidth_gbs * 1e9)
+        + pieces * factor * (n - 1) * COLLECTIVE_LATENCY_S
+    )
 
 
-def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu, sequence_parallel: bool = True,
-                               kernel=None) -> float:
+def elementwise_time_per_token(
+    cfg: ModelConfig, pp: int, tp: int, gpu, sequence_parallel: bool = True, kernel=None
+) -> float:
     """Seconds per token of memory-bound element-wise work on the slowest stage.
 
     ``layers · bytes / HBM bandwidth`` with ``ELEMENTWISE_BYTES_PER_H · h`` bytes per token and
@@ -119,7 +134,9 @@ def elementwise_time_per_token(cfg: ModelConfig, pp: int, tp: int, gpu, sequence
     return layers * per_h * cfg.d_model / (gpu.hbm_tbs * 1e12)
 
 
-def attention_kernel_time_per_token(cfg: ModelConfig, seq_len: int, layout, gpu, rate: float, kernel) -> float:
+def attention_kernel_time_per_token(
+    cfg: ModelConfig, seq_len: int, layout, gpu, rate: float, kernel
+) -> float:
     """Seconds per token the attention kernel adds beyond GEMM-rate attention FLOPs.
 
     A kernel at ``attention_speed`` < 1 (FlashAttention-1) spends ``1/speed - 1`` more on the
@@ -140,8 +157,15 @@ def attention_kernel_time_per_token(cfg: ModelConfig, seq_len: int, layout, gpu,
     return again * (slow + scores)
 
 
-def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu,
-                            overlap: bool = False, link_fraction: float = 1.0) -> float:
+def tp_comm_per_micro_batch(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    precision: str,
+    gpu,
+    overlap: bool = False,
+    link_fraction: float = 1.0,
+) -> float:
     """Exposed tensor-parallel communication of one micro-batch on one stage, seconds.
 
     Megatron: 2 all-reduces of the ``(s, b, h)`` activation per layer forward, 2 backward, 2 more
@@ -166,7 +190,9 @@ def tp_comm_per_micro_batch(cfg: ModelConfig, seq_len: int, layout, precision: s
     return total / layout.tp if overlap else total
 
 
-def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int) -> float:
+def p2p_time(
+    cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int
+) -> float:
     """Pipeline sends per step, seconds: an activation forward and a gradient backward per
     micro-batch and model chunk, ``2·s·b·h`` bytes (``/t`` with Megatron's scatter-gather).
 
@@ -183,9 +209,17 @@ def p2p_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_p
     return sends * (nbytes / (bw * 1e9) + COLLECTIVE_LATENCY_S)
 
 
-def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node: int,
-                    forward_s: float, backward_s: float, overlap: bool = True,
-                    overlap_param_gather: bool = False) -> float:
+def dp_comm_exposed(
+    cfg: ModelConfig,
+    layout,
+    precision: str,
+    gpu,
+    gpus_per_node: int,
+    forward_s: float,
+    backward_s: float,
+    overlap: bool = True,
+    overlap_param_gather: bool = False,
+) -> float:
     """Data-parallel traffic not hidden behind compute, seconds per step.
 
     ``forward_s`` and ``backward_s`` are one micro-batch's forward and backward compute on the
@@ -235,9 +269,20 @@ def dp_comm_exposed(cfg: ModelConfig, layout, precision: str, gpu, gpus_per_node
     return m * max(0.0, one - grads_window) + gather
 
 
-def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_per_node: int,
-              efficiency: float = DEFAULT_EFFICIENCY, overlap: bool = True, overlap_param_gather: bool = False,
-              overlap_tp: bool = False, kernel=None, constants=None) -> StepTime:
+def step_time(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    precision: str,
+    gpu,
+    gpus_per_node: int,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    overlap: bool = True,
+    overlap_param_gather: bool = False,
+    overlap_tp: bool = False,
+    kernel=None,
+    constants=None,
+) -> StepTime:
     """Seconds per optimizer step of ``layout`` (see the module docstring).
 
     Per micro-batch the slowest stage computes ``stage_flops·b·s / (t · eff · peak)`` plus
@@ -253,15 +298,39 @@ def step_time(cfg: ModelConfig, seq_len: int, layout, precision: str, gpu, gpus_
     model, extra = stage_flops_per_token(cfg, seq_len, layout.pp, layout.recompute)
     rate = layout.tp * efficiency * gpu.peak_flops(precision)
     tokens = layout.micro_batch * seq_len
-    elementwise = elementwise_time_per_token(cfg, layout.pp, layout.tp, gpu, layout.sequence_parallel
-                                             if kernel is not None else True, kernel) * tokens
+    elementwise = (
+        elementwise_time_per_token(
+            cfg,
+            layout.pp,
+            layout.tp,
+            gpu,
+            layout.sequence_parallel if kernel is not None else True,
+            kernel,
+        )
+        * tokens
+    )
     attention = attention_kernel_time_per_token(cfg, seq_len, layout, gpu, rate, kernel) * tokens
     mb_model, mb_extra = model * tokens / rate + elementwise + attention, extra * tokens / rate
     link = constants.tp_link_fraction if constants is not None else 1.0
     mb_tp = tp_comm_per_micro_batch(cfg, seq_len, layout, precision, gpu, overlap_tp, link)
     m = layout.grad_accum
     bubble = (layout.pp - 1) / layout.virtual_stages * (mb_model + mb_extra + mb_tp)
-    dp = dp_comm_exposed(cfg, layout, precision, gpu, gpus_per_node, mb_model / 3, 2 * mb_model / 3 + mb_extra,
-                         overlap, overlap_param_gather)
-    return StepTime(compute_s=m * mb_model, recompute_s=m * mb_extra, tp_comm_s=m * mb_tp, bubble_s=bubble,
-                    p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node), dp_comm_s=dp)
+    dp = dp_comm_exposed(
+        cfg,
+        layout,
+        precision,
+        gpu,
+        gpus_per_node,
+        mb_model / 3,
+        2 * mb_model / 3 + mb_extra,
+        overlap,
+        overlap_param_gather,
+    )
+    return StepTime(
+        compute_s=m * mb_model,
+        recompute_s=m * mb_extra,
+        tp_comm_s=m * mb_tp,
+        bubble_s=bubble,
+        p2p_s=p2p_time(cfg, seq_len, layout, precision, gpu, gpus_per_node),
+        dp_comm_s=dp,
+    )

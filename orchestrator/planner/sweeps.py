@@ -28,8 +28,11 @@ from orchestrator.contract.layout import Layout
 from orchestrator.planner.types import PlanRequest
 
 #: LLaMA-1 shapes: (layers, hidden, heads, SwiGLU width); vocabulary 32,000.
-LLAMA1 = {"LLaMA 13B": (40, 5120, 40, 13824), "LLaMA 30B": (60, 6656, 52, 17920),
-          "LLaMA 65B": (80, 8192, 64, 22016)}
+LLAMA1 = {
+    "LLaMA 13B": (40, 5120, 40, 13824),
+    "LLaMA 30B": (60, 6656, 52, 17920),
+    "LLaMA 65B": (80, 8192, 64, 22016),
+}
 #: Sequences per optimizer step by sequence length (assumption, see the module docstring).
 GLOBAL_BATCH = {2048: 2048, 8192: 512}
 SWEEP_GPU = "a100-80gb"
@@ -63,8 +66,15 @@ class SweepRun:
 def llama1(name: str, seq_len: int) -> ModelConfig:
     """LLaMA-1 shape by study name (``"LLaMA 13B"``), dense attention, no dropout."""
     layers, h, heads, ffn = LLAMA1[name]
-    return ModelConfig(vocab_size=32000, d_model=h, n_layers=layers, n_heads=heads, ffn_hidden=ffn,
-                       max_seq_len=seq_len, attention="dense")
+    return ModelConfig(
+        vocab_size=32000,
+        d_model=h,
+        n_layers=layers,
+        n_heads=heads,
+        ffn_hidden=ffn,
+        max_seq_len=seq_len,
+        attention="dense",
+    )
 
 
 def _outcome(row: dict) -> tuple[bool, float | None]:
@@ -81,17 +91,33 @@ def _outcome(row: dict) -> tuple[bool, float | None]:
 def to_run(row: dict) -> SweepRun:
     """One CSV row as a :class:`SweepRun` (the row must be usable, see :func:`load_sweeps`)."""
     seq = 8192 if row["seq"].strip() == "8k" else 2048
-    n, tp, pp, mb = (int(row[k]) for k in ("world_size", "tp(model_parallel_size)", "pp", "micro_batch"))
+    n, tp, pp, mb = (
+        int(row[k]) for k in ("world_size", "tp(model_parallel_size)", "pp", "micro_batch")
+    )
     batch, dp = GLOBAL_BATCH[seq], n // (tp * pp)
-    layout = Layout(dp=dp, tp=tp, pp=pp, zero_stage=SWEEP_ZERO_STAGE, micro_batch=mb,
-                    grad_accum=batch // (dp * mb),
-                    recompute="full" if row["activation_checkpointing"] == "every_layer" else "none",
-                    sequence_parallel=row["sequence_parallel"].strip() == "1" and tp > 1)
+    layout = Layout(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        zero_stage=SWEEP_ZERO_STAGE,
+        micro_batch=mb,
+        grad_accum=batch // (dp * mb),
+        recompute="full" if row["activation_checkpointing"] == "every_layer" else "none",
+        sequence_parallel=row["sequence_parallel"].strip() == "1" and tp > 1,
+    )
     kernel = row["kernel"].strip()
-    request = PlanRequest(model=llama1(row["model"], seq), gpus=n, gpu=SWEEP_GPU, global_batch=batch,
-                          seq_len=seq, precision="bf16", flash_attention="flash" in kernel,
-                          allowed_zero_stages=(SWEEP_ZERO_STAGE,), kernel=kernel_class(kernel),
-                          fused_loss=False)
+    request = PlanRequest(
+        model=llama1(row["model"], seq),
+        gpus=n,
+        gpu=SWEEP_GPU,
+        global_batch=batch,
+        seq_len=seq,
+        precision="bf16",
+        flash_attention="flash" in kernel,
+        allowed_zero_stages=(SWEEP_ZERO_STAGE,),
+        kernel=kernel_class(kernel),
+        fused_loss=False,
+    )
     group = f"{row['model']} {seq // 1024}k {n} GPUs"
     return SweepRun(group, request, layout, kernel, _outcome(row)[1])
 

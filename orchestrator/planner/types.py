@@ -15,7 +15,16 @@ from orchestrator.planner.kernels import get_kernel
 from orchestrator.planner.memory import GIB, MemoryBreakdown
 from orchestrator.planner.step_time import DEFAULT_EFFICIENCY, StepTime
 
-PIN_FIELDS = ("dp", "tp", "pp", "zero_stage", "micro_batch", "recompute", "sequence_parallel", "virtual_stages")
+PIN_FIELDS = (
+    "dp",
+    "tp",
+    "pp",
+    "zero_stage",
+    "micro_batch",
+    "recompute",
+    "sequence_parallel",
+    "virtual_stages",
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ class PlanRequest:
         for name in ("gpus", "global_batch", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise PlanError(f"{name}={value!r} must be a positive integer (e.g. --{name.replace('_', '-')} 8)")
+                raise PlanError(
+                    f"{name}={value!r} must be a positive integer (e.g. --{name.replace('_', '-')} 8)"
+                )
         if self.gpus_per_node is not None and self.gpus_per_node < 1:
             raise PlanError(f"gpus_per_node={self.gpus_per_node} must be >= 1")
         if not 0 < self.efficiency <= 1:
@@ -120,12 +131,16 @@ class PlanRequest:
         if self.allowed_zero_stages is not None:
             stages = tuple(sorted(set(self.allowed_zero_stages)))
             if not stages or any(z not in (0, 1, 2, 3) for z in stages):
-                raise PlanError(f"allowed_zero_stages={self.allowed_zero_stages!r} must be a non-empty set of "
-                                f"ZeRO stages 0-3, e.g. (0, 1) for Megatron-LM")
+                raise PlanError(
+                    f"allowed_zero_stages={self.allowed_zero_stages!r} must be a non-empty set of "
+                    f"ZeRO stages 0-3, e.g. (0, 1) for Megatron-LM"
+                )
             object.__setattr__(self, "allowed_zero_stages", stages)
             if self.pins.zero_stage is not None and self.pins.zero_stage not in stages:
-                raise PlanError(f"pinned zero_stage={self.pins.zero_stage} is not in allowed_zero_stages={stages}; "
-                                f"pin one of {stages} or widen allowed_zero_stages")
+                raise PlanError(
+                    f"pinned zero_stage={self.pins.zero_stage} is not in allowed_zero_stages={stages}; "
+                    f"pin one of {stages} or widen allowed_zero_stages"
+                )
 
     def zero_allowed(self, stage: int, pp: int) -> bool:
         """True when ZeRO ``stage`` may be used with ``pp`` pipeline stages.
@@ -200,18 +215,28 @@ class Estimate:
         if self.fits:
             return ""
         name, value = self.memory.largest_part()
-        return (f"total {self.memory.total / GIB:.1f} GiB > {self.memory_limit_gib:g} GiB "
-                f"(largest part: {name} {value / GIB:.1f} GiB)")
+        return (
+            f"total {self.memory.total / GIB:.1f} GiB > {self.memory_limit_gib:g} GiB "
+            f"(largest part: {name} {value / GIB:.1f} GiB)"
+        )
 
     def to_dict(self) -> dict:
         """JSON form: ``memory_gib``, ``fits``, ``step_time_s``, ``tokens_per_s``, ... ."""
-        return {"memory_gib": self.memory.gib(), "memory_limit_gib": self.memory_limit_gib, "fits": self.fits,
-                "reason": self.reason, "step_time_s": round(self.step_time_s, 6),
-                "step_time_interval_s": [round(v, 6) for v in self.step_time_interval_s],
-                "tokens_per_s": round(self.tokens_per_s, 1), "tflops_per_gpu": round(self.tflops_per_gpu, 2),
-                "hardware_tflops_per_gpu": round(self.hardware_tflops_per_gpu, 2), "mfu": round(self.mfu, 4),
-                "hfu": round(self.hfu, 4), "flops": "model FLOPs: 6N + attention (PaLM App. B); hfu adds recompute",
-                "time_s": self.time.to_dict()}
+        return {
+            "memory_gib": self.memory.gib(),
+            "memory_limit_gib": self.memory_limit_gib,
+            "fits": self.fits,
+            "reason": self.reason,
+            "step_time_s": round(self.step_time_s, 6),
+            "step_time_interval_s": [round(v, 6) for v in self.step_time_interval_s],
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "tflops_per_gpu": round(self.tflops_per_gpu, 2),
+            "hardware_tflops_per_gpu": round(self.hardware_tflops_per_gpu, 2),
+            "mfu": round(self.mfu, 4),
+            "hfu": round(self.hfu, 4),
+            "flops": "model FLOPs: 6N + attention (PaLM App. B); hfu adds recompute",
+            "time_s": self.time.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -224,7 +249,11 @@ class Candidate:
 
     def to_dict(self) -> dict:
         """``{"layout": {...}, "estimate": {...}, "reason": ...}``."""
-        return {"layout": self.layout.to_dict(), "estimate": self.estimate.to_dict(), "reason": self.reason}
+        return {
+            "layout": self.layout.to_dict(),
+            "estimate": self.estimate.to_dict(),
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -268,10 +297,20 @@ class PlanResult:
 
         req = self.request
         return {
-            "request": {"model": describe_model(req.model), "gpus": req.gpus, "gpu": req.gpu.name,
-                        "gpus_per_node": req.node_size, "global_batch": req.global_batch, "seq_len": req.seq_len,
-                        "precision": req.precision, "pins": req.pins.to_dict(), "efficiency": req.efficiency,
-                        "allowed_zero_stages": list(req.allowed_zero_stages) if req.allowed_zero_stages else None},
+            "request": {
+                "model": describe_model(req.model),
+                "gpus": req.gpus,
+                "gpu": req.gpu.name,
+                "gpus_per_node": req.node_size,
+                "global_batch": req.global_batch,
+                "seq_len": req.seq_len,
+                "precision": req.precision,
+                "pins": req.pins.to_dict(),
+                "efficiency": req.efficiency,
+                "allowed_zero_stages": list(req.allowed_zero_stages)
+                if req.allowed_zero_stages
+                else None,
+            },
             "best": self.best.to_dict() if self.best else None,
             "candidates": [c.to_dict() for c in self.candidates[:limit]],
             "num_candidates": len(self.candidates),

@@ -15,8 +15,14 @@ TINY_CONFIG = "configs/tiny.yaml"
 # dozen steps that still logs, evaluates and checkpoints (tests append their own `--set`s after
 # these; the later one wins).
 FAST_OVERRIDES = (
-    "data.seq_len=64", "train.micro_batch=4", "train.global_batch=16", "train.warmup_steps=5",
-    "train.log_every=5", "train.eval_every=10", "train.eval_batches=2", "checkpoint.every=10",
+    "data.seq_len=64",
+    "train.micro_batch=4",
+    "train.global_batch=16",
+    "train.warmup_steps=5",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "checkpoint.every=10",
 )
 
 
@@ -31,6 +37,15 @@ class MlaCli:
         """The argument vector: ``mla ARGS --set S1 --set S2 ...``."""
         return [*self.prefix, *args, *[a for s in sets for a in ("--set", s)]]
 
-    def __call__(self, *args: str, sets: Iterable[str] = (), timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run ``mla ARGS --set ...`` to completion and capture its text output."""
-        return subprocess.run(self.command(*args, sets=sets), capture_output=True, text=True, timeout=timeout)
+    def __call__(
+        self, *args: str, sets: Iterable[str] = (), timeout: float = 600, cwd=None
+    ) -> subprocess.CompletedProcess:
+        """Run ``mla ARGS --set ...`` (in ``cwd``, default the current folder) to completion and
+        capture its text output."""
+        return subprocess.run(
+            self.command(*args, sets=sets),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )

@@ -21,8 +21,16 @@ from orchestrator.launcher import free_port
 def _entry(rank: int, world_size: int, port: int, fn, args: tuple, queue) -> None:
     import torch
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+        }
+    )
     torch.set_num_threads(1)
     try:
         import torch.distributed as dist
@@ -50,8 +58,10 @@ def run_local(fn, world_size: int, *args, timeout_s: float = 600.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -61,10 +71,17 @@ def run_local(fn, world_size: int, *args, timeout_s: float = 600.0) -> list:
             try:
                 rank, status, payload = queue.get(timeout=1.0)
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and r not in results
+                ]
                 if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"ranks {dead} of {world_size} died without a result"
-                                       if dead else f"no result within {timeout_s} s") from None
+                    raise RuntimeError(
+                        f"ranks {dead} of {world_size} died without a result"
+                        if dead
+                        else f"no result within {timeout_s} s"
+                    ) from None
                 continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")

@@ -23,12 +23,26 @@ from pathlib import Path
 from orchestrator.contract.layout import Layout, Recompute
 
 
-def parity_layout(dp: int = 1, tp: int = 1, pp: int = 1, recompute: Recompute = "none", zero_stage: int = 1,
-                  micro_batch: int = 2, global_batch: int = 8) -> Layout:
+def parity_layout(
+    dp: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    recompute: Recompute = "none",
+    zero_stage: int = 1,
+    micro_batch: int = 2,
+    global_batch: int = 8,
+) -> Layout:
     """The layout of a parity run: the given degrees, with the micro-batch and the global batch
     kept fixed across layouts (gradient accumulation makes up the difference)."""
-    return Layout(dp=dp, tp=tp, pp=pp, zero_stage=zero_stage, micro_batch=micro_batch,
-                  grad_accum=global_batch // (dp * micro_batch), recompute=recompute)
+    return Layout(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        zero_stage=zero_stage,
+        micro_batch=micro_batch,
+        grad_accum=global_batch // (dp * micro_batch),
+        recompute=recompute,
+    )
 
 
 @dataclass(frozen=True)
@@ -59,9 +73,18 @@ class ParityRun:
     def job(self):
         from orchestrator.config import JobConfig
 
-        train = {"steps": 20, "micro_batch": self.layout.micro_batch, "global_batch": self.layout.global_batch,
-                 "lr": 3e-3, "warmup_steps": 5, "precision": "fp32", **self.train}
-        return JobConfig(model={"preset": "tiny", **self.model}, data={"seq_len": self.seq_len}, train=train)
+        train = {
+            "steps": 20,
+            "micro_batch": self.layout.micro_batch,
+            "global_batch": self.layout.global_batch,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "precision": "fp32",
+            **self.train,
+        }
+        return JobConfig(
+            model={"preset": "tiny", **self.model}, data={"seq_len": self.seq_len}, train=train
+        )
 
 
 def corpus_path() -> str:
@@ -78,11 +101,20 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
 
     layout, job = run.layout, run.job()
     layout.check_world_size(world_size)
-    engine = build_engine(layout, build_deepspeed_config(job, layout), job.model_config_(), job.train.seed,
-                          job.train.weight_decay)
+    engine = build_engine(
+        layout,
+        build_deepspeed_config(job, layout),
+        job.model_config_(),
+        job.train.seed,
+        job.train.weight_decay,
+    )
     start = 0
     if run.resume_from:
-        start = int(engine.load_checkpoint(str(Path(run.resume_from).parent), Path(run.resume_from).name)[1]["step"])
+        start = int(
+            engine.load_checkpoint(str(Path(run.resume_from).parent), Path(run.resume_from).name)[
+                1
+            ]["step"]
+        )
     batches = WindowBatches(load_corpus(corpus_path(), 0.05).train, run.seq_len, job.train.seed)
     dp_rank = layout.coords(rank)[1]
     losses = []

@@ -33,8 +33,10 @@ from workers.parallel.pipeline import build_pipeline, canonical_parameters
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices (dim >= 2), none on norms, gate biases and vectors."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def pipeline_ds_config(ds_config: dict) -> dict:
@@ -60,10 +62,17 @@ class ParallelEngine:
         self.is_pipeline = layout.pp > 1
 
     # ------------------------------------------------------------------ steps
-    def _micro_batches(self, x: np.ndarray, y: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(
+        self, x: np.ndarray, y: np.ndarray
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mb = self.layout.micro_batch
-        return [(torch.from_numpy(x[i:i + mb]).to(self.device), torch.from_numpy(y[i:i + mb]).to(self.device))
-                for i in range(0, len(x), mb)]
+        return [
+            (
+                torch.from_numpy(x[i : i + mb]).to(self.device),
+                torch.from_numpy(y[i : i + mb]).to(self.device),
+            )
+            for i in range(0, len(x), mb)
+        ]
 
     def train_batch(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step.
@@ -143,14 +152,17 @@ class ParallelEngine:
         return canonical_parameters(self.engine.module)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str, tag: str, client_state: dict | None = None,
-                        save_latest: bool = False) -> None:
+    def save_checkpoint(
+        self, path: str, tag: str, client_state: dict | None = None, save_latest: bool = False
+    ) -> None:
         """Write a checkpoint into ``path/tag`` (collective): layout-independent (consolidated)
         for ZeRO 0-2; DeepSpeed's own format for ZeRO-3, which loads under the same layout only."""
         from workers.parallel.reshard import save_consolidated
 
         if not self.layout.layout_free_checkpoints:
-            self.engine.save_checkpoint(path, tag=tag, client_state=client_state or {}, save_latest=False)
+            self.engine.save_checkpoint(
+                path, tag=tag, client_state=client_state or {}, save_latest=False
+            )
             return
         save_consolidated(self, f"{path}/{tag}", client_state or {})
 
@@ -167,13 +179,21 @@ class ParallelEngine:
             return path, load_consolidated(self, f"{path}/{tag}")
         load_path, client = self.engine.load_checkpoint(path, tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the ZeRO-3 checkpoint {path}; ZeRO-3 checkpoints "
-                               "load under the layout that wrote them only")
+            raise RuntimeError(
+                f"DeepSpeed could not load the ZeRO-3 checkpoint {path}; ZeRO-3 checkpoints "
+                "load under the layout that wrote them only"
+            )
         return load_path, client
 
 
-def build_engine(layout: Layout, ds_config: dict, model_cfg: ModelConfig, seed: int, weight_decay: float,
-                 device: torch.device | None = None) -> ParallelEngine:
+def build_engine(
+    layout: Layout,
+    ds_config: dict,
+    model_cfg: ModelConfig,
+    seed: int,
+    weight_decay: float,
+    device: torch.device | None = None,
+) -> ParallelEngine:
     """Groups, model and DeepSpeed engine for this rank (after ``deepspeed.init_distributed``).
 
     Args:
@@ -193,8 +213,11 @@ def build_engine(layout: Layout, ds_config: dict, model_cfg: ModelConfig, seed: 
     model = build_pipeline(model_cfg, layout, groups, seed)
     params = param_groups(model, weight_decay)
     if layout.pp > 1:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                               config=pipeline_ds_config(ds_config))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=pipeline_ds_config(ds_config)
+        )
     else:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config, mpu=groups)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config, mpu=groups
+        )
     return ParallelEngine(engine, layout, groups, device or torch.device("cpu"))

@@ -29,13 +29,19 @@ def topology(layout: Layout):
 def topology_groups(layout: Layout) -> dict[str, list[list[int]]]:
     """``{"tp": ..., "dp": ..., "pp": ...}`` rank groups as DeepSpeed's topology lists them."""
     topo = topology(layout)
-    return {name: sorted(topo.get_axis_comm_lists(axis))
-            for name, axis in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))}
+    return {
+        name: sorted(topo.get_axis_comm_lists(axis))
+        for name, axis in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))
+    }
 
 
 def layout_groups(layout: Layout) -> dict[str, list[list[int]]]:
     """The same groups from :class:`Layout`'s pure rank arithmetic."""
-    return {"tp": sorted(layout.tp_groups()), "dp": sorted(layout.dp_groups()), "pp": sorted(layout.pp_groups())}
+    return {
+        "tp": sorted(layout.tp_groups()),
+        "dp": sorted(layout.dp_groups()),
+        "pp": sorted(layout.pp_groups()),
+    }
 
 
 @dataclass
@@ -105,7 +111,9 @@ def build_groups(layout: Layout) -> ParallelGroups:
     layout.check_world_size(world)
     ours, theirs = layout_groups(layout), topology_groups(layout)
     if ours != theirs:
-        raise RuntimeError(f"rank grid mismatch for {layout.describe()}: Layout {ours} != DeepSpeed {theirs}")
+        raise RuntimeError(
+            f"rank grid mismatch for {layout.describe()}: Layout {ours} != DeepSpeed {theirs}"
+        )
     mine = {}
     for name in ("tp", "dp", "pp"):
         for ranks in ours[name]:
@@ -113,4 +121,6 @@ def build_groups(layout: Layout) -> ParallelGroups:
             if rank in ranks:
                 mine[name] = group
     pp_rank, dp_rank, tp_rank = layout.coords(rank)
-    return ParallelGroups(layout, rank, pp_rank, dp_rank, tp_rank, mine["tp"], mine["dp"], mine["pp"])
+    return ParallelGroups(
+        layout, rank, pp_rank, dp_rank, tp_rank, mine["tp"], mine["dp"], mine["pp"]
+    )

@@ -70,8 +70,16 @@ class BlockLayer(TransformerBlock):
             DeepSpeed activation checkpointing (``deepspeed.checkpointing.checkpoint``).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int, tp_rank: int, tp: int, group,
-                 recompute: str = "none"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        seed: int,
+        tp_rank: int,
+        tp: int,
+        group,
+        recompute: str = "none",
+    ):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(layer_seed(seed, layer_idx))
             super().__init__(cfg, layer_idx)
@@ -115,8 +123,9 @@ class VocabParallelLoss:
         self.groups, self.vocab_start = groups, groups.tp_rank * (vocab_size // groups.layout.tp)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.groups.tp_group,
-                                            self.groups.layout.tp)
+        return vocab_parallel_cross_entropy(
+            logits, targets, self.vocab_start, self.groups.tp_group, self.groups.layout.tp
+        )
 
 
 def layer_specs(cfg: ModelConfig, groups: ParallelGroups, seed: int, recompute: str) -> list:
@@ -124,10 +133,15 @@ def layer_specs(cfg: ModelConfig, groups: ParallelGroups, seed: int, recompute: 
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     tp = (groups.tp_rank, groups.layout.tp, groups.tp_group)
-    return [TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, seed, *tp),
-            *[LayerSpec(BlockLayer, cfg, i, seed, *tp, recompute=recompute) for i in range(cfg.n_layers)],
-            LayerSpec(NormLayer, cfg.d_model, cfg.norm_eps),
-            TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, seed, *tp, forward_fn=head_forward)]
+    return [
+        TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, seed, *tp),
+        *[
+            LayerSpec(BlockLayer, cfg, i, seed, *tp, recompute=recompute)
+            for i in range(cfg.n_layers)
+        ],
+        LayerSpec(NormLayer, cfg.d_model, cfg.norm_eps),
+        TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, seed, *tp, forward_fn=head_forward),
+    ]
 
 
 class SequentialLM(nn.Module):
@@ -151,7 +165,9 @@ class SequentialLM(nn.Module):
         return self.loss_fn(head_forward(self.layers[0], x), targets)
 
 
-def build_pipeline(cfg: ModelConfig, layout: Layout, groups: ParallelGroups, seed: int) -> nn.Module:
+def build_pipeline(
+    cfg: ModelConfig, layout: Layout, groups: ParallelGroups, seed: int
+) -> nn.Module:
     """This rank's part of the model: a ``PipelineModule`` (``pp > 1``) or a :class:`SequentialLM`.
 
     Raises:
@@ -165,8 +181,13 @@ def build_pipeline(cfg: ModelConfig, layout: Layout, groups: ParallelGroups, see
         return SequentialLM([spec.build() for spec in specs[:-1]], loss_fn)
     from deepspeed.pipe import PipelineModule
 
-    return PipelineModule(layers=specs, loss_fn=loss_fn, topology=topology(layout),
-                          partition_method="type:BlockLayer", activation_checkpoint_interval=0)
+    return PipelineModule(
+        layers=specs,
+        loss_fn=loss_fn,
+        topology=topology(layout),
+        partition_method="type:BlockLayer",
+        activation_checkpoint_interval=0,
+    )
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

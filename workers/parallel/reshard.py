@@ -98,9 +98,13 @@ def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
         torch.save(out, folder / f"stage_{groups.pp_rank:03d}.pt")
     if groups.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        state = {"format": FORMAT, "adam_step": adam_step(engine), "client_state": client_state,
-                 "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
-                 "layout": adapter.layout.to_dict()}
+        state = {
+            "format": FORMAT,
+            "adam_step": adam_step(engine),
+            "client_state": client_state,
+            "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
+            "layout": adapter.layout.to_dict(),
+        }
         (folder / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -130,8 +134,11 @@ def read_consolidated(folder: str | Path) -> tuple[dict, dict[str, dict[str, tor
 def _ensure_optimizer_state(engine, step: int) -> None:
     """Give AdamW a (zero) state for every tensor it updates, with step count ``step``."""
     opt, zero = _torch_optimizer(engine), _zero_optimizer(engine)
-    targets = zero.single_partition_of_fp32_groups if zero is not None else \
-        [p for g in opt.param_groups for p in g["params"]]
+    targets = (
+        zero.single_partition_of_fp32_groups
+        if zero is not None
+        else [p for g in opt.param_groups for p in g["params"]]
+    )
     for t in targets:
         state = opt.state[t]
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
@@ -169,12 +176,16 @@ def load_consolidated(adapter, folder: str | Path) -> dict:
     tp_rank, tp = groups.tp_rank, groups.layout.tp
     for name, p in adapter.canonical_parameters().items():
         if name not in tensors["param"]:
-            raise RuntimeError(f"checkpoint {folder} has no parameter {name!r}; was it written for another model?")
+            raise RuntimeError(
+                f"checkpoint {folder} has no parameter {name!r}; was it written for another model?"
+            )
         dim = split_dim(name)
         value = shard(tensors["param"][name], dim, tp_rank, tp)
         if value.shape != p.shape:
-            raise RuntimeError(f"checkpoint {folder}: {name} has shape {tuple(value.shape)} for this rank, the "
-                               f"model {tuple(p.shape)}; the model shape changed since it was saved")
+            raise RuntimeError(
+                f"checkpoint {folder}: {name} has shape {tuple(value.shape)} for this rank, the "
+                f"model {tuple(p.shape)}; the model shape changed since it was saved"
+            )
         with torch.no_grad():
             p.data.copy_(value.to(p.device, p.dtype))
         safe_set_full_fp32_param(p, value.to(p.device))
@@ -183,7 +194,9 @@ def load_consolidated(adapter, folder: str | Path) -> dict:
     client = state.get("client_state", {})
     if engine.lr_scheduler is not None and state.get("scheduler"):
         engine.lr_scheduler.load_state_dict(state["scheduler"])
-        engine.lr_scheduler.step(state["scheduler"]["last_batch_iteration"])  # set the lr it implies
+        engine.lr_scheduler.step(
+            state["scheduler"]["last_batch_iteration"]
+        )  # set the lr it implies
     if "step" in client:
         engine.global_steps = int(client["step"])
         engine.global_samples = int(client["step"]) * engine.train_batch_size()

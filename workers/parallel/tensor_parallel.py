@@ -36,9 +36,15 @@ from orchestrator.contract.layout import tp_splits_heads
 #: Split dimension of every tensor-parallel parameter, by the parameter's name suffix (names of
 #: :class:`mla.model.MLATransformer`); parameters not listed are replicated.
 SPLIT_DIMS: dict[str, int] = {
-    "attn.wq.weight": 0, "attn.wk.weight": 0, "attn.wv.weight": 0,
-    "attn.w_gate.weight": 0, "attn.w_gate.bias": 0, "attn.wo.weight": 1,
-    "mlp.w1.weight": 0, "mlp.w3.weight": 0, "mlp.w2.weight": 1,
+    "attn.wq.weight": 0,
+    "attn.wk.weight": 0,
+    "attn.wv.weight": 0,
+    "attn.w_gate.weight": 0,
+    "attn.w_gate.bias": 0,
+    "attn.wo.weight": 1,
+    "mlp.w1.weight": 0,
+    "mlp.w3.weight": 0,
+    "mlp.w2.weight": 1,
     "tok_emb.weight": 0,
 }
 
@@ -60,7 +66,9 @@ def shard(full: torch.Tensor, dim: int | None, tp_rank: int, tp: int) -> torch.T
     if dim is None or tp == 1:
         return full
     if full.shape[dim] % tp:
-        raise ValueError(f"tensor of shape {tuple(full.shape)} cannot be split in {tp} along dim {dim}")
+        raise ValueError(
+            f"tensor of shape {tuple(full.shape)} cannot be split in {tp} along dim {dim}"
+        )
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
@@ -112,7 +120,11 @@ class _ShardedLinear(nn.Module):
         super().__init__()
         self.tp, self.group = tp, group
         self.weight = nn.Parameter(shard(full.weight.detach(), dim, tp_rank, tp).clone())
-        bias = None if full.bias is None else shard(full.bias.detach(), 0 if dim == 0 else None, tp_rank, tp)
+        bias = (
+            None
+            if full.bias is None
+            else shard(full.bias.detach(), 0 if dim == 0 else None, tp_rank, tp)
+        )
         self.bias = None if bias is None else nn.Parameter(bias.clone())
         for p, split in ((self.weight, True), (self.bias, dim == 0)):
             if p is not None and split and tp > 1:
@@ -188,8 +200,9 @@ class VocabParallelEmbedding(nn.Module):
         return F.linear(copy_to_group(x, self.group, self.tp), self.weight)
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-                                 group, tp: int) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group, tp: int
+) -> torch.Tensor:
     """Mean token cross-entropy from vocabulary-sharded logits, without gathering them.
 
     ``loss_i = log sum_v exp(z_iv - m_i) - (z_i,t_i - m_i)`` with the sums and the max over the
@@ -236,7 +249,9 @@ class ParallelAttention(MultiLevelAttention):
         self.wk = ColumnParallelLinear(full.wk, tp_rank, tp, group)
         self.wv = ColumnParallelLinear(full.wv, tp_rank, tp, group)
         self.wo = RowParallelLinear(full.wo, tp_rank, tp, group)
-        self.w_gate = None if full.w_gate is None else ColumnParallelLinear(full.w_gate, tp_rank, tp, group)
+        self.w_gate = (
+            None if full.w_gate is None else ColumnParallelLinear(full.w_gate, tp_rank, tp, group)
+        )
         self.dropout = full.dropout
         self.register_buffer("rope_cos", full.rope_cos, persistent=False)
         self.register_buffer("rope_sin", full.rope_sin, persistent=False)
@@ -279,11 +294,14 @@ def apply_tensor_parallel(module: nn.Module, tp_rank: int, tp: int, group) -> nn
     Raises:
         ValueError: ``tp`` does not divide the heads, key/value heads, MLP width or vocabulary.
     """
+
     def convert(child: nn.Module) -> nn.Module | None:
         if isinstance(child, MultiLevelAttention) and not isinstance(child, ParallelAttention):
             cfg = child.cfg
             if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
-                raise ValueError(f"tp({tp}) must divide n_heads({cfg.n_heads}) and kv_heads({cfg.kv_heads})")
+                raise ValueError(
+                    f"tp({tp}) must divide n_heads({cfg.n_heads}) and kv_heads({cfg.kv_heads})"
+                )
             return ParallelAttention(child, tp_rank, tp, group)
         if isinstance(child, SwiGLU) and not isinstance(child, ParallelSwiGLU):
             return ParallelSwiGLU(child, tp_rank, tp, group)

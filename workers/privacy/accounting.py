@@ -17,8 +17,15 @@ import math
 
 from orchestrator.contract.privacy import PrivacyPlan
 
-__all__ = ["ACCOUNTANTS", "PrivacyPlan", "add_steps", "affordable_steps", "build_accountant", "calibrate_noise",
-           "spent_epsilon"]
+__all__ = [
+    "ACCOUNTANTS",
+    "PrivacyPlan",
+    "add_steps",
+    "affordable_steps",
+    "build_accountant",
+    "calibrate_noise",
+    "spent_epsilon",
+]
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -69,22 +76,42 @@ def spent_epsilon(kind: str, history: History, delta: float) -> float:
     return float(build_accountant(kind, history).get_epsilon(delta=delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str
+) -> float:
     """The smallest noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps
     (Opacus ``get_noise_multiplier``, bisection to its default tolerance 0.01 in epsilon)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant=kind))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=kind,
+        )
+    )
 
 
-def affordable_steps(kind: str, prior: History, noise_multiplier: float, sample_rate: float, delta: float,
-                     target_epsilon: float, start: int, max_steps: int) -> int:
+def affordable_steps(
+    kind: str,
+    prior: History,
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    target_epsilon: float,
+    start: int,
+    max_steps: int,
+) -> int:
     """The last step ``T`` in ``[start, max_steps]`` such that ``prior`` plus ``T - start`` steps
     at ``(noise_multiplier, sample_rate)`` spends at most ``target_epsilon`` (bisection; epsilon
     grows with the number of steps). Returns ``start`` when even one more step is too many."""
+
     def fits(t: int) -> bool:
-        spent = spent_epsilon(kind, add_steps(prior, noise_multiplier, sample_rate, t - start), delta)
+        spent = spent_epsilon(
+            kind, add_steps(prior, noise_multiplier, sample_rate, t - start), delta
+        )
         return spent <= target_epsilon
 
     lo, hi = start, max_steps

@@ -45,8 +45,9 @@ from workers.privacy.accounting import PrivacyPlan
 CLIP_EPS = 1e-6
 
 
-def per_sequence_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
-                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def per_sequence_gradients(
+    module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Gradient of each sequence's own loss.
 
     Args:
@@ -62,10 +63,14 @@ def per_sequence_gradients(module: torch.nn.Module, x: torch.Tensor, y: torch.Te
     def loss_one(p: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return functional_call(module, (p, buffers), (xb.unsqueeze(0), yb.unsqueeze(0)))
 
-    return vmap(grad_and_value(loss_one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    return vmap(grad_and_value(loss_one), in_dims=(None, 0, 0), randomness="different")(
+        params, x, y
+    )
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def clip_and_sum(
+    grads: dict[str, torch.Tensor], max_grad_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Clip each sequence's gradient to L2 norm ``max_grad_norm`` (over all parameters) and sum.
 
     Args:
@@ -115,8 +120,8 @@ class DPSGD:
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         loss_sum, mb = 0.0, self.layout.micro_batch
         for i in range(0, len(x), mb):
-            xb = torch.from_numpy(x[i:i + mb]).to(self.engine.device)
-            yb = torch.from_numpy(y[i:i + mb]).to(self.engine.device)
+            xb = torch.from_numpy(x[i : i + mb]).to(self.engine.device)
+            yb = torch.from_numpy(y[i : i + mb]).to(self.engine.device)
             grads, losses = per_sequence_gradients(self.module, xb, yb)
             clipped, _ = clip_and_sum(grads, self.plan.max_grad_norm)
             for n in sums:
@@ -145,7 +150,9 @@ class DPSGD:
         scale = self.layout.dp / self.plan.expected_batch
         ds = self.engine.engine
         for micro in range(self.layout.grad_accum):
-            surrogate = sum((p * (sums[name] * scale).to(p.dtype)).sum() for name, p in self.params.items())
+            surrogate = sum(
+                (p * (sums[name] * scale).to(p.dtype)).sum() for name, p in self.params.items()
+            )
             ds.backward(surrogate)
             if micro < self.layout.grad_accum - 1:
                 ds.step()

@@ -28,11 +28,15 @@ class PrivateTraining:
         ValueError: the plan's N differs from the corpus the worker loaded.
     """
 
-    def __init__(self, plan: PrivacyPlan | dict, engine, batches, seed: int, noise_seed: int | None = None):
+    def __init__(
+        self, plan: PrivacyPlan | dict, engine, batches, seed: int, noise_seed: int | None = None
+    ):
         self.plan = plan if isinstance(plan, PrivacyPlan) else PrivacyPlan(**plan)
         if batches.n_windows != self.plan.n_sequences:
-            raise ValueError(f"the worker's corpus has {batches.n_windows} training sequences, the privacy plan "
-                             f"{self.plan.n_sequences}: the data changed between planning and training")
+            raise ValueError(
+                f"the worker's corpus has {batches.n_windows} training sequences, the privacy plan "
+                f"{self.plan.n_sequences}: the data changed between planning and training"
+            )
         self.engine, self.batches, self.seed = engine, batches, seed
         self.dpsgd = DPSGD(engine, self.plan, noise_seed)
         self.history: list = []
@@ -52,14 +56,20 @@ class PrivateTraining:
 
     def state(self) -> dict:
         """JSON-friendly accountant state for ``meta.json``."""
-        return {"accountant": self.plan.accountant, "history": [list(h) for h in self.history],
-                "delta": self.plan.delta, "epsilon": self.epsilon()}
+        return {
+            "accountant": self.plan.accountant,
+            "history": [list(h) for h in self.history],
+            "delta": self.plan.delta,
+            "epsilon": self.epsilon(),
+        }
 
     def load_state(self, state: dict | None) -> None:
         """Continue from a checkpoint's accountant state (``None``: a fresh accountant)."""
         self.history = [tuple(h) for h in (state or {}).get("history", [])]
 
 
-def build_private_training(plan: PrivacyPlan | dict | None, engine, batches, seed: int) -> PrivateTraining | None:
+def build_private_training(
+    plan: PrivacyPlan | dict | None, engine, batches, seed: int
+) -> PrivateTraining | None:
     """:class:`PrivateTraining` for a worker plan's ``"privacy"`` entry, or ``None`` without one."""
     return None if plan is None else PrivateTraining(plan, engine, batches, seed)
