@@ -125,8 +125,8 @@ def print_result(result, top: int) -> None:
         console = Console(width=200)
     req = result.request
     console.print(
-        f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu.name} "
-        f"({req.gpu.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
+        f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu_spec.name} "
+        f"({req.gpu_spec.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
         f"{req.precision}",
         highlight=False,
     )
@@ -378,7 +378,7 @@ def plan(
             f"--estimate needs every layout field pinned; missing: {', '.join(missing)}"
         )
     if gpus is None:
-        if not pins.complete():
+        if not pins.complete() or dp is None or tp is None or pp is None:
             raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
         gpus = dp * tp * pp
     spec = get_gpu(

@@ -114,6 +114,14 @@ def test_plan_job_tiny_on_any_cpu_world_size(world):
     lay.check_model(4, 4, 4)
 
 
+@pytest.mark.parametrize("world", [0, -1])
+def test_plan_job_without_workers_is_a_plan_error(world):
+    # Used to end in `raise None` (TypeError: exceptions must derive from BaseException).
+    job = validate_job_dict({"model": {"preset": "tiny"}})
+    with pytest.raises(PlanError, match=rf"world_size={world} workers; at least 1"):
+        plan_job(job, world)
+
+
 def test_plan_job_pins_explicit_parallel_fields():
     job = validate_job_dict(
         {"model": {"preset": "tiny"}, "parallel": {"tensor": 2, "zero_stage": 1}}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mla.config import ModelConfig
 from orchestrator.contract.errors import PlanError
+from orchestrator.contract.layout import Recompute
 from orchestrator.planner.constants import MEGATRON_DGX
 from orchestrator.planner.evaluate import estimate
 from orchestrator.planner.search import plan
@@ -50,6 +51,21 @@ def _num(text: str) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         return None
+
+
+def _int(row: dict, key: str) -> int:
+    """``row[key]`` as an int.
+
+    Raises:
+        PlanError: the cell is empty or not a number (:func:`row_problem` names such rows).
+    """
+    value = _num(row[key])
+    if value is None:
+        raise PlanError(
+            f"published row {row['model']!r}: {key}={row[key]!r} is not a number; "
+            f"skip rows for which row_problem() gives a reason"
+        )
+    return int(value)
 
 
 def _gpu(row: dict) -> str | None:
@@ -108,9 +124,10 @@ def _zero_stages(row: dict) -> tuple | None:
     return None
 
 
-def _recompute(row: dict) -> str | None:
+def _recompute(row: dict) -> Recompute | None:
     text = row["recompute"].lower()
-    for policy in ("full", "selective", "none"):
+    policies: tuple[Recompute, ...] = ("full", "selective", "none")
+    for policy in policies:
         if text.startswith(policy):
             return policy
     if not text and "hardware flops (recompute)" in row["notes"].lower():
@@ -144,7 +161,7 @@ KNOWN_ARCH = {
 
 
 def _model(row: dict) -> ModelConfig:
-    h, heads, layers, seq = (int(_num(row[k])) for k in ("hidden", "heads", "layers", "seq_len"))
+    h, heads, layers, seq = (_int(row, k) for k in ("hidden", "heads", "layers", "seq_len"))
     vocab = int(_num(row["vocab"]) or DEFAULT_VOCAB)
     gpt = any(k in row["model"] for k in ("GPT", "NLG", "Megatron"))
     kv, ffn = next((v for k, v in KNOWN_ARCH.items() if row["model"].startswith(k)), (None, None))
@@ -176,15 +193,22 @@ def row_problem(row: dict) -> str:
 
 
 def to_published(row: dict) -> PublishedRow:
-    """Convert a usable row (see :func:`row_problem`)."""
-    gpus, tp, pp = (int(_num(row[k])) for k in ("num_gpus", "tp", "pp"))
+    """Convert a usable row (see :func:`row_problem`).
+
+    Raises:
+        PlanError: the row is not usable (a needed number is missing, the GPU is not catalogued).
+    """
+    gpus, tp, pp = (_int(row, k) for k in ("num_gpus", "tp", "pp"))
+    gpu = _gpu(row)
+    if gpu is None:
+        raise PlanError(f"published row {row['model']!r}: GPU {row['gpu']!r} not in the catalogue")
     old = any(k in row["source"] for k in ("SC21", "Korthikanti", "MT-NLG", "gpt-neox"))
     pins = Pins(recompute=_recompute(row))
     request = PlanRequest(
         model=_model(row),
         gpus=gpus,
-        gpu=_gpu(row),
-        global_batch=int(_num(row["global_batch"])),
+        gpu=gpu,
+        global_batch=_int(row, "global_batch"),
         precision="fp16" if "fp16" in row["notes"] else "bf16",
         pins=pins,
         flash_attention=not old,
@@ -229,7 +253,24 @@ def published_candidate(row: PublishedRow) -> Candidate:
     Raises:
         PlanError: no variant of the published layout fits (a planner miss to report).
     """
-    return plan(row.request.replace(pins=row.published)).best
+    best = plan(row.request.replace(pins=row.published)).best
+    if best is None:  # only a fully pinned layout that does not fit comes back without one
+        raise PlanError(f"published layout of {row.name} ({row.published.to_dict()}) does not fit")
+    return best
+
+
+def achieved(row: PublishedRow) -> float:
+    """``row.achieved``.
+
+    Raises:
+        PlanError: the row has no achieved TFLOP/s or MFU (nothing to compare a prediction with).
+    """
+    if row.achieved is None:
+        raise PlanError(
+            f"published row {row.name!r} has no achieved TFLOP/s or MFU; "
+            f"fit only rows whose achieved is set"
+        )
+    return row.achieved
 
 
 def predicted(row: PublishedRow, cand: Candidate, efficiency: float) -> float:
@@ -261,7 +302,7 @@ def fit_efficiency(
         raise PlanError("no published rows with achieved numbers to fit the efficiency to")
 
     def loss(eff: float) -> float:
-        return median([abs(math.log(predicted(r, c, eff) / r.achieved)) for r, c in pairs])
+        return median([abs(math.log(predicted(r, c, eff) / achieved(r))) for r, c in pairs])
 
     ratio = (math.sqrt(5) - 1) / 2
     for _ in range(40):
@@ -275,5 +316,5 @@ def leave_one_out(pairs: list[tuple[PublishedRow, Candidate]]) -> list[float]:
     errors = []
     for i, (row, cand) in enumerate(pairs):
         eff = fit_efficiency(pairs[:i] + pairs[i + 1 :])
-        errors.append(predicted(row, cand, eff) / row.achieved - 1)
+        errors.append(predicted(row, cand, eff) / achieved(row) - 1)
     return errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.contract.errors import PlanError
 
@@ -61,7 +62,7 @@ class GpuSpec:
             )
         return self.peak_tflops[precision] * 1e12
 
-    def replace(self, **changes: object) -> GpuSpec:
+    def replace(self, **changes: Any) -> GpuSpec:
         """Copy with custom values (``memory_gib=96``); ``None`` values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -68,7 +68,7 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
 
     Example: tiny preset on 2 CPU workers, dp=2, ZeRO-2, mb=8, B=32, s=256 → ~1.08 GiB per worker.
     """
-    cfg, seq, kernel = req.model, req.seq_len, get_kernel(req.kernel)
+    cfg, seq, kernel = req.model, req.seq_tokens, get_kernel(req.kernel)
     memory = memory_per_gpu(
         cfg,
         seq,
@@ -85,7 +85,7 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
         seq,
         layout,
         req.precision,
-        req.gpu,
+        req.gpu_spec,
         req.node_size,
         req.efficiency,
         req.overlap_dp,
@@ -95,11 +95,11 @@ def estimate(req: PlanRequest, layout: Layout) -> Estimate:
         req.constants,
     )
     tokens_per_s = req.global_batch * seq / time.total
-    peak = req.gpu.peak_flops(req.precision)
+    peak = req.gpu_spec.peak_flops(req.precision)
     model_flops = training_flops_per_token(cfg, seq) * tokens_per_s / layout.world_size
     stage_model, stage_extra = stage_flops_per_token(cfg, seq, layout.pp, layout.recompute)
     hardware = model_flops * (1 + stage_extra / stage_model)
-    limit = req.gpu.memory_gib * req.constants.usable_memory_fraction
+    limit = req.gpu_spec.memory_gib * req.constants.usable_memory_fraction
     return Estimate(
         memory=memory,
         memory_limit_gib=limit,

@@ -81,7 +81,7 @@ def memory_grid() -> list[tuple[float, float, float, float]]:
 def oom_predictions(runs: list, grid: list) -> list[list[bool]]:
     """``[point][run]``: predicted OOM of each run at each grid point (uses :func:`memory_terms`)."""
     terms = [memory_terms(r) for r in runs]
-    limits = [r.request.gpu.memory_gib * 2**30 for r in runs]
+    limits = [r.request.gpu_spec.memory_gib * 2**30 for r in runs]
     out = []
     for a, c, t, u in grid:
         out.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator.config import JobConfig
 from orchestrator.contract.deepspeed_config import resolve_precision
 from orchestrator.contract.errors import PlanError
@@ -27,7 +29,7 @@ def job_pins(job: JobConfig) -> Pins:
     Unset fields keep their defaults out of the search so that any worker count can be planned
     (tiny on 8 CPU workers cannot be dp=8 with micro-batch 8 and global batch 32).
     """
-    pins = {"micro_batch": job.train.micro_batch}
+    pins: dict[str, Any] = {"micro_batch": job.train.micro_batch}
     if not job.parallel.auto:
         for name in job.parallel.model_fields_set & set(_PARALLEL_TO_PIN):
             pins[_PARALLEL_TO_PIN[name]] = getattr(job.parallel, name)
@@ -60,14 +62,20 @@ def plan_job(
     ``result.notes`` says so; ``result.best.layout.world_size`` is then below ``world_size``.
 
     Raises:
-        PlanError: no worker count from ``world_size`` down to 1 has a layout.
+        PlanError: ``world_size < 1``, or no worker count from ``world_size`` down to 1 has a
+            layout.
 
     Example:
         >>> from orchestrator.config import load_job_config
         >>> plan_job(load_job_config("configs/tiny.yaml"), 2).best.layout.describe()
         'dp=2 tp=1 pp=1 zero=2 mb=8 ga=2'
     """
-    first_error = None
+    if world_size < 1:
+        raise PlanError(
+            f"cannot plan for world_size={world_size} workers; at least 1 is needed "
+            f"(set cluster.num_workers >= 1)"
+        )
+    first_error: PlanError | None = None
     for n in range(world_size, 0, -1):
         req = PlanRequest(
             model=job.model_config_(),
@@ -98,4 +106,5 @@ def plan_job(
                 result.close_call,
             )
         return result
+    assert first_error is not None, "world_size >= 1: the loop ran and every try failed"
     raise first_error

@@ -220,7 +220,7 @@ def in_flight_micro_batches(pp: int, stage: int, grad_accum: int, virtual_stages
 
     Example: p=8, m=64, v=2, stage 0 → 8·(1 + 7/512) = 8.11.
     """
-    held = min(pp - stage, grad_accum)
+    held: float = min(pp - stage, grad_accum)
     if virtual_stages > 1:
         held *= 1 + (pp - 1) / (pp * grad_accum)
     return held

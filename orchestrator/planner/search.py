@@ -14,10 +14,10 @@ import itertools
 import math
 
 from orchestrator.contract.errors import PlanError
-from orchestrator.contract.layout import RECOMPUTE_CHOICES, Layout, LayoutError
+from orchestrator.contract.layout import RECOMPUTE_CHOICES, Layout, LayoutError, Recompute
 from orchestrator.planner.evaluate import estimate, layout_problem, mesh_problem
 from orchestrator.planner.memory import GIB
-from orchestrator.planner.types import Candidate, PlanRequest, PlanResult, Rejection
+from orchestrator.planner.types import PIN_FIELDS, Candidate, PlanRequest, PlanResult, Rejection
 
 RECOMPUTE = RECOMPUTE_CHOICES
 
@@ -60,9 +60,9 @@ def variants(req: PlanRequest, dp: int, tp: int, pp: int):
     ]
     if pins.virtual_stages and pins.virtual_stages not in vs:
         vs = [pins.virtual_stages]
-    mbs = [b for b in divisors(req.global_batch // dp) if pins.allows("micro_batch", b)] or [
-        pins.micro_batch
-    ]
+    mbs = [b for b in divisors(req.global_batch // dp) if pins.allows("micro_batch", b)]
+    if not mbs and pins.micro_batch is not None:
+        mbs = [pins.micro_batch]  # pinned to a non-divisor: the layout checks say why
     for zero, rec, sp, v in itertools.product(zeros, recs, sps, vs if pp > 1 else [1]):
         yield [
             dict(
@@ -242,25 +242,41 @@ def close_call_note(req: PlanRequest, best: Candidate, ranked: list[Candidate]) 
     return (
         f"{best.layout.describe()} and {other.layout.describe()} are predicted {100 * gap:.1f}% apart, within "
         f"the model's error (±{100 * error:.0f}% between layouts of one job): measure both: "
-        f"`{estimate_command(best.layout, req.gpu.name)}` and `{estimate_command(other.layout, req.gpu.name)}` "
+        f"`{estimate_command(best.layout, req.gpu_spec.name)}` and `{estimate_command(other.layout, req.gpu_spec.name)}` "
         f"(with the same model and batch options) give the predictions; `mla plan --measure` runs them"
     )
 
 
 def _estimate_only(req: PlanRequest) -> PlanResult:
     p = req.pins
-    per_replica = req.global_batch // p.dp if p.dp else 0
+    dp, tp, pp, zero, mb = p.dp, p.tp, p.pp, p.zero_stage, p.micro_batch
+    rec, sp, v = p.recompute, p.sequence_parallel, p.virtual_stages
+    if (
+        dp is None
+        or tp is None
+        or pp is None
+        or zero is None
+        or mb is None
+        or rec is None
+        or sp is None
+        or v is None
+    ):
+        missing = [f for f in PIN_FIELDS if getattr(p, f) is None]
+        raise PlanError(
+            f"an estimate needs every layout field pinned; missing: {', '.join(missing)}"
+        )
+    per_replica = req.global_batch // dp if dp else 0
     try:
         layout = Layout(
-            dp=p.dp,
-            tp=p.tp,
-            pp=p.pp,
-            zero_stage=p.zero_stage,
-            micro_batch=p.micro_batch,
-            grad_accum=max(1, per_replica // p.micro_batch),
-            recompute=p.recompute,
-            sequence_parallel=p.sequence_parallel,
-            virtual_stages=p.virtual_stages,
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            zero_stage=zero,
+            micro_batch=mb,
+            grad_accum=max(1, per_replica // mb),
+            recompute=rec,
+            sequence_parallel=sp,
+            virtual_stages=v,
         )
     except LayoutError as exc:
         raise PlanError(f"pinned layout is invalid: {exc}") from None
@@ -286,7 +302,7 @@ def _estimate_only(req: PlanRequest) -> PlanResult:
 def no_layout_message(req: PlanRequest, rejected: list[Rejection]) -> str:
     """PlanError text: the reasons by mesh and what would fit."""
     lines = [
-        f"no layout of {req.gpus} x {req.gpu.name} ({req.gpu.memory_gib:g} GiB) can train this model "
+        f"no layout of {req.gpus} x {req.gpu_spec.name} ({req.gpu_spec.memory_gib:g} GiB) can train this model "
         f"(global batch {req.global_batch}, seq {req.seq_len}, {req.precision}):"
     ]
     lines += [
@@ -320,7 +336,7 @@ def no_layout_message(req: PlanRequest, rejected: list[Rejection]) -> str:
 def min_gpus_hint(req: PlanRequest) -> str:
     """``fix: ... needs at least N GPUs`` (or that no count up to 2^20 fits)."""
     n, layout = min_gpus(req)
-    if n is None:
+    if n is None or layout is None:  # min_gpus returns both or neither
         return (
             "fix: no GPU count up to 1,048,576 fits; use GPUs with more memory or a smaller model"
         )
@@ -338,11 +354,10 @@ def fits_somewhere(req: PlanRequest) -> Layout | None:
     """
     n = req.gpus
     batch = -(-max(req.global_batch, n) // n) * n
+    recompute: Recompute = req.pins.recompute or "full"
     least = req.replace(
         global_batch=batch,
-        pins=req.pins.__class__(
-            **{**req.pins.to_dict(), "micro_batch": 1, "recompute": req.pins.recompute or "full"}
-        ),
+        pins=req.pins.__class__(**{**req.pins.to_dict(), "micro_batch": 1, "recompute": recompute}),
     )
     for dp, tp, pp in meshes(least):
         if mesh_problem(least, dp, tp, pp):
@@ -358,7 +373,7 @@ def fits_somewhere(req: PlanRequest) -> Layout | None:
                 zero_stage=zero,
                 micro_batch=1,
                 grad_accum=batch // dp,
-                recompute=least.pins.recompute,
+                recompute=recompute,
                 sequence_parallel=tp > 1,
             )
         except LayoutError:
@@ -375,7 +390,7 @@ def min_gpus(req: PlanRequest, limit: int = 2**20) -> tuple[int | None, Layout |
 
     Example: a 100B-parameter model on 80 GiB GPUs (see benchmarks/planner.py for the numbers).
     """
-    g = req.node_size if req.gpus_per_node else req.gpu.gpus_per_node
+    g = req.node_size if req.gpus_per_node else req.gpu_spec.gpus_per_node
     for n in range(1, g + 1):
         layout = fits_somewhere(req.replace(gpus=n, gpus_per_node=g))
         if layout:

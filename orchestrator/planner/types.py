@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from mla.config import ModelConfig
 from orchestrator.contract.errors import PlanError
@@ -116,7 +117,7 @@ class PlanRequest:
             object.__setattr__(self, "gpu", get_gpu(self.gpu))
         if self.seq_len is None:
             object.__setattr__(self, "seq_len", self.model.max_seq_len)
-        self.gpu.peak_flops(self.precision)  # raises PlanError on an unsupported precision
+        self.gpu_spec.peak_flops(self.precision)  # raises PlanError on an unsupported precision
         get_kernel(self.kernel)  # raises PlanError on an unknown kernel
         for name in ("gpus", "global_batch", "seq_len"):
             value = getattr(self, name)
@@ -164,9 +165,21 @@ class PlanRequest:
     @property
     def node_size(self) -> int:
         """GPUs per node, G (at most ``gpus``)."""
-        return min(self.gpus_per_node or self.gpu.gpus_per_node, self.gpus)
+        return min(self.gpus_per_node or self.gpu_spec.gpus_per_node, self.gpus)
 
-    def replace(self, **changes: object) -> PlanRequest:
+    @property
+    def gpu_spec(self) -> GpuSpec:
+        """``gpu`` as a :class:`GpuSpec` (``__post_init__`` resolves a catalogue name)."""
+        assert isinstance(self.gpu, GpuSpec), "PlanRequest.__post_init__ resolves gpu"
+        return self.gpu
+
+    @property
+    def seq_tokens(self) -> int:
+        """``seq_len`` as an int (``__post_init__`` replaces ``None`` by ``model.max_seq_len``)."""
+        assert self.seq_len is not None, "PlanRequest.__post_init__ resolves seq_len"
+        return self.seq_len
+
+    def replace(self, **changes: Any) -> PlanRequest:
         """Copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -300,7 +313,7 @@ class PlanResult:
             "request": {
                 "model": describe_model(req.model),
                 "gpus": req.gpus,
-                "gpu": req.gpu.name,
+                "gpu": req.gpu_spec.name,
                 "gpus_per_node": req.node_size,
                 "global_batch": req.global_batch,
                 "seq_len": req.seq_len,
