@@ -27,11 +27,10 @@ SIGMA, CLIP, STEPS, MB = 2.0, 0.05, 30, 2
 def _ds_config(layout: Layout, lr: float | None = None) -> dict:
     job = load_job_config("configs/tiny.yaml", ["train.privacy.noise_multiplier=1"])
     cfg = build_deepspeed_config(job, layout)
-    if (
-        lr is not None
-    ):  # constant lr (lr 0: weights stay put, so only the noise varies across steps)
-        cfg["optimizer"]["params"]["lr"] = lr
-        del cfg["scheduler"]
+    if lr is not None:  # constant lr (lr 0: weights stay put, so only the noise varies)
+        cfg["optimizer"]["params"]["lr"] = (
+            lr  # (the lr schedule is the train loop's, not DeepSpeed's)
+        )
     return cfg
 
 
