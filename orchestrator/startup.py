@@ -101,6 +101,8 @@ class StartupWatchdog(threading.Thread):
         try:
             import ray
 
+            if not ray.is_initialized():
+                raise RuntimeError("not connected")
             available = ray.available_resources()
             total = ray.cluster_resources()
         except Exception:  # Ray gone: say what was asked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -21,7 +22,10 @@ def test_elastic_jobs_ask_for_their_smallest_group():
     assert resources_asked(job, {"2": {}, "4": {}}) == {"CPU": 3.0}
 
 
-def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path):
+def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path, monkeypatch):
+    # No Ray in this process (an earlier test's stale connection must not be asked): the
+    # message then names what was asked, without the cluster's side.
+    monkeypatch.setitem(sys.modules, "ray", None)
     job = JobConfig(cluster={"num_workers": 3, "startup_timeout_s": 0.5})
     watchdog = StartupWatchdog(job, {"3": {}}, tmp_path, 0.5)
     watchdog.start()
