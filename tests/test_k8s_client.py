@@ -195,7 +195,7 @@ def _follow(server, name, steps, monkeypatch):
         seen = 0
         for step in steps:
             with tick:
-                tick.wait_for(lambda: polls[0] > seen, timeout=10)
+                tick.wait_for(lambda seen=seen: polls[0] > seen, timeout=10)
                 step()
                 seen = polls[0]
 

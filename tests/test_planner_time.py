@@ -67,8 +67,8 @@ def test_mfu_is_model_flops_over_peak():
 
 def test_megatron_eq3_iteration_time_example():
     # formulas.md §5 check 2: 5.14e19 FLOP/iteration at 163 TF x 3072 GPUs -> 102.6 s
-    B, s, l, h, V = 3072, 2048, 128, 25600, 51200
-    flops = 96 * B * s * l * h**2 * (1 + s / (6 * h) + V / (16 * l * h))
+    B, s, n_layers, h, V = 3072, 2048, 128, 25600, 51200
+    flops = 96 * B * s * n_layers * h**2 * (1 + s / (6 * h) + V / (16 * n_layers * h))
     assert flops == pytest.approx(5.14e19, rel=0.005)
     assert flops / (163e12 * 3072) == pytest.approx(102.6, rel=0.005)
 
