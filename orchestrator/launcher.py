@@ -322,6 +322,10 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
                 raise ClusterError(watchdog.reason) from None
             finally:
                 watchdog.done.set()
+            # Ray Train installs its own SIGINT handler during fit(): the watchdog's interrupt
+            # then aborts the controller and fit() returns instead of raising.
+            if watchdog.reason is not None:
+                raise ClusterError(watchdog.reason)
         finally:
             tail.stop_event.set()
             tail.join(timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -28,9 +29,15 @@ def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     job = JobConfig(cluster={"num_workers": 3, "startup_timeout_s": 0.5})
     watchdog = StartupWatchdog(job, {"3": {}}, tmp_path, 0.5)
-    watchdog.start()
-    with pytest.raises(KeyboardInterrupt):
-        time.sleep(10)
+    # An earlier test's Ray Train fit() leaves its own SIGINT handler installed; the driver's
+    # default one is what this test is about.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watchdog.start()
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (
         "no worker group started within cluster.startup_timeout_s=0.5 s: asked for CPU 3"
         in watchdog.reason
