@@ -50,6 +50,10 @@ class ModelConfig:
         rope_theta: Base of the rotary position embedding (RoFormer, Su et al. 2021, eq. 15).
         norm_eps: Epsilon of RMSNorm.
         dropout: Dropout probability on attention output and MLP output (0 disables it).
+        attn_head_dim: Features per attention head when set explicitly (a model whose heads
+            were pruned, :mod:`mla.compress`); ``None`` (the default) means
+            ``d_model // n_heads``, the rule every unpruned model follows. Read it through
+            :attr:`head_dim`.
     """
 
     vocab_size: int = 256
@@ -68,6 +72,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    attn_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -93,7 +98,14 @@ class ModelConfig:
                 out.append(f"{name}={value!r} must be a positive integer")
         if out:
             return out
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is not None:
+            if not isinstance(self.attn_head_dim, int) or self.attn_head_dim < 2:
+                out.append(f"attn_head_dim={self.attn_head_dim!r} must be an integer >= 2")
+            elif self.attn_head_dim % 2:
+                out.append(
+                    f"attn_head_dim={self.attn_head_dim} must be even (rotary embedding pairs)"
+                )
+        elif self.d_model % self.n_heads:
             out.append(
                 f"d_model({self.d_model}) is not divisible by n_heads({self.n_heads}); "
                 f"choose n_heads among {_divisors(self.d_model)}"
@@ -113,7 +125,9 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """Features per attention head, ``d_model // n_heads``."""
+        """Features per attention head: ``attn_head_dim`` if set, else ``d_model // n_heads``."""
+        if self.attn_head_dim is not None:
+            return self.attn_head_dim
         return self.d_model // self.n_heads
 
     @property
@@ -126,8 +140,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """Plain-dict form (JSON/YAML friendly)."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (JSON/YAML friendly).
+
+        ``attn_head_dim`` is left out while it is ``None``, so configs, checkpoints and golden
+        files of unpruned models read exactly as before the field existed.
+        """
+        out = dataclasses.asdict(self)
+        if out["attn_head_dim"] is None:
+            del out["attn_head_dim"]
+        return out
 
 
 def _divisors(n: int) -> list[int]:
