@@ -64,6 +64,7 @@ def schema() -> None:
 
 def _register_subcommands() -> None:
     from orchestrator.cli_bench import app as bench_app
+    from orchestrator.cli_compress import compress
     from orchestrator.cli_infer import eval_command, export, generate
     from orchestrator.cli_jobs import app as jobs_app
     from orchestrator.cli_jobs import submit
@@ -80,6 +81,7 @@ def _register_subcommands() -> None:
     app.command("generate")(generate)
     app.command("eval")(eval_command)
     app.command("export")(export)
+    app.command("compress")(compress)
 
 
 _register_subcommands()

@@ -136,18 +136,30 @@ def eval_command(
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     device: str = DeviceOption,
+    onnx: bool = typer.Option(
+        False,
+        "--onnx",
+        help="SOURCE is an ONNX model (a .onnx file or an `mla compress` --out folder), "
+        "run by ONNX Runtime on the CPU.",
+    ),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads (with --onnx)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """Loss, perplexity and bits per byte of a trained model on held-out text."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
-    loaded = _load(source, device)
+    if threads < 1:
+        raise ConfigError(f"--threads={threads} must be >= 1")
+    loaded = _load_onnx(source, threads) if onnx else _load(source, device)
     from rich.console import Console
 
     from workers.evaluation import check_seq_len, eval_windows, evaluate
 
     console = Console(stderr=True)
     trained = ((loaded.job or {}).get("data") or {}).get("seq_len")
+    if onnx:
+        seq_len = _onnx_seq_len(seq_len, loaded.model.seq_len)
+        trained = trained if trained == seq_len else None
     note = check_seq_len(
         seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained
     )
@@ -164,8 +176,9 @@ def eval_command(
     result = evaluate(loaded.model, windows, batch_size)
     result = {
         "source": str(loaded.source),
-        "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
-        "step": loaded.step,
+        "checkpoint": str(getattr(loaded, "checkpoint", None) or "") or None,
+        "step": getattr(loaded, "step", None),
+        "runtime": "onnxruntime" if onnx else "torch",
         "data": windows.description,
         **result,
     }
@@ -243,6 +256,28 @@ def _jsonl_prompts(path: Path, text: str) -> list[str]:
             )
         out.append(record["prompt"])
     return out
+
+
+def _onnx_seq_len(asked: Optional[int], exported: int) -> int:
+    """The window length for an ONNX model: its exported length (the graph takes no other)."""
+    if asked not in (None, exported):
+        raise ConfigError(
+            f"--seq-len={asked} but the ONNX model takes windows of exactly {exported} tokens; "
+            f"use --seq-len {exported} or drop --onnx"
+        )
+    return exported
+
+
+def _load_onnx(source: str, threads: int):
+    """Load an ONNX model (see :func:`workers.inference.load_onnx`)."""
+    from workers.inference import load_onnx
+
+    loaded = load_onnx(source, threads)
+    if loaded.cfg.vocab_size != 256:
+        raise CheckpointError(
+            f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256"
+        )
+    return loaded
 
 
 def _load(source: str, device: str):

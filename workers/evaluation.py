@@ -15,7 +15,9 @@ tokenizer maps one UTF-8 byte to one token, so ``bits_per_byte = loss / ln 2``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,11 +119,18 @@ def eval_windows(
 
 
 @torch.no_grad()
-def evaluate(model: MLATransformer, data: EvalData, batch_size: int = 8, progress=None) -> dict:
+def evaluate(
+    model: MLATransformer | Callable[[torch.Tensor], Any],
+    data: EvalData,
+    batch_size: int = 8,
+    progress=None,
+) -> dict:
     """Mean next-token cross-entropy of ``model`` over ``data``.
 
     Args:
-        model: The model (switched to eval mode).
+        model: The torch model (switched to eval mode), or any callable mapping ``(batch, seq)``
+            int64 tokens to ``(batch, seq, vocab)`` logits (an ONNX Runtime model,
+            :class:`mla.compress.onnx_export.OnnxLM`; run on the CPU).
         data: Windows to score.
         batch_size: Windows per forward pass.
         progress: Optional ``callable(done, total)``.
@@ -129,14 +138,16 @@ def evaluate(model: MLATransformer, data: EvalData, batch_size: int = 8, progres
     Returns:
         ``{"loss", "perplexity", "bits_per_byte", "tokens", "windows", "seq_len"}``; loss in nats.
     """
-    model.eval()
-    device = model.tok_emb.weight.device
+    device = torch.device("cpu")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        device = next(model.parameters()).device
     total, count = 0.0, 0
     n = len(data.inputs)
     for start in range(0, n, batch_size):
         x = torch.from_numpy(data.inputs[start : start + batch_size]).to(device)
         y = torch.from_numpy(data.targets[start : start + batch_size]).to(device)
-        logits = model(x).float()
+        logits = torch.as_tensor(model(x)).float()
         total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double())
         count += y.numel()
         if progress is not None:

@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -178,3 +179,56 @@ def load_model(
     job_path = run_dir / "job.json"
     job = json.loads(job_path.read_text()) if job_path.is_file() else None
     return LoadedModel(model, cfg, p, "checkpoint", ckpt, int(meta.get("step", -1)), run_dir, job)
+
+
+@dataclass
+class LoadedOnnx:
+    """An ONNX model ready for inference (:class:`mla.compress.onnx_export.OnnxLM`).
+
+    Attributes:
+        model: The ONNX Runtime model.
+        cfg: Its configuration (stored in the file).
+        source: The ``.onnx`` file.
+        job: ``job.json`` next to the file (``mla compress`` copies the run's), when present.
+    """
+
+    model: Any
+    cfg: ModelConfig
+    source: Path
+    job: dict | None = field(default=None, repr=False)
+
+
+#: ONNX files looked for, in order, when ``--onnx`` names a folder (``mla compress --out``).
+ONNX_NAMES = ("model.int8.onnx", "model.onnx")
+
+
+def load_onnx(path: str | Path, threads: int = 1) -> LoadedOnnx:
+    """Load an ONNX export: a ``.onnx`` file or a folder holding ``model.int8.onnx`` /
+    ``model.onnx`` (the output folder of ``mla compress``).
+
+    Raises:
+        CheckpointError: no such file, no ONNX model in the folder, the ``compress`` extra is
+            not installed, or the file is not an ONNX model exported by mla.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = [p / n for n in ONNX_NAMES if (p / n).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"{p} holds no {' or '.join(ONNX_NAMES)}; pass a .onnx file or the --out "
+                "folder of `mla compress`"
+            )
+        p = found[0]
+    try:
+        from mla.compress.onnx_export import OnnxLM
+
+        model = OnnxLM(p, threads=threads)
+    except ImportError as exc:
+        raise CheckpointError(
+            f"--onnx needs onnxruntime ({exc.name} is missing); pip install 'mla-train[compress]'"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
+    job_path = p.parent / "job.json"
+    job = json.loads(job_path.read_text()) if job_path.is_file() else None
+    return LoadedOnnx(model, model.cfg, p, job)

@@ -78,7 +78,7 @@ def distill(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step + 1, losses[-1])
     student.eval()

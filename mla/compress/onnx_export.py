@@ -19,10 +19,13 @@ functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +65,7 @@ def export_onnx(model: MLATransformer, path: str | os.PathLike, seq_len: int = 0
     model = model.float().eval()
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             torch.onnx.export(
                 model,
                 (x,),
@@ -95,7 +97,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     cfg = OnnxLM.read_config(src)
 
     def write(tmp: Path) -> None:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        with _quiet():
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
         _set_metadata(tmp, cfg)
 
     return _atomic(Path(dst), write)
@@ -169,6 +172,20 @@ class OnnxLM:
     def size_bytes(self) -> int:
         """Size of the file on disk."""
         return onnx_size_bytes(self.path)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's and quantiser's advisory warnings and log lines (torchvision
+    missing, "consider pre-processing"), which say nothing about this model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def _set_metadata(path: Path, cfg: ModelConfig) -> None:
