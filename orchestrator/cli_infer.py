@@ -55,24 +55,36 @@ def generate(
     json_out: bool = typer.Option(
         False, "--json", help="Print prompts and completions as JSON instead of streaming."
     ),
+    onnx: bool = typer.Option(
+        False,
+        "--onnx",
+        help="SOURCE is an ONNX model (a .onnx file or an `mla compress` --out folder), run by "
+        "ONNX Runtime: full window per token, no KV cache (for checking a deployed file).",
+    ),
 ) -> None:
     """Generate text from a trained model with the KV cache, streaming tokens as they come."""
     sampling = _sampling(temperature, top_k, top_p, seed)
     prompts = _read_prompts(prompt, prompt_file)
-    loaded = _load(source, device)
+    loaded = _load_onnx(source, 1) if onnx else _load(source, device)
     from mla import tokenizer
     from mla.generate import check_prompts
-    from mla.generate import generate as run_generate
 
+    limit = loaded.model.seq_len if onnx else loaded.cfg.max_seq_len
     ids = [tokenizer.encode(p) for p in prompts]
     try:
-        check_prompts(ids, max_new_tokens, loaded.cfg.max_seq_len)
+        check_prompts(ids, max_new_tokens, limit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     stream = _Streamer(prompts) if not json_out else None
-    out = run_generate(
-        loaded.model, ids, max_new_tokens, sampling, on_tokens=stream.on_tokens if stream else None
-    )
+    on_tokens = stream.on_tokens if stream else None
+    if onnx:
+        from mla.compress.onnx_generate import generate_onnx
+
+        out = generate_onnx(loaded.model, limit, ids, max_new_tokens, sampling, on_tokens)
+    else:
+        from mla.generate import generate as run_generate
+
+        out = run_generate(loaded.model, ids, max_new_tokens, sampling, on_tokens=on_tokens)
     if stream:
         stream.close()
     else:

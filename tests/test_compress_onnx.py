@@ -72,3 +72,19 @@ def test_a_file_that_is_not_an_mla_export_is_refused(tmp_path):
         OnnxLM.read_config(bad)
     with pytest.raises(FileNotFoundError):
         OnnxLM.read_config(tmp_path / "missing.onnx")
+
+
+def test_greedy_onnx_generation_matches_the_torch_kv_cache_decoder(exported):
+    from mla.compress.onnx_generate import generate_onnx
+    from mla.generate import generate
+    from mla.sampling import SamplingConfig
+
+    model, _, fp32, _ = exported
+    greedy = SamplingConfig(temperature=0.0)
+    prompts = [list(b"def main():\n    "), list(b"import ")]
+    want = generate(model, prompts, 20, greedy)
+    lm = OnnxLM(fp32)
+    got = generate_onnx(lm, lm.seq_len, prompts, 20, greedy)
+    assert got == want and len(got[0]) == 20
+    # a row stops where the window ends: 64 - 60 + 1 new tokens
+    assert len(generate_onnx(lm, lm.seq_len, [[65] * 60], 20, greedy)[0]) == 5

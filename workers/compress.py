@@ -288,7 +288,7 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
     }
     step(1)
     step = stages.stage(f"teacher: ONNX {s.precision} export", 1)
-    teacher_file = _deploy(teacher, tmp / "teacher.onnx", seq, s.precision)
+    teacher_file = deploy_onnx(teacher, tmp / "teacher.onnx", seq, s.precision)
     teacher_deployed = {"size_mb": onnx_size_bytes(teacher_file) / MB}
     teacher_deployed.update(_profile(OnnxLM(teacher_file, s.threads), val, seq, rounds))
     step(1)
@@ -366,7 +366,7 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
     ]
     step = stages.stage(f"deploy: ONNX {s.precision} + verify", 1)
     name = "model.int8.onnx" if s.precision == "int8" else "model.onnx"
-    deployed = _deploy(student, tmp / name, seq, s.precision)
+    deployed = deploy_onnx(student, tmp / name, seq, s.precision)
     save_pretrained(
         student, tmp / "pruned", source={"compressed_from": str(report.get("source", ""))}
     )
@@ -407,7 +407,7 @@ def _kl_note(step: Callable[..., None]) -> Callable[[int, float], None]:
     return note
 
 
-def _deploy(model: MLATransformer, dst: Path, seq: int, precision: str) -> Path:
+def deploy_onnx(model: MLATransformer, dst: Path, seq: int, precision: str) -> Path:
     """Export ``model`` to ``dst`` (ONNX at ``seq`` tokens), INT8 unless ``precision="fp32"``."""
     if precision == "fp32":
         return export_onnx(model, dst, seq)

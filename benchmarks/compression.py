@@ -1,0 +1,174 @@
+"""Compression benchmark: the original model and its compressed variants, side by side.
+
+Trains the ``tiny`` preset (MLA attention, d 128, 4 layers, 4 heads, SwiGLU 352) with a plain
+torch AdamW loop on the default corpus (Python standard library sources, byte tokens, seq 128),
+logging validation loss along the way so the curve shows whether it has flattened; then builds
+
+* ``original``: torch fp32, ONNX Runtime fp32, ONNX Runtime INT8 (post-training, dynamic);
+* ``pruned``: MLP 50 % and half the head groups by activation importance
+  (:mod:`mla.compress.prune`), no recovery;
+* ``pruned+KD``: the same after ``distill_steps`` of logit distillation from the original;
+* ``pruned+KD INT8``: that, exported and quantised (the combination ``mla compress`` deploys).
+
+For each: size on disk (safetensors file of the torch weights, or the ONNX file), latency per
+forward pass at batch 1 and 8 (minimum over interleaved rounds: every variant is timed once per
+round, so load from other processes on this shared machine hits them alike), and validation
+loss on the same fixed windows. Ratios are against torch fp32 of the original, measured in the
+same run. QAT and early exit are not built yet, so they have no rows.
+
+Run: ``python -m benchmarks.compression [--steps 300] [--distill-steps 100] [--threads 1]
+[--json]`` (about 10 minutes on one busy core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mla.compress.distill import distill
+from mla.compress.importance import measure_importance
+from mla.compress.onnx_export import OnnxLM, onnx_size_bytes
+from mla.compress.prune import apply_pruning, plan_pruning
+from mla.config import get_preset
+from mla.model import MLATransformer
+from mla.pretrained import WEIGHTS, save_pretrained
+from workers.compress import deploy_onnx
+from workers.data import WindowBatches, load_corpus
+from workers.evaluation import EvalData, evaluate
+
+
+def train_teacher(
+    steps: int, seq: int, batch: int, val: EvalData, log
+) -> tuple[MLATransformer, list]:
+    """The tiny preset after ``steps`` AdamW steps (lr 3e-3, cosine to 3e-4); val-loss curve."""
+    torch.manual_seed(0)
+    model = MLATransformer(get_preset("tiny"))
+    train = WindowBatches(load_corpus(None).train, seq, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    curve = []
+    for step in range(steps):
+        lr = 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + np.cos(np.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = (torch.from_numpy(a) for a in train.rank_slice(step, batch, 0, 1))
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            curve.append((step + 1, evaluate(model, val, 8)["loss"]))
+            log(f"train step {step + 1}: val loss {curve[-1][1]:.4f}")
+            model.train()
+    return model.eval(), curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    seq, batch = 128, 16
+    vb = WindowBatches(load_corpus(None).val, seq, seed=0, shuffle=False)
+    vx, vy = vb.windows(np.arange(64))
+    val = EvalData(vx, vy, "64 validation windows of 128 tokens")
+    t0 = time.time()
+    teacher, curve = train_teacher(a.steps, seq, batch, val, log)
+    train = WindowBatches(load_corpus(None).train, seq, seed=1)
+    calib = [torch.from_numpy(train.windows(np.arange(i, i + 8))[0]) for i in range(0, 64, 8)]
+    cfg = teacher.cfg
+    plan = plan_pruning(
+        measure_importance(teacher, calib), cfg, cfg.ffn_hidden // 2, cfg.kv_heads // 2
+    )
+    pruned = apply_pruning(teacher, plan)
+    student = apply_pruning(teacher, plan)
+    batches = (
+        tuple(torch.from_numpy(t) for t in train.rank_slice(10_000 + i, batch, 0, 1))
+        for i in range(10**9)
+    )
+    distill(student, teacher, batches, a.distill_steps, lr=1e-3)
+    log(f"distilled {a.distill_steps} steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        variants = {}
+        for name, model in (
+            ("original torch fp32", teacher),
+            ("pruned torch fp32", pruned),
+            ("pruned+KD torch fp32", student),
+        ):
+            folder = save_pretrained(model, d / name.replace(" ", "_"))
+            variants[name] = (model, (folder / WEIGHTS).stat().st_size)
+        for name, model, prec in (
+            ("original ORT fp32", teacher, "fp32"),
+            ("original ORT INT8 (PTQ)", teacher, "int8"),
+            ("pruned+KD ORT INT8", student, "int8"),
+        ):
+            log(f"exporting {name}")
+            path = deploy_onnx(model, d / f"{name.split()[0]}.{prec}.onnx", seq, prec)
+            variants[name] = (OnnxLM(path, a.threads), onnx_size_bytes(path))
+        rows = measure(variants, val, a.rounds, log)
+    base = rows["original torch fp32"]
+    for r in rows.values():
+        r["size_ratio"] = base["size_mb"] / r["size_mb"]
+        r["speedup_b1"] = base["ms_b1"] / r["ms_b1"]
+        r["speedup_b8"] = base["ms_b8"] / r["ms_b8"]
+        r["loss_increase_pct"] = 100 * (r["val_loss"] - base["val_loss"]) / base["val_loss"]
+    doc = {
+        "model": cfg.to_dict(),
+        "pruned": {"ffn_hidden": plan.ffn_keep, "kv_groups": plan.groups_keep},
+        "teacher_steps": a.steps,
+        "val_curve": curve,
+        "threads": a.threads,
+        "wall_s": time.time() - t0,
+        "rows": rows,
+    }
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(
+            f"{'variant':<26}{'size MB':>9}{'x':>6}{'b1 ms':>8}{'x':>6}{'b8 ms':>8}{'x':>6}{'val':>8}{'Δ%':>7}"
+        )
+        for n, r in rows.items():
+            print(
+                f"{n:<26}{r['size_mb']:>9.3f}{r['size_ratio']:>6.2f}{r['ms_b1']:>8.2f}{r['speedup_b1']:>6.2f}"
+                f"{r['ms_b8']:>8.2f}{r['speedup_b8']:>6.2f}{r['val_loss']:>8.4f}{r['loss_increase_pct']:>+7.2f}"
+            )
+        print(f"val curve (step, loss): {[(s, round(v, 4)) for s, v in curve]}")
+    return 0
+
+
+def measure(variants: dict, val: EvalData, rounds: int, log) -> dict:
+    """Val loss of every variant, then latency at batch 1 and 8, interleaved over rounds."""
+    rows = {}
+    for name, (model, size) in variants.items():
+        rows[name] = {"size_mb": size / 1e6, "val_loss": evaluate(model, val, 8)["loss"]}
+    xs = {b: val.inputs[:b] for b in (1, 8)}
+    best = {(n, b): float("inf") for n in variants for b in xs}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (model, _) in variants.items():
+            for b, x in xs.items():
+                t = time.perf_counter()
+                with torch.no_grad():
+                    model(torch.from_numpy(x))
+                if r:
+                    best[name, b] = min(best[name, b], time.perf_counter() - t)
+        log(f"latency round {r}/{rounds}")
+    for (name, b), s in best.items():
+        rows[name][f"ms_b{b}"] = s * 1e3
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
