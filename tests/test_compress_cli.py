@@ -99,3 +99,13 @@ def test_unreachable_budget_exits_2_with_what_it_achieved(teacher, tmp_path):
     report = json.loads((out / "compress_report.json").read_text())
     assert report["met"]["size"] is False and "teacher_onnx_int8" in report
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left
+
+
+def test_onnx_generate_and_eval_length_check(compressed):
+    _, out = compressed
+    gen = mla("generate", out, "--onnx", "--prompt", "def ", "--max-new-tokens", "5", "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout)[0]["new_tokens"] == 5
+    bad = mla("eval", out, "--onnx", "--seq-len", "32")
+    assert bad.returncode == 2
+    assert "takes windows of exactly 64 tokens" in bad.stderr
