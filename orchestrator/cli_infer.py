@@ -17,7 +17,10 @@ from typing import Optional
 
 import typer
 
+from orchestrator.cli_common import err
 from orchestrator.contract.errors import CheckpointError, ConfigError
+
+app = typer.Typer()
 
 SourceArg = typer.Argument(
     ...,
@@ -27,6 +30,7 @@ SourceArg = typer.Argument(
 DeviceOption = typer.Option("cpu", "--device", help="cpu or cuda.")
 
 
+@app.command()
 def generate(
     source: str = SourceArg,
     prompt: Optional[list[str]] = typer.Option(
@@ -119,6 +123,7 @@ class _Streamer:
         sys.stdout.flush()
 
 
+@app.command("eval")
 def eval_command(
     source: str = SourceArg,
     data: Optional[str] = typer.Option(
@@ -142,11 +147,9 @@ def eval_command(
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
     loaded = _load(source, device)
-    from rich.console import Console
-
     from workers.evaluation import check_seq_len, eval_windows, evaluate
 
-    console = Console(stderr=True)
+    console = err
     trained = ((loaded.job or {}).get("data") or {}).get("seq_len")
     note = check_seq_len(
         seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained
@@ -178,6 +181,7 @@ def eval_command(
         )
 
 
+@app.command()
 def export(
     source: str = SourceArg,
     out: Path = typer.Option(..., "--out", help="Folder to create (written atomically)."),
