@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mla.config import ModelConfig
-from mla.model import INIT_STD, RMSNorm, TransformerBlock, init_residual_projections
+from mla.model import INIT_STD, RMSNorm, TransformerBlock, init_gpt2_weights
 from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups, topology
 from workers.parallel.tensor_parallel import (
@@ -83,26 +83,29 @@ class BlockLayer(TransformerBlock):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(layer_seed(seed, layer_idx))
             super().__init__(cfg, layer_idx)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0.0, INIT_STD)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-            init_residual_projections(self, cfg.n_layers)
+            init_gpt2_weights(self, cfg.n_layers)
         apply_tensor_parallel(self, tp_rank, tp, group)
         self.canonical_prefix = f"blocks.{layer_idx}."
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(batch, seq, d_model)`` -> same shape."""
-        if self.recompute == "none" or not (self.training and torch.is_grad_enabled()):
+        """``x``: ``(batch, seq, d_model)`` -> same shape (the block's own forward)."""
+        if not self._recomputes("full"):
             return super().forward(x)
         from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
 
-        if self.recompute == "full":
-            return checkpoint(super().forward, x)
-        h = x + checkpoint(self.attn, self.attn_norm(x))
-        return h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
+        return checkpoint(super().forward, x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention sub-layer, recomputed in the backward pass under ``"selective"``."""
+        if not self._recomputes("selective"):
+            return self.attn(x)
+        from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
+
+        return checkpoint(self.attn, x)
+
+    def _recomputes(self, mode: str) -> bool:
+        return self.recompute == mode and self.training and torch.is_grad_enabled()
 
 
 class NormLayer(RMSNorm):
