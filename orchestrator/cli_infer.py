@@ -19,6 +19,7 @@ import typer
 
 from orchestrator.cli_common import err
 from orchestrator.contract.errors import CheckpointError, ConfigError
+from orchestrator.contract.jsonl import jsonl_strings
 
 app = typer.Typer()
 
@@ -229,24 +230,7 @@ def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> l
 
 
 def _jsonl_prompts(path: Path, text: str) -> list[str]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must look like "
-                '{"prompt": "..."}'
-            ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(
-                f"{path}:{lineno}: no string 'prompt' field; each line must look like "
-                '{"prompt": "..."}'
-            )
-        out.append(record["prompt"])
-    return out
+    return [prompt for _, prompt in jsonl_strings(path, text.splitlines(), "prompt", ConfigError)]
 
 
 def _load(source: str, device: str):
