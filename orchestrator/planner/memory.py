@@ -159,6 +159,31 @@ def activation_bytes_per_layer(
     return replicated / (tp if sequence_parallel else 1) + split / tp
 
 
+def layout_activation_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    flash: bool,
+    norm_bytes: float,
+    recompute: str = "none",
+) -> float:
+    """:func:`activation_bytes_per_layer` with a layout's micro-batch, tp and sequence
+    parallelism; ``recompute`` defaults to none (one layer's complete activations).
+
+    Example: as :func:`activation_bytes_per_layer`, whose numbers it returns unchanged.
+    """
+    return activation_bytes_per_layer(
+        cfg,
+        seq_len,
+        layout.micro_batch,
+        layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        recompute=recompute,
+        flash=flash,
+        norm_bytes=norm_bytes,
+    )
+
+
 def mla_attention_bytes(
     cfg: ModelConfig, seq_len: int, micro_batch: int, recompute: str = "none"
 ) -> float:
@@ -246,28 +271,11 @@ def stage_activation_bytes(
     Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
     8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
     """
-    per_layer = activation_bytes_per_layer(
-        cfg,
-        seq_len,
-        layout.micro_batch,
-        layout.tp,
-        sequence_parallel=layout.sequence_parallel,
-        recompute=layout.recompute,
-        flash=flash,
-        norm_bytes=norm_bytes,
-    )
+    per_layer = layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes, layout.recompute)
     held = in_flight_micro_batches(layout.pp, stage, layout.grad_accum, layout.virtual_stages)
     total = held * layers_on_stage(cfg.n_layers, layout.pp, stage) * per_layer
     if layout.recompute == "full":
-        total += activation_bytes_per_layer(
-            cfg,
-            seq_len,
-            layout.micro_batch,
-            layout.tp,
-            sequence_parallel=layout.sequence_parallel,
-            flash=flash,
-            norm_bytes=norm_bytes,
-        )
+        total += layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes)
     total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
         total += (
@@ -314,15 +322,7 @@ def calibrated_extra_bytes(
     Example: 13B at 8k, mb=4, tp=4, pp=4, last stage, flash, 6 layers and 24 B/logit:
     6 · 8192·4·5120·(8 + 4 + 4 + 6·2.7)/4 B + 24 · 8192·4·32000 B = 8.1e9 + 25.2e9 B.
     """
-    layer = activation_bytes_per_layer(
-        cfg,
-        seq_len,
-        layout.micro_batch,
-        layout.tp,
-        sequence_parallel=layout.sequence_parallel,
-        flash=flash,
-        norm_bytes=norm_bytes,
-    )
+    layer = layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes)
     extra = constants.transient_layers * layer
     if stage == layout.pp - 1 and not fused_loss:
         extra += constants.loss_bytes_per_logit * seq_len * layout.micro_batch * cfg.vocab_size
