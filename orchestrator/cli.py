@@ -40,20 +40,57 @@ for _group in COMMAND_MODULES:
     app.add_typer(importlib.import_module(f"orchestrator.cli_{_group}").app)
 
 
+#: Packages of the optional extras (pyproject ``[project.optional-dependencies]``): a command
+#: that needs one in a plain ``pip install mla-train`` says which extra to install.
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(
+        (
+            "torch",
+            "deepspeed",
+            "ray",
+            "numpy",
+            "scipy",
+            "pyarrow",
+            "matplotlib",
+            "safetensors",
+            "opacus",
+        ),
+        "train",
+    ),
+    "kubernetes": "k8s",
+}
+
+
 def main() -> None:
     """Console-script entry point: click's standalone mode plus one catch for user errors.
 
     Usage errors (unknown command or option, missing argument, bad value) are click's own: its
     usage message and exit 2. :class:`MLAError` prints ``error: ...`` and exits with its code
-    (2; 1 for a failed job); set ``MLA_TRACEBACK=1`` to see its traceback instead.
+    (2; 1 for a failed job); a package of an extra that is not installed (``mla train`` after a
+    plain ``pip install mla-train``) names the extra to install, exit 2. Set ``MLA_TRACEBACK=1``
+    to see the traceback instead.
     """
     try:
         app()
     except MLAError as exc:
-        if os.environ.get("MLA_TRACEBACK"):
+        _fail(exc, str(exc), exc.exit_code)
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_PACKAGE.get((exc.name or "").partition(".")[0])
+        if extra is None:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
-        sys.exit(exc.exit_code)
+        _fail(
+            exc,
+            f"this command needs the {exc.name!r} package, which comes with the [{extra}] "
+            f"extras: pip install 'mla-train[{extra}]'",
+            2,
+        )
+
+
+def _fail(exc: Exception, message: str, exit_code: int) -> None:
+    if os.environ.get("MLA_TRACEBACK"):
+        raise exc
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

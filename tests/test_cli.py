@@ -82,3 +82,26 @@ def test_k8s_render_and_submit_share_one_option_list():
     render = {p.name for p in k8s.commands["render"].params} - {"output"}
     submit = {p.name for p in k8s.commands["submit"].params}
     assert len(render) == 15 and render <= submit
+
+
+@pytest.mark.parametrize(
+    "package, args, extra",
+    [
+        ("torch", ("generate", "runs/none", "--prompt", "a"), "train"),
+        ("numpy", ("train", "configs/tiny.yaml"), "train"),
+        ("kubernetes", ("k8s", "status", "mla-x"), "k8s"),
+    ],
+)
+def test_a_missing_extra_names_the_extra_to_install(package, args, extra):
+    """A plain ``pip install mla-train`` (no extras): commands that need torch or kubernetes say
+    which extra to install, exit 2, no traceback (the package is hidden with sys.modules)."""
+    code = (
+        f"import sys; sys.modules[{package!r}] = None; sys.argv = ['mla', *{list(args)!r}]; "
+        "from orchestrator.cli import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"pip install 'mla-train[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr
