@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mla import flops
 from mla.config import ModelConfig
+from orchestrator.contract.layout import padded_vocab_size
 
 #: ``mla.flops`` counts, memoised per (frozen, hashable) model config: a 4,096-GPU search asks
 #: for the same model's counts thousands of times.
@@ -220,8 +221,9 @@ def layers_on_stage(n_layers: int, pp: int, stage: int) -> int:
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
     """Parameters held by one GPU of ``stage`` (tensor shards; norms replicated).
 
-    The embedding ``V·d`` (vocabulary-parallel, ``/tp``) sits on the first stage; the tied output
-    head needs its own copy on the last stage when ``pp > 1`` (Megatron's shared embedding).
+    The embedding ``V·d`` (vocabulary-parallel, ``/tp``, V padded to a multiple of tp) sits on
+    the first stage; the tied output head needs its own copy on the last stage when ``pp > 1``
+    (Megatron's shared embedding).
 
     Example: 70b preset (80 layers of 855.6M), tp=8, pp=4, stage 0: 20·(855.6M - 16,384)/8 +
     20·16,384 + 32000·8192/8 = 2.17e9.
@@ -231,7 +233,7 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
     n = layers_on_stage(cfg.n_layers, pp, stage)
     params = n * ((per_layer - norms) / tp + norms)
     if stage == 0 or stage == pp - 1:
-        params += cfg.vocab_size * cfg.d_model / tp
+        params += padded_vocab_size(cfg.vocab_size, tp) * cfg.d_model / tp
     if stage == pp - 1:
         params += cfg.d_model
     return params
@@ -279,7 +281,11 @@ def stage_activation_bytes(
     total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
         total += (
-            (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+            (LOW_BYTES[precision] + 4)
+            * seq_len
+            * layout.micro_batch
+            * padded_vocab_size(cfg.vocab_size, layout.tp)
+            / layout.tp
         )
     return total
 
