@@ -94,8 +94,8 @@ def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
         dim, rows = split_dim(name), real_rows.get(name)
         out["param"][name] = _gather_tp(p.data.float(), dim, groups)[:rows]
         for key in OPTIM_KEYS:
-            state = _gather_tp(_full_optimizer_state(engine, p, key), dim, groups)
-            out[key][name] = state[:rows]
+            moments = _gather_tp(_full_optimizer_state(engine, p, key), dim, groups)
+            out[key][name] = moments[:rows]
     if groups.dp_rank == 0 and groups.tp_rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(out, folder / f"stage_{groups.pp_rank:03d}.pt")
