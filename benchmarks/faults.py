@@ -176,7 +176,7 @@ def run_with_kills(
         cwd=ROOT,
     )
     # pids of earlier attempts: a rank file not yet rewritten by the new attempt still names one
-    soak, stale_pids = Soak(), set()
+    soak, stale_pids = Soak(), set[int]()
     start, deadline = time.time(), time.time() + kill_window_s
     try:
         while len(soak.kills) < n_kills and proc.poll() is None and time.time() < deadline:
