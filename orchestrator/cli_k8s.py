@@ -172,21 +172,17 @@ def render(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename (no half-written manifest).
+    """Write ``text`` atomically (:func:`orchestrator.contract.io.atomic_write`: no half-written
+    manifest).
 
     Raises:
         ConfigError: the folder does not exist or is not writable (names --output).
     """
-    import os
+    from orchestrator.contract.io import atomic_write
 
-    from orchestrator.contract.errors import ConfigError
-
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         raise ConfigError(
             f"--output {str(path)!r}: cannot write it ({exc.strerror}); pass a path in an existing, "
             "writable folder"
