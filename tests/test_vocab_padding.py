@@ -16,13 +16,13 @@ CFG = get_preset("tiny").replace(vocab_size=257)
 SEED = 3
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _data(cfg=CFG) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, CFG.vocab_size, (2, 16), generator=g)
-    tokens[0, 0] = CFG.vocab_size - 1  # the last real id: an edge of the last shard
-    targets = torch.randint(0, CFG.vocab_size, (2, 16), generator=g)
-    targets[1, -1] = CFG.vocab_size - 1
-    mix = torch.randn(CFG.d_model, CFG.d_model, generator=g) / CFG.d_model**0.5
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    tokens[0, 0] = cfg.vocab_size - 1  # the last real id: an edge of the last shard
+    targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    targets[1, -1] = cfg.vocab_size - 1
+    mix = torch.randn(cfg.d_model, cfg.d_model, generator=g) / cfg.d_model**0.5
     return tokens, targets, mix
 
 
@@ -31,15 +31,15 @@ def _forward(embed, head, tokens, targets, mix, loss_fn):
     return loss_fn(head(embed(tokens) @ mix), targets)
 
 
-def _tp_worker(rank: int, world_size: int) -> dict:
+def _tp_worker(rank: int, world_size: int, cfg) -> dict:
     import torch.distributed as dist
 
     from workers.parallel.pipeline import EmbeddingLayer
     from workers.parallel.tensor_parallel import vocab_parallel_cross_entropy
 
     group = dist.new_group(list(range(world_size)))
-    layer = EmbeddingLayer(CFG, SEED, rank, world_size, group)
-    tokens, targets, mix = _data()
+    layer = EmbeddingLayer(cfg, SEED, rank, world_size, group)
+    tokens, targets, mix = _data(cfg)
     loss = _forward(
         layer,
         layer.logits,
@@ -57,14 +57,16 @@ def test_padded_vocab_size_rounds_up_to_a_multiple_of_tp():
 
 
 @pytest.mark.slow
-def test_tp2_with_vocab_257_matches_the_unpadded_model():
+@pytest.mark.parametrize("vocab, tp", [(257, 2), (5, 4)])  # (5, 4): the last rank is all padding
+def test_a_padded_vocab_matches_the_unpadded_model(vocab, tp):
     from workers.parallel.pipeline import EmbeddingLayer
 
     torch.set_num_threads(1)
-    ranks = run_local(_tp_worker, 2, timeout_s=300)
-    full = EmbeddingLayer(CFG, SEED, 0, 1, None)  # tp=1: no padding, the reference weights
-    assert full.weight.shape == (257, CFG.d_model)
-    tokens, targets, mix = _data()
+    cfg = CFG.replace(vocab_size=vocab)
+    ranks = run_local(_tp_worker, tp, cfg, timeout_s=300)
+    full = EmbeddingLayer(cfg, SEED, 0, 1, None)  # tp=1: no padding, the reference weights
+    assert full.weight.shape == (vocab, cfg.d_model)
+    tokens, targets, mix = _data(cfg)
     loss = _forward(
         lambda t: F.embedding(t, full.weight),
         lambda x: F.linear(x, full.weight),
@@ -77,13 +79,13 @@ def test_tp2_with_vocab_257_matches_the_unpadded_model():
 
     weight = torch.cat([r["weight"] for r in ranks])
     grad = torch.cat([r["grad"] for r in ranks])
-    assert weight.shape == (258, CFG.d_model)
-    assert torch.equal(weight[:257], full.weight.detach())  # same initial real rows
-    assert not weight[257:].any()  # the padding row is zeros
+    assert weight.shape == (padded_vocab_size(vocab, tp), cfg.d_model)
+    assert torch.equal(weight[:vocab], full.weight.detach())  # same initial real rows
+    assert not weight[vocab:].any()  # the padding rows are zeros
     for r in ranks:
         assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    torch.testing.assert_close(grad[:257], full.weight.grad, rtol=1e-5, atol=1e-7)
-    assert not grad[257:].any()  # the padded row never trains
+    torch.testing.assert_close(grad[:vocab], full.weight.grad, rtol=1e-5, atol=1e-7)
+    assert not grad[vocab:].any()  # the padded rows never train
 
 
 def test_a_vocab_tp_does_not_divide_is_planned_and_runs_padded(tiny_job):

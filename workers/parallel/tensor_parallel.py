@@ -189,7 +189,9 @@ class VocabParallelEmbedding(nn.Module):
         rows = pad_rows(full.weight.detach(), self.per_rank * tp)
         self.weight = nn.Parameter(shard(rows, 0, tp_rank, tp).clone())
         #: Logit columns at the end of this shard that are padding (ids >= vocab_size).
-        self.padded_cols = max(0, self.vocab_start + self.per_rank - self.vocab_size)
+        self.padded_cols = min(
+            self.per_rank, max(0, self.vocab_start + self.per_rank - self.vocab_size)
+        )
         if tp > 1:
             self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
 
@@ -250,7 +252,8 @@ def vocab_parallel_cross_entropy(
     sum_exp = reduce_from_group(z.exp().sum(-1), group, tp)
     local = t - vocab_start
     mine = (local >= 0) & (local < z.size(-1))
-    picked = z.gather(1, local.clamp(0, z.size(-1) - 1).unsqueeze(1)).squeeze(1) * mine
+    picked = z.gather(1, local.clamp(0, z.size(-1) - 1).unsqueeze(1)).squeeze(1)
+    picked = picked.masked_fill(~mine, 0.0)  # not `* mine`: a padded logit is -inf
     picked = reduce_from_group(picked, group, tp)
     return (sum_exp.log() - picked).mean()
 
