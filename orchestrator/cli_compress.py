@@ -17,7 +17,10 @@ import typer
 from orchestrator.cli_common import err
 from orchestrator.contract.errors import ConfigError
 
+app = typer.Typer()
 
+
+@app.command()
 def compress(
     source: str = typer.Argument(
         ..., help="Run folder, checkpoint folder or export folder of the trained model."
