@@ -58,6 +58,7 @@ EXTRA_OF_PACKAGE = {
         "train",
     ),
     "kubernetes": "k8s",
+    **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "compress"),
 }
 
 
