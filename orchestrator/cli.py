@@ -72,7 +72,9 @@ def _register_subcommands() -> None:
     from orchestrator.k8s.cli import app as k8s_app
 
     app.command("plan")(plan)
-    app.add_typer(bench_app, name="bench", help="Benchmarks (attention, quality, decoding).")
+    app.add_typer(
+        bench_app, name="bench", help="Benchmarks (attention, quality, retrieval, decoding)."
+    )
     app.add_typer(k8s_app, name="k8s", help="KubeRay manifests: render, submit, status, delete.")
     app.command("submit")(submit)
     app.command("tune")(tune)

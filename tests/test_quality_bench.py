@@ -1,0 +1,53 @@
+"""``mla bench quality``'s loss against position: buckets and per-position means."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.quality import (
+    QualitySettings,
+    bucket_means,
+    evaluate,
+    position_buckets,
+    position_losses,
+)
+from mla.model import MLATransformer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_buckets_double_from_the_window_to_the_context():
+    assert position_buckets(1024, 64) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
+    assert position_buckets(100, 64) == [(0, 64), (64, 100)]
+    assert position_buckets(32, 64) == [(0, 32)]
+
+
+def test_bucket_means_average_the_positions_they_cover():
+    losses = np.arange(10, dtype=float)
+    assert bucket_means(losses, 4) == [
+        {"start": 0, "end": 4, "loss": 1.5},
+        {"start": 4, "end": 8, "loss": 5.5},
+        {"start": 8, "end": 10, "loss": 8.5},
+    ]
+
+
+def test_position_losses_average_to_the_validation_loss():
+    s = QualitySettings(
+        d_model=32,
+        n_heads=2,
+        ffn_hidden=48,
+        n_layers=1,
+        train_seq_len=32,
+        eval_contexts=(32,),
+        local_window=8,
+        global_k=8,
+        block_size=8,
+    )
+    torch.manual_seed(0)
+    model = MLATransformer(s.model_config("window"))
+    tokens = np.random.default_rng(0).integers(0, 256, 32 * 20 + 1)
+    per_pos = position_losses(model, tokens, 32, 32 * 20)
+    assert per_pos.shape == (32,)
+    assert evaluate(model, tokens, 32, 32 * 20) == pytest.approx(per_pos.mean(), rel=1e-12)
