@@ -51,3 +51,18 @@ def test_position_losses_average_to_the_validation_loss():
     per_pos = position_losses(model, tokens, 32, 32 * 20)
     assert per_pos.shape == (32,)
     assert evaluate(model, tokens, 32, 32 * 20) == pytest.approx(per_pos.mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("quality", "--models", "mla,dense"), "--models='mla,dense' must start with dense"),
+        (("quality", "--models", "dense,flash"), "name only dense, mla, window, sum"),
+        (("retrieval", "--plot", "/no/such/folder/r.png"), "folder /no/such/folder does not"),
+    ],
+)
+def test_bad_bench_options_exit_2_with_the_fix_and_no_traceback(mla_cli, args, message):
+    result = mla_cli("bench", *args, timeout=120)
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split())  # rich wraps long lines
+    assert "Traceback" not in result.stderr
