@@ -280,8 +280,11 @@ def plot(report: dict, path: str) -> None:
 
     distances = report["settings"]["eval_distances"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    styles = {"dense": ("s", "--", 9), "window": ("o", "-", 6), "mla": ("^", "-", 6)}
     for kind, m in report["models"].items():
-        ax.plot(distances, [m["accuracy"][str(d)] for d in distances], marker="o", label=kind)
+        marker, line, size = styles.get(kind, ("o", "-", 6))
+        acc = [m["accuracy"][str(d)] for d in distances]
+        ax.plot(distances, acc, marker=marker, ls=line, ms=size, label=kind)  # dense may hide
     ax.axvline(report["settings"]["local_window"], ls=":", c="grey", label="window w")
     ax.axvline(report["receptive_field"], ls="--", c="grey", label="n_layers x (w - 1)")
     ax.axhline(report["chance"], ls="-.", c="black", lw=0.8, label="chance")
