@@ -54,6 +54,8 @@ class QualitySettings:
             with these settings, side by side, 2026-12-01).
         models: Which models to train, among ``MODEL_KINDS`` (``"dense"`` first: gaps are
             relative to it).
+        processes: Models trained at once, each in its own process (1: one after the other;
+            the losses are the same, the wall times then share the machine).
     """
 
     steps: int = 96
@@ -73,6 +75,7 @@ class QualitySettings:
     block_size: int = 32
     indexer: IndexerKind = "block"
     models: tuple[str, ...] = ("dense", "mla", "window")
+    processes: int = 1
 
     def model_config(self, kind: str) -> ModelConfig:
         """The shared model shape as ``kind`` (one of :data:`MODEL_KINDS`)."""
@@ -189,6 +192,37 @@ def bucket_means(losses: np.ndarray, window: int) -> list[dict]:
     ]
 
 
+def train_and_score(kind: str, s: QualitySettings, log=lambda msg: None) -> dict[str, Any]:
+    """Train one model and score it: ``{"train_seconds": s, "position_losses": {context:
+    (context,) array}}``. Every call loads the corpus itself (so it can run in its own process)."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    corpus = load_corpus(None)
+    log(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
+    model, seconds = train(kind, s, corpus.train, log)
+    return {
+        "train_seconds": round(seconds, 1),
+        "position_losses": {
+            c: position_losses(model, corpus.val, c, s.eval_tokens) for c in s.eval_contexts
+        },
+    }
+
+
+def _log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _score_in_processes(s: QualitySettings) -> dict[str, dict[str, Any]]:
+    """:func:`train_and_score` for every model, ``s.processes`` at a time (spawned processes,
+    each with ``s.threads`` intra-op threads); same results as one after the other."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(min(s.processes, len(s.models)), get_context("spawn")) as pool:
+        futures = {k: pool.submit(train_and_score, k, s, _log_to_stderr) for k in s.models}
+        return {k: f.result() for k, f in futures.items()}
+
+
 def run_quality(s: QualitySettings, log=lambda msg: None) -> dict:
     """Train the models of ``s.models``, evaluate them; returns the report dictionary.
 
@@ -200,23 +234,21 @@ def run_quality(s: QualitySettings, log=lambda msg: None) -> dict:
         raise ValueError(
             f"models={s.models!r} must start with 'dense' and name only {', '.join(MODEL_KINDS)}"
         )
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    corpus = load_corpus(None)
-    log(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
     report: dict[str, Any] = {
         "settings": asdict(s),
         "tokens_trained": s.steps * s.batch * s.train_seq_len,
         "results": [],
     }
-    models = {}
+    if s.processes > 1:
+        scored = _score_in_processes(s)
+    else:
+        scored = {kind: train_and_score(kind, s, log) for kind in s.models}
     for kind in s.models:
-        models[kind], seconds = train(kind, s, corpus.train, log)
-        report[f"train_seconds_{kind}"] = round(seconds, 1)
+        report[f"train_seconds_{kind}"] = scored[kind]["train_seconds"]
     for context in s.eval_contexts:
         row: dict = {"context": context, "position_buckets": {}}
-        for kind, model in models.items():
-            losses = position_losses(model, corpus.val, context, s.eval_tokens)
+        for kind in s.models:
+            losses = scored[kind]["position_losses"][context]
             row[f"val_loss_{kind}"] = round(float(losses.mean()), 4)
             row["position_buckets"][kind] = bucket_means(losses, s.local_window)
         for kind in s.models[1:]:

@@ -130,6 +130,9 @@ def quality(
         help="Comma-separated models, dense first, among dense, mla, window (global branch "
         "off), sum (MLA with the branches summed, no gate).",
     ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="Models trained at once, each in its own process."
+    ),
 ) -> None:
     """Train dense, MLA and window-only versions of one small LM on the same tokens; compare
     validation loss, overall and by position."""
@@ -144,7 +147,7 @@ def quality(
             f"--models={models!r} must start with dense and name only "
             f"{', '.join(bench.MODEL_KINDS)}, e.g. dense,mla,window"
         )
-    settings = bench.QualitySettings(threads=threads, models=kinds)
+    settings = bench.QualitySettings(threads=threads, models=kinds, processes=processes)
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
     report = bench.run_quality(settings, log=console.log)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,27 @@ def test_bad_bench_options_exit_2_with_the_fix_and_no_traceback(mla_cli, args, m
     assert result.returncode == 2
     assert message in " ".join(result.stderr.split())  # rich wraps long lines
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_models_trained_in_processes_score_as_one_after_the_other():
+    from benchmarks.quality import run_quality
+
+    s = QualitySettings(
+        steps=2,
+        batch=2,
+        train_seq_len=64,
+        eval_contexts=(64,),
+        eval_tokens=256,
+        threads=1,
+        d_model=32,
+        n_heads=2,
+        ffn_hidden=64,
+        n_layers=1,
+        local_window=16,
+        global_k=16,
+        block_size=16,
+    )
+    serial, parallel = run_quality(s), run_quality(dataclasses.replace(s, processes=3))
+    assert serial["results"] == parallel["results"]
+    assert serial["results"][0]["val_loss_mla"] != serial["results"][0]["val_loss_window"]
