@@ -13,6 +13,9 @@ import torch
 from mla.pretrained import load_pretrained, save_pretrained
 from tests.compress_fixture import train_tiny
 
+# ONNX export and ONNX Runtime sessions take minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("onnxruntime")
 
 MLA = [sys.executable, "-m", "orchestrator.cli"]

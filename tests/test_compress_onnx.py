@@ -7,6 +7,9 @@ import torch.nn.functional as F
 from mla.compress.onnx_export import OnnxLM, export_onnx, onnx_size_bytes, quantize_int8
 from tests.compress_fixture import train_tiny, val_batch
 
+# ONNX export and ONNX Runtime sessions take minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("onnxruntime")
 
 #: ORT fp32 vs torch fp32 logits, max absolute difference (logits of a trained model are O(10)).
