@@ -25,11 +25,14 @@ _PIN = "Pin layout fields"
 def build_model(model: str | None, params: str | None, config: str | None, dims: dict):
     """ModelConfig and default seq_len from exactly one model source.
 
+    ``--attention``, ``--window``, ``--top-k`` and ``--seq-len`` apply to every source; the
+    shape flags (``--layers``, ``--heads``...) only to explicit dims.
+
     Raises:
-        PlanError: none or several sources, an unknown preset, or incomplete explicit dims.
+        PlanError: none or several sources, a shape flag with a named source, an unknown
+            preset, incomplete explicit dims, or attention flags that do not fit together.
     """
     from mla.config import PRESETS, ModelConfig
-    from orchestrator.planner.shapes import model_from_params
 
     explicit = {k: v for k, v in dims.items() if v is not None}
     given = [
@@ -42,17 +45,15 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
             f"give exactly one model source, got {given or 'none'}: --model NAME "
             f"({', '.join(PRESETS)}), --params 70B, --config FILE, or --layers/--hidden/--heads/--vocab"
         )
-    if model:
-        if model not in PRESETS:
-            raise PlanError(f"unknown model preset {model!r}; known presets: {', '.join(PRESETS)}")
-        return PRESETS[model], None
-    if params:
-        return model_from_params(params, seq_len=dims.get("seq_len") or 4096), None
-    if config:
-        from orchestrator.config import load_job_config
-
-        job = load_job_config(config)
-        return job.model_config_(), job.data.seq_len
+    if given[0] != "explicit dims":
+        shape = [f"--{k.replace('_', '-')}" for k in _SHAPE_FLAGS if explicit.get(k) is not None]
+        if shape:
+            raise PlanError(
+                f"{', '.join(shape)} cannot be combined with {given[0]} (it fixes the model's "
+                "shape): drop it, or give the whole shape with --layers/--hidden/--heads/--vocab"
+            )
+        base, job_seq = _named_model(model, params, config, dims.get("seq_len"))
+        return apply_attention_flags(base, explicit), job_seq
     missing = [f"--{k}" for k in ("layers", "hidden", "heads", "vocab") if not explicit.get(k)]
     if missing:
         raise PlanError(f"explicit model dims need {', '.join(missing)}")
@@ -73,6 +74,72 @@ def build_model(model: str | None, params: str | None, config: str | None, dims:
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     return cfg, None
+
+
+_SHAPE_FLAGS = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab")
+
+
+def _named_model(model: str | None, params: str | None, config: str | None, seq_len: int | None):
+    """ModelConfig and the job's seq_len (``--config`` only) of a preset, a count or a job YAML.
+
+    Raises:
+        PlanError: an unknown preset or an unparsable count.
+    """
+    from mla.config import PRESETS
+
+    if model:
+        if model not in PRESETS:
+            raise PlanError(f"unknown model preset {model!r}; known presets: {', '.join(PRESETS)}")
+        return PRESETS[model], None
+    if params:
+        from orchestrator.planner.shapes import model_from_params
+
+        return model_from_params(params, seq_len=seq_len or 4096), None
+    from orchestrator.config import load_job_config
+
+    job = load_job_config(str(config))
+    return job.model_config_(), job.data.seq_len
+
+
+def apply_attention_flags(cfg, flags: dict):
+    """``cfg`` with ``--attention``, ``--window``, ``--top-k`` and ``--seq-len`` applied.
+
+    ``--window`` or ``--top-k`` without ``--attention`` selects MLA attention (they only mean
+    something there). ``--seq-len`` longer than the model's ``max_seq_len`` raises it.
+
+    Raises:
+        PlanError: ``--window``/``--top-k`` with ``--attention dense``, or a window / top-k
+            longer than the sequence.
+    """
+    changes: dict = {}
+    mla_flags = [f"--{k.replace('_', '-')}" for k in ("window", "top_k") if flags.get(k)]
+    attention = flags.get("attention")
+    if mla_flags and attention == "dense":
+        raise PlanError(
+            f"{' and '.join(mla_flags)} {'apply' if len(mla_flags) > 1 else 'applies'} only to --attention mla (dense attention has no "
+            "sliding window or top-k): drop them or use --attention mla"
+        )
+    if attention or mla_flags:
+        changes["attention"] = attention or "mla"
+    seq = flags.get("seq_len") or cfg.max_seq_len
+    for key, field in (("window", "local_window"), ("top_k", "global_k")):
+        value = flags.get(key)
+        if value is None:
+            continue
+        if value > seq:
+            raise PlanError(
+                f"--{key.replace('_', '-')} {value} is longer than the sequence ({seq} tokens): "
+                f"give at most {seq}"
+            )
+        changes[field] = value
+    if seq > cfg.max_seq_len:
+        changes["max_seq_len"] = seq
+    if not changes:
+        return cfg
+    try:
+        return cfg.replace(**changes)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def check_plan_numbers(**values: float | None) -> None:

@@ -130,3 +130,36 @@ def test_zero_stages_option_restricts_the_plan():
     doc = json.loads(res.stdout)
     assert doc["request"]["allowed_zero_stages"] == [0, 1]
     assert {c["layout"]["zero_stage"] for c in doc["candidates"]} <= {0, 1}
+
+
+def _plan_json(*args: str) -> dict:
+    res = runner.invoke(app, ["plan", *args, "--gpus", "8", "--json", "--top", "1"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_attention_flags_override_a_preset_a_count_and_a_config():
+    # request.model is describe_model's line, ending in "dense" or "mla(w=..., k=...)".
+    assert _plan_json("--model", "7b")["request"]["model"].endswith("mla(w=1024, k=256)")
+    dense = _plan_json("--model", "7b", "--attention", "dense")
+    assert dense["request"]["model"].endswith(" dense")
+    mla = _plan_json("--params", "7B", "--window", "64", "--top-k", "8")
+    assert mla["request"]["model"].endswith("mla(w=64, k=8)")
+    cfg = _plan_json("--config", "configs/tiny.yaml", "--attention", "dense")
+    assert cfg["request"]["model"].endswith(" dense")
+
+
+def test_shape_flags_with_a_named_model_are_refused_naming_both():
+    for source in (["--model", "7b"], ["--config", "configs/tiny.yaml"]):
+        res = runner.invoke(app, ["plan", *source, "--heads", "7", "--gpus", "8"])
+        assert isinstance(res.exception, PlanError)
+        assert "--heads" in str(res.exception) and source[0] in str(res.exception)
+
+
+def test_window_longer_than_the_sequence_and_window_with_dense_are_refused():
+    res = runner.invoke(app, ["plan", "--model", "7b", "--window", "100000", "--gpus", "8"])
+    assert isinstance(res.exception, PlanError) and "at most 4096" in str(res.exception)
+    res = runner.invoke(
+        app, ["plan", "--params", "7B", "--window", "64", "--attention", "dense", "--gpus", "8"]
+    )
+    assert isinstance(res.exception, PlanError) and "--attention mla" in str(res.exception)
