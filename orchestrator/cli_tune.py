@@ -27,7 +27,9 @@ def tune(
     scheduler: str = typer.Option(
         "asha", "--scheduler", help="asha (stops bad trials early) or fifo."
     ),
-    metric: str = typer.Option("val_loss", "--metric", help="Metric to minimise."),
+    metric: str = typer.Option(
+        "val_loss", "--metric", help="Metric to minimise: val_loss or loss."
+    ),
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", help="Steps per trial (default: train.steps)."
     ),
@@ -52,8 +54,9 @@ def tune(
     """Sweep attention settings with Ray Tune; writes trials.json, best.yaml and val_loss.png."""
     from orchestrator.config import load_job_config
     from orchestrator.contract.errors import ConfigError
-    from orchestrator.tune import parse_search, run_sweep
+    from orchestrator.tune import check_metric, parse_search, run_sweep
 
+    check_metric(metric)
     if search_mode not in ("grid", "random"):
         raise ConfigError(f"--search-mode {search_mode!r}: choose grid or random")
     job = load_job_config(

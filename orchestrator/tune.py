@@ -134,6 +134,25 @@ class SweepResult:
     best: dict
 
 
+#: Metrics a trial reports to Tune that make sense to minimise (the trainer reports ``loss``,
+#: ``val_loss``, ``tokens_per_s``, ``epsilon`` and ``diverged``: workers/train_loop.py
+#: ``_last_metrics``; the last three are not losses).
+TUNE_METRICS = ("val_loss", "loss")
+
+
+def check_metric(metric: str) -> None:
+    """Refuse a ``--metric`` the trainer does not report, before Ray or any folder is touched.
+
+    Raises:
+        ConfigError: naming the metric and the ones a sweep can minimise.
+    """
+    if metric not in TUNE_METRICS:
+        raise ConfigError(
+            f"--metric {metric!r} is not a metric the trainer reports to minimise: "
+            f"choose one of {', '.join(TUNE_METRICS)}"
+        )
+
+
 def run_sweep(
     job: JobConfig,
     space: dict[str, list],
@@ -157,6 +176,7 @@ def run_sweep(
     """
     from orchestrator.launcher import connect_ray, load_torch_before_ray
 
+    check_metric(metric)
     if scheduler not in ("asha", "fifo"):
         raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
     if samples < 1:

@@ -174,3 +174,19 @@ def test_samples_below_one_is_refused_before_anything_starts(tiny_job):
     job = tiny_job()
     with pytest.raises(ConfigError, match="--samples 0"):
         run_sweep(job, {"model.global_k": [2]}, samples=0)
+
+
+def test_unknown_metric_exits_2_naming_the_metrics_before_ray_or_a_sweep_folder(tmp_path, mla_cli):
+    res = mla_cli(
+        "tune",
+        "configs/tiny.yaml",
+        "--search",
+        "model.global_k=2,4",
+        "--metric",
+        "bogus",
+        sets=[f"run.dir={tmp_path}"],
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "--metric 'bogus'" in res.stderr and "val_loss, loss" in res.stderr
+    assert "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
