@@ -50,8 +50,12 @@ def submit(
     search: Optional[list[str]] = typer.Option(
         None, "--search", help="With --tune: KEY=V1,V2,... (repeatable)."
     ),
-    samples: int = typer.Option(1, "--samples", help="With --tune: samples per grid point."),
-    scheduler: str = typer.Option("asha", "--scheduler", help="With --tune: asha or fifo."),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", help="With --tune: samples per grid point (default 1)."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="With --tune: asha (default) or fifo."
+    ),
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", help="With --tune: steps per trial."
     ),
@@ -65,15 +69,8 @@ def submit(
     from orchestrator.jobs import follow
     from orchestrator.jobs import submit as submit_job
 
-    args: list[str] = []
-    command = "train"
-    if tune:
-        command = "tune"
-        for item in search or []:
-            args += ["--search", item]
-        args += ["--samples", str(samples), "--scheduler", scheduler]
-        if max_steps:
-            args += ["--max-steps", str(max_steps)]
+    command = "tune" if tune else "train"
+    args = sweep_args(tune, search, samples, scheduler, max_steps)
     client, sid = submit_job(
         config, set_ or [], address, token_file, storage_path, args, command, preflight=preflight
     )
@@ -82,6 +79,53 @@ def submit(
     if follow_logs:
         status = follow(client, sid, lambda line: err.print(line, markup=False))
         err.print(f"job {sid} {status}")
+
+
+def sweep_args(
+    tune: bool,
+    search: list[str] | None,
+    samples: int | None,
+    scheduler: str | None,
+    max_steps: int | None,
+) -> list[str]:
+    """The ``mla tune`` arguments of ``mla submit --tune``, checked before the cluster is contacted.
+
+    Raises:
+        ConfigError: a sweep option without ``--tune``, ``--tune`` without ``--search``, or a
+            malformed ``--search``, ``--samples``, ``--scheduler`` or ``--max-steps``.
+    """
+    from orchestrator.contract.errors import ConfigError
+    from orchestrator.tune import parse_search
+
+    given = {
+        "--search": search,
+        "--samples": samples,
+        "--scheduler": scheduler,
+        "--max-steps": max_steps,
+    }
+    if not tune:
+        stray = [flag for flag, value in given.items() if value is not None]
+        if stray:
+            raise ConfigError(
+                f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only to a sweep: add --tune (and --search KEY=V1,V2,...)"
+                " or drop them"
+            )
+        return []
+    if not search:
+        raise ConfigError(
+            "--tune needs at least one --search KEY=V1,V2,..., "
+            "e.g. --search model.local_window=16,32,64"
+        )
+    parse_search(search)
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples {samples}: give at least 1 sample per grid point")
+    if scheduler is not None and scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"--scheduler {scheduler!r}: choose asha or fifo")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps}: give at least 1 step per trial")
+    args = [a for item in search for a in ("--search", item)]
+    args += ["--samples", str(samples or 1), "--scheduler", scheduler or "asha"]
+    return args + (["--max-steps", str(max_steps)] if max_steps else [])
 
 
 @jobs.command("list")

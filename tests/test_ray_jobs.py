@@ -151,3 +151,21 @@ def test_missing_address_names_the_flag_and_the_variable(monkeypatch, mla_cli):
     assert (
         result.returncode == 2 and "--address" in result.stderr and "RAY_ADDRESS" in result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--tune"], "--tune needs at least one --search"),
+        (["--tune", "--search", "model.local_window"], "--search 'model.local_window'"),
+        (["--tune", "--search", "model.global_k=2", "--scheduler", "x"], "--scheduler 'x'"),
+        (["--search", "model.global_k=2,4"], "--search applies only to a sweep: add --tune"),
+        (["--samples", "3", "--max-steps", "5"], "--samples, --max-steps apply only"),
+    ],
+)
+def test_sweep_flags_are_checked_before_the_cluster_is_contacted(mla_cli, flags, named):
+    result = mla_cli(
+        "submit", "configs/tiny.yaml", "--address", "http://127.0.0.1:9", *flags, timeout=120
+    )
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert "cannot reach" not in result.stderr and "Traceback" not in result.stderr
