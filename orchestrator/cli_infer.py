@@ -80,6 +80,7 @@ def generate(
         check_prompts(ids, max_new_tokens, limit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _note_capped(ids, max_new_tokens, limit)
     stream = _Streamer(prompts) if not json_out else None
     on_tokens = stream.on_tokens if stream else None
     if onnx:
@@ -168,6 +169,11 @@ def eval_command(
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
     if threads < 1:
         raise ConfigError(f"--threads={threads} must be >= 1")
+    if seq_len is not None and seq_len < 2:
+        raise ConfigError(
+            f"--seq-len={seq_len}: a window needs at least 2 tokens (inputs and next-token "
+            "targets); give --seq-len 2 or more, or drop it for the run's data.seq_len"
+        )
     loaded = _load_onnx(source, threads) if onnx else _load(source, device)
     from workers.evaluation import check_seq_len, eval_windows, evaluate
 
@@ -231,12 +237,34 @@ def export(
 
 
 def _sampling(temperature: float, top_k: Optional[int], top_p: float, seed: int):
+    import math
+
     from mla.sampling import SamplingConfig
 
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(
+            f"--temperature={temperature} must be a finite number >= 0 "
+            "(0 means greedy decoding), e.g. --temperature 0.8"
+        )
     try:
         return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _note_capped(ids: list[list[int]], max_new_tokens: int, limit: int) -> None:
+    """One stderr line when a prompt would run past ``max_seq_len``: generation stops there
+    (the rotary table and the KV cache end at it), as Hugging Face's ``max_length`` warns. The
+    last new token is sampled from position ``max_seq_len``'s logits, so a row gets at most
+    ``max_seq_len - len(prompt) + 1`` (:func:`mla.generate.generate`)."""
+    room = min(limit - len(p) + 1 for p in ids)
+    if max_new_tokens > room:
+        err.print(
+            f"note: --max-new-tokens {max_new_tokens} capped at {room}: generation stops at the "
+            f"model's max_seq_len ({limit} tokens, prompt included)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:

@@ -111,7 +111,18 @@ def test_export_then_generate_from_the_export(run, tmp_path):
         (("--prompt", "x" * 65), "prompt 1 has 65 tokens, more than the model's max_seq_len (64)"),
         (("--prompt", "x", "--top-p", "0"), "--top-p=0.0 must be in (0, 1]"),
         (("--prompt", "x", "--top-p", "1.5"), "--top-p=1.5 must be in (0, 1]"),
-        (("--prompt", "x", "--temperature", "-1"), "--temperature=-1.0 must be >= 0"),
+        (
+            ("--prompt", "x", "--temperature", "-1"),
+            "--temperature=-1.0 must be a finite number >= 0",
+        ),
+        (
+            ("--prompt", "x", "--temperature", "inf"),
+            "--temperature=inf must be a finite number >= 0",
+        ),
+        (
+            ("--prompt", "x", "--temperature", "nan"),
+            "--temperature=nan must be a finite number >= 0",
+        ),
         ((), "no prompt given"),
     ],
 )
@@ -143,3 +154,26 @@ def test_eval_refuses_a_sequence_longer_than_the_model_allows(run):
         result.returncode == 2
         and "--seq-len=65 is longer than the model allows (max_seq_len=64" in result.stderr
     )
+
+
+@pytest.mark.parametrize("seq_len", [0, 1])
+def test_eval_refuses_a_window_shorter_than_two_tokens(run, seq_len):
+    path, _, text = run
+    result = mla("eval", path, "--data", text, "--seq-len", seq_len)
+    assert result.returncode == 2 and f"--seq-len={seq_len}: a window needs at least 2" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_past_max_seq_len_says_it_was_capped(run):
+    path, _, _ = run
+    args = ("generate", path, "--prompt", "abcd", "--temperature", 0, "--json")
+    capped = mla(*args, "--max-new-tokens", 2000)
+    assert capped.returncode == 0, capped.stderr
+    assert "--max-new-tokens 2000 capped at 61" in capped.stderr and "max_seq_len (64" in (
+        capped.stderr
+    )
+    assert json.loads(capped.stdout)[0]["new_tokens"] == 61
+    within = mla(*args, "--max-new-tokens", 61)
+    assert within.returncode == 0 and "capped" not in within.stderr
