@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator.cli_common import out
+from orchestrator.cli_common import err, out
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.layout import RECOMPUTE_CHOICES
 
@@ -176,11 +176,41 @@ def parse_zero_stages(text: str | None) -> tuple | None:
     if text is None:
         return None
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        stages = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
+        stages = ()
+    if not stages or any(s not in (0, 1, 2, 3) for s in stages):
         raise PlanError(
-            f"--zero-stages {text!r} must be comma-separated ZeRO stages, e.g. 0,1"
-        ) from None
+            f"--zero-stages {text!r} must be comma-separated ZeRO stages among 0, 1, 2, 3, e.g. 0,1"
+        )
+    return stages
+
+
+def check_node_size(gpus: int, gpus_per_node: int | None, zero: int | None, stages) -> None:
+    """Refuse a GPU count that does not fill whole nodes and a pinned ``--zero`` outside
+    ``--zero-stages``; note a single partly used node on stderr.
+
+    Raises:
+        PlanError: naming the flags and counts that would work.
+    """
+    if gpus_per_node is not None and gpus > gpus_per_node and gpus % gpus_per_node:
+        below = gpus - gpus % gpus_per_node
+        raise PlanError(
+            f"--gpus {gpus} is not a multiple of --gpus-per-node {gpus_per_node} (nodes are "
+            f"used whole): give --gpus {below} or {below + gpus_per_node}, or a --gpus-per-node "
+            f"that divides {gpus}"
+        )
+    if gpus_per_node is not None and gpus < gpus_per_node:
+        err.print(
+            f"note: --gpus {gpus} uses {gpus} of one {gpus_per_node}-GPU node",
+            markup=False,
+            highlight=False,
+        )
+    if zero is not None and stages is not None and zero not in stages:
+        raise PlanError(
+            f"--zero {zero} is not among --zero-stages {','.join(map(str, stages))}: pin one of "
+            "those or widen --zero-stages"
+        )
 
 
 def print_result(result, top: int) -> None:
@@ -362,7 +392,9 @@ def plan(
         None, "--virtual-stages", min=1, rich_help_panel=_PIN
     ),
     estimate_only: bool = typer.Option(
-        False, "--estimate", help="Evaluate exactly the pinned layout (pin every field)."
+        False,
+        "--estimate",
+        help="Evaluate exactly the pinned layout (pin every field); exit 2 if it does not fit.",
     ),
     measure_run: bool = typer.Option(
         False,
@@ -449,6 +481,8 @@ def plan(
         if not pins.complete() or dp is None or tp is None or pp is None:
             raise PlanError("--gpus N is required (or pin --dp --tp --pp with --estimate)")
         gpus = dp * tp * pp
+    allowed_zero = parse_zero_stages(zero_stages)
+    check_node_size(gpus, gpus_per_node, zero, allowed_zero)
     spec = get_gpu(
         gpu,
         memory_gib=memory_gib,
@@ -465,7 +499,7 @@ def plan(
         gpus_per_node=gpus_per_node,
         precision=precision,
         pins=pins,
-        allowed_zero_stages=parse_zero_stages(zero_stages),
+        allowed_zero_stages=allowed_zero,
         efficiency=DEFAULT_EFFICIENCY if efficiency is None else efficiency,
     )
     if measure_run and not config:
@@ -486,6 +520,8 @@ def plan(
         print_result(result, top)
         if measured is not None:
             print_measured(measured)
+    if result.estimate is not None and not result.estimate.estimate.fits:
+        raise PlanError(f"the pinned layout does not fit: {result.estimate.estimate.reason}")
 
 
 def print_measured(measured: list) -> None:

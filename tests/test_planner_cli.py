@@ -71,7 +71,8 @@ def test_estimate_mode_with_every_field_pinned():
             "--json",
         ],
     )
-    assert res.exit_code == 0, res.output
+    # The document is printed, then the PlanError (exit 2 from `mla`): the layout does not fit.
+    assert isinstance(res.exception, PlanError) and "does not fit" in str(res.exception)
     est = json.loads(res.stdout)["estimate"]
     assert est["estimate"]["fits"] is False and "> 40 GiB" in est["reason"]
 
@@ -163,3 +164,37 @@ def test_window_longer_than_the_sequence_and_window_with_dense_are_refused():
         app, ["plan", "--params", "7B", "--window", "64", "--attention", "dense", "--gpus", "8"]
     )
     assert isinstance(res.exception, PlanError) and "--attention mla" in str(res.exception)
+
+
+def _plan_error(*args: str) -> str:
+    res = runner.invoke(app, ["plan", *args])
+    assert isinstance(res.exception, PlanError), res.output
+    return str(res.exception)
+
+
+def test_cluster_and_zero_flags_are_refused_naming_the_flag_and_the_fix():
+    assert "give --gpus 6 or 9" in _plan_error(
+        "--model", "7b", "--gpus", "8", "--gpus-per-node", "3"
+    )
+    assert "--zero-stages '5'" in _plan_error("--model", "7b", "--gpus", "8", "--zero-stages", "5")
+    message = _plan_error("--model", "7b", "--gpus", "8", "--zero", "3", "--zero-stages", "0,1")
+    assert "--zero 3 is not among --zero-stages 0,1" in message
+    assert "fix: pin --dp/--tp/--pp to divisors of 8" in _plan_error(
+        "--model", "7b", "--gpus", "8", "--tp", "3"
+    )
+
+
+def test_small_models_are_counted_in_k_and_m_not_zero_b():
+    from mla.config import PRESETS
+    from orchestrator.planner.shapes import describe_model
+
+    assert describe_model(PRESETS["tiny"]).startswith("838.8k params")
+    assert describe_model(PRESETS["7b"]).startswith("6.6B params")
+
+
+def test_estimate_of_a_layout_that_does_not_fit_prints_it_and_exits_2(mla_cli):
+    pins = ["--dp", "2", "--tp", "1", "--pp", "1", "--zero", "0", "--micro-batch", "1"]
+    pins += ["--recompute", "none", "--no-sequence-parallel", "--virtual-stages", "1"]
+    res = mla_cli("plan", "--model", "70b", "--gpus", "2", *pins, "--estimate", "--json")
+    assert res.returncode == 2 and "the pinned layout does not fit: total" in res.stderr
+    assert json.loads(res.stdout)["estimate"] is not None and "Traceback" not in res.stderr

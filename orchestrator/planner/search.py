@@ -315,6 +315,10 @@ def no_layout_message(req: PlanRequest, rejected: list[Rejection]) -> str:
         lines.append(
             f"  no (dp, tp, pp) with dp*tp*pp = {req.gpus} matches the pins {req.pins.to_dict()}"
         )
+        lines.append(
+            f"fix: pin --dp/--tp/--pp to divisors of {req.gpus} ({divisors(req.gpus)}) whose "
+            f"product is {req.gpus}, or change --gpus"
+        )
     if any("not divisible by dp" in r.reason for r in rejected) and all(
         "not divisible" in r.reason or "tp=" in r.reason or "pp=" in r.reason for r in rejected
     ):

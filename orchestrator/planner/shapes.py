@@ -76,6 +76,14 @@ def model_from_params(
     )
 
 
+def _count(n: float) -> str:
+    """``6.6e9`` → ``6.6B``, ``1.2e6`` → ``1.2M``, ``850e3`` → ``850k``, ``12`` → ``12``."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def describe_model(cfg: ModelConfig) -> str:
     """One-line summary, e.g. ``70.3B params, L=71 d=9088 H=71 kv=71 ffn=24320 V=32000 dense``."""
     attn = (
@@ -84,6 +92,6 @@ def describe_model(cfg: ModelConfig) -> str:
         else f"mla(w={cfg.local_window}, k={cfg.global_k})"
     )
     return (
-        f"{count_parameters(cfg) / 1e9:.1f}B params, L={cfg.n_layers} d={cfg.d_model} H={cfg.n_heads} "
+        f"{_count(count_parameters(cfg))} params, L={cfg.n_layers} d={cfg.d_model} H={cfg.n_heads} "
         f"kv={cfg.kv_heads} ffn={cfg.ffn_hidden} V={cfg.vocab_size} {attn}"
     )
