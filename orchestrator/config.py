@@ -394,9 +394,15 @@ def load_job_config(
                 f"{p}: the top level must be a mapping of sections "
                 f"({', '.join(JobConfig.model_fields)})"
             )
+        if not data:
+            raise ConfigError(
+                f"{p}: the file is empty (no sections); a job config needs its sections "
+                f"({', '.join(JobConfig.model_fields)}): start from configs/tiny.yaml"
+            )
     for item in overrides:
         apply_override(data, item)
-    return validate_job_dict(data, source=str(path) if path else "config")
+    origins = {item.partition("=")[0].strip(): item for item in overrides}
+    return validate_job_dict(data, source=str(path) if path else "config", overrides=origins)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -463,8 +469,16 @@ def apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def validate_job_dict(data: dict, source: str = "config") -> JobConfig:
+def validate_job_dict(
+    data: dict, source: str = "config", overrides: dict[str, str] | None = None
+) -> JobConfig:
     """Validate a plain dict as a :class:`JobConfig`.
+
+    Args:
+        data: The job as nested dicts.
+        source: Where ``data`` came from (the YAML path), named in the message.
+        overrides: ``{"train.steps": "train.steps=-1"}``: the ``--set`` items applied to
+            ``data``; a bad field they set is blamed on the ``--set``, not on ``source``.
 
     Raises:
         ConfigError: with one line per problem, naming the field path, the value and the fix.
@@ -472,16 +486,28 @@ def validate_job_dict(data: dict, source: str = "config") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            f"{source}: invalid job config:\n" + format_validation_error(exc)
-        ) from None
+        lines = format_validation_error(exc, overrides or {})
+        raise ConfigError(f"{source}: invalid job config:\n" + lines) from None
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Render pydantic errors as ``- field.path: message`` lines with allowed keys for typos."""
+def _set_by(loc: str, overrides: dict[str, str]) -> str | None:
+    """The ``--set`` item that set field ``loc`` (or a section holding it), if any."""
+    for key, item in overrides.items():
+        if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return item
+    return None
+
+
+def format_validation_error(exc: ValidationError, overrides: dict[str, str] | None = None) -> str:
+    """Render pydantic errors as ``- field.path: message`` lines with allowed keys for typos.
+
+    A field set by a ``--set`` override (``overrides``: key → item) says so, and pydantic's own
+    messages (which name no fix) get one: change that ``--set`` or the field in the YAML.
+    """
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        origin = _set_by(loc, overrides or {})
         if err["type"] == "extra_forbidden":
             section = _section_model(err["loc"][:-1])
             allowed = list(section.model_fields) if section else []
@@ -494,7 +520,11 @@ def format_validation_error(exc: ValidationError) -> str:
         elif err["type"] == "value_error":  # our own validators: the message names field and value
             msg = err["msg"].removeprefix("Value error, ")
         else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
+            got = f"got {err.get('input')!r}" + (f" from --set {origin}" if origin else "")
+            fix = "change that --set" if origin else f"change {loc} in the YAML"
+            msg = f"{err['msg']} ({got}); {fix}"
+        if origin and "--set" not in msg:
+            msg += f" (from --set {origin})"
         lines.append(f"- {loc}: {msg}" if loc else f"- {msg}")
     return "\n".join(lines)
 

@@ -84,3 +84,27 @@ def test_json_schema_forbids_unknown_keys():
         "Sliding-window"
         in schema["$defs"]["ModelSection"]["properties"]["local_window"]["description"]
     )
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_yaml():
+    with pytest.raises(ConfigError) as exc:
+        load_job_config("configs/tiny.yaml", ["train.steps=-1"])
+    message = str(exc.value)
+    assert "train.steps" in message and "from --set train.steps=-1" in message
+    assert "change that --set" in message
+
+
+def test_a_bad_yaml_value_names_the_field_to_change_in_the_yaml(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("train:\n  steps: -1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_job_config(cfg)
+    assert "change train.steps in the YAML" in str(exc.value) and "--set" not in str(exc.value)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_job_config(cfg)

@@ -209,3 +209,12 @@ def test_vendored_schemas_equal_the_shared_crds():
         pytest.skip(f"no KubeRay v1.7.0 CRDs at {SHARED_CRDS}; set MLA_KUBERAY_CRDS to compare")
     assert extract_crd_schemas(SHARED_CRDS) == vendored_schemas()
     assert set(vendored_schemas()["schemas"]) == set(CRD_FILES)
+
+
+def test_an_empty_manifest_file_exits_2(tmp_path, mla_cli):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    for command in (["k8s", "validate"], ["k8s", "render"]):
+        res = mla_cli(*command, str(empty), timeout=120)
+        assert res.returncode == 2 and "empty" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and res.stdout == ""

@@ -283,7 +283,7 @@ def load_manifests(path: str | Path) -> list[dict]:
     """All non-empty YAML documents of a file (``---`` separated).
 
     Raises:
-        ManifestError: the file is missing or is not valid YAML.
+        ManifestError: the file is missing, empty or is not valid YAML.
     """
     p = Path(path)
     if not p.is_file():
@@ -296,6 +296,11 @@ def load_manifests(path: str | Path) -> list[dict]:
         ) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{p}: not valid YAML: {exc}") from None
+    if not docs:
+        raise ManifestError(
+            f"{p}: no manifest in the file (it is empty); validate the output of "
+            "`mla k8s render JOB.yaml > FILE`"
+        )
     bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
     if bad:
         raise ManifestError(
