@@ -317,6 +317,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
     with ray_session(job) as handle:
         if preflight and job.cluster.address:
             check_cluster(job, handle)
+        check_placeable(job, plan.world_sizes)  # before the run folder: nothing half-written
         make_run_dir(job, run_dir)
         print_header(plan, data_text)
         write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
@@ -328,7 +329,6 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
         started = time.time()
         try:
             tail.start()
-            check_placeable(job, plan.world_sizes)
             watchdog.start()
             try:
                 result = _fit(plan)

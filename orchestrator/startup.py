@@ -43,7 +43,12 @@ def shortfall(asked: dict[str, float], available: dict[str, float]) -> str | Non
     return "; ".join(short) or None
 
 
-def _fix(job: JobConfig) -> str:
+def _fix(job: JobConfig, short_of_gpus: bool = False) -> str:
+    if short_of_gpus:
+        return (
+            "set cluster.use_gpu=false to train on CPUs, or run on a Ray cluster with GPUs "
+            "(cluster.address), or lower cluster.num_workers"
+        )
     return (
         "lower cluster.num_workers (or set cluster.min_workers), lower cluster.cpus_per_worker, "
         "or add nodes" + ("" if job.cluster.address else " / raise cluster.ray_num_cpus")
@@ -60,9 +65,11 @@ def check_placeable(job: JobConfig, sizes: Iterable[int | str]) -> None:
         return
     import ray
 
-    problem = shortfall(resources_asked(job, sizes), ray.cluster_resources())
+    asked, available = resources_asked(job, sizes), ray.cluster_resources()
+    problem = shortfall(asked, available)
     if problem:
-        raise ClusterError(f"the workers cannot be placed: {problem}; {_fix(job)}")
+        gpus = asked.get("GPU", 0.0) > available.get("GPU", 0.0) + 1e-9
+        raise ClusterError(f"the workers cannot be placed: {problem}; {_fix(job, gpus)}")
 
 
 #: SIGINTs after which Ray Train's driver-side handler stops waiting for a graceful abort.

@@ -74,3 +74,35 @@ def test_watchdog_stays_quiet_once_a_worker_group_started(tmp_path):
     (tmp_path / "events.jsonl").write_text('{"event": "start"}\n')
     time.sleep(2.5)
     assert watchdog.reason is None and not watchdog.is_alive()
+
+
+def test_asking_for_gpus_on_a_cpu_only_ray_names_use_gpu_false(monkeypatch):
+    import types
+
+    from orchestrator.contract.errors import ClusterError
+    from orchestrator.startup import check_placeable
+
+    fake_ray = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    job = JobConfig(cluster={"num_workers": 1, "use_gpu": True})
+    with pytest.raises(ClusterError) as exc:
+        check_placeable(job, {"1": {}})
+    assert "GPU 1 asked, 0 in the cluster" in str(exc.value)
+    assert "cluster.use_gpu=false" in str(exc.value)
+
+
+def test_an_unplaceable_job_leaves_no_run_folder(tmp_path, monkeypatch, tiny_job):
+    import contextlib
+    import types
+
+    from orchestrator import launcher
+    from orchestrator.contract.errors import ClusterError
+
+    fake_ray = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(launcher, "load_torch_before_ray", lambda: None)
+    monkeypatch.setattr(launcher, "ray_session", lambda job: contextlib.nullcontext(None))
+    job = tiny_job(f"run.dir={tmp_path / 'runs'}", "cluster.use_gpu=true")
+    with pytest.raises(ClusterError, match="cluster.use_gpu=false"):
+        launcher.run_training(job)
+    assert not (tmp_path / "runs").exists()
