@@ -198,3 +198,10 @@ def test_estimate_of_a_layout_that_does_not_fit_prints_it_and_exits_2(mla_cli):
     res = mla_cli("plan", "--model", "70b", "--gpus", "2", *pins, "--estimate", "--json")
     assert res.returncode == 2 and "the pinned layout does not fit: total" in res.stderr
     assert json.loads(res.stdout)["estimate"] is not None and "Traceback" not in res.stderr
+
+
+def test_fewer_gpus_than_one_node_says_so_on_stderr(mla_cli):
+    res = mla_cli("plan", "--model", "7b", "--gpus", "7", "--gpus-per-node", "8", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "--gpus 7 uses 7 of one 8-GPU node" in res.stderr
+    assert json.loads(res.stdout)["request"]["gpus_per_node"] == 7
