@@ -67,6 +67,7 @@ def _register_subcommands() -> None:
     from orchestrator.cli_infer import eval_command, export, generate
     from orchestrator.cli_jobs import app as jobs_app
     from orchestrator.cli_jobs import submit
+    from orchestrator.cli_observe import register as register_observe
     from orchestrator.cli_plan import plan
     from orchestrator.cli_tune import tune
     from orchestrator.k8s.cli import app as k8s_app
@@ -80,6 +81,7 @@ def _register_subcommands() -> None:
     app.command("generate")(generate)
     app.command("eval")(eval_command)
     app.command("export")(export)
+    register_observe(app)
 
 
 _register_subcommands()

@@ -271,6 +271,10 @@ class ClusterSection(_Section):
     """CPUs the embedded Ray may use; unset uses the workers' needs plus one."""
     object_store_mb: int = Field(256, ge=78)
     """Object-store size of the embedded Ray, in MiB."""
+    metrics_port: int | None = Field(None, ge=1024, le=65535)
+    """Port of the embedded Ray's Prometheus endpoint (``http://127.0.0.1:PORT/metrics``: the
+    workers' ``ray_mla_*`` metrics and Ray's own); unset lets Ray pick a free one. Ignored with
+    cluster.address (a cluster's nodes export on their own metrics port, 8080 on KubeRay)."""
     storage_path: str | None = None
     """Folder (or URI) all nodes can reach for run folders and checkpoints; unset is run.dir."""
     image: str = DEFAULT_IMAGE

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mla.flops import training_flops_per_token
 from orchestrator.contract.checkpoints import (
     FAILURE_FILE,
     find_resumable,
@@ -48,7 +49,9 @@ from orchestrator.contract.run_plan import RunPlan
 from orchestrator.contract.strict_json import strict_record
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
+from workers.gate_probe import GateProbe
 from workers.guard import Diverged, DivergenceGuard
+from workers.metrics import TrainMetrics, mfu, peak_memory_bytes
 from workers.parallel.engine import build_engine
 from workers.privacy.session import build_private_training
 from workers.rng import seed_step
@@ -68,7 +71,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(int(cluster.torch_threads or max(1, int(cluster.cpus_per_worker))))
     _record_worker(plan.run_dir, rank, world)
     init_distributed(cluster.use_gpu)
-    Trainer(plan, layout, ds_config, rank, world).run()
+    trainer = Trainer(plan, layout, ds_config, rank, world)
+    try:
+        trainer.run()
+    finally:
+        trainer.metrics.close()
 
 
 def init_distributed(use_gpu: bool) -> None:
@@ -120,6 +127,8 @@ class Trainer:
         )
         self.guard = DivergenceGuard(self.train_cfg.max_bad_steps)
         self._last: dict = {}
+        self.metrics = TrainMetrics(plan.run_dir.name, rank, layout)
+        self.flops_per_token = training_flops_per_token(self.model_cfg, seq)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
@@ -137,12 +146,14 @@ class Trainer:
                 }
             )
             self.report(0)
-        t0, tokens, window_loss = time.perf_counter(), 0, []
+        t0, tokens, window_loss, step_times = time.perf_counter(), 0, [], []
         for step in range(start + 1, steps + 1):
             lr = train_lr(self.train_cfg, step)
             self.engine.set_lr(lr)
             skipped = self.engine.skipped_steps()
+            t_step = time.perf_counter()
             window_loss.append(self.train_step(step - 1))
+            step_times.append(time.perf_counter() - t_step)
             tokens += self.layout.global_batch * self.data_cfg.seq_len
             last = step == steps
             evaluate = step % eval_every == 0 or last
@@ -164,14 +175,27 @@ class Trainer:
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / len(window_loss),
                 }
+                self.export_interval(record, step_times, tokens)
                 if evaluate:
                     record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
-                t0, tokens, window_loss = time.perf_counter(), 0, []
+                t0, tokens, window_loss, step_times = time.perf_counter(), 0, [], []
             if save:
                 self.checkpoint(step)
             if save or evaluate:
                 self.report(step)
+
+    def export_interval(self, record: dict, step_times: list[float], tokens: int) -> None:
+        """Set this interval's Prometheus metrics (:mod:`workers.metrics`)."""
+        if not self.metrics.enabled:
+            return
+        self.metrics.interval(
+            {**record, "grad_norm": self.engine.grad_norm()},
+            step_times,
+            tokens,
+            peak_memory_bytes(self.job.cluster.use_gpu),
+            mfu(self.flops_per_token, record["tokens_per_s"], self.plan.peak_flops, self.world),
+        )
 
     def check_step(self, step: int, loss: float, skipped: int, save: bool) -> bool:
         """Feed the divergence guard; returns whether the checkpoint due at ``step`` may be written.
@@ -221,10 +245,12 @@ class Trainer:
         gb = self.layout.global_batch
         n_batches = max(1, min(self.train_cfg.eval_batches, self.val_batches.n_windows // gb))
         total = 0.0
-        for b in range(n_batches):
-            total += self.engine.eval_batch(
-                *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
-            )
+        with GateProbe(self.engine.engine.module) as gates:
+            for b in range(n_batches):
+                total += self.engine.eval_batch(
+                    *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
+                )
+        self.metrics.evaluation(total / n_batches, gates.means())
         return total / n_batches
 
     def resume(self) -> int:
@@ -244,6 +270,10 @@ class Trainer:
             if self.private is not None:
                 self.private.load_state(meta.get("privacy"))
         if self.rank == 0:
+            resumes = self._count_resumes() + (found is not None)
+            self.metrics.start(
+                self.train_cfg.steps, resumes, self.flops_per_token, self.plan.peak_flops
+            )
             self._trim_metrics(step)
             self._event(
                 {
@@ -283,9 +313,12 @@ class Trainer:
         }
         if self.private is not None:
             meta["privacy"] = self.private.state()
-        return save_checkpoint(
+        started = time.perf_counter()
+        path = save_checkpoint(
             self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
         )
+        self.metrics.checkpoint(step, time.perf_counter() - started)
+        return path
 
     def report(self, step: int) -> None:
         """``ray.train.report`` the latest metrics (every rank: it is a collective).
@@ -324,6 +357,18 @@ class Trainer:
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:
             fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def _count_resumes(self) -> int:
+        """Starts of this run recorded in ``events.jsonl`` that resumed from a checkpoint."""
+        path = self.run_dir / "events.jsonl"
+        if not path.exists():
+            return 0
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return sum(
+            1
+            for e in events
+            if e.get("event") == "start" and e.get("resumed_from_step") is not None
+        )
 
     def _trim_metrics(self, step: int) -> None:
         """Drop records past ``step`` left by an attempt that died after its last checkpoint."""

@@ -1,0 +1,98 @@
+"""``mla metrics`` and ``mla dashboards``: watch a run in Prometheus and Grafana.
+
+* ``mla metrics scrape-config --port P`` prints a ``prometheus.yml`` that scrapes a local run's
+  metrics endpoint (``cluster.metrics_port``) on 127.0.0.1 with static targets (never Ray's
+  ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
+* ``mla dashboards build [DIR] [--check]`` writes the generated ``dashboards/``
+  (:mod:`orchestrator.dashboards`), or with ``--check`` exits 1 when DIR differs from a fresh
+  build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from orchestrator.cli_common import err
+from orchestrator.contract.errors import ConfigError
+
+metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics of local runs.")
+dashboards_app = typer.Typer(no_args_is_help=True, help="Grafana dashboards and Prometheus rules.")
+
+
+def scrape_config(port: int, interval: str = "15s", rules: Optional[str] = None) -> dict:
+    """The ``prometheus.yml`` of one local run.
+
+    Args:
+        port: The run's metrics port (``cluster.metrics_port``; ``mla train`` prints it).
+        interval: Prometheus duration between scrapes (``1s`` .. ``1m``); Ray exports a new
+            value every ``RAY_metrics_report_interval_ms`` (10 s by default).
+        rules: Optional path of ``dashboards/prometheus/rules.yml`` to load.
+
+    Raises:
+        ConfigError: ``port`` is outside 1..65535.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(
+            f"--port={port} is not a TCP port; give the cluster.metrics_port of the run"
+        )
+    config: dict = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": [
+            {
+                "job_name": "mla-train",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            }
+        ],
+    }
+    if rules:
+        config["rule_files"] = [rules]
+    return config
+
+
+@metrics_app.command("scrape-config")
+def scrape_config_command(
+    port: int = typer.Option(..., "--port", help="The run's cluster.metrics_port."),
+    interval: str = typer.Option("15s", "--interval", help="Scrape interval, e.g. 1s or 15s."),
+    rules: Optional[str] = typer.Option(
+        None, "--rules", help="Also load this rules file (dashboards/prometheus/rules.yml)."
+    ),
+) -> None:
+    """Print a prometheus.yml scraping a local run on 127.0.0.1."""
+    print(yaml.safe_dump(scrape_config(port, interval, rules), sort_keys=False), end="")
+
+
+@dashboards_app.command("build")
+def build_command(
+    folder: Path = typer.Argument(Path("dashboards"), help="Output folder."),
+    check: bool = typer.Option(
+        False, "--check", help="Write nothing; exit 1 if FOLDER differs from a fresh build."
+    ),
+) -> None:
+    """Generate the Grafana dashboards, Prometheus rules and provisioning files."""
+    from orchestrator.dashboards import build_files, stale_files, write_files
+
+    files = build_files()
+    if check:
+        stale = stale_files(folder, files)
+        if stale:
+            err.print(
+                f"{folder}: {', '.join(stale)} differ from a fresh build; regenerate with "
+                f"`mla dashboards build {folder}`"
+            )
+            raise typer.Exit(1)
+        err.print(f"{folder}: {len(files)} files up to date")
+        return
+    for path in write_files(folder, files):
+        err.print(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``metrics`` and ``dashboards`` to the ``mla`` app."""
+    app.add_typer(metrics_app, name="metrics", help="Prometheus metrics of local runs.")
+    app.add_typer(
+        dashboards_app, name="dashboards", help="Grafana dashboards and Prometheus rules."
+    )
