@@ -3,9 +3,9 @@
 * ``mla metrics scrape-config --port P`` prints a ``prometheus.yml`` that scrapes a local run's
   metrics endpoint (``cluster.metrics_port``) on 127.0.0.1 with static targets (never Ray's
   ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
-* ``mla dashboards build [DIR] [--check]`` writes the generated ``dashboards/``
-  (:mod:`orchestrator.dashboards`), or with ``--check`` exits 1 when DIR differs from a fresh
-  build.
+* ``mla dashboards build [--root .] [--check]`` writes the generated ``dashboards/`` and
+  ``k8s/monitoring/`` (:mod:`orchestrator.dashboards`), or with ``--check`` exits 1 when they
+  differ from a fresh build.
 """
 
 from __future__ import annotations
@@ -67,26 +67,29 @@ def scrape_config_command(
 
 @dashboards_app.command("build")
 def build_command(
-    folder: Path = typer.Argument(Path("dashboards"), help="Output folder."),
+    root: Path = typer.Option(
+        Path("."), "--root", help="Repository root: writes ROOT/dashboards and ROOT/k8s/monitoring."
+    ),
     check: bool = typer.Option(
-        False, "--check", help="Write nothing; exit 1 if FOLDER differs from a fresh build."
+        False, "--check", help="Write nothing; exit 1 if ROOT differs from a fresh build."
     ),
 ) -> None:
-    """Generate the Grafana dashboards, Prometheus rules and provisioning files."""
+    """Generate the Grafana dashboards, Prometheus rules, provisioning and KubeRay monitoring
+    manifests (PodMonitors, PrometheusRule, dashboard ConfigMaps)."""
     from orchestrator.dashboards import build_files, stale_files, write_files
 
     files = build_files()
     if check:
-        stale = stale_files(folder, files)
+        stale = stale_files(root, files)
         if stale:
             err.print(
-                f"{folder}: {', '.join(stale)} differ from a fresh build; regenerate with "
-                f"`mla dashboards build {folder}`"
+                f"{', '.join(stale)} differ from a fresh build; regenerate with "
+                f"`mla dashboards build --root {root}`"
             )
             raise typer.Exit(1)
-        err.print(f"{folder}: {len(files)} files up to date")
+        err.print(f"{len(files)} generated files up to date under {root}")
         return
-    for path in write_files(folder, files):
+    for path in write_files(root, files):
         err.print(f"wrote {path}")
 
 

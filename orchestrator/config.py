@@ -184,6 +184,8 @@ class TrainSection(_Section):
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
     privacy: PrivacySection | None = None
     """Differentially private training (DP-SGD); unset trains without privacy."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tb (rank 0: scalars, gate histograms, config)."""
     max_bad_steps: int = Field(5, ge=1)
     """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
     (overflow), that stop the run as diverged."""

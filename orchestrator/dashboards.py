@@ -1,6 +1,6 @@
 """The project's Grafana dashboard, its Prometheus rules and Grafana provisioning, from code.
 
-``mla dashboards build [DIR] [--check]`` writes (or compares) ``dashboards/``:
+``mla dashboards build [--root .] [--check]`` writes (or compares) ``dashboards/``:
 
 * ``mla-train.json``: the run-scoped dashboard (uid ``mla-train``), rows progress, efficiency,
   memory, health, attention, variables ``datasource``, ``run``, ``rank``; every query reads a
@@ -10,7 +10,10 @@
 * ``prometheus/rules.yml``: recording rules for the derived quantities (tokens/s, straggler
   ratio, MFU, ETA) and the alerts (stalled, loss not finite, straggler, restarts, stale
   checkpoint), checked and unit-tested with ``promtool``;
-* ``provisioning/``: Grafana file provisioning (a Prometheus datasource, the dashboards folder).
+* ``provisioning/``: Grafana file provisioning (a Prometheus datasource, the dashboards folder);
+
+and ``k8s/monitoring/`` for KubeRay with kube-prometheus-stack: PodMonitors, a PrometheusRule
+holding the rules above, and one ConfigMap per dashboard (:func:`monitoring_manifests`).
 
 JSON is written with sorted keys and stable ids so that a diff of a regeneration is readable;
 the panels are data (:class:`Panel`), placed on Grafana's 24-column grid automatically.
@@ -577,9 +580,10 @@ def _ray_dashboards() -> dict[str, str]:
     }
 
 
-def build_files(include_ray: bool = True) -> dict[str, str]:
-    """Relative path -> text of every generated file of ``dashboards/``."""
-    files = {
+def build_files() -> dict[str, str]:
+    """Path relative to the repository root -> text, for every generated file: ``dashboards/``
+    and the KubeRay monitoring manifests ``k8s/monitoring/``."""
+    dashboards = {
         "mla-train.json": _json_text(build_dashboard()),
         "prometheus/rules.yml": yaml.safe_dump(build_rules(), sort_keys=False, width=1000),
         "provisioning/datasources/prometheus.yaml": yaml.safe_dump(
@@ -588,10 +592,75 @@ def build_files(include_ray: bool = True) -> dict[str, str]:
         "provisioning/dashboards/mla-train.yaml": yaml.safe_dump(
             PROVISIONING_DASHBOARDS, sort_keys=False
         ),
+        **_ray_dashboards(),
     }
-    if include_ray:
-        files.update(_ray_dashboards())
+    files = {f"dashboards/{rel}": text for rel, text in dashboards.items()}
+    json_files = {rel: text for rel, text in dashboards.items() if rel.endswith(".json")}
+    files.update(monitoring_manifests(json_files))
     return files
+
+
+def monitoring_manifests(dashboards: dict[str, str]) -> dict[str, str]:
+    """``k8s/monitoring/*.yaml``: PodMonitors, the PrometheusRule, one dashboard ConfigMap each.
+
+    Modelled on KubeRay's ``config/prometheus/podMonitor.yaml`` (``release: prometheus`` so that
+    kube-prometheus-stack selects them; the ``metrics`` port 8080 the operator adds to every Ray
+    pod) and its ``install.sh --auto-load-dashboard`` (one ConfigMap per dashboard, label
+    ``grafana_dashboard: "1"``: a single one would pass the 1 MiB object limit).
+    """
+
+    def dump(docs: list[dict]) -> str:
+        return "---\n".join(yaml.safe_dump(d, sort_keys=False, width=1000) for d in docs)
+
+    labels = {"app.kubernetes.io/name": "mla-train", "release": "prometheus"}
+    monitors = [
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": f"mla-train-ray-{node}", "labels": labels},
+            "spec": {
+                "jobLabel": f"ray-{node}",
+                "selector": {"matchLabels": {"ray.io/node-type": node}},
+                "podMetricsEndpoints": [
+                    {
+                        "port": "metrics",
+                        "interval": "15s",
+                        "relabelings": [
+                            {
+                                "action": "replace",
+                                "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                                "targetLabel": "ray_io_cluster",
+                            }
+                        ],
+                    }
+                ],
+            },
+        }
+        for node in ("head", "worker")
+    ]
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "mla-train", "labels": labels},
+        "spec": build_rules(),
+    }
+    config_maps = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "mla-train-dashboard-" + rel.removesuffix(".json").replace("/", "-"),
+                "labels": {"app.kubernetes.io/name": "mla-train", "grafana_dashboard": "1"},
+            },
+            "data": {rel.replace("/", "-"): text},
+        }
+        for rel, text in sorted(dashboards.items())
+    ]
+    return {
+        "k8s/monitoring/podmonitors.yaml": dump(monitors),
+        "k8s/monitoring/prometheusrule.yaml": dump([rule]),
+        "k8s/monitoring/dashboards.yaml": dump(config_maps),
+    }
 
 
 def write_files(folder: Path, files: dict[str, str]) -> list[Path]:

@@ -25,17 +25,17 @@ def known_metrics() -> frozenset[str]:
 
 
 def test_committed_dashboards_equal_a_fresh_build():
-    stale = stale_files(FOLDER, build_files())
+    stale = stale_files(ROOT, build_files())
     assert not stale, f"regenerate with `mla dashboards build`: {stale}"
 
 
 def test_build_check_fails_on_a_stale_folder_and_passes_on_a_fresh_one(tmp_path, mla_cli):
-    built = mla_cli("dashboards", "build", str(tmp_path))
+    built = mla_cli("dashboards", "build", "--root", str(tmp_path))
     assert built.returncode == 0, built.stderr
-    assert mla_cli("dashboards", "build", str(tmp_path), "--check").returncode == 0
-    (tmp_path / "mla-train.json").write_text("{}\n")
-    stale = mla_cli("dashboards", "build", str(tmp_path), "--check")
-    assert stale.returncode == 1 and "mla-train.json" in stale.stderr
+    assert mla_cli("dashboards", "build", "--root", str(tmp_path), "--check").returncode == 0
+    (tmp_path / "dashboards" / "mla-train.json").write_text("{}\n")
+    stale = mla_cli("dashboards", "build", "--root", str(tmp_path), "--check")
+    assert stale.returncode == 1 and "dashboards/mla-train.json" in stale.stderr
 
 
 def test_project_dashboard_passes_the_lint(known_metrics):

@@ -95,6 +95,13 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
         json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(set(steps))  # records past the checkpoint were trimmed, none repeated
+    # TensorBoard (rank 0's events, RUN_DIR/tb): the killed attempt's steps past the checkpoint
+    # are purged on resume, so every logged step appears once, as in metrics.jsonl
+    from tests.test_tensorboard import read
+
+    board = read(run_dir)
+    assert [e.step for e in board.Scalars("train/loss")] == steps[1:]  # step 0 has no loss
+    assert {"perf/mfu", "memory/peak_gib", "val/loss"} <= set(board.Tags()["scalars"])
 
 
 def test_bad_data_fails_before_anything_starts(tmp_path):

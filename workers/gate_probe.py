@@ -32,7 +32,7 @@ class GateProbe:
             linear, layer = getattr(m, "w_gate", None), getattr(m, "layer_idx", None)
             if isinstance(linear, torch.nn.Module) and isinstance(layer, int):
                 self.layers.append((layer, linear))
-        self._sums: dict[int, float] = defaultdict(float)
+        self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = defaultdict(int)
         self._handles: list = []
 
@@ -48,12 +48,22 @@ class GateProbe:
 
     def _hook(self, layer: int):
         def record(_module, _inputs, output: torch.Tensor) -> None:
-            gate = torch.sigmoid(output.detach().float())
-            self._sums[layer] += float(gate.sum())
-            self._counts[layer] += gate.numel()
+            gate = torch.sigmoid(output.detach().float())  # (batch, seq, heads)
+            per_head = gate.reshape(-1, gate.shape[-1]).sum(0).cpu()
+            self._sums[layer] = self._sums.get(layer, torch.zeros_like(per_head)) + per_head
+            self._counts[layer] += gate.numel() // gate.shape[-1]
 
         return record
 
+    def head_means(self) -> dict[int, list[float]]:
+        """Layer index -> mean gate (0-1) of each head this rank holds, over everything seen
+        inside the context."""
+        return {
+            layer: (self._sums[layer] / n).tolist()
+            for layer, n in sorted(self._counts.items())
+            if n
+        }
+
     def means(self) -> dict[int, float]:
-        """Layer index -> mean gate (0-1) over everything seen inside the context."""
-        return {layer: self._sums[layer] / n for layer, n in sorted(self._counts.items()) if n}
+        """Layer index -> mean gate (0-1) over the layer's heads and queries."""
+        return {layer: sum(h) / len(h) for layer, h in self.head_means().items()}

@@ -16,10 +16,15 @@ Order of work on each worker (torchtitan-style named steps):
    and ends normally (Ray Train would retry a deterministic failure); the controller fails it.
 
 Rank 0 appends one strict-JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss,
-lr the step used, tokens_per_s, elapsed_s, and val_loss when evaluated, with the epsilon spent
-under ``train.privacy``; non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
+lr the step used, tokens_per_s, step_time_s, mfu, peak_memory_gib (rank 0's), grad_norm,
+elapsed_s, and val_loss when evaluated, with the epsilon spent under ``train.privacy``;
+non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
+
+Observability (on top of those files): every rank sets its Prometheus metrics at each logging
+interval (:mod:`workers.metrics`, ``ray_mla_*``), and rank 0 writes TensorBoard events to
+``RUN_DIR/tb`` (:mod:`workers.tensorboard`, ``train.tensorboard``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from workers.parallel.engine import build_engine
 from workers.privacy.session import build_private_training
 from workers.rng import seed_step
 from workers.schedule import train_lr
+from workers.tensorboard import RunBoard
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -129,10 +135,22 @@ class Trainer:
         self._last: dict = {}
         self.metrics = TrainMetrics(plan.run_dir.name, rank, layout)
         self.flops_per_token = training_flops_per_token(self.model_cfg, seq)
+        self.board: RunBoard | None = None
+        self._gate_means: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
         start = self.resume()
+        if self.rank == 0 and self.train_cfg.tensorboard:
+            self.board = RunBoard(self.run_dir, start)
+            self.board.start(start, self.job.model_dump(mode="json"), self.layout.describe())
+        try:
+            self._run_from(start)
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _run_from(self, start: int) -> None:
         steps = self.train_cfg.steps
         log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
         ckpt_every = self.job.checkpoint.every
@@ -175,7 +193,7 @@ class Trainer:
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / len(window_loss),
                 }
-                self.export_interval(record, step_times, tokens)
+                record.update(self.export_interval(record, step_times, tokens))
                 if evaluate:
                     record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
@@ -185,17 +203,23 @@ class Trainer:
             if save or evaluate:
                 self.report(step)
 
-    def export_interval(self, record: dict, step_times: list[float], tokens: int) -> None:
-        """Set this interval's Prometheus metrics (:mod:`workers.metrics`)."""
-        if not self.metrics.enabled:
-            return
-        self.metrics.interval(
-            {**record, "grad_norm": self.engine.grad_norm()},
-            step_times,
-            tokens,
-            peak_memory_bytes(self.job.cluster.use_gpu),
-            mfu(self.flops_per_token, record["tokens_per_s"], self.plan.peak_flops, self.world),
+    def export_interval(self, record: dict, step_times: list[float], tokens: int) -> dict:
+        """Set this interval's Prometheus metrics (:mod:`workers.metrics`); returns the values
+        the record gains: ``mfu`` (0-1), ``peak_memory_gib`` (this rank) and ``grad_norm``."""
+        memory = peak_memory_bytes(self.job.cluster.use_gpu)
+        utilisation = mfu(
+            self.flops_per_token, record["tokens_per_s"], self.plan.peak_flops, self.world
         )
+        grad_norm = self.engine.grad_norm()
+        self.metrics.interval(
+            {**record, "grad_norm": grad_norm}, step_times, tokens, memory, utilisation
+        )
+        extra: dict = {"peak_memory_gib": memory / 2**30}
+        if math.isfinite(utilisation):  # nan when the catalogue has no peak for the device
+            extra["mfu"] = utilisation
+        if grad_norm is not None and math.isfinite(grad_norm):
+            extra["grad_norm"] = grad_norm
+        return extra
 
     def check_step(self, step: int, loss: float, skipped: int, save: bool) -> bool:
         """Feed the divergence guard; returns whether the checkpoint due at ``step`` may be written.
@@ -251,6 +275,7 @@ class Trainer:
                     *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
                 )
         self.metrics.evaluation(total / n_batches, gates.means())
+        self._gate_means = gates.head_means()
         return total / n_batches
 
     def resume(self) -> int:
@@ -318,6 +343,8 @@ class Trainer:
             self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
         )
         self.metrics.checkpoint(step, time.perf_counter() - started)
+        if self.board is not None:
+            self.board.flush()  # everything up to a checkpoint survives a kill -9
         return path
 
     def report(self, step: int) -> None:
@@ -341,6 +368,10 @@ class Trainer:
         self._last = {**self._last, **record}
         if self.rank != 0:
             return
+        if self.board is not None:
+            self.board.scalars(record["step"], record)
+            if "val_loss" in record and self._gate_means:
+                self.board.gates(record["step"], self._gate_means)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
 
