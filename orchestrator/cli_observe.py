@@ -3,6 +3,7 @@
 * ``mla metrics scrape-config --port P`` prints a ``prometheus.yml`` that scrapes a local run's
   metrics endpoint (``cluster.metrics_port``) on 127.0.0.1 with static targets (never Ray's
   ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
+* ``mla viz run RUN_DIR`` writes loss, throughput and lr plots (:mod:`orchestrator.viz_run`);
 * ``mla dashboards build [--root .] [--check]`` writes the generated ``dashboards/`` and
   ``k8s/monitoring/`` (:mod:`orchestrator.dashboards`), or with ``--check`` exits 1 when they
   differ from a fresh build.
@@ -21,6 +22,7 @@ from orchestrator.contract.errors import ConfigError
 
 metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics of local runs.")
 dashboards_app = typer.Typer(no_args_is_help=True, help="Grafana dashboards and Prometheus rules.")
+viz_app = typer.Typer(no_args_is_help=True, help="Plots of runs (PNG).")
 
 
 def scrape_config(port: int, interval: str = "15s", rules: Optional[str] = None) -> dict:
@@ -93,9 +95,25 @@ def build_command(
         err.print(f"wrote {path}")
 
 
+@viz_app.command("run")
+def viz_run_command(
+    run_dir: Path = typer.Argument(..., help="Run folder, e.g. runs/tiny."),
+    out: Optional[Path] = typer.Option(
+        None, "-o", "--out", help="Folder for the PNGs (default: RUN_DIR/plots)."
+    ),
+) -> None:
+    """Plot a run: loss against step and tokens (resumes and layout changes marked),
+    throughput, learning rate."""
+    from orchestrator.viz_run import plot_run
+
+    for path in plot_run(run_dir, out or run_dir / "plots").values():
+        err.print(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``metrics`` and ``dashboards`` to the ``mla`` app."""
+    """Add ``metrics``, ``dashboards`` and ``viz`` to the ``mla`` app."""
     app.add_typer(metrics_app, name="metrics", help="Prometheus metrics of local runs.")
     app.add_typer(
         dashboards_app, name="dashboards", help="Grafana dashboards and Prometheus rules."
     )
+    app.add_typer(viz_app, name="viz", help="Plots of runs (PNG).")

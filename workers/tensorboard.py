@@ -18,6 +18,7 @@ checkpoint, so everything up to a checkpoint survives a kill -9.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,6 +38,16 @@ _SCALARS = {
     "val_loss": "val/loss",
 }
 """``metrics.jsonl``-style record key -> TensorBoard tag."""
+
+
+def open_board(run_dir: Path, resumed_step: int) -> RunBoard | None:
+    """A :class:`RunBoard`, or ``None`` (with a warning on stderr) when the ``tensorboard``
+    package is missing on this node: event files are an aid, not a reason to fail a run."""
+    try:
+        return RunBoard(run_dir, resumed_step)
+    except ImportError as exc:
+        print(f"warning: no TensorBoard events ({exc}); pip install tensorboard", file=sys.stderr)
+        return None
 
 
 class RunBoard:

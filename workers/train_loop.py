@@ -61,7 +61,7 @@ from workers.parallel.engine import build_engine
 from workers.privacy.session import build_private_training
 from workers.rng import seed_step
 from workers.schedule import train_lr
-from workers.tensorboard import RunBoard
+from workers.tensorboard import RunBoard, open_board
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -142,7 +142,8 @@ class Trainer:
     def run(self) -> None:
         start = self.resume()
         if self.rank == 0 and self.train_cfg.tensorboard:
-            self.board = RunBoard(self.run_dir, start)
+            self.board = open_board(self.run_dir, start)
+        if self.board is not None:
             self.board.start(start, self.job.model_dump(mode="json"), self.layout.describe())
         try:
             self._run_from(start)
