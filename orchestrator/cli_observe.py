@@ -4,6 +4,8 @@
   metrics endpoint (``cluster.metrics_port``) on 127.0.0.1 with static targets (never Ray's
   ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
 * ``mla viz run RUN_DIR`` writes loss, throughput and lr plots (:mod:`orchestrator.viz_run`);
+* ``mla viz attention SOURCE --layer L --head H`` writes a head's effective attention
+  (:mod:`orchestrator.viz_attention`);
 * ``mla dashboards build [--root .] [--check]`` writes the generated ``dashboards/`` and
   ``k8s/monitoring/`` (:mod:`orchestrator.dashboards`), or with ``--check`` exits 1 when they
   differ from a fresh build.
@@ -108,6 +110,23 @@ def viz_run_command(
 
     for path in plot_run(run_dir, out or run_dir / "plots").values():
         err.print(f"wrote {path}")
+
+
+@viz_app.command("attention")
+def viz_attention_command(
+    source: str = typer.Argument(..., help="Run folder, checkpoint folder or `mla export` folder."),
+    layer: int = typer.Option(0, "--layer", help="Transformer block, 0-based."),
+    head: int = typer.Option(0, "--head", help="Query head, 0-based."),
+    text: Optional[str] = typer.Option(
+        None, "--text", help="Text to attend over (default: a Python snippet)."
+    ),
+    out: Path = typer.Option(Path("attention.png"), "-o", "--out", help="PNG to write."),
+) -> None:
+    """Heat map of a head's effective attention (gate x local + (1 - gate) x global), with the
+    local band and the global keys outlined."""
+    from orchestrator.viz_attention import plot_attention
+
+    err.print(f"wrote {plot_attention(source, layer, head, text, out)}")
 
 
 def register(app: typer.Typer) -> None:
