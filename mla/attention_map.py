@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
+from mla.attention import MultiLevelAttention
 from mla.block_selection import select_blocks, selection_token_mask
+from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.reference import exact_topk_reference_mask
 
@@ -61,20 +64,36 @@ def effective_attention(model: MLATransformer, tokens: torch.Tensor, layer: int)
         raise ValueError(f"attention={cfg.attention!r}: the map needs an MLA model")
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer={layer} outside 0..{cfg.n_layers - 1}")
-    attn = model.blocks[layer].attn
+    attn = cast(MultiLevelAttention, model.blocks[layer].attn)
     captured: dict[str, torch.Tensor] = {}
     handle = attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
     try:
         model(tokens.view(1, -1))
     finally:
         handle.remove()
-    x = captured["x"]
+    return attention_map_from_input(attn, captured["x"][:1], cfg)
+
+
+@torch.no_grad()
+def attention_map_from_input(
+    attn: MultiLevelAttention, x: torch.Tensor, cfg: ModelConfig
+) -> AttentionMap:
+    """The effective attention of an :class:`mla.attention.MultiLevelAttention` on its input.
+
+    Args:
+        attn: The attention layer (not tensor-parallel: it must hold every head).
+        x: ``(1, seq, d_model)``: what the layer received (the normed residual stream).
+        cfg: The model's shape and attention settings.
+
+    Returns:
+        :class:`AttentionMap`.
+    """
     q, k, _ = attn._project(x)
     gate = attn._gate(x)
     n = q.shape[-2]
     rep = q.shape[1] // k.shape[1]
     scores = q @ k.repeat_interleave(rep, dim=1).transpose(-1, -2) / math.sqrt(q.shape[-1])
-    i = torch.arange(n)
+    i = torch.arange(n, device=q.device)
     delta = i.view(-1, 1) - i.view(1, -1)
     local_mask = (delta >= 0) & (delta < cfg.local_window)
     if cfg.indexer == "block":
@@ -84,8 +103,10 @@ def effective_attention(model: MLATransformer, tokens: torch.Tensor, layer: int)
         global_mask = exact_topk_reference_mask(scores, cfg.global_k)
     local = scores.masked_fill(~local_mask, float("-inf")).softmax(-1)
     glob = scores.masked_fill(~global_mask, float("-inf")).softmax(-1)
-    g = torch.ones(q.shape[:3]) if gate is None else gate
+    g = torch.ones(q.shape[:3], device=q.device) if gate is None else gate
     weights = (
         local + glob if gate is None else g.unsqueeze(-1) * local + (1 - g.unsqueeze(-1)) * glob
     )
-    return AttentionMap(weights[0].float(), local_mask, global_mask[0], g[0].float())
+    return AttentionMap(
+        weights[0].float().cpu(), local_mask.cpu(), global_mask[0].cpu(), g[0].float().cpu()
+    )

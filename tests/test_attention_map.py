@@ -71,3 +71,28 @@ def test_dense_model_and_bad_layer_are_refused():
     )
     with pytest.raises(ValueError, match="layer=3 outside 0..0"):
         effective_attention(mla, torch.zeros(8, dtype=torch.long), 3)
+
+
+def test_the_worker_probe_gives_the_map_of_the_first_window_prefix(one_torch_thread):
+    from workers.attention_probe import AttentionProbe
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=2,
+        ffn_hidden=64,
+        local_window=4,
+        global_k=4,
+        block_size=4,
+    )
+    model = MLATransformer(cfg).eval()
+    batch = torch.randint(0, 64, (2, 30))  # 30 tokens: the probe keeps 28 (a multiple of B = 4)
+    with AttentionProbe(model, cfg) as probe, torch.no_grad():
+        model(batch)
+        model(torch.randint(0, 64, (2, 30)))  # later forwards of the pass are ignored
+    maps = probe.maps()
+    assert sorted(maps) == [0, 2]  # first and last block
+    expected = effective_attention(model, batch[0, :28], layer=2)
+    torch.testing.assert_close(maps[2].weights, expected.weights)

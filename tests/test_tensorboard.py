@@ -17,7 +17,8 @@ from workers.tensorboard import TB_DIR, RunBoard  # noqa: E402
 def read(run_dir: Path) -> EventAccumulator:
     """Every event of ``RUN_DIR/tb`` (no sampling)."""
     acc = EventAccumulator(
-        str(run_dir / TB_DIR), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}
+        str(run_dir / TB_DIR),
+        size_guidance={"scalars": 0, "histograms": 0, "tensors": 0, "images": 0},
     )
     acc.Reload()
     return acc
@@ -58,6 +59,38 @@ def test_tags_and_no_duplicate_steps_after_a_resume(tmp_path):
     assert [round(e.value) for e in loss] == [10, 10, 10, 10, 20, 20, 20, 20]
     assert [e.step for e in acc.Scalars("val/loss")] == [10, 20, 30, 40]
     assert acc.Scalars("attention/gate_mean/layer_0")[0].value == pytest.approx(0.5)
+
+
+def test_attention_maps_are_images_that_decode(tmp_path):
+    import io
+
+    import torch
+    from matplotlib.image import imread
+
+    from mla.attention_map import effective_attention
+    from mla.config import ModelConfig
+    from mla.model import MLATransformer
+
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=64,
+        local_window=4,
+        global_k=4,
+        block_size=4,
+    )
+    amap = effective_attention(MLATransformer(cfg).eval(), torch.randint(0, 64, (16,)), layer=1)
+    board = RunBoard(tmp_path, 0)
+    board.attention(10, {1: amap})
+    board.close()
+    (event,) = read(tmp_path).Images("attention/map/layer_1_head_0")
+    pixels = imread(io.BytesIO(event.encoded_image_string), format="png")
+    assert event.step == 10 and pixels.shape[:2] == (16, 16)
+    expected = (amap.weights[0] / amap.weights[0].max()).numpy()
+    gray = pixels[..., 0] if pixels.ndim == 3 else pixels
+    assert abs(gray - expected).max() <= 1 / 255 + 1e-6  # 8-bit grey of weights / max
 
 
 def test_config_and_layout_are_text(tmp_path):

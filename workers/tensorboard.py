@@ -5,8 +5,10 @@
 
 * every logged step: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``perf/tokens_per_s``,
   ``perf/step_time_s``, ``perf/mfu``, ``memory/peak_gib``;
-* every evaluation: ``val/loss``, ``attention/gate_mean/layer_L`` (share of the local branch)
-  and the histogram ``attention/gate/layer_L`` of the per-head mean gates;
+* every evaluation: ``val/loss``, ``attention/gate_mean/layer_L`` (share of the local branch),
+  the histogram ``attention/gate/layer_L`` of the per-head mean gates, and the image
+  ``attention/map/layer_L_head_0`` of the effective attention on a fixed held-out window
+  (:mod:`workers.attention_probe`; first and last block, tensor-parallel degree 1, ZeRO <= 2);
 * at each start or resume: the job config (YAML) and the layout as text.
 
 A resumed attempt opens the writer with ``purge_step = resumed step + 1``: TensorBoard (and its
@@ -21,6 +23,7 @@ import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -89,6 +92,16 @@ class RunBoard:
                 f"attention/gate_mean/layer_{layer}", float(np.mean(heads)), step
             )
             self.writer.add_histogram(f"attention/gate/layer_{layer}", np.asarray(heads), step)
+
+    def attention(self, step: int, maps: Mapping[int, Any], head: int = 0) -> None:
+        """``attention/map/layer_L_head_H``: the effective attention of ``head`` on the probe
+        window as a grey image (weights / row maximum of the image), rows = queries."""
+        for layer, amap in maps.items():
+            weights = amap.weights[head]
+            image = weights / weights.max().clamp_min(1e-12)
+            self.writer.add_image(
+                f"attention/map/layer_{layer}_head_{head}", image[None], step, dataformats="CHW"
+            )
 
     def flush(self) -> None:
         self.writer.flush()

@@ -52,6 +52,7 @@ from orchestrator.contract.io import atomic_write, write_json_atomic
 from orchestrator.contract.layout import Layout, resume_problem
 from orchestrator.contract.run_plan import RunPlan
 from orchestrator.contract.strict_json import strict_record
+from workers.attention_probe import AttentionProbe
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
 from workers.gate_probe import GateProbe
@@ -137,6 +138,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.model_cfg, seq)
         self.board: RunBoard | None = None
         self._gate_means: dict[int, list[float]] = {}
+        self._attention_maps: dict = {}
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
@@ -270,13 +272,20 @@ class Trainer:
         gb = self.layout.global_batch
         n_batches = max(1, min(self.train_cfg.eval_batches, self.val_batches.n_windows // gb))
         total = 0.0
-        with GateProbe(self.engine.engine.module) as gates:
+        module = self.engine.engine.module
+        maps_here = self.board is not None and self.layout.tp == 1 and self.layout.zero_stage < 3
+        probed = module if maps_here else torch.nn.Module()  # an empty module: no maps
+        with (
+            GateProbe(module) as gates,
+            AttentionProbe(probed, self.model_cfg) as maps,
+        ):
             for b in range(n_batches):
                 total += self.engine.eval_batch(
                     *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
                 )
         self.metrics.evaluation(total / n_batches, gates.means())
         self._gate_means = gates.head_means()
+        self._attention_maps = maps.maps() if self.model_cfg.attention == "mla" else {}
         return total / n_batches
 
     def resume(self) -> int:
@@ -371,8 +380,9 @@ class Trainer:
             return
         if self.board is not None:
             self.board.scalars(record["step"], record)
-            if "val_loss" in record and self._gate_means:
+            if "val_loss" in record:
                 self.board.gates(record["step"], self._gate_means)
+                self.board.attention(record["step"], self._attention_maps)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
 
