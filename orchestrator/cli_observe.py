@@ -4,6 +4,8 @@
   metrics endpoint (``cluster.metrics_port``) on 127.0.0.1 with static targets (never Ray's
   ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
 * ``mla viz run RUN_DIR`` writes loss, throughput and lr plots (:mod:`orchestrator.viz_run`);
+* ``mla viz compare RUN...`` overlays their validation loss against tokens;
+* ``mla viz gates SOURCE`` draws the mean gate per layer and head;
 * ``mla viz attention SOURCE --layer L --head H`` writes a head's effective attention
   (:mod:`orchestrator.viz_attention`);
 * ``mla dashboards build [--root .] [--check]`` writes the generated ``dashboards/`` and
@@ -112,6 +114,17 @@ def viz_run_command(
         err.print(f"wrote {path}")
 
 
+@viz_app.command("compare")
+def viz_compare_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders."),
+    out: Path = typer.Option(Path("compare.png"), "-o", "--out", help="PNG to write."),
+) -> None:
+    """Validation loss of several runs against tokens, on one chart."""
+    from orchestrator.viz_run import plot_compare
+
+    err.print(f"wrote {plot_compare(run_dirs, out)}")
+
+
 @viz_app.command("attention")
 def viz_attention_command(
     source: str = typer.Argument(..., help="Run folder, checkpoint folder or `mla export` folder."),
@@ -127,6 +140,20 @@ def viz_attention_command(
     from orchestrator.viz_attention import plot_attention
 
     err.print(f"wrote {plot_attention(source, layer, head, text, out)}")
+
+
+@viz_app.command("gates")
+def viz_gates_command(
+    source: str = typer.Argument(..., help="Run folder, checkpoint folder or `mla export` folder."),
+    text: Optional[str] = typer.Option(
+        None, "--text", help="Text to run (default: a Python snippet)."
+    ),
+    out: Path = typer.Option(Path("gates.png"), "-o", "--out", help="PNG to write."),
+) -> None:
+    """Layer x head heat map of the mean gate (share of the local branch) on a text."""
+    from orchestrator.viz_attention import plot_gates
+
+    err.print(f"wrote {plot_gates(source, text, out)}")
 
 
 def register(app: typer.Typer) -> None:

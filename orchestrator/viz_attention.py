@@ -1,4 +1,5 @@
-"""``mla viz attention SOURCE --layer L --head H [--text T]``: a heat map of where a head looks.
+"""``mla viz attention SOURCE --layer L --head H [--text T]``: a heat map of where a head looks;
+``mla viz gates SOURCE``: the mean gate per layer and head.
 
 The matrix is the effective attention of :func:`mla.attention_map.effective_attention`
 (``g * local + (1 - g) * global`` from the dense reference path) on the text's byte tokens;
@@ -68,9 +69,9 @@ def plot_attention(source: str, layer: int, head: int, text: str | None, out: Pa
         CheckpointError: ``source`` cannot be loaded (see :func:`workers.inference.load_model`).
     """
     import torch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from mla.attention_map import effective_attention
+    from orchestrator.viz_run import save_png
     from workers.inference import load_model
 
     loaded = load_model(source)
@@ -96,9 +97,57 @@ def plot_attention(source: str, layer: int, head: int, text: str | None, out: Pa
         [_label(t) for t in tokens],
         f"{Path(source).name}{step}: layer {layer}, head {head}",
     )
-    FigureCanvasAgg(fig)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
+    return save_png(fig, out)
+
+
+def gates_figure(head_means: dict[int, list[float]], title: str = ""):
+    """Layer x head heat map of the mean gate g (1: all local branch, 0: all global)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    layers = sorted(head_means)
+    grid = np.array([head_means[layer] for layer in layers])
+    fig = Figure(figsize=(1.2 + 0.6 * grid.shape[1], 1.2 + 0.5 * len(layers)), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(grid, cmap="coolwarm", vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(image, ax=ax, label="mean gate (local share)")
+    for (row, col), value in np.ndenumerate(grid):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gates(source: str, text: str | None, out: Path) -> Path:
+    """Write the :func:`gates_figure` of the model at ``source`` on ``text`` (``None``: the
+    probe text cut to ``max_seq_len``).
+
+    Raises:
+        ConfigError: the model has no gate (dense attention or ``mix="sum"``), or the text is
+            empty or longer than ``max_seq_len``.
+        CheckpointError: ``source`` cannot be loaded.
+    """
+    import torch
+
+    from orchestrator.viz_run import save_png
+    from workers.gate_probe import GateProbe
+    from workers.inference import load_model
+
+    loaded = load_model(source)
+    cfg = loaded.cfg
+    if cfg.attention != "mla" or cfg.mix != "gate":
+        raise ConfigError(f"{source} has no gate (attention={cfg.attention}, mix={cfg.mix})")
+    tokens = list((PROBE_TEXT if text is None else text).encode("utf-8"))
+    tokens = tokens[: cfg.max_seq_len] if text is None else tokens
+    if not tokens or len(tokens) > cfg.max_seq_len:
+        raise ConfigError(
+            f"--text has {len(tokens)} bytes; give 1..{cfg.max_seq_len} (model.max_seq_len)"
+        )
+    with GateProbe(loaded.model) as probe, torch.no_grad():
+        loaded.model(torch.tensor(tokens).view(1, -1))
+    step = f" step {loaded.step}" if loaded.step is not None else ""
+    return save_png(gates_figure(probe.head_means(), f"{Path(source).name}{step}: mean gate"), out)

@@ -5,7 +5,9 @@ Three PNGs (matplotlib, Agg backend, imported inside the functions so the CLI st
 * ``loss.png``: train and validation loss against step and against tokens (log y), with a
   dashed vertical line at every resume and a dotted one at every layout change;
 * ``throughput.png``: tokens/s and step time against step;
-* ``lr.png``: the learning rate against step.
+* ``lr.png``: the learning rate against step;
+
+and ``mla viz compare RUN...`` overlays the validation loss of several runs against tokens.
 
 Tokens are ``step x train.global_batch x data.seq_len`` from ``RUN_DIR/job.json`` (the global
 batch is the same for every layout, so runs of different layouts line up).
@@ -155,22 +157,51 @@ def plot_run(run_dir: Path, out_dir: Path) -> dict[str, Path]:
     Raises:
         ConfigError: ``run_dir`` is not a run folder, or holds no logged step yet.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     run = read_run(run_dir)
     if not run.series("loss")[0]:
         raise ConfigError(f"{run_dir}/metrics.jsonl holds no training step yet; plot it later")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, build in (
-        ("loss", loss_figure),
-        ("throughput", throughput_figure),
-        ("lr", lr_figure),
-    ):
-        fig = build(run)
-        FigureCanvasAgg(fig)
-        tmp = out_dir / f".{name}.png.tmp"
-        fig.savefig(tmp, format="png")
-        tmp.replace(out_dir / f"{name}.png")  # atomic: no half-written PNG
-        written[name] = out_dir / f"{name}.png"
-    return written
+    builders = (("loss", loss_figure), ("throughput", throughput_figure), ("lr", lr_figure))
+    return {name: save_png(build(run), out_dir / f"{name}.png") for name, build in builders}
+
+
+def compare_figure(runs: dict[str, RunRecords]):
+    """Validation loss against tokens of several runs on one chart (runs of different layouts
+    or batch sizes line up on tokens, not on steps)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
+    for name, run in runs.items():
+        steps, values = run.series("val_loss")
+        ax.plot([s * run.tokens_per_step for s in steps], values, marker="o", ms=3, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_compare(run_dirs: list[Path], out: Path) -> Path:
+    """Write the :func:`compare_figure` of ``run_dirs`` (labelled by folder name) to ``out``.
+
+    Raises:
+        ConfigError: fewer than one run, or a folder that is not a run.
+    """
+    if not run_dirs:
+        raise ConfigError("give at least one run folder, e.g. mla viz compare runs/a runs/b")
+    fig = compare_figure({str(d): read_run(d) for d in run_dirs})
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: Path) -> Path:
+    """Render ``fig`` to the PNG ``out`` atomically (a temporary file, then a rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(out)
+    return out

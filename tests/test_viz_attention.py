@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -56,14 +58,44 @@ def test_cli_writes_a_png_that_is_not_blank(export_dir, tmp_path, mla_cli):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("layer", "head", "text", "message"),
     [
-        (["--layer", "5"], "--layer=5 is outside 0..1"),
-        (["--head", "2"], "--head=2 is outside 0..1"),
-        (["--text", ""], "--text has 0 bytes"),
+        (5, 0, None, "--layer=5 is outside 0..1"),
+        (0, 2, None, "--head=2 is outside 0..1"),
+        (0, 0, "", "--text has 0 bytes"),
+        (0, 0, "x" * 65, "--text has 65 bytes; give 1..64"),
     ],
 )
-def test_bad_options_are_clear_errors(export_dir, tmp_path, mla_cli, args, message):
-    got = mla_cli("viz", "attention", str(export_dir), *args, "-o", str(tmp_path / "x.png"))
-    assert got.returncode == 2 and message in " ".join(got.stderr.split()), got.stderr
+def test_bad_options_are_clear_errors(export_dir, tmp_path, layer, head, text, message):
+    from orchestrator.contract.errors import ConfigError
+    from orchestrator.viz_attention import plot_attention
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plot_attention(str(export_dir), layer, head, text, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_bad_option_exits_2_without_a_traceback(export_dir, tmp_path, mla_cli):
+    got = mla_cli(
+        "viz", "attention", str(export_dir), "--layer", "5", "-o", str(tmp_path / "x.png")
+    )
+    assert got.returncode == 2 and "--layer=5 is outside 0..1" in got.stderr
+    assert "Traceback" not in got.stderr
+
+
+def test_gates_figure_shows_each_layer_and_heads_mean_gate(export_dir, tmp_path, mla_cli):
+    from mla.pretrained import load_pretrained
+    from orchestrator.viz_attention import PROBE_TEXT, gates_figure
+    from workers.gate_probe import GateProbe
+
+    model = load_pretrained(export_dir)
+    with GateProbe(model) as probe, torch.no_grad():
+        model(torch.tensor(list(PROBE_TEXT.encode())[:64]).view(1, -1))
+    heat = np.asarray(gates_figure(probe.head_means()).axes[0].images[0].get_array())
+    assert heat.shape == (2, 2)
+    np.testing.assert_allclose(heat, [probe.head_means()[0], probe.head_means()[1]])
+    got = mla_cli("viz", "gates", str(export_dir), "-o", str(tmp_path / "g.png"))
+    assert got.returncode == 0, got.stderr
+    from matplotlib.image import imread
+
+    assert np.std(imread(tmp_path / "g.png")[..., :3]) > 0.05

@@ -96,3 +96,27 @@ def test_a_folder_that_is_no_run_is_a_clear_error(tmp_path, mla_cli):
         got.stderr.split()
     )
     assert "Traceback" not in got.stderr
+
+
+def test_compare_plots_each_runs_val_loss_against_tokens(run_dir, tmp_path, mla_cli):
+    from orchestrator.viz_run import compare_figure
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("metrics.jsonl", "events.jsonl"):
+        (other / name).write_text((run_dir / name).read_text())
+    (other / "job.json").write_text(
+        json.dumps({"train": {"global_batch": 32}, "data": {"seq_len": 64}})
+    )
+    lines = _lines(compare_figure({"a": read_run(run_dir), "b": read_run(other)}).axes[0])
+    assert lines["a"][0] == [0, 20 * 1024, 40 * 1024, 60 * 1024]
+    assert lines["b"][0] == [
+        0,
+        20 * 2048,
+        40 * 2048,
+        60 * 2048,
+    ]  # twice the batch: twice the tokens
+    assert lines["a"][1] == lines["b"][1] == [5.5, 4.2, 3.2, 2.2]
+    got = mla_cli("viz", "compare", str(run_dir), str(other), "-o", str(tmp_path / "c.png"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "c.png").stat().st_size > 1000
