@@ -5,6 +5,7 @@
   ``file_sd`` discovery file, whose addresses depend on Ray's loopback pinning);
 * ``mla viz run RUN_DIR`` writes loss, throughput and lr plots (:mod:`orchestrator.viz_run`);
 * ``mla viz compare RUN...`` overlays their validation loss against tokens;
+* ``mla viz plan PLAN_JSON`` draws the memory of each candidate layout of ``mla plan --json``;
 * ``mla viz gates SOURCE`` draws the mean gate per layer and head;
 * ``mla viz attention SOURCE --layer L --head H`` writes a head's effective attention
   (:mod:`orchestrator.viz_attention`);
@@ -154,6 +155,19 @@ def viz_gates_command(
     from orchestrator.viz_attention import plot_gates
 
     err.print(f"wrote {plot_gates(source, text, out)}")
+
+
+@viz_app.command("plan")
+def viz_plan_command(
+    plan_json: str = typer.Argument(
+        ..., help="Output of `mla plan ... --json` (a file, or - for stdin)."
+    ),
+    out: Path = typer.Option(Path("plan.png"), "-o", "--out", help="PNG to write."),
+) -> None:
+    """Memory per GPU of each candidate layout, stacked by component, with the GPU limit."""
+    from orchestrator.viz_plan import plot_plan
+
+    err.print(f"wrote {plot_plan(plan_json, out)}")
 
 
 def register(app: typer.Typer) -> None:
