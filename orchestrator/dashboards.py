@@ -605,7 +605,7 @@ def monitoring_manifests(dashboards: dict[str, str]) -> dict[str, str]:
 
     Modelled on KubeRay's ``config/prometheus/podMonitor.yaml`` (``release: prometheus`` so that
     kube-prometheus-stack selects them; the ``metrics`` port 8080 the operator adds to every Ray
-    pod) and its ``install.sh --auto-load-dashboard`` (one ConfigMap per dashboard, label
+    pod, plus the head's ``as-metrics``/``dash-metrics`` that ``mla k8s render`` declares) and its ``install.sh --auto-load-dashboard`` (one ConfigMap per dashboard, label
     ``grafana_dashboard: "1"``: a single one would pass the 1 MiB object limit).
     """
 
@@ -623,7 +623,7 @@ def monitoring_manifests(dashboards: dict[str, str]) -> dict[str, str]:
                 "selector": {"matchLabels": {"ray.io/node-type": node}},
                 "podMetricsEndpoints": [
                     {
-                        "port": "metrics",
+                        "port": port,
                         "interval": "15s",
                         "relabelings": [
                             {
@@ -633,6 +633,11 @@ def monitoring_manifests(dashboards: dict[str, str]) -> dict[str, str]:
                             }
                         ],
                     }
+                    for port in (
+                        ("metrics", "as-metrics", "dash-metrics")
+                        if node == "head"
+                        else ("metrics",)
+                    )
                 ],
             },
         }
