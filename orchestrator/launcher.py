@@ -331,14 +331,15 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
             watchdog.start()
             try:
                 result = _fit(plan)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, SystemExit):
+                # Ray Train's own SIGINT handler (installed by fit()) aborts the controller and
+                # may call sys.exit(0): the watchdog's reason must still reach the user.
                 if watchdog.reason is None:
                     raise
                 raise ClusterError(watchdog.reason) from None
             finally:
                 watchdog.done.set()
-            # Ray Train installs its own SIGINT handler during fit(): the watchdog's interrupt
-            # then aborts the controller and fit() returns instead of raising.
+            # ... or fit() returns after that abort instead of raising.
             if watchdog.reason is not None:
                 raise ClusterError(watchdog.reason)
         finally:

@@ -13,7 +13,7 @@ group startup timed out" lines go only to its logs. Two checks:
 
 from __future__ import annotations
 
-import _thread
+import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -65,6 +65,12 @@ def check_placeable(job: JobConfig, sizes: Iterable[int | str]) -> None:
         raise ClusterError(f"the workers cannot be placed: {problem}; {_fix(job)}")
 
 
+#: SIGINTs after which Ray Train's driver-side handler stops waiting for a graceful abort.
+RAY_FORCED_ABORT_SIGINTS = 3
+#: Seconds the watchdog gives a graceful abort before the next SIGINT.
+ABORT_GRACE_S = 10.0
+
+
 class StartupWatchdog(threading.Thread):
     """Interrupt the driver if no worker group starts within ``timeout_s``.
 
@@ -93,7 +99,24 @@ class StartupWatchdog(threading.Thread):
                 return
             if time.time() > deadline:
                 self.reason = self._message()
-                _thread.interrupt_main()
+                self._interrupt()
+                return
+
+    def _interrupt(self) -> None:
+        """Interrupt the driver's main thread until the launcher acknowledges (``done``).
+
+        During ``fit()`` Ray Train V2 replaces the SIGINT handler
+        (``DataParallelTrainer._register_sigint_handler``): the first SIGINT asks the controller
+        to abort and waits for it, which never returns while the controller itself waits for a
+        placement group; the third SIGINT makes the handler call ``sys.exit``. So the interrupt
+        is repeated, ``ABORT_GRACE_S`` apart, up to ``RAY_FORCED_ABORT_SIGINTS`` times; with
+        Python's default handler the first one already ends ``fit()``.
+        """
+        for _ in range(RAY_FORCED_ABORT_SIGINTS):
+            # a real signal to the main thread, unlike _thread.interrupt_main(), also wakes a
+            # blocking system call there
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            if self.done.wait(ABORT_GRACE_S):
                 return
 
     def _message(self) -> str:

@@ -93,8 +93,30 @@ def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(
             bad.stderr.split()
         )
 
+        # Three one-CPU workers on a two-CPU cluster never start: the driver's startup watchdog
+        # ends the job (through Ray Train's own SIGINT handler) with what was asked and what is
+        # free, instead of waiting forever.
+        stuck = mla_cli(
+            "submit",
+            "configs/tiny.yaml",
+            *auth,
+            "--storage-path",
+            str(storage),
+            "--follow",
+            *sets(
+                "cluster.num_workers=3",
+                "train.global_batch=12",
+                "cluster.startup_timeout_s=20",
+                "run.name=stuck",
+            ),
+        )
+        assert stuck.returncode != 0, stuck.stdout[-3000:]
+        said = " ".join((stuck.stdout + stuck.stderr).split())
+        assert "no worker group started within cluster.startup_timeout_s=20 s" in said, said[-3000:]
+        assert "asked for CPU 3" in said and "Traceback" not in said.split("no worker group")[1]
+
         token = cluster.token_file.read_text().strip()
-        for result in (ok, logs, again, sweep, bad):
+        for result in (ok, logs, again, sweep, bad, stuck):
             assert token not in result.stdout + result.stderr
 
 

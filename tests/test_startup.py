@@ -44,6 +44,29 @@ def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path, monkeypatch):
     )
 
 
+def test_watchdog_repeats_the_interrupt_until_ray_trains_handler_gives_up(tmp_path, monkeypatch):
+    # Ray Train V2's SIGINT handler (installed during fit) waits on the controller's abort at the
+    # first SIGINT, ignores the second and calls sys.exit at the third.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setattr("orchestrator.startup.ABORT_GRACE_S", 0.2)
+    seen = []
+
+    def ray_like_handler(signum, frame):
+        seen.append(signum)
+        if len(seen) >= 3:
+            sys.exit(0)
+
+    watchdog = StartupWatchdog(JobConfig(), {"2": {}}, tmp_path, 0.3)
+    previous = signal.signal(signal.SIGINT, ray_like_handler)
+    try:
+        watchdog.start()
+        with pytest.raises(SystemExit):
+            time.sleep(20)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(seen) == 3 and watchdog.reason is not None
+
+
 def test_watchdog_stays_quiet_once_a_worker_group_started(tmp_path):
     job = JobConfig()
     watchdog = StartupWatchdog(job, {"2": {}}, tmp_path, 1.5)
