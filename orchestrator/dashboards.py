@@ -195,6 +195,19 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 unit="s",
             ),
             Panel(
+                "Data-wait share per rank",
+                "Share of each rank's step time spent fetching batches (high: input-bound).",
+                (
+                    Target(
+                        "sum by (ray_train_worker_world_rank) (rate(ray_mla_train_data_wait_seconds_total"
+                        f"{{{RUN}, {RANK}}}[$__rate_interval])) / sum by (ray_train_worker_world_rank) "
+                        f"(rate(ray_mla_train_step_seconds_sum{{{RUN}, {RANK}}}[$__rate_interval]))",
+                        "rank {{ray_train_worker_world_rank}}",
+                    ),
+                ),
+                unit="percentunit",
+            ),
+            Panel(
                 "Gradient norm",
                 "Global gradient 2-norm of the last step (before clipping).",
                 (Target(f"ray_mla_train_grad_norm{{{RUN}}}", "{{ray_train_run_name}}"),),

@@ -38,6 +38,7 @@ def test_labels_are_ray_trains_tags_and_never_step_head_or_token():
         "mla_train_step",
         "mla_train_tokens",
         "mla_train_step_seconds",
+        "mla_train_data_wait_seconds",
         "mla_train_device_memory_peak_bytes",
     }
 

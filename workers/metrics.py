@@ -9,7 +9,8 @@ so Prometheus sees the last value per interval; per-step values stay in ``metric
 
 Who exports what (so ``sum``/``avg`` over ranks never double-counts):
 
-* every rank: step, tokens (global tokens / world size each), step-time histogram, peak memory;
+* every rank: step, tokens (global tokens / world size each), step-time histogram, data wait,
+  peak memory;
 * rank 0 (the loss owner: it holds the data-parallel mean loss, and the pipeline engine
   broadcasts the last stage's loss to it): loss, val loss, lr, grad norm, MFU, checkpoints,
   resumes, world size, total steps;
@@ -156,6 +157,7 @@ class TrainMetrics:
         tokens: int,
         memory_bytes: int,
         mfu_value: float | None = None,
+        data_wait_s: float = 0.0,
     ) -> None:
         """At a logging interval.
 
@@ -165,11 +167,14 @@ class TrainMetrics:
             tokens: Global tokens trained in the window.
             memory_bytes: This rank's peak memory over the window, bytes.
             mfu_value: MFU of the window (rank 0), 0-1.
+            data_wait_s: Seconds this rank spent fetching batches in the window.
         """
         if not self._metrics:
             return
         self._set("mla_train_step", record.get("step"), self._rank_tags)
         self._metrics["mla_train_tokens"].inc(tokens / self.world, tags=self._rank_tags)
+        if data_wait_s > 0:  # Ray's Counter.inc refuses 0
+            self._metrics["mla_train_data_wait_seconds"].inc(data_wait_s, tags=self._rank_tags)
         for seconds in step_times_s:
             self._metrics["mla_train_step_seconds"].observe(seconds, tags=self._rank_tags)
         self._set("mla_train_device_memory_peak_bytes", memory_bytes, self._rank_tags)

@@ -139,6 +139,7 @@ class Trainer:
         self.board: RunBoard | None = None
         self._gate_means: dict[int, list[float]] = {}
         self._attention_maps: dict = {}
+        self._data_wait_s = 0.0  # seconds fetching batches since the last logging interval
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
@@ -215,8 +216,14 @@ class Trainer:
         )
         grad_norm = self.engine.grad_norm()
         self.metrics.interval(
-            {**record, "grad_norm": grad_norm}, step_times, tokens, memory, utilisation
+            {**record, "grad_norm": grad_norm},
+            step_times,
+            tokens,
+            memory,
+            utilisation,
+            self._data_wait_s,
         )
+        self._data_wait_s = 0.0
         extra: dict = {"peak_memory_gib": memory / 2**30}
         if math.isfinite(utilisation):  # nan when the catalogue has no peak for the device
             extra["mfu"] = utilisation
@@ -258,9 +265,11 @@ class Trainer:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
         if self.private is not None:  # DP-SGD on a Poisson sample (workers.privacy)
             return self.private.train_step(step_index)
+        started = time.perf_counter()
         x, y = self.train_batches.rank_slice(
             step_index, self.layout.global_batch, self.dp_rank, self.layout.dp
         )
+        self._data_wait_s += time.perf_counter() - started
         seed_step(
             self.train_cfg.seed, step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0]
         )

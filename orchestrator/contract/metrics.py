@@ -100,6 +100,12 @@ METRICS: tuple[MetricSpec, ...] = (
         STEP_SECONDS_BUCKETS,
     ),
     MetricSpec(
+        "mla_train_data_wait_seconds",
+        "counter",
+        "Seconds this rank spent fetching batches (inside the step time; DP-SGD runs: not counted).",
+        _RANK,
+    ),
+    MetricSpec(
         "mla_train_mfu",
         "gauge",
         "Model FLOPs utilisation, 0-1: FLOPs/token x tokens/s / (peak FLOP/s x world size).",
