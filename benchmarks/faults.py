@@ -116,7 +116,19 @@ class Kill:
     moment: str
     checkpoint_at_kill: int
     step_at_kill: int
+    starts_before: int = 0  # worker-group start events written before the kill
     resumed_from: int | None = None
+
+
+def pair_restarts(kills: list[Kill], starts: list[dict]) -> None:
+    """Set each kill's ``resumed_from``: the step of the first worker-group start written after
+    it (``starts[kill.starts_before]``; a start from no checkpoint is step 0), ``None`` only when
+    no start followed (the run ended). Pairing by index of the start events, not by kill count,
+    stays right when one kill causes two starts (a restart that fails at startup is retried).
+    """
+    for kill in kills:
+        if kill.starts_before < len(starts):
+            kill.resumed_from = starts[kill.starts_before].get("resumed_from_step") or 0
 
 
 @dataclass
@@ -163,17 +175,19 @@ def run_with_kills(
         env=_env(),
         cwd=ROOT,
     )
-    soak, killed_pids = Soak(), set()
+    # pids of earlier attempts: a rank file not yet rewritten by the new attempt still names one
+    soak, stale_pids = Soak(), set[int]()
     start, deadline = time.time(), time.time() + kill_window_s
     try:
         while len(soak.kills) < n_kills and proc.poll() is None and time.time() < deadline:
             starts = _starts(run_dir)
-            if len(starts) != len(soak.kills) + 1:  # wait for the worker group of this attempt
+            seen = soak.kills[-1].starts_before if soak.kills else 0
+            if len(starts) <= seen:  # wait for a worker group started after the last kill
                 time.sleep(0.2)
                 continue
             rank = rng.randrange(2)
             pid = _pid(run_dir, rank)
-            if pid is None or pid in killed_pids or not _alive(pid):
+            if pid is None or pid in stale_pids or not _alive(pid):
                 time.sleep(0.2)
                 continue
             resumed = starts[-1].get("resumed_from_step") or 0
@@ -186,12 +200,13 @@ def run_with_kills(
                 "during checkpoint write" if during_write else "random",
                 newest_complete(run_dir),
                 _last_step(run_dir),
+                len(_starts(run_dir)),
             )
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 continue
-            killed_pids.add(pid)
+            stale_pids.update(p for p in (_pid(run_dir, r) for r in range(2)) if p is not None)
             soak.kills.append(kill)
             print(
                 f"kill {len(soak.kills):>2} at {time.time() - start:6.0f} s: rank {rank} at step "
@@ -210,9 +225,7 @@ def run_with_kills(
         log.close()
     soak.returncode = proc.returncode
     soak.stderr = (out / "faulty.log").read_text()
-    starts = _starts(run_dir)
-    for kill, start_event in zip(soak.kills, starts[1:], strict=False):
-        kill.resumed_from = start_event.get("resumed_from_step")
+    pair_restarts(soak.kills, _starts(run_dir))
     return soak
 
 

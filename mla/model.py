@@ -68,6 +68,9 @@ class TransformerBlock(nn.Module):
     """One pre-norm block: ``h = x + attn(attn_norm(x)); out = h + mlp(mlp_norm(h))``.
 
     Usable alone (pipeline stages call ``block(x)``): the rotary cache lives inside ``attn``.
+    Subclasses that recompute the attention in the backward pass override
+    :meth:`attention` alone (``workers.parallel.pipeline.BlockLayer``), so the block's forward
+    is written once.
 
     Args:
         cfg: Model configuration.
@@ -85,8 +88,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(batch, seq, d_model)`` -> same shape."""
-        h = x + self.attn(self.attn_norm(x))
+        h = x + self.attention(self.attn_norm(x))
         return h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention sub-layer on normalised input: ``(batch, seq, d_model)`` -> same shape."""
+        return self.attn(x)
 
 
 class MLATransformer(nn.Module):
@@ -110,9 +117,7 @@ class MLATransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.apply(_init_weights)
-        for block in self.blocks:
-            init_residual_projections(block, cfg.n_layers)
+        init_gpt2_weights(self, cfg.n_layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits.
@@ -134,6 +139,25 @@ class MLATransformer(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied output projection: ``(..., d_model)`` -> ``(..., vocab_size)`` with ``tok_emb.weight``."""
         return F.linear(x, self.tok_emb.weight)
+
+
+def init_gpt2_weights(module: nn.Module, n_layers: int) -> None:
+    """GPT-2 initialisation of a model or of one block, in place (Radford et al. 2019, Sec. 2.3).
+
+    Every Linear and Embedding weight ~ N(0, 0.02^2) and every bias 0, in module order; then the
+    residual projections of every :class:`TransformerBlock` inside ``module`` (``attn.wo``,
+    ``mlp.w2``) ~ N(0, (0.02 / sqrt(2 * n_layers))^2). Norm weights keep their 1. The one
+    initialisation of :class:`MLATransformer` and of each pipeline stage's blocks
+    (``workers.parallel.pipeline.BlockLayer``).
+
+    Args:
+        module: An :class:`MLATransformer`, a :class:`TransformerBlock` or anything holding them.
+        n_layers: Blocks L of the whole model (not of ``module``): the residual scale's L.
+    """
+    module.apply(_init_weights)
+    for block in module.modules():
+        if isinstance(block, TransformerBlock):
+            init_residual_projections(block, n_layers)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -19,7 +19,9 @@ import typer
 
 from orchestrator.contract.errors import ConfigError
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(
+    name="bench", help="Benchmarks (attention, quality, decoding).", no_args_is_help=True
+)
 
 #: The source checkout, if this package runs from one (``benchmarks/`` sits beside it).
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -161,7 +163,7 @@ def decode(
     ),
 ) -> None:
     """Incremental decoding with the KV cache: MLA vs the same model with dense attention, side by side."""
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
     bench = load_benchmark("decode")
     ctx, bs = _int_list("--contexts", contexts), _int_list("--batches", batches)
@@ -176,9 +178,6 @@ def decode(
         device=device,
         threads=threads,
     )
-    console = Console(
-        stderr=True, width=None if sys.stderr.isatty() else 180
-    )  # the table has 11 columns
     records = bench.run_benchmark(settings, progress=lambda msg: console.log(msg))
     bench.render(records, settings, console)
     if json_out:

@@ -17,7 +17,11 @@ from typing import Optional
 
 import typer
 
+from orchestrator.cli_common import err
 from orchestrator.contract.errors import CheckpointError, ConfigError
+from orchestrator.contract.jsonl import jsonl_strings
+
+app = typer.Typer()
 
 SourceArg = typer.Argument(
     ...,
@@ -27,6 +31,7 @@ SourceArg = typer.Argument(
 DeviceOption = typer.Option("cpu", "--device", help="cpu or cuda.")
 
 
+@app.command()
 def generate(
     source: str = SourceArg,
     prompt: Optional[list[str]] = typer.Option(
@@ -119,6 +124,7 @@ class _Streamer:
         sys.stdout.flush()
 
 
+@app.command("eval")
 def eval_command(
     source: str = SourceArg,
     data: Optional[str] = typer.Option(
@@ -142,11 +148,9 @@ def eval_command(
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
     loaded = _load(source, device)
-    from rich.console import Console
-
     from workers.evaluation import check_seq_len, eval_windows, evaluate
 
-    console = Console(stderr=True)
+    console = err
     trained = ((loaded.job or {}).get("data") or {}).get("seq_len")
     note = check_seq_len(
         seq_len or trained or loaded.cfg.max_seq_len, loaded.cfg.max_seq_len, trained
@@ -178,6 +182,7 @@ def eval_command(
         )
 
 
+@app.command()
 def export(
     source: str = SourceArg,
     out: Path = typer.Option(..., "--out", help="Folder to create (written atomically)."),
@@ -225,24 +230,7 @@ def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> l
 
 
 def _jsonl_prompts(path: Path, text: str) -> list[str]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must look like "
-                '{"prompt": "..."}'
-            ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(
-                f"{path}:{lineno}: no string 'prompt' field; each line must look like "
-                '{"prompt": "..."}'
-            )
-        out.append(record["prompt"])
-    return out
+    return [prompt for _, prompt in jsonl_strings(path, text.splitlines(), "prompt", ConfigError)]
 
 
 def _load(source: str, device: str):

@@ -23,9 +23,14 @@ TokenOption = typer.Option(
     "(default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).",
 )
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer()
+jobs = typer.Typer(
+    name="jobs", help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(jobs)
 
 
+@app.command()
 def submit(
     config: str = typer.Argument(..., help="Job YAML (validated here before anything is sent)."),
     set_: Optional[list[str]] = SetOption,
@@ -79,7 +84,7 @@ def submit(
         err.print(f"job {sid} {status}")
 
 
-@app.command("list")
+@jobs.command("list")
 def list_jobs(
     address: Optional[str] = AddressOption,
     token_file: Optional[str] = TokenOption,
@@ -107,7 +112,7 @@ def list_jobs(
     out.print(table)
 
 
-@app.command()
+@jobs.command()
 def status(
     submission_id: str,
     address: Optional[str] = AddressOption,
@@ -120,7 +125,7 @@ def status(
     print(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
 
-@app.command()
+@jobs.command()
 def logs(
     submission_id: str,
     address: Optional[str] = AddressOption,
@@ -138,7 +143,7 @@ def logs(
         print(client.get_job_logs(submission_id), end="")
 
 
-@app.command()
+@jobs.command()
 def stop(
     submission_id: str,
     address: Optional[str] = AddressOption,

@@ -11,8 +11,11 @@ from typing import Optional
 
 import typer
 
+from orchestrator.cli_common import out
 from orchestrator.contract.errors import PlanError
 from orchestrator.contract.layout import RECOMPUTE_CHOICES
+
+app = typer.Typer()
 
 _MODEL = "Model (one of --model, --params, --config, or explicit dims)"
 _CLUSTER = "Cluster"
@@ -115,20 +118,17 @@ def parse_zero_stages(text: str | None) -> tuple | None:
 
 def print_result(result, top: int) -> None:
     """Rich tables: best layouts, rejected ones, or the pinned estimate."""
-    from rich.console import Console
     from rich.table import Table
 
     from orchestrator.planner.shapes import describe_model
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = out
     req = result.request
     console.print(
         f"[bold]{describe_model(req.model)}[/] on {req.gpus} x {req.gpu_spec.name} "
         f"({req.gpu_spec.memory_gib:g} GiB, {req.node_size}/node), batch {req.global_batch} x {req.seq_len}, "
         f"{req.precision}",
-        highlight=False,
+        markup=True,
     )
     rows = [result.estimate] if result.estimate else result.candidates[:top]
     table = Table(
@@ -213,6 +213,7 @@ def print_result(result, top: int) -> None:
     )
 
 
+@app.command()
 def plan(
     model: Optional[str] = typer.Option(
         None, "--model", help="Preset name (tiny, small, 1b, 7b, 13b, 70b).", rich_help_panel=_MODEL
@@ -422,7 +423,6 @@ def plan(
 
 def print_measured(measured: list) -> None:
     """Measured vs predicted table of ``mla plan --measure``; the first row is the pick."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="measured (fastest first)")
@@ -444,9 +444,7 @@ def print_measured(measured: list) -> None:
             "-" if m.ratio is None else f"{m.ratio:.2f}",
             m.error,
         )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    console = out
     console.print(table)
     if measured[0].measured_step_s is not None:
         console.print(f"fastest measured: {measured[0].layout.describe()}", highlight=False)

@@ -9,7 +9,10 @@ from rich.table import Table
 
 from orchestrator.cli_common import SetOption, err
 
+app = typer.Typer()
 
+
+@app.command()
 def tune(
     config: str = typer.Argument(
         ..., help="Base job YAML; each trial overrides the searched fields."

@@ -138,7 +138,9 @@ def connect_ray(job: JobConfig, num_cpus: int | None = None, dashboard: bool = F
     placement-group cleaner needs when Tune stops a trial's driver.
 
     Raises:
-        ClusterError: the address cannot be reached (says what was tried and how to start one).
+        ClusterError: the address cannot be reached, or the local cluster does not start (a
+            startup timeout under load, an unusable temp folder); says what was tried and how
+            to start one.
     """
     saved: dict[str, str | None] = {}
     try:
@@ -188,21 +190,35 @@ def _connect(
     port = free_port()
     _set_env(saved, "RAY_GCS_SERVER_PORT", str(port))
     _set_env(saved, "RAY_ADDRESS", f"127.0.0.1:{port}")
-    # address="local" always starts a new cluster, even if `ray start` runs on this machine.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=None if cluster.use_gpu else 0,
-        object_store_memory=cluster.object_store_mb * 1024 * 1024,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        log_to_driver=verbose,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-        _metrics_export_port=cluster.metrics_port,
-        configure_logging=True,
-    )
+    try:  # address="local" always starts a new cluster, even if `ray start` runs here
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=None if cluster.use_gpu else 0,
+            object_store_memory=cluster.object_store_mb * 1024 * 1024,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=verbose,
+            logging_level=logging.WARNING,
+            _node_ip_address="127.0.0.1",
+            _metrics_export_port=cluster.metrics_port,
+            configure_logging=True,
+        )
+    except Exception as exc:  # Ray raises Exception, TimeoutError, RuntimeError, ValueError
+        ray.shutdown()  # stop the processes a half-started node left behind
+        raise ClusterError(_local_start_failure(exc, num_cpus, cluster.object_store_mb)) from None
     return RayHandle(started=True, saved_env=saved)
+
+
+def _local_start_failure(exc: BaseException, num_cpus: int, object_store_mb: int) -> str:
+    """The message of a local Ray cluster that did not start (a timeout under load, mostly)."""
+    return (
+        f"could not start a local Ray cluster (num_cpus={num_cpus}, "
+        f"cluster.object_store_mb={object_store_mb}): {_root_cause(exc)}. A startup timeout "
+        "means the machine was too loaded for Ray's 30 s limit: retry when it is less busy, "
+        "lower cluster.ray_num_cpus or cluster.object_store_mb, or start Ray once with `ray "
+        "start --head --num-cpus N` and set cluster.address=auto"
+    )
 
 
 def metrics_endpoint(handle: RayHandle) -> str | None:

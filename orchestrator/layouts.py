@@ -69,13 +69,6 @@ def layout_for_world(job: JobConfig, world_size: int) -> Layout:
         layout.check_model(model.n_heads, model.kv_heads, model.n_layers)
     except LayoutError as exc:
         raise PlanError(f"parallel: {exc}") from None
-    if model.vocab_size % p.tensor:
-        raise PlanError(
-            f"model.vocab_size({model.vocab_size}) is not divisible by parallel.tensor({p.tensor}): the "
-            "vocabulary-parallel embedding splits it; set model.vocab_size to a multiple of "
-            f"{p.tensor} (e.g. {-(-model.vocab_size // p.tensor) * p.tensor}; ids above the tokenizer's "
-            "are never targets) or lower parallel.tensor"
-        )
     return _runnable(layout, "parallel")
 
 

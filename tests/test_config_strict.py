@@ -1,12 +1,12 @@
 """Strict job config: no bool for a number, finite floats, seed >= 0, betas in [0, 1), no
-duplicate YAML keys, non-UTF-8 files as messages, vocabulary divisible by tensor parallelism."""
+duplicate YAML keys, non-UTF-8 files as messages (vocabulary padding: test_vocab_padding.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from orchestrator.config import load_job_config
-from orchestrator.contract.errors import ConfigError, PlanError
+from orchestrator.contract.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -47,36 +47,6 @@ def test_non_utf8_yaml_is_a_message(tmp_path):
     path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_job_config(path)
-
-
-def test_vocab_not_divisible_by_tensor_parallel_is_refused_before_launch():
-    from orchestrator.layouts import build_run_plan
-
-    job = load_job_config("configs/tiny.yaml", ["model.vocab_size=257", "parallel.tensor=2"])
-    with pytest.raises(
-        PlanError, match=r"model.vocab_size\(257\) is not divisible by parallel.tensor\(2\).*258"
-    ):
-        build_run_plan(job)
-
-
-def test_planner_does_not_rank_a_tp_that_splits_the_vocabulary_unevenly():
-    from orchestrator.planner.evaluate import mesh_problem
-
-    assert "vocab" in mesh_problem(_req(257), 1, 2, 1)
-    assert mesh_problem(_req(256), 1, 2, 1) == ""
-
-
-def _req(vocab: int):
-    from mla.config import PRESETS
-    from orchestrator.planner.types import PlanRequest
-
-    return PlanRequest(
-        model=PRESETS["tiny"].replace(vocab_size=vocab),
-        gpus=2,
-        gpu="h100",
-        global_batch=32,
-        seq_len=128,
-    )
 
 
 @pytest.mark.parametrize(

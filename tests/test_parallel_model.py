@@ -57,6 +57,23 @@ def test_same_seed_same_weights_other_seed_other_weights():
     assert not torch.equal(a["blocks.2.attn.wq.weight"], c["blocks.2.attn.wq.weight"])
 
 
+def test_stage_blocks_start_from_the_single_model_initialisation():
+    """Pipeline blocks and MLATransformer share one GPT-2 init: per parameter, the same spread
+    (0.02, residual projections 0.02/sqrt(2L)), zero biases and unit norm weights."""
+    torch.manual_seed(0)
+    single = dict(MLATransformer(CFG).named_parameters())
+    staged = canonical_parameters(_sequential())
+    for name, p in staged.items():
+        if not name.startswith("blocks."):
+            continue
+        p, ref = p.detach(), single[name].detach()
+        if p.numel() == 1 or float(ref.std()) == 0:
+            assert torch.equal(p, ref), name  # norms (1) and biases (0) are constants
+        else:
+            tolerance = 0.1 if p.numel() >= 1000 else 0.3
+            assert abs(float(p.std()) / float(ref.std()) - 1) < tolerance, name
+
+
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_recompute_keeps_loss_and_gradients(recompute):
     x, y = _batch(1)

@@ -91,11 +91,57 @@ def test_gqa_shrinks_key_value_activations():
 
 
 def test_mla_attention_term_tiny_by_hand():
-    assert (
-        mla_attention_bytes(PRESETS["tiny"], 256, 8)
-        == 8 * 4 * 256 * 8 * 139 + 4 * 256 * 8 * 128 + 2 * 8 * 256 * 4
-    )
+    global_branch = 524_288 * 2 + 2_097_152 + 1_048_576 + 8_192
+    local_branch = 524_288 * 2 + 2_097_152 + 1_048_576
+    assert mla_attention_bytes(PRESETS["tiny"], 256, 8) == global_branch + local_branch + 2 * 16_384
     assert mla_attention_bytes(PRESETS["tiny"], 256, 8, "selective") == 2 * 8 * 256 * 4
+    flex = PRESETS["tiny"].replace(block_size=128)
+    assert mla_attention_bytes(flex, 256, 8) == 8 * 8 * 4 * 256 + 4 * 8 * 4 * 256 * 32 + 2 * 16_384
+
+
+@pytest.mark.parametrize(
+    "b, heads, kv, n, hd, window, top_k, block",
+    [
+        (2, 4, 2, 256, 32, 32, 8, 64),  # GQA, one selected block
+        (1, 4, 4, 512, 16, 48, 100, 32),  # four selected blocks, two window blocks
+        (1, 2, 1, 200, 16, 20, 40, 32),  # a sequence that pads to whole blocks
+    ],
+)
+def test_mla_attention_term_is_what_autograd_saves(b, heads, kv, n, hd, window, top_k, block):
+    """Measured: the bytes of every tensor autograd saves in the blocked MLA core (bf16, CPU),
+    beyond its inputs, equal the formula without the gate's sigmoid output (an input here)."""
+    import torch
+
+    from mla.attention import multi_level_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, heads, n, hd, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(b, kv, n, hd, generator=g, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
+    gate = torch.rand(b, heads, n, generator=g, dtype=torch.bfloat16).requires_grad_()
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, gate)}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        multi_level_attention(q, k, v, gate, window=window, top_k=top_k, block=block)
+    cfg = PRESETS["tiny"].replace(
+        n_heads=heads,
+        n_kv_heads=kv,
+        d_model=heads * hd,
+        local_window=window,
+        global_k=top_k,
+        block_size=block,
+    )
+    predicted = mla_attention_bytes(cfg, n, b, backend="blocked") - 2 * b * n * heads
+    assert predicted == sum(saved.values())
 
 
 def test_uneven_pipeline_split_puts_extra_layers_first():

@@ -32,6 +32,7 @@ def test_submit_follow_logs_resubmit_sweep_and_failure_on_a_two_node_cluster(
             *sets("train.steps=20", "run.name=remote"),
         )
         assert ok.returncode == 0, ok.stderr[-4000:]
+        assert "step    20/20" in ok.stderr  # --follow shows the driver's progress lines
         job_id = ok.stdout.split()[0]
         assert job_id.startswith("mla-remote-")
         summary = json.loads((storage / "remote" / "summary.json").read_text())

@@ -23,7 +23,6 @@ shard of every step.
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.contract.errors import DataError
+from orchestrator.contract.jsonl import jsonl_strings
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".json", ".html", ".tex", ""}
 _EXCLUDED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -126,25 +126,11 @@ def _documents(path: Path) -> tuple[list[tuple[str, bytes]], str]:
 
 
 def _jsonl_documents(path: Path) -> list[tuple[str, bytes]]:
-    docs = []
     with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be an "
-                    "object with a 'text' field"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(
-                    f"{path}:{lineno}: line has no string 'text' field; each line must "
-                    'look like {"text": "..."}'
-                )
-            docs.append((f"{lineno}", _encode(record["text"])))
-    return docs
+        return [
+            (f"{lineno}", _encode(text))
+            for lineno, text in jsonl_strings(path, fh, "text", DataError)
+        ]
 
 
 def _parquet_documents(path: Path) -> list[tuple[str, bytes]]:

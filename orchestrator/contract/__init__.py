@@ -19,6 +19,7 @@ Modules (one concept each):
 * :mod:`~orchestrator.contract.checkpoints` -- the checkpoint folder naming both sides read;
 * :mod:`~orchestrator.contract.errors` -- the user-error hierarchy;
 * :mod:`~orchestrator.contract.io` -- atomic file writes;
+* :mod:`~orchestrator.contract.jsonl` -- JSON Lines input (corpora, prompt files);
 * :mod:`~orchestrator.contract.strict_json` -- non-finite floats as ``null`` (metrics, summaries).
 
 Nothing is re-exported here, so importing one module never drags in the others (and

@@ -38,6 +38,21 @@ def tp_splits_heads(tp: int, n_heads: int, n_kv_heads: int) -> bool:
     return n_heads % tp == 0 and n_kv_heads % tp == 0
 
 
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Rows of the vocabulary-parallel embedding: ``vocab_size`` rounded up to a multiple of
+    ``tp`` (Megatron-LM's ``--make-vocab-size-divisible-by``, ``_vocab_size_with_padding``), so
+    every tensor rank owns ``padded / tp`` rows. The padded rows are zero, their logits are
+    masked out of the softmax (``workers.parallel.tensor_parallel.VocabParallelEmbedding``) and
+    checkpoints hold the real ``vocab_size`` rows only, so padding changes no loss and no
+    checkpoint.
+
+    Example:
+        >>> padded_vocab_size(257, 2), padded_vocab_size(256, 4), padded_vocab_size(5, 4)
+        (258, 256, 8)
+    """
+    return -(-vocab_size // tp) * tp
+
+
 def resume_problem(saved: Layout | None, planned: Layout) -> str | None:
     """Why a checkpoint written under ``saved`` cannot load under ``planned`` (``None`` if it can).
 

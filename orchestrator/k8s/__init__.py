@@ -4,7 +4,7 @@
 - :mod:`.validate`: offline strict validation (KubeRay v1.7.0 CRDs, Kubernetes schemas).
 - :mod:`.status`: RayJob, pods and events -> plain-words status lines (pure).
 - :mod:`.client`: create / observe / delete with the official ``kubernetes`` client.
-- :mod:`.cli`: ``mla k8s render|submit|status|delete|validate``.
+- :mod:`orchestrator.cli_k8s`: ``mla k8s render|submit|status|delete|validate``.
 
 Nothing here imports torch; ``kubernetes`` is imported lazily.
 """

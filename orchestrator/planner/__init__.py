@@ -12,7 +12,7 @@ Example:
     >>> from mla.config import PRESETS
     >>> result = plan(PlanRequest(model=PRESETS["70b"], gpus=64, gpu="h100", global_batch=512))
     >>> result.best.layout.describe()
-    'dp=2 tp=4 pp=8 zero=1 mb=1 ga=256 recompute=selective'
+    'dp=64 tp=1 pp=1 zero=3 mb=2 ga=4 recompute=full'
 """
 
 from orchestrator.planner.catalogue import GPU_CATALOGUE, GpuSpec, get_gpu

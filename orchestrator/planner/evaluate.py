@@ -22,11 +22,6 @@ def mesh_problem(req: PlanRequest, dp: int, tp: int, pp: int) -> str:
         return f"tp={tp} does not divide {req.node_size} GPUs per node (tensor groups would straddle nodes)"
     if not tp_splits_heads(tp, cfg.n_heads, cfg.kv_heads):
         return f"tp={tp} does not divide heads={cfg.n_heads} and kv_heads={cfg.kv_heads}"
-    if cfg.vocab_size % tp:
-        return (
-            f"tp={tp} does not divide vocab={cfg.vocab_size} (the vocabulary-parallel embedding splits it); "
-            f"pad the vocabulary to a multiple of {tp} (Megatron's --make-vocab-size-divisible-by)"
-        )
     if pp > cfg.n_layers:
         return f"pp={pp} > layers={cfg.n_layers}"
     if req.global_batch % dp:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mla import flops
 from mla.config import ModelConfig
+from orchestrator.contract.layout import padded_vocab_size
 
 #: ``mla.flops`` counts, memoised per (frozen, hashable) model config: a 4,096-GPU search asks
 #: for the same model's counts thousands of times.
@@ -138,7 +139,7 @@ def activation_bytes_per_layer(
     ``4·kv/a`` (GQA shrinks them), attention output 2, SwiGLU ``6·ffn/h`` (gate and up outputs and
     their product; ``ffn = 8h/3`` gives GPT's 16). Dense score storage ``as²b·(2 + 3 if dropout)``
     is dropped by FlashAttention (``flash``) or selective recompute. MLA adds
-    :func:`mla_attention_bytes` (dropped by selective recompute). Full recompute keeps only the
+    :func:`mla_attention_bytes` (its block-selection core; selective recompute keeps the gate). Full recompute keeps only the
     block input, ``2sbh`` (``/tp`` with sequence parallelism). ``norm_bytes`` adds the replicated
     per-sbh bytes of unfused RMSNorms (:attr:`.kernels.KernelSpec.norm_activation_bytes`: 16).
 
@@ -159,27 +160,108 @@ def activation_bytes_per_layer(
     return replicated / (tp if sequence_parallel else 1) + split / tp
 
 
-def mla_attention_bytes(
-    cfg: ModelConfig, seq_len: int, micro_batch: int, recompute: str = "none"
+def layout_activation_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    layout,
+    flash: bool,
+    norm_bytes: float,
+    recompute: str = "none",
 ) -> float:
-    """Extra activation bytes of one MLA attention core, all heads (divide by tp for a shard).
+    """:func:`activation_bytes_per_layer` with a layout's micro-batch, tp and sequence
+    parallelism; ``recompute`` defaults to none (one layer's complete activations).
 
-    As ``mla/global_attention.py`` implements the global branch (gather-based): the gathered keys
-    and values ``(b, H, s, k, hd)`` 2 bytes each, the softmax output ``(b, H, s, k)`` 2 bytes,
-    the int64 indices 8 bytes and the validity mask 1 byte: ``b·H·s·k·(4·hd + 11)``. The local
-    branch runs as a fused (flex/SDPA) kernel and stores no scores. Mixing keeps both branch
-    outputs (``4sbh``) and the sigmoid gate (``2·b·s·H``). Selective recompute reruns the core
-    and keeps only the gate.
-
-    Example (tiny: H=4, hd=32, k=8, s=256, b=8): 8·4·256·8·139 + 4·256·8·128 + 2·8·256·4
-    = 9,109,504 + 1,048,576 + 16,384 = 10,174,464 bytes.
+    Example: as :func:`activation_bytes_per_layer`, whose numbers it returns unchanged.
     """
-    b, s, heads = micro_batch, seq_len, cfg.n_heads
-    gate = 2 * b * s * heads if cfg.mix == "gate" else 0
+    return activation_bytes_per_layer(
+        cfg,
+        seq_len,
+        layout.micro_batch,
+        layout.tp,
+        sequence_parallel=layout.sequence_parallel,
+        recompute=recompute,
+        flash=flash,
+        norm_bytes=norm_bytes,
+    )
+
+
+def mla_attention_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    recompute: str = "none",
+    backend: str | None = None,
+) -> float:
+    """Activation bytes one MLA attention core keeps for backward, all heads (``/tp`` per shard),
+    beyond its inputs q, k, v (counted by :func:`activation_bytes_per_layer`), 16-bit elements.
+
+    Counted from what autograd saves in ``mla/attention.py:multi_level_attention`` (checked
+    against ``torch.autograd.graph.saved_tensors_hooks`` in ``tests/test_planner_memory.py``).
+    ``b`` micro-batch, ``s`` tokens, ``H`` heads of ``hd`` features, ``kv`` key/value heads, ``B``
+    block, ``w`` window, ``n_sel = ceil(global_k / B)``:
+
+    * mix (``mix="gate"``): both branch outputs ``2·b·H·hd`` per token each (over the padded
+      lengths ``S``, ``S_l`` of the blocked path), ``1 - g`` ``2·b·H·s`` and the sigmoid gate
+      ``2·b·s·H`` (the only term selective recompute keeps);
+    * ``backend="flex"`` (CUDA, ``B % 128 == 0``, ``mla/flex_attention.py``): two FlexAttention
+      calls, each saving its output (the mix's) and an fp32 logsumexp ``4·b·H·s``;
+    * ``backend="blocked"`` (``mla/global_attention.py:block_selection_attention`` and
+      ``mla/local_attention.py:blocked_local_attention``, the path elsewhere), over ``S = nb·B``
+      padded tokens: global branch, per query block its ``m + 1`` key blocks
+      (``m = min(n_sel, nb - 1)``), the scaled queries ``2·b·H·S·hd``, the gathered keys and
+      values ``4·b·H·S·(m+1)·hd`` (gathered per kv head, but the grouped matmul saves them
+      broadcast over the ``H / kv`` query heads), the probabilities ``2·b·H·S·(m+1)·B`` and the gather's
+      int64 indices ``16·b·kv·nb·(m+1)``; local branch with ``p = min(B, s)``,
+      ``n_prev = ceil((min(w, s) - 1) / p)`` and ``S_l = ceil(s / p)·p``: scaled queries
+      ``2·b·H·S_l·hd``, key and value windows ``4·b·H·S_l·(n_prev+1)·hd`` (kv heads repeated)
+      and probabilities ``2·b·H·S_l·(n_prev+1)·p``.
+
+    ``indexer="exact"`` (reference option, ``mla/global_attention.py:exact_topk_attention``)
+    keeps the gathered keys and values ``(b, H, s, k, hd)``, the softmax ``(b, H, s, k)``, int64
+    indices and a mask, ``b·H·s·k·(4·hd + 11)``, plus the mix. Selective recompute reruns the core
+    and keeps the gate only. ``backend=None`` picks flex when ``B % 128 == 0`` (as
+    ``mla.flex_attention.flex_backend`` does on CUDA), else blocked.
+
+    Example (tiny: b=8, s=256, H=4, kv=4, hd=32, B=32, w=32, k=8, so m = n_prev = 1, blocked):
+    global 524,288 + 524,288 (output) + 2,097,152 + 1,048,576 + 8,192; local 524,288 + 524,288
+    (output) + 2,097,152 + 1,048,576; mix 16,384 + 16,384: 8,429,568 bytes.
+    """
+    b, s, heads, hd, kv = micro_batch, seq_len, cfg.n_heads, cfg.head_dim, cfg.kv_heads
+    gated = cfg.mix == "gate"
+    gate = 2 * b * s * heads if gated else 0
     if recompute == "selective":
         return gate
-    k = min(cfg.global_k, s)
-    return b * heads * s * k * (4 * cfg.head_dim + 11) + 4 * s * b * cfg.d_model + gate
+    mix = 2 * b * heads * s if gated else 0  # 1 - g; the branch outputs are added below
+    if cfg.indexer == "exact":
+        k = min(cfg.global_k, s)
+        return (
+            b * heads * s * k * (4 * hd + 11)
+            + (4 * b * heads * s * hd if gated else 0)
+            + mix
+            + gate
+        )
+    block = cfg.block_size
+    if (backend or ("flex" if block % 128 == 0 else "blocked")) == "flex":
+        outputs = 4 * b * heads * s * hd if gated else 0
+        return 2 * 4 * b * heads * s + outputs + mix + gate
+    nb = -(-s // block)
+    m = min(-(-cfg.global_k // block), nb - 1)
+    padded = nb * block
+    global_branch = (
+        2 * b * heads * padded * hd * (2 if gated else 1)
+        + 4 * b * heads * padded * (m + 1) * hd
+        + 2 * b * heads * padded * (m + 1) * block
+        + 16 * b * kv * nb * (m + 1)
+    )
+    p = min(block, s)
+    n_prev = -(-(min(cfg.local_window, s) - 1) // p)
+    padded_local = -(-s // p) * p
+    local_branch = (
+        2 * b * heads * padded_local * hd * (2 if gated else 1)
+        + 4 * b * heads * padded_local * (n_prev + 1) * hd
+        + 2 * b * heads * padded_local * (n_prev + 1) * p
+    )
+    return global_branch + local_branch + mix + gate
 
 
 def layers_on_stage(n_layers: int, pp: int, stage: int) -> int:
@@ -195,8 +277,9 @@ def layers_on_stage(n_layers: int, pp: int, stage: int) -> int:
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
     """Parameters held by one GPU of ``stage`` (tensor shards; norms replicated).
 
-    The embedding ``V·d`` (vocabulary-parallel, ``/tp``) sits on the first stage; the tied output
-    head needs its own copy on the last stage when ``pp > 1`` (Megatron's shared embedding).
+    The embedding ``V·d`` (vocabulary-parallel, ``/tp``, V padded to a multiple of tp) sits on
+    the first stage; the tied output head needs its own copy on the last stage when ``pp > 1``
+    (Megatron's shared embedding).
 
     Example: 70b preset (80 layers of 855.6M), tp=8, pp=4, stage 0: 20·(855.6M - 16,384)/8 +
     20·16,384 + 32000·8192/8 = 2.17e9.
@@ -206,7 +289,7 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
     n = layers_on_stage(cfg.n_layers, pp, stage)
     params = n * ((per_layer - norms) / tp + norms)
     if stage == 0 or stage == pp - 1:
-        params += cfg.vocab_size * cfg.d_model / tp
+        params += padded_vocab_size(cfg.vocab_size, tp) * cfg.d_model / tp
     if stage == pp - 1:
         params += cfg.d_model
     return params
@@ -246,32 +329,19 @@ def stage_activation_bytes(
     Example: GPT-3 175B (above), tp=8, SP, selective, pp=8 (12 layers/stage), m=64, stage 0:
     8 · 12 · 0.107e9 = 10.3e9 B, i.e. "all 96 layers" on the first stage as Korthikanti notes.
     """
-    per_layer = activation_bytes_per_layer(
-        cfg,
-        seq_len,
-        layout.micro_batch,
-        layout.tp,
-        sequence_parallel=layout.sequence_parallel,
-        recompute=layout.recompute,
-        flash=flash,
-        norm_bytes=norm_bytes,
-    )
+    per_layer = layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes, layout.recompute)
     held = in_flight_micro_batches(layout.pp, stage, layout.grad_accum, layout.virtual_stages)
     total = held * layers_on_stage(cfg.n_layers, layout.pp, stage) * per_layer
     if layout.recompute == "full":
-        total += activation_bytes_per_layer(
-            cfg,
-            seq_len,
-            layout.micro_batch,
-            layout.tp,
-            sequence_parallel=layout.sequence_parallel,
-            flash=flash,
-            norm_bytes=norm_bytes,
-        )
+        total += layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes)
     total *= LOW_BYTES[precision] / 2  # the counts above are for 16-bit activations
     if stage == layout.pp - 1:
         total += (
-            (LOW_BYTES[precision] + 4) * seq_len * layout.micro_batch * cfg.vocab_size / layout.tp
+            (LOW_BYTES[precision] + 4)
+            * seq_len
+            * layout.micro_batch
+            * padded_vocab_size(cfg.vocab_size, layout.tp)
+            / layout.tp
         )
     return total
 
@@ -314,15 +384,7 @@ def calibrated_extra_bytes(
     Example: 13B at 8k, mb=4, tp=4, pp=4, last stage, flash, 6 layers and 24 B/logit:
     6 · 8192·4·5120·(8 + 4 + 4 + 6·2.7)/4 B + 24 · 8192·4·32000 B = 8.1e9 + 25.2e9 B.
     """
-    layer = activation_bytes_per_layer(
-        cfg,
-        seq_len,
-        layout.micro_batch,
-        layout.tp,
-        sequence_parallel=layout.sequence_parallel,
-        flash=flash,
-        norm_bytes=norm_bytes,
-    )
+    layer = layout_activation_bytes(cfg, seq_len, layout, flash, norm_bytes)
     extra = constants.transient_layers * layer
     if stage == layout.pp - 1 and not fused_loss:
         extra += constants.loss_bytes_per_logit * seq_len * layout.micro_batch * cfg.vocab_size

@@ -3,7 +3,7 @@
 Layers, in order (each a small ``nn.Module`` with a ``canonical_prefix`` that names its
 parameters as in :class:`mla.model.MLATransformer`, whatever the layout):
 
-    EmbeddingLayer (tied, key "embed")  tok_emb.*      vocab-parallel embedding
+    EmbeddingLayer (tied, key "embed")  tok_emb.*      vocab-parallel embedding (padded rows)
     BlockLayer 0 .. L-1                 blocks.{i}.*   tensor-parallel TransformerBlock
     NormLayer                           norm.*         final RMSNorm
     EmbeddingLayer (tied, key "embed")  (head)         tied output head: this rank's logit shard
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from mla.config import ModelConfig
-from mla.model import INIT_STD, RMSNorm, TransformerBlock, init_residual_projections
-from orchestrator.contract.layout import Layout
+from mla.model import INIT_STD, RMSNorm, TransformerBlock, init_gpt2_weights
+from orchestrator.contract.layout import Layout, padded_vocab_size
 from workers.parallel.groups import ParallelGroups, topology
 from workers.parallel.tensor_parallel import (
     VocabParallelEmbedding,
@@ -83,26 +83,29 @@ class BlockLayer(TransformerBlock):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(layer_seed(seed, layer_idx))
             super().__init__(cfg, layer_idx)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0.0, INIT_STD)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-            init_residual_projections(self, cfg.n_layers)
+            init_gpt2_weights(self, cfg.n_layers)
         apply_tensor_parallel(self, tp_rank, tp, group)
         self.canonical_prefix = f"blocks.{layer_idx}."
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(batch, seq, d_model)`` -> same shape."""
-        if self.recompute == "none" or not (self.training and torch.is_grad_enabled()):
+        """``x``: ``(batch, seq, d_model)`` -> same shape (the block's own forward)."""
+        if not self._recomputes("full"):
             return super().forward(x)
         from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
 
-        if self.recompute == "full":
-            return checkpoint(super().forward, x)
-        h = x + checkpoint(self.attn, self.attn_norm(x))
-        return h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
+        return checkpoint(super().forward, x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention sub-layer, recomputed in the backward pass under ``"selective"``."""
+        if not self._recomputes("selective"):
+            return self.attn(x)
+        from deepspeed.runtime.activation_checkpointing.checkpointing import checkpoint
+
+        return checkpoint(self.attn, x)
+
+    def _recomputes(self, mode: str) -> bool:
+        return self.recompute == mode and self.training and torch.is_grad_enabled()
 
 
 class NormLayer(RMSNorm):
@@ -120,7 +123,8 @@ class VocabParallelLoss:
     """``loss_fn(logits_shard, targets)``: mean token cross-entropy (all tensor ranks agree)."""
 
     def __init__(self, groups: ParallelGroups, vocab_size: int):
-        self.groups, self.vocab_start = groups, groups.tp_rank * (vocab_size // groups.layout.tp)
+        per_rank = padded_vocab_size(vocab_size, groups.layout.tp) // groups.layout.tp
+        self.groups, self.vocab_start = groups, groups.tp_rank * per_rank
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(
@@ -188,6 +192,20 @@ def build_pipeline(
         partition_method="type:BlockLayer",
         activation_checkpoint_interval=0,
     )
+
+
+def vocab_rows(model: nn.Module) -> dict[str, int]:
+    """Canonical names of this rank's vocabulary-padded parameters -> their real rows.
+
+    The embedding holds ``padded_vocab_size(V, tp)`` rows across the tensor group; checkpoints
+    keep the first ``V`` (the padding is zeros and never trained), so a checkpoint is the same
+    whatever the tensor-parallel degree. Example: ``{"tok_emb.weight": 257}``.
+    """
+    return {
+        m.canonical_prefix + "weight": m.vocab_size
+        for m in model.modules()
+        if isinstance(m, EmbeddingLayer)
+    }
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

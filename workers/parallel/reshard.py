@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from workers.parallel.tensor_parallel import shard, split_dim
+from workers.parallel.pipeline import vocab_rows
+from workers.parallel.tensor_parallel import pad_rows, shard, split_dim
 
 FORMAT = "mla-consolidated-v1"
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -88,11 +89,13 @@ def save_consolidated(adapter, folder: str | Path, client_state: dict) -> None:
     folder = Path(folder)
     _ensure_optimizer_state(engine, adam_step(engine))  # also (re)links ZeRO's fragments to it
     out: dict[str, dict[str, torch.Tensor]] = {"param": {}, **{k: {} for k in OPTIM_KEYS}}
+    real_rows = vocab_rows(engine.module)
     for name, p in adapter.canonical_parameters().items():
-        dim = split_dim(name)
-        out["param"][name] = _gather_tp(p.data.float(), dim, groups)
+        dim, rows = split_dim(name), real_rows.get(name)
+        out["param"][name] = _gather_tp(p.data.float(), dim, groups)[:rows]
         for key in OPTIM_KEYS:
-            out[key][name] = _gather_tp(_full_optimizer_state(engine, p, key), dim, groups)
+            moments = _gather_tp(_full_optimizer_state(engine, p, key), dim, groups)
+            out[key][name] = moments[:rows]
     if groups.dp_rank == 0 and groups.tp_rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(out, folder / f"stage_{groups.pp_rank:03d}.pt")
@@ -174,13 +177,21 @@ def load_consolidated(adapter, folder: str | Path) -> dict:
     state, tensors = read_consolidated(folder)
     _ensure_optimizer_state(engine, state["adam_step"])
     tp_rank, tp = groups.tp_rank, groups.layout.tp
+    padded = vocab_rows(engine.module)
+
+    def local(kind: str, name: str, dim: int | None, p: torch.nn.Parameter) -> torch.Tensor:
+        full = tensors[kind][name]
+        if name in padded and full.size(0) == padded[name]:  # the vocabulary padding is zeros
+            full = pad_rows(full, p.size(0) * tp)
+        return shard(full, dim, tp_rank, tp)
+
     for name, p in adapter.canonical_parameters().items():
         if name not in tensors["param"]:
             raise RuntimeError(
                 f"checkpoint {folder} has no parameter {name!r}; was it written for another model?"
             )
         dim = split_dim(name)
-        value = shard(tensors["param"][name], dim, tp_rank, tp)
+        value = local("param", name, dim, p)
         if value.shape != p.shape:
             raise RuntimeError(
                 f"checkpoint {folder}: {name} has shape {tuple(value.shape)} for this rank, the "
@@ -190,7 +201,7 @@ def load_consolidated(adapter, folder: str | Path) -> dict:
             p.data.copy_(value.to(p.device, p.dtype))
         safe_set_full_fp32_param(p, value.to(p.device))
         for key in OPTIM_KEYS:
-            _set_optimizer_state(engine, p, shard(tensors[key][name], dim, tp_rank, tp), key)
+            _set_optimizer_state(engine, p, local(key, name, dim, p), key)
     client = state.get("client_state", {})
     if engine.lr_scheduler is not None and state.get("scheduler"):
         engine.lr_scheduler.load_state_dict(state["scheduler"])

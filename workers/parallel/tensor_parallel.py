@@ -31,7 +31,7 @@ from torch import nn
 
 from mla.attention import MultiLevelAttention
 from mla.model import SwiGLU
-from orchestrator.contract.layout import tp_splits_heads
+from orchestrator.contract.layout import padded_vocab_size, tp_splits_heads
 
 #: Split dimension of every tensor-parallel parameter, by the parameter's name suffix (names of
 #: :class:`mla.model.MLATransformer`); parameters not listed are replicated.
@@ -166,8 +166,13 @@ class RowParallelLinear(_ShardedLinear):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding whose vocabulary rows are split: rank r owns ids ``[r V/tp, (r+1) V/tp)``.
+    """Embedding whose vocabulary rows are split: rank r owns ids ``[r Vp/tp, (r+1) Vp/tp)``.
 
+    ``Vp`` is the vocabulary padded to a multiple of ``tp``
+    (:func:`orchestrator.contract.layout.padded_vocab_size`, Megatron-LM's
+    ``--make-vocab-size-divisible-by``): the padded rows are zeros that no token looks up, and
+    the tied head masks their logits to ``-inf``, so the softmax, the loss and every gradient of
+    the real rows are those of the unpadded model (the padded rows get zero gradient).
     Ids outside the shard look up zeros; the all-reduce adds the one rank that owns each id.
 
     Args:
@@ -179,9 +184,14 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp, self.group = tp, group
         self.vocab_size = full.num_embeddings
-        self.per_rank = self.vocab_size // tp
+        self.per_rank = padded_vocab_size(self.vocab_size, tp) // tp
         self.vocab_start = tp_rank * self.per_rank
-        self.weight = nn.Parameter(shard(full.weight.detach(), 0, tp_rank, tp).clone())
+        rows = pad_rows(full.weight.detach(), self.per_rank * tp)
+        self.weight = nn.Parameter(shard(rows, 0, tp_rank, tp).clone())
+        #: Logit columns at the end of this shard that are padding (ids >= vocab_size).
+        self.padded_cols = min(
+            self.per_rank, max(0, self.vocab_start + self.per_rank - self.vocab_size)
+        )
         if tp > 1:
             self.weight.tensor_model_parallel, self.weight.partition_dim = True, 0
 
@@ -196,8 +206,20 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tied head (Press & Wolf 2017): ``(batch, seq, d_model)`` -> this rank's vocabulary
-        shard of the logits, ``(batch, seq, vocab / tp)``."""
-        return F.linear(copy_to_group(x, self.group, self.tp), self.weight)
+        shard of the logits, ``(batch, seq, Vp / tp)``; padded ids' logits are ``-inf``."""
+        logits = F.linear(copy_to_group(x, self.group, self.tp), self.weight)
+        if not self.padded_cols:
+            return logits
+        pad = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+        pad[-self.padded_cols :] = True
+        return logits.masked_fill(pad, float("-inf"))
+
+
+def pad_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """``full`` ``(n, ...)`` with zero rows appended up to ``rows`` (itself if ``rows <= n``)."""
+    if rows <= full.size(0):
+        return full
+    return torch.cat([full, full.new_zeros(rows - full.size(0), *full.shape[1:])])
 
 
 def vocab_parallel_cross_entropy(
@@ -210,7 +232,8 @@ def vocab_parallel_cross_entropy(
     ``_VocabParallelCrossEntropy``). Every tensor rank returns the same value.
 
     Args:
-        logits: ``(batch, seq, vocab / tp)`` this rank's shard (any float dtype; computed in fp32).
+        logits: ``(batch, seq, Vp / tp)`` this rank's shard of the padded vocabulary (any float
+            dtype; computed in fp32); padded ids' logits are ``-inf`` and add nothing.
         targets: ``(batch, seq)`` int64 ids in ``[0, vocab)``.
         vocab_start: First id of this rank's shard.
         group, tp: The tensor-parallel group and its size.
@@ -229,7 +252,8 @@ def vocab_parallel_cross_entropy(
     sum_exp = reduce_from_group(z.exp().sum(-1), group, tp)
     local = t - vocab_start
     mine = (local >= 0) & (local < z.size(-1))
-    picked = z.gather(1, local.clamp(0, z.size(-1) - 1).unsqueeze(1)).squeeze(1) * mine
+    picked = z.gather(1, local.clamp(0, z.size(-1) - 1).unsqueeze(1)).squeeze(1)
+    picked = picked.masked_fill(~mine, 0.0)  # not `* mine`: a padded logit is -inf
     picked = reduce_from_group(picked, group, tp)
     return (sum_exp.log() - picked).mean()
 

@@ -5,17 +5,22 @@ Manifests go to stdout (or ``--output``); progress in plain words goes to stderr
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from orchestrator.cli_common import SetOption, err
 from orchestrator.contract.errors import ConfigError, JobFailedError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="k8s", help="KubeRay manifests: render, submit, status, delete.", no_args_is_help=True
+)
 
 _CONFIG = typer.Argument(..., help="Job YAML, e.g. configs/tiny.yaml.")
 _GPUS_PER_WORKER = typer.Option(1, "--gpus-per-worker", "-g", min=1, help="GPUs per worker pod.")
@@ -61,36 +66,69 @@ _CONTEXT = typer.Option(None, "--context", help="kubeconfig context.")
 _INTERVAL = typer.Option(2.0, "--interval", min=0.01, help="Seconds between status polls.")
 
 
+#: The job and its rendering options, shared by ``render`` and ``submit``: typer parameters
+#: that :func:`_render_options` puts in front of each command's own.
+_RENDER_PARAMS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+    for name, kind, default in (
+        ("config", str, _CONFIG),
+        ("set_", Optional[list[str]], SetOption),
+        ("gpus_per_worker", int, _GPUS_PER_WORKER),
+        ("min_gpus", Optional[int], _MIN_GPUS),
+        ("max_gpus", Optional[int], _MAX_GPUS),
+        ("image", Optional[str], _IMAGE),
+        ("namespace", str, _NAMESPACE),
+        ("name", Optional[str], _NAME),
+        ("queue", Optional[str], _QUEUE),
+        ("storage_path", str, _STORAGE),
+        ("pvc", str, _PVC),
+        ("node_selector", Optional[list[str]], _NODE_SELECTOR),
+        ("ttl", int, _TTL),
+        ("backoff_limit", int, _BACKOFF),
+        ("deadline", Optional[int], _DEADLINE),
+    )
+]
+
+
+def _render_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the job and render options; it receives the rendered objects instead.
+
+    The options are declared once (:data:`_RENDER_PARAMS`, the option-group pattern of
+    SkyPilot's ``_add_click_options``); the wrapped command takes ``objects`` (the ConfigMap and
+    RayJob dicts of :func:`orchestrator.k8s.render.render_job`) and ``namespace``, plus its own
+    parameters.
+    """
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "objects"]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name != "namespace"]
+    names = [p.name for p in _RENDER_PARAMS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        options = {name: kwargs.pop(name) for name in names}
+        command(objects=_objects(**options), namespace=options["namespace"], **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*_RENDER_PARAMS, *own])  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _objects(
-    config,
-    set_,
-    gpus_per_worker,
-    min_gpus,
-    max_gpus,
-    image,
-    namespace,
-    name,
-    queue,
-    storage_path,
-    pvc,
+    *,
+    config: str,
+    set_: Optional[list[str]],
+    pvc: str,
     node_selector,
-    ttl,
-    backoff_limit,
-    deadline,
+    ttl: int,
+    backoff_limit: int,
+    deadline: Optional[int],
+    **fields: Any,
 ) -> list[dict]:
+    """ConfigMap and RayJob dicts of the job ``config`` (with ``--set``) and the CLI options."""
     from orchestrator.config import load_job_config
     from orchestrator.k8s.render import RenderOptions, render_job
 
     job = load_job_config(config, set_ or [])
     opts = RenderOptions(
-        gpus_per_worker=gpus_per_worker,
-        min_gpus=min_gpus,
-        max_gpus=max_gpus,
-        image=image,
-        namespace=namespace,
-        name=name,
-        queue=queue,
-        storage_path=storage_path,
+        **fields,
         checkpoint_pvc=pvc,
         node_selector=_pairs(node_selector or []),
         ttl_seconds_after_finished=ttl,
@@ -114,22 +152,10 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 @app.command()
+@_render_options
 def render(
-    config: str = _CONFIG,
-    set_: Optional[list[str]] = SetOption,
-    gpus_per_worker: int = _GPUS_PER_WORKER,
-    min_gpus: Optional[int] = _MIN_GPUS,
-    max_gpus: Optional[int] = _MAX_GPUS,
-    image: Optional[str] = _IMAGE,
-    namespace: str = _NAMESPACE,
-    name: Optional[str] = _NAME,
-    queue: Optional[str] = _QUEUE,
-    storage_path: str = _STORAGE,
-    pvc: str = _PVC,
-    node_selector: Optional[list[str]] = _NODE_SELECTOR,
-    ttl: int = _TTL,
-    backoff_limit: int = _BACKOFF,
-    deadline: Optional[int] = _DEADLINE,
+    objects: list[dict],
+    namespace: str,
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Write the YAML here instead of stdout."
     ),
@@ -137,24 +163,7 @@ def render(
     """Render the ConfigMap and RayJob (with its autoscaled RayCluster) for a job config."""
     from orchestrator.k8s.render import to_yaml
 
-    objs = _objects(
-        config,
-        set_,
-        gpus_per_worker,
-        min_gpus,
-        max_gpus,
-        image,
-        namespace,
-        name,
-        queue,
-        storage_path,
-        pvc,
-        node_selector,
-        ttl,
-        backoff_limit,
-        deadline,
-    )
-    text = to_yaml(objs)
+    text = to_yaml(objects)
     if output:
         _write_atomic(output, text)
         err.print(f"wrote {output}")
@@ -163,21 +172,17 @@ def render(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename (no half-written manifest).
+    """Write ``text`` atomically (:func:`orchestrator.contract.io.atomic_write`: no half-written
+    manifest).
 
     Raises:
         ConfigError: the folder does not exist or is not writable (names --output).
     """
-    import os
+    from orchestrator.contract.io import atomic_write
 
-    from orchestrator.contract.errors import ConfigError
-
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         raise ConfigError(
             f"--output {str(path)!r}: cannot write it ({exc.strerror}); pass a path in an existing, "
             "writable folder"
@@ -185,22 +190,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 @app.command()
+@_render_options
 def submit(
-    config: str = _CONFIG,
-    set_: Optional[list[str]] = SetOption,
-    gpus_per_worker: int = _GPUS_PER_WORKER,
-    min_gpus: Optional[int] = _MIN_GPUS,
-    max_gpus: Optional[int] = _MAX_GPUS,
-    image: Optional[str] = _IMAGE,
-    namespace: str = _NAMESPACE,
-    name: Optional[str] = _NAME,
-    queue: Optional[str] = _QUEUE,
-    storage_path: str = _STORAGE,
-    pvc: str = _PVC,
-    node_selector: Optional[list[str]] = _NODE_SELECTOR,
-    ttl: int = _TTL,
-    backoff_limit: int = _BACKOFF,
-    deadline: Optional[int] = _DEADLINE,
+    objects: list[dict],
+    namespace: str,
     kubeconfig: Optional[str] = _KUBECONFIG,
     context: Optional[str] = _CONTEXT,
     follow: bool = typer.Option(
@@ -211,27 +204,12 @@ def submit(
     """Create the RayJob and its job ConfigMap, then report its progress until it finishes."""
     from orchestrator.k8s import client
 
-    objs = _objects(
-        config,
-        set_,
-        gpus_per_worker,
-        min_gpus,
-        max_gpus,
-        image,
-        namespace,
-        name,
-        queue,
-        storage_path,
-        pvc,
-        node_selector,
-        ttl,
-        backoff_limit,
-        deadline,
-    )
     api = client.connect(kubeconfig, context)
-    created = client.submit(api, objs)
+    created = client.submit(api, objects)
     job_name = created["metadata"]["name"]
-    err.print(f"created RayJob {namespace}/{job_name} and ConfigMap {objs[0]['metadata']['name']}")
+    err.print(
+        f"created RayJob {namespace}/{job_name} and ConfigMap {objects[0]['metadata']['name']}"
+    )
     if follow:
         _finish(client.watch(api, job_name, namespace, err.print, interval_s=interval))
 
