@@ -65,6 +65,7 @@ EXTRA_OF_PACKAGE = {
             "matplotlib",
             "safetensors",
             "opacus",
+            "tensorboard",
         ),
         "train",
     ),
