@@ -9,7 +9,8 @@ For query i (causal), with ``s_ij = q_i . k_j / sqrt(d)``:
   key blocks selected for its block (:mod:`mla.block_selection`), or, for ``indexer="exact"``
   (reference option), the exact token-level top-k causal keys (:mod:`mla.global_attention`);
 * mix: ``out_i = g_i * L_i + (1 - g_i) * G_i`` with ``g = sigmoid(W_gate x + b)`` per head
-  (``mix="gate"``), or ``out_i = L_i + G_i`` (``mix="sum"``).
+  (``mix="gate"``), ``out_i = L_i + G_i`` (``mix="sum"``), or ``out_i = L_i`` (``mix="local"``:
+  window-only, the global branch switched off; the ablation of the global branch).
 
 The core (:func:`multi_level_attention`) works on ``(batch, heads, seq, head_dim)`` tensors, so a
 tensor-parallel wrapper can call it with only its local heads. Backends, all held to the dense
@@ -132,6 +133,8 @@ class MultiLevelAttention(nn.Module):
             o = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )
+        elif self.cfg.mix == "local":
+            o = local_attention(q, k, v, self.cfg.local_window, self.cfg.block_size)
         else:
             o = multi_level_attention(
                 q,
@@ -159,7 +162,11 @@ class MultiLevelAttention(nn.Module):
         )
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``sigmoid(w_gate(x))`` as ``(batch, heads, seq)``, or ``None`` for ``mix="sum"``."""
+        """Weight of the local branch ``(batch, heads, seq)``: ``sigmoid(w_gate(x))``
+        (``mix="gate"``), ones (``mix="local"``: the global branch gets weight 0, as the KV-cache
+        decoder needs), or ``None`` (``mix="sum"``)."""
+        if self.cfg.mix == "local":
+            return x.new_ones(x.shape[0], self.cfg.n_heads, x.shape[1])
         if self.w_gate is None:
             return None
         return torch.sigmoid(self.w_gate(x)).transpose(1, 2)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 AttentionKind = Literal["mla", "dense"]
-MixKind = Literal["gate", "sum"]
+MixKind = Literal["gate", "sum", "local"]
 IndexerKind = Literal["exact", "block"]
 
 
@@ -38,7 +38,9 @@ class ModelConfig:
             plus the causal part of its own block; :mod:`mla.block_selection`). With
             ``indexer="exact"`` it is the number of keys k per query (token top-k).
         mix: ``"gate"`` mixes the branches per head with a learned sigmoid gate computed from
-            the input; ``"sum"`` adds the two branch outputs.
+            the input; ``"sum"`` adds the two branch outputs; ``"local"`` keeps the local branch
+            alone (window-only attention: the global branch switched off, no gate parameters),
+            the ablation that shows what the global branch adds.
         indexer: How the global branch selects its keys: ``"block"`` (the model's fast path)
             selects whole key blocks per query block from causal mean-pooled queries and keys,
             one choice per key/value head shared by its GQA group (Native Sparse Attention's
@@ -46,7 +48,11 @@ class ModelConfig:
             token-level top-k causal keys of each query.
         block_size: Block size B of the block selection (query and key blocks) and of the
             blocked local branch, in tokens. 128 is the block size of the FlexAttention path on
-            CUDA (:mod:`mla.flex_attention`).
+            CUDA (:mod:`mla.flex_attention`). Measured guidance: prefer ``block_size <
+            local_window`` and at least two selected blocks; with one block of ``B = w`` the
+            global branch's own block repeats the window, and a small LM at context 1024 lost
+            3.6% of validation loss to dense against 0.4% with two blocks of ``w / 2`` (same 64
+            earlier keys; README, "Measured so far").
         rope_theta: Base of the rotary position embedding (RoFormer, Su et al. 2021, eq. 15).
         norm_eps: Epsilon of RMSNorm.
         dropout: Dropout probability on attention output and MLP output (0 disables it).
@@ -103,8 +109,8 @@ class ModelConfig:
             out.append(f"n_kv_heads({self.n_kv_heads}) must divide n_heads({self.n_heads})")
         if self.attention not in ("mla", "dense"):
             out.append(f"attention={self.attention!r} must be 'mla' or 'dense'")
-        if self.mix not in ("gate", "sum"):
-            out.append(f"mix={self.mix!r} must be 'gate' or 'sum'")
+        if self.mix not in ("gate", "sum", "local"):
+            out.append(f"mix={self.mix!r} must be 'gate', 'sum' or 'local'")
         if self.indexer not in ("exact", "block"):
             out.append(f"indexer={self.indexer!r} must be 'exact' or 'block'")
         if not 0.0 <= self.dropout < 1.0:

@@ -39,7 +39,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 def attended_keys(cfg: ModelConfig, seq_len: int) -> int:
     """Keys each query attends to, for the attention FLOP term (PaLM's non-causal convention).
 
-    Dense: ``T``. MLA: ``min(w, T)`` (sliding window) plus the global span: with the block
+    Dense: ``T``. Window-only (``mix='local'``): ``min(w, T)``. MLA: ``min(w, T)`` (sliding window) plus the global span: with the block
     selection (``indexer='block'``) ``min((n_sel + 1)·B, T)`` with ``n_sel = ceil(k / B)``
     (the selected earlier blocks plus the whole diagonal block, as a block-sparse kernel
     computes them, :mod:`mla.block_selection`); with ``indexer='exact'`` ``min(k, T)``.
@@ -49,6 +49,8 @@ def attended_keys(cfg: ModelConfig, seq_len: int) -> int:
     """
     if cfg.attention == "dense":
         return seq_len
+    if cfg.mix == "local":
+        return min(cfg.local_window, seq_len)
     if cfg.indexer == "block":
         span = (-(-cfg.global_k // cfg.block_size) + 1) * cfg.block_size
     else:
@@ -73,7 +75,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     d_attn = cfg.n_heads * cfg.head_dim
     flops = 12.0 * cfg.n_layers * d_attn * attended_keys(cfg, seq_len)
-    if cfg.attention == "mla" and cfg.indexer == "block":
+    if cfg.attention == "mla" and cfg.indexer == "block" and cfg.mix != "local":
         blocks = -(-seq_len // cfg.block_size)
         flops += 2.0 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * blocks / cfg.block_size
     return flops

@@ -20,7 +20,7 @@ import typer
 from orchestrator.contract.errors import ConfigError
 
 app = typer.Typer(
-    name="bench", help="Benchmarks (attention, quality, decoding).", no_args_is_help=True
+    name="bench", help="Benchmarks (attention, quality, retrieval, decoding).", no_args_is_help=True
 )
 
 #: The source checkout, if this package runs from one (``benchmarks/`` sits beside it).
@@ -126,18 +126,66 @@ def quality(
     threads: Optional[int] = typer.Option(
         None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."
     ),
+    models: str = typer.Option(
+        "dense,mla,window",
+        "--models",
+        help="Comma-separated models, dense first, among dense, mla, window (global branch "
+        "off), sum (MLA with the branches summed, no gate).",
+    ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="Models trained at once, each in its own process."
+    ),
 ) -> None:
-    """Train dense and MLA versions of one small LM on the same tokens; compare validation loss."""
+    """Train dense, MLA and window-only versions of one small LM on the same tokens; compare
+    validation loss, overall and by position."""
     import dataclasses
 
     from orchestrator.cli_common import err as console
 
     bench = load_benchmark("quality")
-    settings = bench.QualitySettings(threads=threads)
+    kinds = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not kinds or kinds[0] != "dense" or any(m not in bench.MODEL_KINDS for m in kinds):
+        raise ConfigError(
+            f"--models={models!r} must start with dense and name only "
+            f"{', '.join(bench.MODEL_KINDS)}, e.g. dense,mla,window"
+        )
+    settings = bench.QualitySettings(threads=threads, models=kinds, processes=processes)
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
     report = bench.run_quality(settings, log=console.log)
     bench.render(report, console)
+    if json_out:
+        print(json.dumps(report, indent=2))
+
+
+@app.command()
+def retrieval(
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON to stdout."),
+    steps: int = typer.Option(
+        None, "--steps", min=1, help="Optimizer steps per model (default: the benchmark's)."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU intra-op threads (default: torch's)."
+    ),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Write accuracy against distance as a PNG to this path."
+    ),
+) -> None:
+    """Passkey retrieval by distance: dense vs window-only vs MLA of the same size, same tokens."""
+    import dataclasses
+
+    from orchestrator.cli_common import err as console
+
+    if plot is not None and not plot.parent.is_dir():
+        raise ConfigError(f"--plot={plot}: folder {plot.parent} does not exist; create it first")
+    bench = load_benchmark("retrieval")
+    settings = bench.RetrievalSettings(threads=threads)
+    if steps is not None:
+        settings = dataclasses.replace(settings, steps=steps)
+    report = bench.run_retrieval(settings, log=console.log)
+    bench.render(report, console)
+    if plot is not None:
+        bench.plot(report, str(plot))
     if json_out:
         print(json.dumps(report, indent=2))
 

@@ -73,8 +73,8 @@ class ModelSection(_Section):
     """Sliding-window size of the local branch, in tokens."""
     global_k: int | None = Field(None, ge=1)
     """Earlier-key budget of the sparse global branch, in tokens: ceil(global_k / block_size) whole key blocks (indexer 'block'), or k keys per query (indexer 'exact')."""
-    mix: Literal["gate", "sum"] | None = None
-    """How the two branches are combined: learned sigmoid gate or plain sum."""
+    mix: Literal["gate", "sum", "local"] | None = None
+    """How the two branches are combined: learned sigmoid gate, plain sum, or 'local' (window-only: the global branch switched off, an ablation)."""
     indexer: Literal["exact", "block"] | None = None
     """Global-branch key selection: 'block' (whole key blocks per query block, the fast path) or 'exact' (token top-k, O(n^2) reference)."""
     block_size: int | None = Field(None, ge=1)

@@ -67,6 +67,7 @@ def test_mla_block_selection_decoding_matches_full_forward(
         dict(attention="dense", n_kv_heads=2),
         dict(attention="mla", indexer="exact", local_window=6, global_k=5, block_size=4),
         dict(attention="mla", indexer="block", mix="sum", local_window=6, global_k=9, block_size=4),
+        dict(attention="mla", mix="local", local_window=6, global_k=9, block_size=4),
     ],
 )
 def test_dense_exact_and_sum_mix_decoding_matches_full_forward(kw):
