@@ -7,7 +7,8 @@ query i puts on key j is
 
 with ``s = q k^T / sqrt(d_head)``, the local branch on the band ``0 <= i - j < w`` and the
 global branch on the keys the indexer chose (the block selection's token mask, or the exact
-causal top-k); for ``mix="sum"`` the branches are added (rows then sum to 2). Each row of A sums
+causal top-k); for ``mix="sum"`` the branches are added (rows then sum to 2), for
+``mix="local"`` (window-only ablation) A is the local softmax alone. Each row of A sums
 to 1 for the gated mix. O(n^2) per head: meant for probe sequences of a few hundred tokens
 (``../shared/anchors/observability/REPORT.md`` §3.6).
 """
@@ -104,9 +105,12 @@ def attention_map_from_input(
     local = scores.masked_fill(~local_mask, float("-inf")).softmax(-1)
     glob = scores.masked_fill(~global_mask, float("-inf")).softmax(-1)
     g = torch.ones(q.shape[:3], device=q.device) if gate is None else gate
-    weights = (
-        local + glob if gate is None else g.unsqueeze(-1) * local + (1 - g.unsqueeze(-1)) * glob
-    )
+    if cfg.mix == "local":  # window-only ablation: the global branch is switched off
+        weights = local
+    elif gate is None:  # mix="sum"
+        weights = local + glob
+    else:
+        weights = g.unsqueeze(-1) * local + (1 - g.unsqueeze(-1)) * glob
     return AttentionMap(
         weights[0].float().cpu(), local_mask.cpu(), global_mask[0].cpu(), g[0].float().cpu()
     )

@@ -49,6 +49,23 @@ def test_weights_times_values_is_the_layers_attention_output(indexer, one_torch_
     assert amap.gate.shape == (4, 24) and bool(((amap.gate > 0) & (amap.gate < 1)).all())
 
 
+def test_window_only_model_maps_the_local_branch_alone(one_torch_thread):
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        ffn_hidden=64,
+        local_window=4,
+        global_k=4,
+        block_size=4,
+        mix="local",
+    )
+    amap = effective_attention(MLATransformer(cfg).eval(), torch.randint(0, 64, (12,)), 0)
+    torch.testing.assert_close(amap.weights.sum(-1), torch.ones(2, 12))
+    assert float(amap.weights[:, ~amap.local_mask].abs().max()) == 0.0
+
+
 def test_dense_model_and_bad_layer_are_refused():
     dense = MLATransformer(
         ModelConfig(
