@@ -304,10 +304,9 @@ def _mb(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m benchmarks.attention [--json]``: default settings, table to stderr."""
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
     settings = AttentionBenchSettings()
-    console = Console(stderr=True)
     records = run_benchmark(settings, progress=lambda msg: console.log(msg))
     render(records, settings, console)
     if argv and "--json" in argv:

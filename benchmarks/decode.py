@@ -290,9 +290,8 @@ def main() -> None:
     """``python -m benchmarks.decode [--json]`` with the default settings."""
     import sys
 
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
     s = DecodeBenchSettings()
     records = run_benchmark(s, progress=console.log)
     render(records, s, console)

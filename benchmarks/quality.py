@@ -296,9 +296,8 @@ def render(report: dict, console) -> None:
 
 def main(argv: list[str]) -> None:
     """``python -m benchmarks.quality [--json]`` with the default settings."""
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
-    console = Console(stderr=True)
     report = run_quality(QualitySettings(), log=console.log)
     render(report, console)
     if "--json" in argv:

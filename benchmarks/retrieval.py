@@ -299,9 +299,8 @@ def plot(report: dict, path: str) -> None:
 
 def main(argv: list[str]) -> None:
     """``python -m benchmarks.retrieval [--json]`` with the default settings."""
-    from rich.console import Console
+    from orchestrator.cli_common import err as console
 
-    console = Console(stderr=True)
     report = run_retrieval(RetrievalSettings(), log=console.log)
     render(report, console)
     if "--json" in argv:

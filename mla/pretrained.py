@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mla.config import ModelConfig
 from mla.model import MLATransformer
+from mla.staged_dir import staged_dir
 from mla.tokenizer import TOKENIZER_INFO
 
 FORMAT = "mla-pretrained-v1"
@@ -60,18 +59,13 @@ def save_pretrained(
         ``out_dir`` as a ``Path``.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        OutDirError: ``out_dir`` is a file, exists while ``overwrite`` is false, or cannot be
+            created (:func:`mla.staged_dir.staged_dir`).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"--out {out} already exists; choose another folder or pass --overwrite"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out, overwrite) as tmp:
         tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         config = {
@@ -84,11 +78,6 @@ def save_pretrained(
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(TOKENIZER_INFO, indent=2) + "\n")
         (tmp / "README.md").write_text(readme_snippet(model.cfg, source or {}))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -193,20 +182,3 @@ mla generate path/to/this/folder --prompt "def " --max-new-tokens 200
 mla eval path/to/this/folder --data some.txt
 ```
 """
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".old-{out.name}-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())

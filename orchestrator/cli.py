@@ -34,7 +34,19 @@ def _root(ctx: typer.Context) -> None:
 
 #: Command modules in help order: ``orchestrator/cli_<group>.py``, each defining ``app`` (see
 #: :mod:`orchestrator.cli_common` for the convention). A new command group is one entry here.
-COMMAND_MODULES = ("train", "plan", "bench", "k8s", "jobs", "tune", "infer", "compress")
+COMMAND_MODULES = (
+    "train",
+    "plan",
+    "bench",
+    "k8s",
+    "jobs",
+    "tune",
+    "infer",
+    "compress",
+    "metrics",
+    "dashboards",
+    "viz",
+)
 
 for _group in COMMAND_MODULES:
     app.add_typer(importlib.import_module(f"orchestrator.cli_{_group}").app)
@@ -54,6 +66,7 @@ EXTRA_OF_PACKAGE = {
             "matplotlib",
             "safetensors",
             "opacus",
+            "tensorboard",
         ),
         "train",
     ),

@@ -63,8 +63,12 @@ def compress(
         tp=tp,
     )
     check_settings(settings)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
+    from mla.staged_dir import OutDirError, check_out_dir
+
+    try:
+        check_out_dir(out, overwrite)
+    except OutDirError as exc:
+        raise ConfigError(str(exc)) from None
     from orchestrator.cli_infer import _load
     from workers.compress import MB, floor_bytes
     from workers.compress import compress as run_compress

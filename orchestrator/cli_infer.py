@@ -220,17 +220,18 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
     """Export a checkpoint as safetensors + config.json + tokenizer info + README (mla.load_pretrained)."""
-    loaded = _load(source, "cpu")
     from mla.pretrained import save_pretrained
+    from mla.staged_dir import OutDirError, check_out_dir
 
-    src = {"checkpoint": str(loaded.checkpoint or loaded.source), "step": loaded.step}
     try:
+        check_out_dir(out, overwrite)  # before loading anything
+        loaded = _load(source, "cpu")
+        src = {"checkpoint": str(loaded.checkpoint or loaded.source), "step": loaded.step}
         path = save_pretrained(loaded.model, out, source=src, overwrite=overwrite)
-    except FileExistsError as exc:
+    except OutDirError as exc:
         raise ConfigError(str(exc)) from None
-    print(
-        f"exported step {loaded.step} to {path} (model.safetensors, config.json, tokenizer.json, README.md)"
-    )
+    what = f"step {loaded.step}" if loaded.step is not None else f"the model of {loaded.source}"
+    print(f"exported {what} to {path} (model.safetensors, config.json, tokenizer.json, README.md)")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -319,6 +320,8 @@ def _load(source: str, device: str):
     from workers.inference import load_model
 
     loaded = load_model(source, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
+    for skipped in loaded.skipped:
+        err.print(f"warning: skipped the newer checkpoint {skipped}; using {loaded.checkpoint}")
     if loaded.cfg.vocab_size != 256:
         raise CheckpointError(
             f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256"

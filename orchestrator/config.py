@@ -184,6 +184,8 @@ class TrainSection(_Section):
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
     privacy: PrivacySection | None = None
     """Differentially private training (DP-SGD); unset trains without privacy."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tb (rank 0: scalars, gate histograms, config)."""
     max_bad_steps: int = Field(5, ge=1)
     """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
     (overflow), that stop the run as diverged."""
@@ -271,6 +273,10 @@ class ClusterSection(_Section):
     """CPUs the embedded Ray may use; unset uses the workers' needs plus one."""
     object_store_mb: int = Field(256, ge=78)
     """Object-store size of the embedded Ray, in MiB."""
+    metrics_port: int | None = Field(None, ge=1024, le=65535)
+    """Port of the embedded Ray's Prometheus endpoint (``http://127.0.0.1:PORT/metrics``: the
+    workers' ``ray_mla_*`` metrics and Ray's own); unset lets Ray pick a free one. Ignored with
+    cluster.address (a cluster's nodes export on their own metrics port, 8080 on KubeRay)."""
     storage_path: str | None = None
     """Folder (or URI) all nodes can reach for run folders and checkpoints; unset is run.dir."""
     image: str = DEFAULT_IMAGE

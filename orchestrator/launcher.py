@@ -201,6 +201,7 @@ def _connect(
             log_to_driver=verbose,
             logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1",
+            _metrics_export_port=cluster.metrics_port,
             configure_logging=True,
         )
     except Exception as exc:  # Ray raises Exception, TimeoutError, RuntimeError, ValueError
@@ -218,6 +219,17 @@ def _local_start_failure(exc: BaseException, num_cpus: int, object_store_mb: int
         "lower cluster.ray_num_cpus or cluster.object_store_mb, or start Ray once with `ray "
         "start --head --num-cpus N` and set cluster.address=auto"
     )
+
+
+def metrics_endpoint(handle: RayHandle) -> str | None:
+    """``http://127.0.0.1:PORT/metrics`` of the embedded Ray we started (Prometheus text of the
+    workers' ``ray_mla_*`` metrics and Ray's own), ``None`` for a cluster we connected to."""
+    if not handle.started:
+        return None
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    return f"http://127.0.0.1:{node.metrics_export_port}/metrics"
 
 
 def _connect_address(job: JobConfig, verbose: bool) -> None:
@@ -320,6 +332,9 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
         check_placeable(job, plan.world_sizes)  # before the run folder: nothing half-written
         make_run_dir(job, run_dir)
         print_header(plan, data_text)
+        endpoint = metrics_endpoint(handle)
+        if endpoint:
+            console.print(f"metrics: {endpoint} (Prometheus; `mla metrics scrape-config`)")
         write_json_atomic(run_dir / "job.json", job.model_dump(mode="json"))
         (run_dir / FAILURE_FILE).unlink(
             missing_ok=True

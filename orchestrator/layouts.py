@@ -177,4 +177,22 @@ def build_run_plan(job: JobConfig) -> RunPlan:
         layouts=layouts,
         deepspeed={w: build_deepspeed_config(job, layout) for w, layout in layouts.items()},
         run_dir=job.run_dir.resolve(),
+        peak_flops=device_peak_flops(job),
     )
+
+
+def device_peak_flops(job: JobConfig) -> float:
+    """Dense peak FLOP/s of one worker's device at the job's training precision (the MFU
+    denominator): ``cluster.gpu``'s catalogue entry on GPU, the catalogue's rough ``cpu`` entry
+    (0.1 TFLOP/s) for CPU workers; 0 when the catalogue has no peak for that precision.
+
+    Example: an H100 at bf16 -> 989.4e12; CPU workers at fp32 -> 1e11.
+    """
+    from orchestrator.contract.deepspeed_config import resolve_precision
+    from orchestrator.planner.catalogue import get_gpu
+
+    precision = resolve_precision(job.train.precision, job.cluster.use_gpu)
+    try:
+        return get_gpu(job.cluster.gpu if job.cluster.use_gpu else "cpu").peak_flops(precision)
+    except PlanError:
+        return 0.0

@@ -89,13 +89,16 @@ def restart_line(attempt: int, resumed_from: int | None) -> str:
 
 
 def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
-    """One progress line: ``step 40/200  loss 2.3141  val 2.2810  tok/s 5,210  lr 2.9e-03  12s``."""
+    """One progress line, e.g. ``step 40/200  loss 2.3141  val 2.2810  tok/s 5,210  lr 2.9e-03
+    mfu 8.43%  mem GiB 0.61  12s`` (MFU of the whole run; peak memory of rank 0, GiB)."""
     parts = [f"step {record['step']:>5}/{total_steps}"]
     for key, label, fmt in (
         ("loss", "loss", ".4f"),
         ("val_loss", "val", ".4f"),
         ("tokens_per_s", "tok/s", ",.0f"),
         ("lr", "lr", ".2e"),
+        ("mfu", "mfu", ".2%"),
+        ("peak_memory_gib", "mem GiB", ".2f"),
         ("epsilon", "eps", ".3g"),
     ):
         if key in record:

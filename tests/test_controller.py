@@ -71,6 +71,12 @@ def test_progress_line_has_step_loss_tokens_per_s_and_elapsed():
     assert line == "step    40/200  loss 2.3141  val 2.2000  tok/s 5,210  lr 2.90e-03  12s"
 
 
+def test_progress_line_shows_mfu_and_peak_memory():
+    record = {"step": 40, "loss": 2.3, "mfu": 0.08431, "peak_memory_gib": 0.6123}
+    line = format_progress(record, 200, 12.3)
+    assert line == "step    40/200  loss 2.3000  mfu 8.43%  mem GiB 0.61  12s"
+
+
 @pytest.mark.parametrize(
     "parallel, workers, reason",
     [

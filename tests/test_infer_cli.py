@@ -102,6 +102,13 @@ def test_export_then_generate_from_the_export(run, tmp_path):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
     again = mla("export", path, "--out", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    onto_file = mla("export", path, "--out", notes, "--overwrite")
+    assert onto_file.returncode == 2 and "is a file, not a folder" in onto_file.stderr
+    assert notes.read_text() == "mine" and not list(tmp_path.glob(".old-*"))
+    unusable = mla("export", path, "--out", "/proc/mla-export")
+    assert unusable.returncode == 2 and "Traceback" not in unusable.stderr
 
 
 @pytest.mark.parametrize(

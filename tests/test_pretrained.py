@@ -1,6 +1,9 @@
 """Export to safetensors and back: bit-exact tensors, identical logits, atomic writes, clear errors."""
 
 import json
+import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from safetensors.torch import load_file
 
 import mla
 from mla.pretrained import save_pretrained
+from mla.staged_dir import OutDirError
 from orchestrator.contract.errors import CheckpointError
 from tests.checkpoint_fixture import write_run
 from workers.inference import load_model
@@ -36,10 +40,31 @@ def test_checkpoint_export_load_pretrained_gives_identical_logits(tmp_path):
 def test_export_refuses_an_existing_folder_unless_overwrite(tmp_path):
     _, model = write_run(tmp_path)
     out = save_pretrained(model, tmp_path / "export")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutDirError, match="--overwrite"):
         save_pretrained(model, out)
     save_pretrained(model, out, overwrite=True)
     assert mla.load_pretrained(out) is not None
+
+
+def test_export_never_replaces_a_file_and_names_an_unusable_parent(tmp_path):
+    _, model = write_run(tmp_path)
+    keep = tmp_path / "notes.md"
+    keep.write_text("mine")
+    with pytest.raises(OutDirError, match="is a file, not a folder"):
+        save_pretrained(model, keep, overwrite=True)
+    assert keep.read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(OutDirError, match="cannot create a folder in /proc"):
+        save_pretrained(model, "/proc/mla-export")
+
+
+def test_export_is_readable_as_the_umask_allows(tmp_path):
+    _, model = write_run(tmp_path)
+    out = save_pretrained(model, tmp_path / "export")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
 def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
@@ -72,3 +97,17 @@ def test_unfinished_and_corrupt_checkpoints_are_refused_with_the_reason(tmp_path
         load_model(tmp)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nowhere")
+
+
+def test_a_corrupt_newest_checkpoint_is_passed_over_and_named(tmp_path):
+    run, _ = write_run(tmp_path)
+    good = run / "checkpoints" / "step_0000010"
+    newer = good.with_name("step_0000020")
+    shutil.copytree(good, newer)
+    stage = newer / "consolidated" / "stage_000.pt"
+    stage.write_bytes(b"")
+    loaded = load_model(run)
+    assert loaded.checkpoint == good
+    assert len(loaded.skipped) == 1 and loaded.skipped[0].startswith("step_0000020: ")
+    assert "stage_000.pt" in loaded.skipped[0]
+    assert load_model(good).skipped == ()

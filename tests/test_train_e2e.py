@@ -91,10 +91,18 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert summary["steps"] == 60
     assert summary["attempts"] == 2 and summary["resumed_from_step"] >= 10
     assert not any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
-    steps = [
-        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
     assert steps == sorted(set(steps))  # records past the checkpoint were trimmed, none repeated
+    # TensorBoard (rank 0's events, RUN_DIR/tb): the killed attempt's steps past the checkpoint
+    # are purged on resume, so every logged step appears once, as in metrics.jsonl
+    from tests.test_tensorboard import read
+
+    board = read(run_dir)
+    assert [e.step for e in board.Scalars("train/loss")] == steps[1:]  # step 0 has no loss
+    assert {"perf/mfu", "memory/peak_gib", "val/loss"} <= set(board.Tags()["scalars"])
+    maps = board.Images("attention/map/layer_0_head_0")  # one per evaluation, none repeated
+    assert [e.step for e in maps] == [r["step"] for r in records if "val_loss" in r]
 
 
 def test_bad_data_fails_before_anything_starts(tmp_path):

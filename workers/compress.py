@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +56,7 @@ from mla.config import ModelConfig
 from mla.flops import count_parameters
 from mla.model import MLATransformer
 from mla.pretrained import save_pretrained
+from mla.staged_dir import staged_dir
 from orchestrator.contract.errors import ConfigError
 from workers.data import WindowBatches, load_corpus
 from workers.evaluation import DEFAULT_DATA, EvalData, evaluate
@@ -251,11 +249,8 @@ def compress(
     vx, vy = val_all.windows(np.arange(min(settings.val_windows, val_all.n_windows)))
     val = EvalData(vx, vy, f"{corpus.source}, validation split: {len(vx)} windows of {seq} tokens")
     bpw = 1 if settings.precision == "int8" else 4
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)
     stages = Stages(console)
-    try:
+    with staged_dir(out, overwrite=True) as tmp:
         with stages.progress:
             report = _run(teacher, settings, seq, train, val, bpw, tmp, stages)
         report.update(source=source, data=val.description, settings=settings.__dict__)
@@ -264,16 +259,6 @@ def compress(
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n")
         for leftover in tmp.glob("teacher.*"):
             leftover.unlink()
-        from mla.pretrained import _replace_dir
-
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

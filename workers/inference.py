@@ -52,6 +52,8 @@ class LoadedModel:
         step: Training step of the checkpoint (``None`` if unknown).
         run_dir: The run folder (``None`` for an export).
         job: The run's ``job.json`` (validated job config as a dict), when present.
+        skipped: Newer checkpoints of the run that failed verification, ``"step_N: reason"``
+            (the newest verified one was loaded instead).
     """
 
     model: MLATransformer
@@ -62,10 +64,20 @@ class LoadedModel:
     step: int | None = None
     run_dir: Path | None = None
     job: dict | None = field(default=None, repr=False)
+    skipped: tuple[str, ...] = ()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The complete checkpoint folder that ``path`` (a run folder or a checkpoint) names.
+
+    See :func:`resolve_checkpoint_noting_skips`, of which this is the path.
+    """
+    return resolve_checkpoint_noting_skips(path)[0]
+
+
+def resolve_checkpoint_noting_skips(path: str | Path) -> tuple[Path, tuple[str, ...]]:
+    """The complete checkpoint folder that ``path`` names, and the newer ones of a run folder
+    that failed verification (``"step_N: reason"``), so that callers can say they were passed.
 
     Raises:
         CheckpointError: ``path`` does not exist, is an unfinished save, or holds no complete
@@ -89,10 +101,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 f"{p} is not a complete checkpoint ({reason}); use another checkpoint "
                 "or the run folder"
             )
-        return p
+        return p, ()
     found, rejected = find_resumable(p)
     if found is not None:
-        return found[1]
+        return found[1], tuple(f"{path.name}: {why}" for path, why in rejected)
     root = checkpoint_root(p)
     others = (
         sorted(c.name for c in root.iterdir() if not _STEP.match(c.name)) if root.is_dir() else []
@@ -167,7 +179,7 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{p}: {exc}") from None
         return LoadedModel(model, model.cfg, p, "export")
-    ckpt = resolve_checkpoint(p)
+    ckpt, skipped = resolve_checkpoint_noting_skips(p)
     meta, params = read_checkpoint_weights(ckpt)
     try:
         cfg = ModelConfig(**meta["model"])
@@ -178,7 +190,8 @@ def load_model(
     run_dir = ckpt.parent.parent
     job_path = run_dir / "job.json"
     job = json.loads(job_path.read_text()) if job_path.is_file() else None
-    return LoadedModel(model, cfg, p, "checkpoint", ckpt, int(meta.get("step", -1)), run_dir, job)
+    step = int(meta.get("step", -1))
+    return LoadedModel(model, cfg, p, "checkpoint", ckpt, step, run_dir, job, skipped)
 
 
 @dataclass

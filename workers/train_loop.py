@@ -16,10 +16,15 @@ Order of work on each worker (torchtitan-style named steps):
    and ends normally (Ray Train would retry a deterministic failure); the controller fails it.
 
 Rank 0 appends one strict-JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss,
-lr the step used, tokens_per_s, elapsed_s, and val_loss when evaluated, with the epsilon spent
-under ``train.privacy``; non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
+lr the step used, tokens_per_s, step_time_s, mfu, peak_memory_gib (rank 0's), grad_norm,
+elapsed_s, and val_loss when evaluated, with the epsilon spent under ``train.privacy``;
+non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
+
+Observability (on top of those files): every rank sets its Prometheus metrics at each logging
+interval (:mod:`workers.metrics`, ``ray_mla_*``), and rank 0 writes TensorBoard events to
+``RUN_DIR/tb`` (:mod:`workers.tensorboard`, ``train.tensorboard``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mla.flops import training_flops_per_token
 from orchestrator.contract.checkpoints import (
     FAILURE_FILE,
     find_resumable,
@@ -46,13 +52,17 @@ from orchestrator.contract.io import atomic_write, write_json_atomic
 from orchestrator.contract.layout import Layout, resume_problem
 from orchestrator.contract.run_plan import RunPlan
 from orchestrator.contract.strict_json import strict_record
+from workers.attention_probe import AttentionProbe
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.data import WindowBatches, load_corpus
+from workers.gate_probe import GateProbe
 from workers.guard import Diverged, DivergenceGuard
+from workers.metrics import TrainMetrics, mfu, peak_memory_bytes
 from workers.parallel.engine import build_engine
 from workers.privacy.session import build_private_training
 from workers.rng import seed_step
 from workers.schedule import train_lr
+from workers.tensorboard import RunBoard, open_board
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -68,7 +78,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(int(cluster.torch_threads or max(1, int(cluster.cpus_per_worker))))
     _record_worker(plan.run_dir, rank, world)
     init_distributed(cluster.use_gpu)
-    Trainer(plan, layout, ds_config, rank, world).run()
+    trainer = Trainer(plan, layout, ds_config, rank, world)
+    try:
+        trainer.run()
+    finally:
+        trainer.metrics.close()
 
 
 def init_distributed(use_gpu: bool) -> None:
@@ -120,10 +134,27 @@ class Trainer:
         )
         self.guard = DivergenceGuard(self.train_cfg.max_bad_steps)
         self._last: dict = {}
+        self.metrics = TrainMetrics(plan.run_dir.name, rank, layout)
+        self.flops_per_token = training_flops_per_token(self.model_cfg, seq)
+        self.board: RunBoard | None = None
+        self._gate_means: dict[int, list[float]] = {}
+        self._attention_maps: dict = {}
+        self._data_wait_s = 0.0  # seconds fetching batches since the last logging interval
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
         start = self.resume()
+        if self.rank == 0 and self.train_cfg.tensorboard:
+            self.board = open_board(self.run_dir, start)
+        if self.board is not None:
+            self.board.start(start, self.job.model_dump(mode="json"), self.layout.describe())
+        try:
+            self._run_from(start)
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _run_from(self, start: int) -> None:
         steps = self.train_cfg.steps
         log_every, eval_every = self.train_cfg.log_every, self.train_cfg.eval_every
         ckpt_every = self.job.checkpoint.every
@@ -137,12 +168,14 @@ class Trainer:
                 }
             )
             self.report(0)
-        t0, tokens, window_loss = time.perf_counter(), 0, []
+        t0, tokens, window_loss, step_times = time.perf_counter(), 0, [], []
         for step in range(start + 1, steps + 1):
             lr = train_lr(self.train_cfg, step)
             self.engine.set_lr(lr)
             skipped = self.engine.skipped_steps()
+            t_step = time.perf_counter()
             window_loss.append(self.train_step(step - 1))
+            step_times.append(time.perf_counter() - t_step)
             tokens += self.layout.global_batch * self.data_cfg.seq_len
             last = step == steps
             evaluate = step % eval_every == 0 or last
@@ -164,14 +197,39 @@ class Trainer:
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / len(window_loss),
                 }
+                record.update(self.export_interval(record, step_times, tokens))
                 if evaluate:
                     record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)
-                t0, tokens, window_loss = time.perf_counter(), 0, []
+                t0, tokens, window_loss, step_times = time.perf_counter(), 0, [], []
             if save:
                 self.checkpoint(step)
             if save or evaluate:
                 self.report(step)
+
+    def export_interval(self, record: dict, step_times: list[float], tokens: int) -> dict:
+        """Set this interval's Prometheus metrics (:mod:`workers.metrics`); returns the values
+        the record gains: ``mfu`` (0-1), ``peak_memory_gib`` (this rank) and ``grad_norm``."""
+        memory = peak_memory_bytes(self.job.cluster.use_gpu)
+        utilisation = mfu(
+            self.flops_per_token, record["tokens_per_s"], self.plan.peak_flops, self.world
+        )
+        grad_norm = self.engine.grad_norm()
+        self.metrics.interval(
+            {**record, "grad_norm": grad_norm},
+            step_times,
+            tokens,
+            memory,
+            utilisation,
+            self._data_wait_s,
+        )
+        self._data_wait_s = 0.0
+        extra: dict = {"peak_memory_gib": memory / 2**30}
+        if math.isfinite(utilisation):  # nan when the catalogue has no peak for the device
+            extra["mfu"] = utilisation
+        if grad_norm is not None and math.isfinite(grad_norm):
+            extra["grad_norm"] = grad_norm
+        return extra
 
     def check_step(self, step: int, loss: float, skipped: int, save: bool) -> bool:
         """Feed the divergence guard; returns whether the checkpoint due at ``step`` may be written.
@@ -207,9 +265,11 @@ class Trainer:
         """One optimizer step (all micro-batches); returns the loss averaged over ranks."""
         if self.private is not None:  # DP-SGD on a Poisson sample (workers.privacy)
             return self.private.train_step(step_index)
+        started = time.perf_counter()
         x, y = self.train_batches.rank_slice(
             step_index, self.layout.global_batch, self.dp_rank, self.layout.dp
         )
+        self._data_wait_s += time.perf_counter() - started
         seed_step(
             self.train_cfg.seed, step_index + 1, self.dp_rank, self.layout.coords(self.rank)[0]
         )
@@ -221,10 +281,20 @@ class Trainer:
         gb = self.layout.global_batch
         n_batches = max(1, min(self.train_cfg.eval_batches, self.val_batches.n_windows // gb))
         total = 0.0
-        for b in range(n_batches):
-            total += self.engine.eval_batch(
-                *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
-            )
+        module = self.engine.engine.module
+        maps_here = self.board is not None and self.layout.tp == 1 and self.layout.zero_stage < 3
+        probed = module if maps_here else torch.nn.Module()  # an empty module: no maps
+        with (
+            GateProbe(module) as gates,
+            AttentionProbe(probed, self.model_cfg) as maps,
+        ):
+            for b in range(n_batches):
+                total += self.engine.eval_batch(
+                    *self.val_batches.rank_slice(b, gb, self.dp_rank, self.layout.dp)
+                )
+        self.metrics.evaluation(total / n_batches, gates.means())
+        self._gate_means = gates.head_means()
+        self._attention_maps = maps.maps() if self.model_cfg.attention == "mla" else {}
         return total / n_batches
 
     def resume(self) -> int:
@@ -244,6 +314,10 @@ class Trainer:
             if self.private is not None:
                 self.private.load_state(meta.get("privacy"))
         if self.rank == 0:
+            resumes = self._count_resumes() + (found is not None)
+            self.metrics.start(
+                self.train_cfg.steps, resumes, self.flops_per_token, self.plan.peak_flops
+            )
             self._trim_metrics(step)
             self._event(
                 {
@@ -283,9 +357,14 @@ class Trainer:
         }
         if self.private is not None:
             meta["privacy"] = self.private.state()
-        return save_checkpoint(
+        started = time.perf_counter()
+        path = save_checkpoint(
             self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
         )
+        self.metrics.checkpoint(step, time.perf_counter() - started)
+        if self.board is not None:
+            self.board.flush()  # everything up to a checkpoint survives a kill -9
+        return path
 
     def report(self, step: int) -> None:
         """``ray.train.report`` the latest metrics (every rank: it is a collective).
@@ -308,6 +387,11 @@ class Trainer:
         self._last = {**self._last, **record}
         if self.rank != 0:
             return
+        if self.board is not None:
+            self.board.scalars(record["step"], record)
+            if "val_loss" in record:
+                self.board.gates(record["step"], self._gate_means)
+                self.board.attention(record["step"], self._attention_maps)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
 
@@ -324,6 +408,18 @@ class Trainer:
     def _event(self, record: dict) -> None:
         with open(self.run_dir / "events.jsonl", "a") as fh:
             fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def _count_resumes(self) -> int:
+        """Starts of this run recorded in ``events.jsonl`` that resumed from a checkpoint."""
+        path = self.run_dir / "events.jsonl"
+        if not path.exists():
+            return 0
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return sum(
+            1
+            for e in events
+            if e.get("event") == "start" and e.get("resumed_from_step") is not None
+        )
 
     def _trim_metrics(self, step: int) -> None:
         """Drop records past ``step`` left by an attempt that died after its last checkpoint."""

@@ -31,6 +31,9 @@ class RunPlan:
         deepspeed: World size -> DeepSpeed config (:func:`build_deepspeed_config`) of that layout.
         run_dir: Absolute RUN_DIR shared by all workers.
         privacy: The DP-SGD plan under ``train.privacy`` (:mod:`orchestrator.privacy`), else ``None``.
+        peak_flops: Dense peak FLOP/s of one worker's device at the training precision, from
+            the planner's GPU catalogue (the ``cpu`` entry for CPU workers); the MFU
+            denominator. 0 when unknown (then no MFU is exported).
 
     Raises:
         ValueError: on creation, if ``layouts`` and ``deepspeed`` plan different sizes, a layout
@@ -42,6 +45,7 @@ class RunPlan:
     deepspeed: Mapping[int, Mapping[str, Any]]
     run_dir: Path
     privacy: PrivacyPlan | None = None
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         if set(self.layouts) != set(self.deepspeed) or not self.layouts:

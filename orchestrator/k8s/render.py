@@ -342,6 +342,10 @@ def _head_pod(name: str, opts: RenderOptions) -> dict:
             {"containerPort": 6379, "name": "gcs-server"},
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 10001, "name": "client"},
+            # Ray's autoscaler and dashboard metrics (AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT):
+            # KubeRay adds only `metrics` (8080); k8s/monitoring/podmonitors.yaml scrapes all three
+            {"containerPort": 44217, "name": "as-metrics"},
+            {"containerPort": 44227, "name": "dash-metrics"},
         ],
         "resources": _resources(cpu=str(opts.head_cpu), memory=opts.head_memory),
         "volumeMounts": mounts,

@@ -2,7 +2,11 @@
 
 Three layers, each named after what it imitates:
 
-1. **KubeRay kinds** (``ray.io/v1`` RayCluster, RayJob) against the ``openAPIV3Schema`` of the
+1. **CRD kinds**: KubeRay's (``ray.io/v1`` RayCluster, RayJob) and prometheus-operator's
+   (``monitoring.coreos.com/v1`` PodMonitor, PrometheusRule; v0.93.0, vendored in
+   ``schemas/prometheus-operator-v0.93.0.json.gz``, regenerate with
+   ``python -m orchestrator.k8s.validate --extract-monitoring-crds DIR``), as follows. KubeRay's
+   (``ray.io/v1`` RayCluster, RayJob) against the ``openAPIV3Schema`` of the
    KubeRay v1.7.0 CustomResourceDefinitions (``ray-operator/config/crd/bases``). The schemas are
    vendored, descriptions stripped, in ``schemas/kuberay-v1.7.0.json.gz`` (regenerate with
    ``python -m orchestrator.k8s.validate --extract-crds DIR``). Unknown fields are rejected, as
@@ -41,6 +45,18 @@ KUBERNETES_VERSIONS = ("1.29", "1.37")
 """Kubernetes versions the built-in kinds are checked against (oldest and newest supported)."""
 SCHEMA_FILE = Path(__file__).with_name("schemas") / f"kuberay-{KUBERAY_VERSION}.json.gz"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+PROMETHEUS_OPERATOR_VERSION = "v0.93.0"
+"""prometheus-operator release whose PodMonitor and PrometheusRule CRDs are vendored (from its
+``example/prometheus-operator-crd/``, snapshot 6adcebc; Apache-2.0)."""
+MONITORING_SCHEMA_FILE = (
+    Path(__file__).with_name("schemas")
+    / f"prometheus-operator-{PROMETHEUS_OPERATOR_VERSION}.json.gz"
+)
+MONITORING_CRD_FILES = {
+    "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+    "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+}
+MONITORING_API = "monitoring.coreos.com/v1"
 _OBJECT_META_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 """A DNS-1035 label (lower-case letters, digits and ``-``, starting with a letter): Kubernetes and KubeRay names."""
@@ -55,21 +71,29 @@ class ManifestError(MLAError):
 
 
 # ----------------------------------------------------------------------------- vendored CRDs
-def extract_crd_schemas(crd_dir: str | Path) -> dict:
+def extract_crd_schemas(
+    crd_dir: str | Path,
+    files: dict[str, str] = CRD_FILES,
+    release: tuple[str, str] = ("kuberay", KUBERAY_VERSION),
+) -> dict:
     """Read the ``v1`` openAPIV3Schema of each KubeRay kind from CRD YAML files.
 
     Args:
-        crd_dir: folder holding ``ray.io_rayclusters.yaml`` and ``ray.io_rayjobs.yaml``.
+        crd_dir: folder holding ``ray.io_rayclusters.yaml`` and ``ray.io_rayjobs.yaml`` (or the
+            ``files`` given).
+        files: Kind -> CRD file name (default: KubeRay's; :data:`MONITORING_CRD_FILES` for
+            prometheus-operator's).
+        release: ``(project, version)`` recorded in the output.
 
     Returns:
-        ``{"kuberay": version, "sources": {file: sha256}, "schemas": {kind: schema}}`` with every
+        ``{project: version, "sources": {file: sha256}, "schemas": {kind: schema}}`` with every
         ``description`` removed (they are 80% of the bytes and never affect validation).
 
     Raises:
         ManifestError: a file is missing or holds no ``v1`` version.
     """
-    out: dict[str, Any] = {"kuberay": KUBERAY_VERSION, "sources": {}, "schemas": {}}
-    for kind, name in CRD_FILES.items():
+    out: dict[str, Any] = {release[0]: release[1], "sources": {}, "schemas": {}}
+    for kind, name in files.items():
         path = Path(crd_dir) / name
         if not path.is_file():
             raise ManifestError(f"CRD file {str(path)!r} not found; pass the folder holding {name}")
@@ -92,10 +116,11 @@ def write_schema_file(data: dict, path: Path = SCHEMA_FILE) -> None:
     path.write_bytes(gzip.compress(text, mtime=0))
 
 
-@functools.lru_cache(maxsize=1)
-def vendored_schemas() -> dict:
-    """The vendored KubeRay CRD schemas (see :func:`extract_crd_schemas`)."""
-    return json.loads(gzip.decompress(SCHEMA_FILE.read_bytes()))
+@functools.lru_cache(maxsize=2)
+def vendored_schemas(path: Path = SCHEMA_FILE) -> dict:
+    """The vendored KubeRay CRD schemas (see :func:`extract_crd_schemas`), or those of
+    ``path`` (:data:`MONITORING_SCHEMA_FILE`: prometheus-operator's)."""
+    return json.loads(gzip.decompress(path.read_bytes()))
 
 
 def _strip_descriptions(node: Any) -> Any:
@@ -135,7 +160,8 @@ def strict_schema(node: Any) -> Any:
 def _crd_validator(kind: str):
     import jsonschema
 
-    schema = strict_schema(copy.deepcopy(vendored_schemas()["schemas"][kind]))
+    source = MONITORING_SCHEMA_FILE if kind in MONITORING_CRD_FILES else SCHEMA_FILE
+    schema = strict_schema(copy.deepcopy(vendored_schemas(source)["schemas"][kind]))
     schema["properties"]["metadata"] = {"$ref": _OBJECT_META_REF}
     schema["required"] = sorted({*schema.get("required", ()), "apiVersion", "kind", "metadata"})
     return jsonschema.Draft202012Validator(schema, registry=_k8s_registry(KUBERNETES_VERSIONS[-1]))
@@ -181,6 +207,8 @@ def validation_errors(obj: dict) -> list[str]:
         errors = [_format(e) for e in _crd_validator(obj["kind"]).iter_errors(obj)]
         if not errors:
             errors = kuberay_errors(obj)
+    elif obj["apiVersion"] == MONITORING_API and obj["kind"] in MONITORING_CRD_FILES:
+        errors = [_format(e) for e in _crd_validator(obj["kind"]).iter_errors(obj)]
     elif obj["apiVersion"].startswith("ray.io/"):
         errors = [
             f"apiVersion {obj['apiVersion']!r} kind {obj['kind']!r}: only ray.io/v1 RayCluster "
@@ -316,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--extract-crds"] and len(args) == 2:
         write_schema_file(extract_crd_schemas(args[1]))
         print(f"wrote {SCHEMA_FILE}")
+        return 0
+    if args[:1] == ["--extract-monitoring-crds"] and len(args) == 2:
+        release = ("prometheus-operator", PROMETHEUS_OPERATOR_VERSION)
+        data = extract_crd_schemas(args[1], MONITORING_CRD_FILES, release)
+        write_schema_file(data, MONITORING_SCHEMA_FILE)
+        print(f"wrote {MONITORING_SCHEMA_FILE}")
         return 0
     bad = 0
     for path in args:
