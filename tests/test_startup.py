@@ -37,6 +37,10 @@ def test_watchdog_interrupts_the_driver_with_the_reason(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             time.sleep(10)
     finally:
+        # Acknowledge, as the launcher does: otherwise the watchdog repeats the SIGINT
+        # ABORT_GRACE_S later, into whichever test runs then.
+        watchdog.done.set()
+        watchdog.join(timeout=5)
         signal.signal(signal.SIGINT, previous)
     assert (
         "no worker group started within cluster.startup_timeout_s=0.5 s: asked for CPU 3"
