@@ -412,6 +412,7 @@ def plan(
     from orchestrator.planner import Pins, PlanRequest, get_gpu
     from orchestrator.planner import plan as run_plan
     from orchestrator.planner.step_time import DEFAULT_EFFICIENCY
+    from orchestrator.planner.types import PIN_FIELDS
 
     check_plan_numbers(
         gpus=gpus,
@@ -460,20 +461,7 @@ def plan(
 
         batch = batch or load_job_config(config).train.global_batch
     if estimate_only and not pins.complete():
-        missing = [
-            f
-            for f in (
-                "dp",
-                "tp",
-                "pp",
-                "zero_stage",
-                "micro_batch",
-                "recompute",
-                "sequence_parallel",
-                "virtual_stages",
-            )
-            if getattr(pins, f) is None
-        ]
+        missing = [f for f in PIN_FIELDS if getattr(pins, f) is None]
         raise PlanError(
             f"--estimate needs every layout field pinned; missing: {', '.join(missing)}"
         )
