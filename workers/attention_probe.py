@@ -14,16 +14,18 @@ the blocks of this rank's stage.
 from __future__ import annotations
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from mla.attention import MultiLevelAttention
 from mla.attention_map import AttentionMap, attention_map_from_input
 from mla.config import ModelConfig
+from workers.hook_probe import HookProbe
 
 PROBE_TOKENS = 128
 """Longest probe prefix, in tokens (the map costs O(n^2) per head)."""
 
 
-class AttentionProbe:
+class AttentionProbe(HookProbe):
     """Context manager that captures the first input of the attention layers of the first and
     the last block found in ``module``, and computes their maps on request."""
 
@@ -37,17 +39,11 @@ class AttentionProbe:
         }
         self.cfg, self.block_size = cfg, cfg.block_size
         self._inputs: dict[int, torch.Tensor] = {}
-        self._handles: list = []
 
-    def __enter__(self) -> AttentionProbe:
-        for idx, attn in self.layers.items():
-            self._handles.append(attn.register_forward_pre_hook(self._hook(idx)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def register(self) -> list[RemovableHandle]:
+        return [
+            attn.register_forward_pre_hook(self._hook(idx)) for idx, attn in self.layers.items()
+        ]
 
     def _hook(self, idx: int):
         def keep(_module, args) -> None:

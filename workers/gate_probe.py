@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.utils.hooks import RemovableHandle
+
+from workers.hook_probe import HookProbe
 
 
-class GateProbe:
+class GateProbe(HookProbe):
     """Context manager that averages ``sigmoid(w_gate(x))`` per layer of ``module``.
 
     Layers are found as submodules with a ``w_gate`` linear and a ``layer_idx`` (the
@@ -34,17 +37,9 @@ class GateProbe:
                 self.layers.append((layer, linear))
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = defaultdict(int)
-        self._handles: list = []
 
-    def __enter__(self) -> GateProbe:
-        for layer, linear in self.layers:
-            self._handles.append(linear.register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def register(self) -> list[RemovableHandle]:
+        return [linear.register_forward_hook(self._hook(layer)) for layer, linear in self.layers]
 
     def _hook(self, layer: int):
         def record(_module, _inputs, output: torch.Tensor) -> None:
