@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-import yaml
 
 from orchestrator.contract.errors import ConfigError
 
@@ -56,4 +55,6 @@ def scrape_config_command(
     ),
 ) -> None:
     """Print a prometheus.yml scraping a local run on 127.0.0.1."""
+    import yaml  # here, not at import: every `mla` command loads this module
+
     print(yaml.safe_dump(scrape_config(port, interval, rules), sort_keys=False), end="")
