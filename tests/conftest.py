@@ -3,11 +3,20 @@ tiny training run take seconds, the tiny job, and one torch thread for small ops
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import pytest
 
 from tests.harness.cli import FAST_OVERRIDES, TINY_CONFIG, MlaCli
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection imported (torch, DeepSpeed, the Kubernetes schemas: ~275k objects)
+    out of the garbage collector's reach: otherwise every full collection during the run walks
+    them again, 0.1-0.4 s each, about 15% of the fast suite's time."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
