@@ -12,9 +12,9 @@ from tests.harness.cli import FAST_OVERRIDES, TINY_CONFIG, MlaCli
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Move what collection imported (torch, DeepSpeed, the Kubernetes schemas: ~275k objects)
-    out of the garbage collector's reach: otherwise every full collection during the run walks
-    them again, 0.1-0.4 s each, about 15% of the fast suite's time."""
+    """Move what collection imported (torch, DeepSpeed, Kubernetes clients: ~275k objects) out
+    of the garbage collector's reach: otherwise every full collection during the run walks them
+    again (2026-12-01, 288 fast tests: 2.1 s of collector CPU time, 1.4 s with the freeze)."""
     gc.collect()
     gc.freeze()
 
