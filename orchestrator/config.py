@@ -82,6 +82,13 @@ class ModelSection(_Section):
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     """Dropout probability (0 disables it)."""
 
+    # --- fine-tuning (issue 18, item 4) ---
+    init_from: str | None = None
+    """Start from these weights (not their optimizer state or step): a checkpoint folder
+    (RUN_DIR/checkpoints/step_NNNNNNN), a run folder (its newest verified checkpoint) or an
+    `mla export` folder; the shape fields must match it. A checkpoint of this run itself wins
+    (the run resumes instead)."""
+
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:
         if self.preset is not None and self.preset not in PRESETS:
@@ -95,7 +102,11 @@ class ModelSection(_Section):
             ConfigError: the combination is inconsistent (e.g. d_model not divisible by n_heads).
         """
         base = PRESETS[self.preset] if self.preset else ModelConfig()
-        changes = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        changes = {
+            k: v
+            for k, v in self.model_dump(exclude={"preset", "init_from"}).items()
+            if v is not None
+        }
         try:
             return base.replace(**changes)
         except ValueError as exc:
@@ -189,6 +200,17 @@ class TrainSection(_Section):
     max_bad_steps: int = Field(5, ge=1)
     """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
     (overflow), that stop the run as diverged."""
+
+    # --- fine-tuning (issue 18, item 4): see mla.freeze ---
+    freeze: list[str] = []
+    """Parameter-name patterns (fnmatch, e.g. 'blocks.0.*', '*.attn.w_gate.*') to freeze, in the
+    unsharded model's names whatever the layout; each must match at least one parameter."""
+    trainable_last_layers: int | None = Field(None, ge=0)
+    """Train only the last N transformer blocks (plus the head while train_head); unset trains
+    every block not frozen by train.freeze."""
+    train_head: bool = True
+    """Train the final norm and the output head, which is tied to the token embedding (so the
+    embedding trains with it, and freezes with it when false)."""
 
 
 class ParallelSection(_Section):

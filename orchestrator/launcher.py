@@ -29,6 +29,7 @@ from orchestrator.contract.checkpoints import FAILURE_FILE
 from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
+from orchestrator.finetune import attach_finetune
 from orchestrator.layouts import build_run_plan, check_resumable
 from orchestrator.privacy import attach_privacy
 from orchestrator.progress import ProgressTail, build_summary, console, print_header
@@ -324,6 +325,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
     plan = build_run_plan(job)
     check_resumable(job, plan)
     plan = attach_privacy(job, plan)
+    plan = attach_finetune(job, plan)
     run_dir = plan.run_dir
     load_torch_before_ray()
     with ray_session(job) as handle:
@@ -365,7 +367,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
         raise JobFailedError(
             f"training failed: {_root_cause(result.error)} (run folder: {run_dir})"
         ) from result.error
-    summary = build_summary(job, run_dir, time.time() - started, plan.privacy)
+    summary = build_summary(job, run_dir, time.time() - started, plan.privacy, plan.finetune)
     failure = _read_failure(run_dir)
     if failure is not None:
         summary.update(status="diverged", error=failure.get("message"))

@@ -25,6 +25,7 @@ stream, the distributions do not.)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mla.config import ModelConfig
@@ -183,15 +184,43 @@ def build_pipeline(
     loss_fn = VocabParallelLoss(groups, cfg.vocab_size)
     if layout.pp == 1:
         return SequentialLM([spec.build() for spec in specs[:-1]], loss_fn)
-    from deepspeed.pipe import PipelineModule
-
-    return PipelineModule(
+    return build_pipeline_module(
         layers=specs,
         loss_fn=loss_fn,
         topology=topology(layout),
         partition_method="type:BlockLayer",
         activation_checkpoint_interval=0,
     )
+
+
+def build_pipeline_module(**kwargs) -> nn.Module:
+    """DeepSpeed's ``PipelineModule(**kwargs)`` whose tied-weight gradient all-reduce skips a
+    frozen tied weight (``train.freeze``): DeepSpeed 0.19 all-reduces ``weight.grad`` of every
+    tied weight unconditionally, and a frozen one has no gradient (``None``)."""
+    from deepspeed.pipe import PipelineModule
+
+    class FreezablePipelineModule(PipelineModule):
+        def allreduce_tied_weight_gradients(self) -> None:
+            for key, comm in self.tied_comms.items():
+                for attr_name in comm["weight_attr"]:
+                    weight = self._recursive_getattr(self.tied_modules[key], attr_name)
+                    if weight.requires_grad and weight.grad is not None:
+                        dist.all_reduce(weight.grad, group=comm["group"])
+
+    return FreezablePipelineModule(**kwargs)
+
+
+def apply_freeze(model: nn.Module, frozen: frozenset[str]) -> int:
+    """Set ``requires_grad = False`` on this rank's parameters whose canonical names are in
+    ``frozen`` (:func:`mla.freeze.frozen_parameters`), before the optimizer is built, so that they
+    get no gradient, no optimizer state and no gradient all-reduce. Returns how many this rank
+    froze."""
+    count = 0
+    for name, p in canonical_parameters(model).items():
+        if name in frozen:
+            p.requires_grad_(False)
+            count += 1
+    return count
 
 
 def vocab_rows(model: nn.Module) -> dict[str, int]:
