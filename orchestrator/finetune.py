@@ -52,6 +52,8 @@ def plan_finetune(job: JobConfig, layouts=()) -> FinetunePlan:
         raise ConfigError(str(exc)) from None
     tuned = bool(frozen) or job.model.init_from is not None
     _refuse_unsupported(job, layouts, tuned, bool(frozen))
+    if frozen:
+        _refuse_frozen_stage(cfg.n_layers, list(shapes), frozen, layouts)
     trainable, total = count_trainable(shapes, frozen)
     plan = FinetunePlan(frozen, trainable, total)
     if job.model.init_from is None:
@@ -71,6 +73,27 @@ def _refuse_unsupported(job: JobConfig, layouts, tuned: bool, frozen: bool) -> N
             "train.freeze / train.trainable_last_layers with train.privacy: DP-SGD clips the "
             "gradients of every parameter and is not wired for frozen ones yet; drop one of them"
         )
+
+
+def _refuse_frozen_stage(n_layers: int, names: list[str], frozen, layouts) -> None:
+    """DeepSpeed's pipeline engine needs a trainable parameter on every stage (an empty
+    optimizer fails, and a frozen first stage sends activations without gradients)."""
+    degrees = sorted({layout.pp for layout in layouts if layout.pp > 1})
+    if not degrees:
+        return
+    from workers.parallel.pipeline import stage_prefixes
+
+    for pp in degrees:
+        for stage, prefixes in enumerate(stage_prefixes(n_layers, pp)):
+            held = [n for n in names if any(n.startswith(p) for p in prefixes)]
+            if all(n in frozen for n in held):
+                raise ConfigError(
+                    f"under parallel.pipeline={pp} stage {stage} holds only frozen parameters "
+                    f"({', '.join(p.rstrip('.') for p in prefixes)}); DeepSpeed's pipeline needs "
+                    "one trainable parameter per stage: train more layers "
+                    "(train.trainable_last_layers), set train.train_head=true, or lower "
+                    "parallel.pipeline"
+                )
 
 
 def _check_source(path: str, cfg, shapes):

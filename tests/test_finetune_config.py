@@ -123,3 +123,19 @@ def test_missing_and_unverified_sources_are_refused(tmp_path):
     shutil.rmtree(ckpt / "consolidated")
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         plan_finetune(_tiny_job(run))
+
+
+def test_a_pipeline_stage_with_nothing_to_train_is_refused():
+    from orchestrator.layouts import build_run_plan
+    from workers.parallel.pipeline import stage_prefixes
+
+    assert stage_prefixes(4, 2) == [
+        ["tok_emb.", "blocks.0.", "blocks.1."],
+        ["blocks.2.", "blocks.3.", "norm.", "tok_emb."],
+    ]
+    sets = ["parallel.pipeline=2", "parallel.zero_stage=1", "train.trainable_last_layers=1"]
+    job = load_job_config("configs/tiny.yaml", [*sets, "train.train_head=false"])
+    with pytest.raises(ConfigError, match=r"pipeline=2 stage 0 holds only frozen parameters"):
+        plan_finetune(job, list(build_run_plan(job).layouts.values()))
+    job = load_job_config("configs/tiny.yaml", sets)  # the tied embedding trains on stage 0
+    assert plan_finetune(job, list(build_run_plan(job).layouts.values())).frozen

@@ -223,6 +223,21 @@ def apply_freeze(model: nn.Module, frozen: frozenset[str]) -> int:
     return count
 
 
+def stage_prefixes(n_layers: int, pp: int) -> list[list[str]]:
+    """The canonical name prefixes each pipeline stage holds, as DeepSpeed partitions
+    :func:`layer_specs` (``partition_method="type:BlockLayer"``: blocks balanced over stages,
+    the embedding on the first, norm and tied head on the last).
+
+    Example: ``stage_prefixes(4, 2)`` ->
+    ``[["tok_emb.", "blocks.0.", "blocks.1."], ["blocks.2.", "blocks.3.", "norm.", "tok_emb."]]``.
+    """
+    from deepspeed.runtime.utils import partition_balanced
+
+    names = ["tok_emb.", *[f"blocks.{i}." for i in range(n_layers)], "norm.", "tok_emb."]
+    parts = partition_balanced([0, *[1] * n_layers, 0, 0], pp)
+    return [names[parts[s] : parts[s + 1]] for s in range(pp)]
+
+
 def vocab_rows(model: nn.Module) -> dict[str, int]:
     """Canonical names of this rank's vocabulary-padded parameters -> their real rows.
 
