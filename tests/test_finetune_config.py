@@ -139,3 +139,12 @@ def test_a_pipeline_stage_with_nothing_to_train_is_refused():
         plan_finetune(job, list(build_run_plan(job).layouts.values()))
     job = load_job_config("configs/tiny.yaml", sets)  # the tied embedding trains on stage 0
     assert plan_finetune(job, list(build_run_plan(job).layouts.values())).frozen
+
+
+def test_the_fine_tune_example_fits_the_make_train_model():
+    tuned = load_job_config("configs/finetune_tiny.yaml")
+    assert tuned.model_config_() == load_job_config("configs/tiny.yaml").model_config_()
+    assert tuned.model.init_from == "runs/tiny"  # where `make train` writes its run
+    plan = plan_finetune(load_job_config("configs/finetune_tiny.yaml", ["model.init_from=null"]))
+    assert all(n.startswith(("blocks.0.", "blocks.1.", "tok_emb.", "norm.")) for n in plan.frozen)
+    assert plan.trainable_parameters < plan.total_parameters
