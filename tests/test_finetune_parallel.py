@@ -53,3 +53,23 @@ def test_pipeline_with_a_frozen_tied_embedding_matches_one_process(tmp_path):
     losses, final = _train(tmp_path / "pp2", parity_layout(pp=2), frozen)
     _check(_initial(tmp_path / "init"), final, frozen)
     assert losses == pytest.approx(single, abs=1e-5)
+
+
+def test_init_from_an_export_lands_whole_in_a_tensor_parallel_engine(tmp_path):
+    from mla.model import MLATransformer
+    from mla.pretrained import save_pretrained
+
+    torch.manual_seed(7)
+    source = MLATransformer(PRESETS["tiny"])
+    save_pretrained(source, tmp_path / "export")
+    run = ParityRun(
+        parity_layout(tp=2),
+        steps=0,
+        save_at=0,
+        save_dir=str(tmp_path / "tp2"),
+        init_from=("export", str(tmp_path / "export")),
+    )
+    run_parity(run)  # loads the shards, then gathers them back into a consolidated checkpoint
+    loaded = read_consolidated(tmp_path / "tp2" / "step_0")[1]["param"]
+    for name, p in source.named_parameters():
+        assert torch.equal(loaded[name], p.detach()), name
