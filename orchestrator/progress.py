@@ -166,20 +166,27 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def print_header(plan: RunPlan, data_text: str) -> None:
-    """Three lines before training: parameters and attention, data, layout and run folder."""
+    """Three lines before training: parameters (trainable of total) and attention, data, layout
+    and run folder; then the ``model.init_from`` source and the privacy plan when set."""
     from mla.flops import count_parameters
 
     job, layout, run_dir = plan.job, plan.main_layout, plan.run_dir
     model = plan.model
     sizes = ", ".join(map(str, plan.world_sizes))
+    tuned = plan.finetune
+    params = (
+        f"{count_parameters(model):,} parameters"
+        if tuned is None
+        else f"{tuned.total_parameters:,} parameters ({tuned.describe()})"
+    )
     console.print(
-        f"mla train {job.run.name}: {count_parameters(model):,} parameters, "
+        f"mla train {job.run.name}: {params}, "
         f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})"
     )
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")
-    if plan.finetune is not None:
-        console.print(plan.finetune.describe())
+    if tuned is not None and tuned.init_from is not None:
+        console.print(tuned.describe_source())
     if plan.privacy is not None:
         console.print(describe_privacy(plan.privacy, job.train.steps))
 

@@ -42,7 +42,10 @@ def test_fine_tune_starts_at_the_checkpoint_validation_loss(tmp_path):
     summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
     assert 0 < summary["trainable_parameters"] < 0.3 * summary["total_parameters"]
     assert summary["init_from"].endswith("source/checkpoints/step_0000010")
-    assert f"trainable {summary['trainable_parameters']:,} of" in tuned.stderr
+    header = (
+        f"{summary['total_parameters']:,} parameters ({summary['trainable_parameters']:,} trainable"
+    )
+    assert header in tuned.stderr and "init_from: checkpoint step 10" in tuned.stderr
 
 
 @pytest.mark.parametrize(

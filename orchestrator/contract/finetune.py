@@ -33,16 +33,18 @@ class FinetunePlan:
     init_step: int | None = None
 
     def describe(self) -> str:
-        """One header line, e.g. ``"trainable 202,240 of 855,168 parameters (23.7%)"``."""
+        """Trainable share for the header, e.g. ``"402,952 trainable, 48.0%"``."""
         share = self.trainable_parameters / max(1, self.total_parameters)
-        text = (
-            f"trainable {self.trainable_parameters:,} of {self.total_parameters:,} parameters "
-            f"({share:.1%})"
+        return f"{self.trainable_parameters:,} trainable, {share:.1%}"
+
+    def describe_source(self) -> str:
+        """Where the weights come from, e.g. ``"init_from: checkpoint step 300 /abs/runs/tiny/
+        checkpoints/step_0000300 (weights only; a checkpoint of this run wins)"``."""
+        step = f" step {self.init_step}" if self.init_step is not None else ""
+        return (
+            f"init_from: {self.init_kind}{step} {self.init_from} (weights only; a checkpoint "
+            "of this run wins)"
         )
-        if self.init_from:
-            step = f" step {self.init_step}" if self.init_step is not None else ""
-            text += f"; weights from {self.init_kind}{step} {self.init_from}"
-        return text
 
     def to_dict(self) -> dict:
         """JSON form for ``summary.json`` (without the frozen names, which the job implies)."""
