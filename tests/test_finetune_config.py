@@ -83,7 +83,7 @@ def _numel(shape) -> int:
 
 def _tiny_job(source, **model):
     sets = [f"model.{k}={v}" for k, v in {**TINY, **model}.items()]
-    return load_job_config(None, [*sets, f"model.init_from={source}"])
+    return load_job_config(None, [*sets, "data.seq_len=64", f"model.init_from={source}"])
 
 
 def test_init_from_a_run_folder_uses_its_verified_checkpoint(tmp_path):
