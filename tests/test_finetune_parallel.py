@@ -23,6 +23,7 @@ def _train(tmp: Path, layout, frozen: frozenset[str]) -> tuple[list[float], dict
     out = run_parity(
         ParityRun(layout, steps=STEPS, save_at=STEPS, save_dir=str(tmp), frozen=frozen)
     )
+    assert out["frozen_with_grad"] == []
     return out["losses"], read_consolidated(tmp / f"step_{STEPS}")[1]
 
 
@@ -44,6 +45,16 @@ def test_last_layer_and_head_train_the_rest_stays_bit_identical(tmp_path):
     assert "blocks.3.attn.wq.weight" not in frozen and "blocks.2.mlp.w1.weight" in frozen
     _, final = _train(tmp_path / "run", parity_layout(), frozen)
     _check(_initial(tmp_path / "init"), final, frozen)
+
+
+def test_data_parallel_without_zero_reduces_no_frozen_gradient(tmp_path):
+    # ZeRO-0 all-reduces every parameter it is given a gradient slot for (DeepSpeed creates a
+    # zero gradient for one that has none): a frozen parameter must not be among them
+    frozen = frozen_parameters(SHAPES, 4, trainable_last_layers=2, train_head=False)
+    single, _ = _train(tmp_path / "single", parity_layout(), frozen)
+    losses, final = _train(tmp_path / "dp2", parity_layout(dp=2, zero_stage=0), frozen)
+    _check(_initial(tmp_path / "init"), final, frozen)
+    assert losses == pytest.approx(single, abs=1e-5)
 
 
 def test_pipeline_with_a_frozen_tied_embedding_matches_one_process(tmp_path):

@@ -99,7 +99,9 @@ def corpus_path() -> str:
 
 
 def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
-    """Train ``run`` on this rank; returns ``{"losses": [...], "start": step}`` (same on all ranks)."""
+    """Train ``run`` on this rank; returns ``{"losses": [...], "start": step, "frozen_with_grad":
+    [names]}`` (losses the same on all ranks; the names are rank 0's frozen parameters holding a
+    gradient, which should be none)."""
     from orchestrator.contract.deepspeed_config import build_deepspeed_config
     from workers.data import WindowBatches, load_corpus
     from workers.parallel.engine import build_engine
@@ -137,7 +139,12 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         losses.append(engine.train_batch(x, y))
         if run.save_at == step + 1:
             engine.save_checkpoint(run.save_dir, f"step_{step + 1}", {"step": step + 1})
-    return {"losses": losses, "start": start}
+    frozen_with_grad = [  # a frozen parameter never gets a gradient (nor its all-reduce)
+        n
+        for n, p in engine.canonical_parameters().items()
+        if n in run.frozen and p.grad is not None
+    ]
+    return {"losses": losses, "start": start, "frozen_with_grad": frozen_with_grad}
 
 
 def run_parity(run: ParityRun) -> dict:
