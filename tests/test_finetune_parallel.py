@@ -84,3 +84,18 @@ def test_init_from_an_export_lands_whole_in_a_tensor_parallel_engine(tmp_path):
     loaded = read_consolidated(tmp_path / "tp2" / "step_0")[1]["param"]
     for name, p in source.named_parameters():
         assert torch.equal(loaded[name], p.detach()), name
+
+
+def test_a_frozen_run_resumes_under_another_layout_with_the_same_losses(tmp_path):
+    frozen = frozen_parameters(SHAPES, 4, trainable_last_layers=1)
+    whole = run_parity(ParityRun(steps=STEPS, save_at=2, save_dir=str(tmp_path), frozen=frozen))
+    resumed = run_parity(
+        ParityRun(
+            parity_layout(dp=2),
+            steps=STEPS,
+            resume_from=str(tmp_path / "step_2"),
+            frozen=frozen,
+        )
+    )
+    assert resumed["start"] == 2
+    assert resumed["losses"] == pytest.approx(whole["losses"][2:], abs=1e-5)
