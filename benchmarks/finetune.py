@@ -9,9 +9,12 @@ vs total parameters of each, their tokens/s and the ratio, wall times (whole ``m
 each starting its own embedded Ray) and validation losses at start and end.
 
 The source is ``--source RUN`` (e.g. ``runs/tiny`` after ``make train``); without it, the script
-first trains one with ``configs/tiny.yaml`` (``--source-steps``, 300 as ``make train``).
+first trains one with ``configs/tiny.yaml`` (``--source-steps``, 300 as ``make train``), into
+``--keep DIR`` when given. ``--repeats N`` runs N pairs in alternating order (last/full,
+full/last, ...) so that a change of machine load during the runs does not favour one side; the
+ratio is of the mean tokens/s.
 
-Run: ``python -m benchmarks.finetune [--source runs/tiny] [--steps 60] [--json]``.
+Run: ``python -m benchmarks.finetune [--source runs/tiny] [--steps 60] [--repeats 2] [--json]``.
 """
 
 from __future__ import annotations
@@ -55,14 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--data", default=default_corpus())
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--keep", help="folder for the source run (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = args.source
         if source is None:
-            train("configs/tiny.yaml", root, "source", [f"train.steps={args.source_steps}"])
-            source = str(root / "source")
+            home = Path(args.keep) if args.keep else root
+            train("configs/tiny.yaml", home, "source", [f"train.steps={args.source_steps}"])
+            source = str(home / "source")
         common = [
             f"model.init_from={source}",
             f"data.path={args.data}",
@@ -70,13 +76,20 @@ def main(argv: list[str] | None = None) -> dict:
             "checkpoint.every=1000000",
             "train.tensorboard=false",
         ]
-        last, last_wall = train("configs/finetune_tiny.yaml", root, "last", common)
-        full, full_wall = train(
-            "configs/finetune_tiny.yaml",
-            root,
-            "full",
-            [*common, "train.trainable_last_layers=null", "train.train_head=true"],
-        )
+        sides = {
+            "last": common,
+            "full": [*common, "train.trainable_last_layers=null", "train.train_head=true"],
+        }
+        runs: dict[str, list[tuple[dict, float]]] = {"last": [], "full": []}
+        for i in range(args.repeats):
+            for side in ("last", "full") if i % 2 == 0 else ("full", "last"):
+                runs[side].append(
+                    train("configs/finetune_tiny.yaml", root, f"{side}{i}", sides[side])
+                )
+    last, full = runs["last"][0][0], runs["full"][0][0]
+    speed = {k: [r[0]["tokens_per_s"] for r in v] for k, v in runs.items()}
+    wall = {k: [round(r[1], 1) for r in v] for k, v in runs.items()}
+    mean = {k: sum(v) / len(v) for k, v in speed.items()}
     result = {
         "source": args.source or f"configs/tiny.yaml, {args.source_steps} steps",
         "data": args.data,
@@ -84,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
         "total_parameters": full["total_parameters"],
         "trainable_last": last["trainable_parameters"],
         "trainable_full": full["trainable_parameters"],
-        "tokens_per_s_last": round(last["tokens_per_s"]),
-        "tokens_per_s_full": round(full["tokens_per_s"]),
-        "tokens_per_s_ratio": round(last["tokens_per_s"] / full["tokens_per_s"], 3),
-        "wall_s_last": round(last_wall, 1),
-        "wall_s_full": round(full_wall, 1),
+        "repeats": args.repeats,
+        "tokens_per_s_last": [round(v) for v in speed["last"]],
+        "tokens_per_s_full": [round(v) for v in speed["full"]],
+        "tokens_per_s_ratio": round(mean["last"] / mean["full"], 3),
+        "wall_s_last": wall["last"],
+        "wall_s_full": wall["full"],
         "val_loss_start": last["first_val_loss"],
         "val_loss_last": last["last_val_loss"],
         "val_loss_full": full["last_val_loss"],
@@ -103,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{result['total_parameters']:,} ({share:.1%}); full {result['trainable_full']:,}"
         )
         print(
-            f"tokens/s: last layers {result['tokens_per_s_last']:,} vs full "
-            f"{result['tokens_per_s_full']:,} ({result['tokens_per_s_ratio']:.2f}x); wall "
-            f"{result['wall_s_last']:.0f} s vs {result['wall_s_full']:.0f} s"
+            f"tokens/s: last layers {result['tokens_per_s_last']} vs full "
+            f"{result['tokens_per_s_full']} (mean ratio {result['tokens_per_s_ratio']:.2f}x); "
+            f"wall {result['wall_s_last']} s vs {result['wall_s_full']} s"
         )
         print(
             f"val_loss: start {result['val_loss_start']:.4f}; last layers "
