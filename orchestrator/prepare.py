@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from orchestrator.contract.errors import DataError
 
@@ -71,8 +72,7 @@ class _ShardWriter:
     def __init__(self, folder: Path, split: str, dtype, limit: int) -> None:
         self.folder, self.split, self.dtype, self.limit = folder, split, dtype, limit
         self.shards: list[dict] = []
-        self.fh = None
-        self.count = 0
+        self.fh: BinaryIO | None = None
         self.tokens = 0
         self.bytes = 0
         self.docs = 0
@@ -163,12 +163,13 @@ def _ray_batches(rows: list[dict], tokenizer_json: str, workers: int):
             r["data"] = r["data"] if isinstance(r["data"], bytes) else None
         return pd.DataFrame(_encode_rows(records, tokenizer_json))
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // DOCS_PER_TASK))
-    ds = ds.map_batches(
+    items = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // DOCS_PER_TASK))
+    ds = items.map_batches(
         encode, batch_size=DOCS_PER_TASK, batch_format="pandas", num_cpus=1, concurrency=workers
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        yield batch.to_dict("records")
+    frame: Any
+    for frame in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        yield frame.to_dict("records")
 
 
 def prepare_corpus(

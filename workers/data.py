@@ -298,7 +298,7 @@ class WindowBatches:
     """Layout-independent batches of ``(inputs, targets)`` windows from one token stream.
 
     Args:
-        tokens: Token ids, shape ``(n,)``.
+        tokens: Token ids, shape ``(n,)``: an array or memory-mapped shards (read per window).
         seq_len: Tokens per sequence; windows hold ``seq_len + 1`` tokens.
         seed: Shuffle seed (the order is a function of the seed only).
         shuffle: Shuffle windows (train) or keep their order (validation).
@@ -310,7 +310,9 @@ class WindowBatches:
         ((4, 9), True)
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self, tokens: np.ndarray | ShardedTokens, seq_len: int, seed: int, shuffle: bool = True
+    ):
         self.tokens = tokens
         self.seq_len = seq_len
         self.n_windows = (len(tokens) - 1) // seq_len

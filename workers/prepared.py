@@ -15,6 +15,7 @@ rank; pages are read on demand, so a worker's memory does not grow with the corp
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ class ShardedTokens:
         (9, [[3, 4, 5]])
     """
 
-    def __init__(self, shards: list[np.ndarray]) -> None:
+    def __init__(self, shards: Sequence[np.ndarray]) -> None:
         self.shards = [s for s in shards if len(s)]
         self.ends = np.cumsum([len(s) for s in self.shards], dtype=np.int64)
         self.dtype = self.shards[0].dtype if self.shards else np.dtype(np.uint16)
