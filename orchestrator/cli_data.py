@@ -92,11 +92,14 @@ def prepare(
     from orchestrator.prepare import _json, describe, prepare_corpus
 
     try:
-        if workers == 0:
-            result = prepare_corpus(_data_path(data), out_dir, tokenizer, val_fraction, 0)
-        else:
-            with _ray(address, workers):
-                result = prepare_corpus(_data_path(data), out_dir, tokenizer, val_fraction, workers)
+        result = prepare_corpus(
+            _data_path(data),
+            out_dir,
+            tokenizer,
+            val_fraction,
+            workers,
+            ray_session=lambda: _ray(address, workers),
+        )
     except OutDirError as exc:
         raise ConfigError(str(exc)) from None
     err.print(describe(result))

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,6 +181,7 @@ def prepare_corpus(
     val_fraction: float = 0.05,
     workers: int = 2,
     shard_tokens: int = SHARD_TOKENS,
+    ray_session: Callable[[], AbstractContextManager] | None = None,
 ) -> PrepareResult:
     """Prepare ``path`` (anything ``data.path`` accepts) into ``out``.
 
@@ -189,6 +192,9 @@ def prepare_corpus(
         val_fraction: Share of documents held out (as ``data.val_fraction``).
         workers: Ray Data tasks at once on the connected Ray; 0 tokenizes in this process.
         shard_tokens: Ids per shard file.
+        ray_session: Opens (and closes) the Ray connection around the tokenization, entered only
+            when there is work to do (bad input or an up-to-date folder never starts Ray);
+            ``None`` uses a Ray already connected.
 
     Raises:
         DataError: the loader's errors (missing path, binary or malformed files, empty corpus).
@@ -226,7 +232,10 @@ def prepare_corpus(
     rows = _rows(train_docs, val_docs)
     dtype = token_dtype(tok.vocab_size)
     tokenizer_json = tok.to_json()
-    with staged_dir(out, overwrite=True) as tmp:
+    with (
+        staged_dir(out, overwrite=True) as tmp,
+        ray_session() if workers and ray_session else nullcontext(),
+    ):
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "validation")}
         batches = (
             _ray_batches(rows, tokenizer_json, workers)

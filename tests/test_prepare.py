@@ -241,7 +241,7 @@ def test_run_on_prepared_bpe_shards_resumes_and_resizes_with_the_same_losses(
     on one worker instead of two (elastic resize: the same sequences, losses within float
     reduction order); the checkpoint carries the BPE tokenizer, and `mla eval` uses it."""
     prepared = tmp_path / "prepared"
-    prepare_corpus(str(corpus_dir), prepared, str(bpe_file), workers=0)
+    prepare_corpus(str(corpus_dir), prepared, str(bpe_file), 0.25, workers=0)
 
     def train(name: str, steps: int, workers: int = 2) -> dict[int, float]:
         sets = [

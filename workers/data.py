@@ -1,4 +1,4 @@
-"""Training text: discovery, validation, byte-level tokenization and layout-independent batches.
+"""Training text: discovery, validation, tokenization and layout-independent batches.
 
 Pure Python + numpy (no torch), so the controller validates data before any worker starts.
 
@@ -6,7 +6,11 @@ Sources (``data.path``):
 - unset: the source files of the Python standard library that runs the program (tests,
   ``idle_test`` and ``site-packages`` excluded), present on every machine, no download;
 - a ``.txt`` (or any text) file; a folder of text files (searched recursively);
-- ``.jsonl`` with a ``text`` field per line; ``.parquet`` with a ``text`` column.
+- ``.jsonl`` with a ``text`` field per line; ``.parquet`` with a ``text`` column;
+- a folder written by ``mla prepare`` (:mod:`workers.prepared`): token shards read by memory map.
+
+Tokenization: each document is tokenized on its own (byte-level by default, or a BPE
+:mod:`mla.tokenizer`) and the ids concatenated; ``mla prepare`` builds the same stream.
 
 Split: files (or documents of a JSONL/Parquet file) go to validation when a stable hash of their
 name (or index) falls under ``val_fraction``; a single text file is split by position (the last
