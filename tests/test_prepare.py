@@ -251,6 +251,8 @@ def test_run_on_prepared_bpe_shards_resumes_and_resizes_with_the_same_losses(
             "train.log_every=1",
             "train.eval_every=100",
             "checkpoint.every=3",
+            "train.warmup_steps=2",  # then a constant lr (min_lr = lr): the schedule does not
+            "train.min_lr=3e-3",  # depend on train.steps, so a 6-step run continues a 12-step one
             f"train.steps={steps}",
             f"run.name={name}",
             f"cluster.num_workers={workers}",
@@ -270,9 +272,7 @@ def test_run_on_prepared_bpe_shards_resumes_and_resizes_with_the_same_losses(
     )
     ckpt = tmp_path / "split" / "checkpoints" / "step_0000012"
     assert (ckpt / "tokenizer.json").read_text() == bpe_file.read_text()
-    assert (
-        json.loads((tmp_path / "split" / "summary.json").read_text())["model"]["vocab_size"] == 600
-    )
+    assert json.loads((ckpt / "meta.json").read_text())["model"]["vocab_size"] == 600
     ran = mla_cli("eval", str(tmp_path / "split"), "--json")
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads(ran.stdout)
@@ -281,3 +281,25 @@ def test_run_on_prepared_bpe_shards_resumes_and_resizes_with_the_same_losses(
         [r for r in val if "val_loss" in r][-1]["val_loss"], abs=1e-4
     )
     assert result["bits_per_byte"] < result["loss"] / math.log(2)  # several bytes a BPE token
+
+
+def test_generate_and_export_use_the_tokenizer_the_checkpoint_stores(bpe_file, tmp_path):
+    """A checkpoint holding a BPE tokenizer.json: load_model returns it, `mla export` copies it,
+    and the export loads back with the same tokenizer."""
+    from mla.pretrained import save_pretrained
+    from tests.checkpoint_fixture import write_run
+    from workers.inference import load_model
+
+    run, _ = write_run(tmp_path, vocab_size=600)
+    ckpt = run / "checkpoints" / "step_0000010"
+    shutil.copyfile(bpe_file, ckpt / "tokenizer.json")
+    loaded = load_model(run)
+    assert loaded.tokenizer.kind == "bpe" and loaded.tokenizer.encode(TEXT) == load_tokenizer(
+        bpe_file
+    ).encode(TEXT)
+    out = save_pretrained(loaded.model, tmp_path / "export", tokenizer=loaded.tokenizer)
+    assert (out / "tokenizer.json").read_text() == bpe_file.read_text()
+    assert json.loads((out / "config.json").read_text())["tokenizer"]["type"] == "bpe"
+    assert load_model(out).tokenizer.decode(load_model(out).tokenizer.encode(TEXT)) == TEXT
+    (ckpt / "tokenizer.json").unlink()  # a checkpoint from before tokenizers were stored
+    assert load_model(run).tokenizer.kind == "byte"
