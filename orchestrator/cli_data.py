@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator.cli_common import err, out
+from orchestrator.cli_common import err
 from orchestrator.contract.errors import ConfigError
 
 app = typer.Typer()
@@ -104,7 +104,7 @@ def prepare(
         raise ConfigError(str(exc)) from None
     err.print(describe(result))
     if json_out:
-        out.print(_json(result))
+        print(_json(result))  # plain print: rich would fold long lines
 
 
 def _ray(address: str | None, workers: int):
