@@ -303,3 +303,30 @@ def test_generate_and_export_use_the_tokenizer_the_checkpoint_stores(bpe_file, t
     assert load_model(out).tokenizer.decode(load_model(out).tokenizer.encode(TEXT)) == TEXT
     (ckpt / "tokenizer.json").unlink()  # a checkpoint from before tokenizers were stored
     assert load_model(run).tokenizer.kind == "byte"
+
+
+def test_bpe_is_trained_at_launch_once_and_a_prepared_folder_brings_its_own(
+    corpus_dir, bpe_file, tmp_path
+):
+    from orchestrator.launcher import check_data
+
+    sets = [f"data.path={corpus_dir}", f"run.dir={tmp_path}", "data.seq_len=32"]
+    job = load_job_config(
+        "configs/tiny.yaml", [*sets, "data.tokenizer=bpe", "model.vocab_size=300"]
+    )
+    assert "bpe tokenizer, 300 ids" in check_data(job)
+    trained = job.run_dir / "tokenizer.json"
+    stamp = trained.stat().st_mtime_ns
+    check_data(job)  # a resumed run keeps the tokenizer it trained with
+    assert trained.stat().st_mtime_ns == stamp and load_tokenizer(trained).vocab_size == 300
+    assert job.model_config_().vocab_size == 300
+
+    prepared = tmp_path / "prepared"
+    prepare_corpus(str(corpus_dir), prepared, str(bpe_file), 0.25, workers=0)
+    own = load_job_config("configs/tiny.yaml", [f"data.path={prepared}", "data.seq_len=32"])
+    assert own.model_config_().vocab_size == 600 and "bpe tokenizer, 600 ids" in check_data(own)
+    other = load_job_config(
+        "configs/tiny.yaml", [f"data.path={prepared}", f"data.tokenizer={trained}"]
+    )
+    with pytest.raises(ConfigError, match="is not the tokenizer data.path"):
+        other.model_config_()
