@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "metrics",
     "dashboards",
     "viz",
+    "data",
 )
 
 for _group in COMMAND_MODULES:
@@ -67,6 +68,7 @@ EXTRA_OF_PACKAGE = {
             "safetensors",
             "opacus",
             "tensorboard",
+            "tokenizers",
         ),
         "train",
     ),

@@ -123,8 +123,11 @@ class DataSection(_Section):
     """Tokens per training sequence."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share of files (or documents) held out for validation."""
-    tokenizer: Literal["byte"] = "byte"
-    """Tokenizer; 'byte' maps each UTF-8 byte to one of 256 ids."""
+    # --- tokenizer (issue 18, items 1-3) ---
+    tokenizer: str = Field("byte", min_length=1)
+    """Tokenizer: 'byte' (each UTF-8 byte is one of 256 ids), 'bpe' (a byte-level BPE of
+    model.vocab_size ids trained on the training split at launch, kept in RUN_DIR/tokenizer.json),
+    or the path of a tokenizer.json (`mla tokenizer train`). A prepared data.path brings its own."""
 
 
 class PrivacySection(_Section):
@@ -387,10 +390,32 @@ class JobConfig(_Section):
 
     def model_config_(self) -> ModelConfig:
         """The :class:`ModelConfig` of this job; a preset's max_seq_len is raised to data.seq_len
-        (an explicit model.max_seq_len below it is refused by validation)."""
-        cfg = self.model.build()
+        (an explicit model.max_seq_len below it is refused by validation), and vocab_size follows
+        a non-byte tokenizer (:mod:`workers.tokenizer_spec`).
+
+        Raises:
+            ConfigError: inconsistent model fields, or an explicit model.vocab_size smaller
+                than the tokenizer's vocabulary.
+        """
+        cfg = self._with_tokenizer_vocab(self.model.build())
         if cfg.max_seq_len < self.data.seq_len:
             cfg = cfg.replace(max_seq_len=self.data.seq_len)
+        return cfg
+
+    # --- tokenizer vocabulary (issue 18, items 1-3) ---
+    def _with_tokenizer_vocab(self, cfg: ModelConfig) -> ModelConfig:
+        if self.data.tokenizer == "byte" and self.data.path is None:
+            return cfg  # the default: nothing to read
+        from workers.tokenizer_spec import tokenizer_vocab_size
+
+        ids, what = tokenizer_vocab_size(self)
+        if self.model.vocab_size is not None and self.model.vocab_size < ids:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the {ids} ids of "
+                f"{what}; unset model.vocab_size (it follows the tokenizer) or set it >= {ids}"
+            )
+        if self.model.vocab_size is None and ids != 256:
+            return cfg.replace(vocab_size=ids)
         return cfg
 
     @property

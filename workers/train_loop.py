@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from mla.flops import training_flops_per_token
+from mla.tokenizer import TOKENIZER_FILE
 from orchestrator.contract.checkpoints import (
     FAILURE_FILE,
     find_resumable,
@@ -67,6 +68,7 @@ from workers.privacy.session import build_private_training
 from workers.rng import seed_step
 from workers.schedule import train_lr
 from workers.tensorboard import RunBoard, open_board
+from workers.tokenizer_spec import job_tokenizer
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -129,7 +131,8 @@ class Trainer:
             self.device,
             frozen=plan.finetune.frozen if plan.finetune else frozenset(),
         )
-        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction)
+        self.tokenizer = job_tokenizer(self.job)
+        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction, self.tokenizer)
         seq = self.data_cfg.seq_len
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
@@ -387,7 +390,14 @@ class Trainer:
             meta["privacy"] = self.private.state()
         started = time.perf_counter()
         path = save_checkpoint(
-            self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
+            self.engine,
+            self.run_dir,
+            step,
+            meta,
+            self.rank,
+            self.job.checkpoint.keep,
+            dist.barrier,
+            files={TOKENIZER_FILE: self.tokenizer.to_json()},
         )
         self.metrics.checkpoint(step, time.perf_counter() - started)
         if self.board is not None:
