@@ -40,7 +40,7 @@ from mla.compress.prune import apply_pruning, plan_pruning
 from mla.config import get_preset
 from mla.model import MLATransformer
 from mla.pretrained import WEIGHTS, save_pretrained
-from workers.compress import deploy_onnx
+from workers.compress_latency import deploy_onnx
 from workers.data import WindowBatches, load_corpus
 from workers.evaluation import EvalData, evaluate
 

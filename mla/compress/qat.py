@@ -89,9 +89,10 @@ def prepare_qat(model: MLATransformer) -> MLATransformer:
     if fake_quant_modules(model):
         raise ValueError("model already holds fake quantisers: prepare_qat was called twice")
     config = _qat_config("prepare")
-    from torchao.quantization import quantize_
+    with _quiet_import():  # torchao imports modules lazily: keep their log lines out
+        from torchao.quantization import quantize_
 
-    quantize_(model, config)
+        quantize_(model, config)
     return model
 
 
@@ -106,9 +107,10 @@ def convert_qat(model: MLATransformer) -> MLATransformer:
         RuntimeError: a fake-quantised module survived the conversion (a torchao change).
     """
     config = _qat_config("convert")
-    from torchao.quantization import quantize_
+    with _quiet_import():  # torchao imports modules lazily: keep their log lines out
+        from torchao.quantization import quantize_
 
-    quantize_(model, config)
+        quantize_(model, config)
     left = fake_quant_modules(model)
     if left:
         raise RuntimeError(f"torchao QAT convert left fake-quantised modules: {left[:3]}")
