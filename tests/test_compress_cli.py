@@ -183,3 +183,37 @@ def test_onnx_generate_and_eval_length_check(compressed):
     bad = mla("eval", out, "--onnx", "--seq-len", "32")
     assert bad.returncode == 2
     assert "takes windows of exactly 64 tokens" in bad.stderr
+
+
+def test_tight_latency_target_prunes_to_the_least_aggressive_shape_that_meets_it(tmp_path):
+    """An MLP-heavy model (MLP width 2048, one head group: the shapes differ in MLP width only)
+    and a target between the unpruned and the most pruned shape's measured latency."""
+    import math
+
+    from mla.compress.importance import measure_importance
+    from mla.compress.prune import apply_pruning, plan_pruning
+    from tests.compress_fixture import val_batch
+    from workers.compress_latency import shape_latency_ms
+
+    torch.set_num_threads(1)
+    model = train_tiny(
+        steps=20, attention="dense", d_model=64, n_heads=2, n_kv_heads=1, ffn_hidden=2048
+    )
+    src = save_pretrained(model, tmp_path / "teacher")
+    x, _ = val_batch(2)
+    small = apply_pruning(model, plan_pruning(measure_importance(model, [x]), model.cfg, 512, 1))
+    full_ms = shape_latency_ms(model, 64, 8, "int8", 1, tmp_path)
+    small_ms = shape_latency_ms(small, 64, 8, "int8", 1, tmp_path)
+    assert full_ms > 2 * small_ms  # the MLP dominates: the test's premise
+    target = math.sqrt(full_ms * small_ms)
+    out = tmp_path / "out"
+    args = ("--target-latency-ms", f"{target:.4f}", "--batch", "8", "--steps", "0")
+    result = mla("compress", src, *args, "--out", out, "--val-windows", "16", "--candidates", "1")
+    report = json.loads((out / "compress_report.json").read_text())
+    probed = report["candidates_latency_probed"]
+    chosen = report["deployed"]
+    assert chosen["ffn_keep"] < 2048 and chosen["probe_latency_ms"] <= target
+    # every probed shape larger than the chosen one missed the target: the least aggressive
+    assert all(c["probe_latency_ms"] > target for c in probed if c["params"] > chosen["params"])
+    if result.returncode:  # the deployed file re-timed over the target on a loaded machine
+        assert result.returncode == 2 and "over --target-latency-ms" in result.stderr

@@ -219,11 +219,9 @@ def decode_step_early_exit(
             continue  # every row has exited: only this layer's K/V of the copied state
         y = h + block.mlp_dropout(block.mlp(block.mlp_norm(h)))
         x = torch.where(done.view(-1, 1, 1), x, y)
-        if i in exits:
+        if i in exits and threshold < 1.0:  # 1.0: no token can exit, skip the exit head
             lg = model.head(model.norm(x))[:, 0]
-            now = (
-                ~done & (confidence(lg) >= threshold) if threshold < 1.0 else torch.zeros_like(done)
-            )
+            now = ~done & (confidence(lg) >= threshold)
             out[now] = lg[now]
             layers[now.cpu()] = i
             done |= now
