@@ -233,14 +233,15 @@ def decode(
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
+    example = {"--batches": "1,8"}.get(option, "1024,4096")
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ConfigError(
-            f"{option}={text!r} must be comma-separated integers, e.g. 1024,4096"
+            f"{option}={text!r} must be comma-separated integers, e.g. {example}"
         ) from None
     if not values or min(values) < 1:
-        raise ConfigError(f"{option}={text!r} must list positive integers, e.g. 1024,4096")
+        raise ConfigError(f"{option}={text!r} must list positive integers, e.g. {example}")
     return values
 
 

@@ -273,7 +273,13 @@ def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> l
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise ConfigError(f"--prompt-file {prompt_file} does not exist or is not a file")
-        text = prompt_file.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = prompt_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"--prompt-file {prompt_file} is not UTF-8 text (byte {exc.start} is not valid "
+                'UTF-8); give a text file, or a .jsonl file with one {"prompt": ...} per line'
+            ) from None
         if prompt_file.suffix.lower() == ".jsonl":
             prompts += _jsonl_prompts(prompt_file, text)
         else:

@@ -348,6 +348,12 @@ class JobConfig(_Section):
                 f"train.betas={list(self.train.betas)}: each AdamW beta must be in [0, 1), "
                 "e.g. [0.9, 0.95]"
             )
+        if self.model.max_seq_len is not None and self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"model.max_seq_len({self.model.max_seq_len}) < data.seq_len({self.data.seq_len}): "
+                "the model could not take the training windows; raise model.max_seq_len to at "
+                f"least {self.data.seq_len} or leave it unset (it then follows data.seq_len)"
+            )
         if self.train.min_lr > self.train.lr:
             raise ValueError(f"train.min_lr({self.train.min_lr}) > train.lr({self.train.lr})")
         if self.cluster.min_workers and self.cluster.min_workers > self.cluster.num_workers:
@@ -358,7 +364,8 @@ class JobConfig(_Section):
         return self
 
     def model_config_(self) -> ModelConfig:
-        """The :class:`ModelConfig` of this job, with max_seq_len raised to data.seq_len."""
+        """The :class:`ModelConfig` of this job; a preset's max_seq_len is raised to data.seq_len
+        (an explicit model.max_seq_len below it is refused by validation)."""
         cfg = self.model.build()
         if cfg.max_seq_len < self.data.seq_len:
             cfg = cfg.replace(max_seq_len=self.data.seq_len)

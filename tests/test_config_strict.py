@@ -19,6 +19,7 @@ from orchestrator.contract.errors import ConfigError
         ("train.weight_decay=.nan", ["train.weight_decay", "finite"]),
         ("train.seed=-5", ["train.seed", "greater than or equal to 0"]),
         ("train.betas=[2, 3]", ["train.betas=[2.0, 3.0]", "[0, 1)"]),
+        ("model.max_seq_len=64", ["model.max_seq_len(64) < data.seq_len(128)", "at least 128"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override, words):
@@ -26,6 +27,15 @@ def test_bad_values_are_refused_naming_the_field(override, words):
         load_job_config("configs/tiny.yaml", [override])
     for word in words:
         assert word in str(err.value)
+
+
+def test_unset_max_seq_len_follows_data_seq_len_and_an_explicit_larger_one_is_kept():
+    assert (
+        load_job_config("configs/tiny.yaml", ["data.seq_len=300"]).model_config_().max_seq_len
+        == 300
+    )
+    job = load_job_config("configs/tiny.yaml", ["model.max_seq_len=512"])
+    assert job.model_config_().max_seq_len == 512
 
 
 def test_bools_stay_valid_for_bool_fields_and_warmup_zero_is_allowed():

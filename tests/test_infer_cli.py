@@ -140,6 +140,15 @@ def test_generate_bad_input_exits_2_with_one_message(run, args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_a_binary_prompt_file_is_refused_naming_the_byte(run, tmp_path):
+    path, _, _ = run
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"def f():\n\xff\xfe\x00")
+    result = mla("generate", path, "--prompt-file", binary)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not UTF-8 text (byte 9 is not valid UTF-8)" in " ".join(result.stderr.split())
+
+
 def test_missing_and_half_written_checkpoints_exit_2(tmp_path):
     missing = mla("generate", tmp_path / "nope", "--prompt", "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr

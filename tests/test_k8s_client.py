@@ -341,5 +341,9 @@ def test_unreachable_server_is_a_cluster_error(tmp_path):
 
 def test_missing_kubeconfig_is_a_cluster_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(ClusterError, match="cannot load Kubernetes credentials"):
+    with pytest.raises(ClusterError, match="--kubeconfig .*nope does not exist"):
         k8s.connect(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(ClusterError, match="cannot load Kubernetes credentials"):
+        k8s.connect(str(empty))

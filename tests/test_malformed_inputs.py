@@ -32,6 +32,18 @@ MLA = [sys.executable, "-m", "orchestrator.cli"]
             "--image: 'a b' is not a container image",
         ),
         (["k8s", "render", "configs/tiny.yaml", "--namespace", "Team_A"], "--namespace: 'Team_A'"),
+        (
+            ["generate", "configs/tiny.yaml", "--prompt", "x"],
+            "configs/tiny.yaml is a file, not a checkpoint; pass the run folder",
+        ),
+        (
+            ["k8s", "status", "demo", "--kubeconfig", "/nonexistent/kubeconfig"],
+            "--kubeconfig /nonexistent/kubeconfig does not exist",
+        ),
+        (
+            ["bench", "decode", "--batches", "0"],
+            "--batches='0' must list positive integers, e.g. 1,8",
+        ),
     ],
 )
 def test_malformed_input_is_one_message_and_exit_2(args, words):

@@ -89,6 +89,12 @@ def resolve_checkpoint_noting_skips(path: str | Path) -> tuple[Path, tuple[str, 
             f"{p} does not exist; pass a run folder (runs/NAME), a checkpoint folder "
             "(runs/NAME/checkpoints/step_NNNNNNN) or an export folder"
         )
+    if p.is_file():
+        raise CheckpointError(
+            f"{p} is a file, not a checkpoint; pass the run folder the job wrote (runs/NAME), "
+            "a checkpoint folder (runs/NAME/checkpoints/step_NNNNNNN) or an export folder "
+            "(mla export --out DIR)"
+        )
     if p.name.startswith(".tmp-step_"):
         raise CheckpointError(
             f"{p} is a checkpoint whose save did not finish (a .tmp- folder); use a "

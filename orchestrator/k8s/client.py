@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,6 +36,11 @@ def connect(kubeconfig: str | None = None, context: str | None = None) -> Any:
     """
     from kubernetes import client, config
 
+    if kubeconfig is not None and not Path(kubeconfig).expanduser().is_file():
+        raise ClusterError(
+            f"--kubeconfig {kubeconfig} does not exist or is not a file; pass the path of a "
+            "kubeconfig (e.g. ~/.kube/config), or leave it out to use $KUBECONFIG"
+        )
     try:
         if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
