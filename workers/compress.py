@@ -135,12 +135,11 @@ def check_settings(s: CompressSettings) -> None:
     Raises:
         ConfigError: a value out of range (the message names the option, the value and the fix).
     """
-    if s.target_mb is None and s.target_latency_ms is None and s.ffn_keep is None:
-        if s.groups_keep is None:
-            raise ConfigError(
-                "nothing to fit: give --target-mb MB, --target-latency-ms MS, or a shape "
-                "(--ffn-keep N / --groups-keep G)"
-            )
+    if all(v is None for v in (s.target_mb, s.target_latency_ms, s.ffn_keep, s.groups_keep)):
+        raise ConfigError(
+            "nothing to fit: give --target-mb MB, --target-latency-ms MS, or a shape "
+            "(--ffn-keep N / --groups-keep G)"
+        )
     if s.target_mb is not None and not (s.target_mb > 0 and math.isfinite(s.target_mb)):
         raise ConfigError(f"--target-mb={s.target_mb:g} must be a positive size in MB, e.g. 10")
     if s.target_latency_ms is not None and not (
