@@ -9,6 +9,7 @@ import torch
 
 from mla.compress.distill import distill, distillation_loss
 from mla.compress.early_exit import (
+    calibrate_threshold,
     check_exits,
     decode_step_early_exit,
     early_exit_forward,
@@ -122,3 +123,25 @@ def test_exit_loss_trains_the_early_exit(model):
 def test_bad_exits_are_refused(exits, threshold, message):
     with pytest.raises(ValueError, match=message):
         check_exits(3, exits, threshold)
+
+
+def test_calibration_picks_the_lowest_threshold_within_the_tolerance(model):
+    x, y = val_batch(4)
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    strict, rows = calibrate_threshold(model, batches, [1, 2], 0.0)
+    loose, same = calibrate_threshold(model, batches, [1, 2], 10.0)
+    assert rows == same and rows[0]["threshold"] == 1.0 and rows[0]["loss_increase"] == 0
+    assert loose == min(r["threshold"] for r in rows)  # a 10-nat tolerance admits every point
+    assert next(r for r in rows if r["threshold"] == strict)["loss_increase"] <= 0
+    mid = sorted(r["loss_increase"] for r in rows)[len(rows) // 2]
+    chosen, _ = calibrate_threshold(model, batches, [1, 2], mid)
+    ok = [r for r in rows if r["loss_increase"] <= mid]
+    assert chosen == min(r["threshold"] for r in ok)
+    # the routed loss at the chosen threshold is the one early_exit_forward gives
+    row = next(r for r in rows if r["threshold"] == chosen)
+    logits, stats = early_exit_forward(model, x, [1, 2], chosen)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    assert float(ce) == pytest.approx(row["val_loss"], rel=1e-5)
+    assert stats.mean_layers == pytest.approx(row["mean_layers"])
+    with pytest.raises(ValueError, match="tolerance=-1 must be >= 0"):
+        calibrate_threshold(model, batches, [1, 2], -1)

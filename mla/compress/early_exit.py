@@ -140,11 +140,18 @@ def early_exit_forward(
         ``(logits (batch, seq, vocab), stats)``: each token's logits from its exit.
     """
     check_exits(len(model.blocks), exits, threshold)
-    levels = exit_logits(model, tokens, exits)
+    return _route(exit_logits(model, tokens, exits), exits, threshold, len(model.blocks))
+
+
+def _route(
+    levels: list[torch.Tensor], exits: list[int], threshold: float, n: int
+) -> tuple[torch.Tensor, ExitStats]:
+    """Each token's logits from the first exit of ``levels`` (:func:`exit_logits`) confident
+    enough, else from the last; ``n`` is the model's block count."""
     logits = levels[-1].clone()
-    n = len(model.blocks)
-    layers = torch.full(tokens.shape, n, dtype=torch.long)
-    done = torch.zeros(tokens.shape, dtype=torch.bool)
+    shape = logits.shape[:-1]
+    layers = torch.full(shape, n, dtype=torch.long)
+    done = torch.zeros(shape, dtype=torch.bool)
     if threshold < 1.0:
         for e, lg in zip(exits, levels[:-1], strict=True):
             now = ~done & (confidence(lg) >= threshold)
@@ -152,6 +159,77 @@ def early_exit_forward(
             layers[now] = e
             done |= now
     return logits, ExitStats(layers, n, tuple(exits))
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    model: MLATransformer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    exits: list[int],
+    tolerance: float,
+    thresholds: tuple[float, ...] = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+) -> tuple[float, list[dict]]:
+    """The lowest threshold whose validation loss stays within ``tolerance`` of the full model.
+
+    CALM (Schuster et al. 2022, Sec. 3.2) calibrates the exit threshold on held-out data so the
+    early-exit model stays within a quality tolerance of the full one; here the measure is the
+    mean next-token cross-entropy, scanned over a grid (loss need not fall monotonically with the
+    threshold, so every grid point is scored and the lowest one within tolerance wins).
+
+    Args:
+        model: The model (eval mode).
+        batches: Held-out ``(inputs, targets)`` pairs, ``(batch, seq)`` int64 each.
+        exits: Exit layers (:func:`check_exits`).
+        tolerance: Largest accepted loss increase, nats per token (``>= 0``).
+        thresholds: Grid in ``(0, 1)``.
+
+    Returns:
+        ``(threshold, rows)``: the chosen threshold (``1.0``: no grid point is within tolerance,
+        exits off) and per threshold (1.0 first) ``{"threshold", "val_loss", "loss_increase",
+        "mean_layers", "compute_saved", "exit_fractions"}``.
+
+    Raises:
+        ValueError: ``tolerance < 0``, no batch, or a bad exit/threshold.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance} must be >= 0 nats per token")
+    if not batches:
+        raise ValueError("calibration needs at least one held-out batch")
+    n = len(model.blocks)
+    grid = (1.0, *thresholds)
+    for t in grid:
+        check_exits(n, exits, t)
+    totals = {t: 0.0 for t in grid}
+    layers: dict[float, list[torch.Tensor]] = {t: [] for t in grid}
+    count = 0
+    for x, y in batches:
+        levels = exit_logits(model, x, exits)
+        for t in grid:
+            logits, stats = _route(levels, exits, t, n)
+            totals[t] += float(
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+                )
+            )
+            layers[t].append(stats.layers.flatten())
+        count += y.numel()
+    full = totals[1.0] / count
+    rows = []
+    for t in grid:
+        st = ExitStats(torch.cat(layers[t]), n, tuple(exits))
+        loss = totals[t] / count
+        rows.append(
+            {
+                "threshold": t,
+                "val_loss": loss,
+                "loss_increase": loss - full,
+                "mean_layers": st.mean_layers,
+                "compute_saved": st.compute_saved,
+                "exit_fractions": {str(k): v for k, v in st.fractions().items()},
+            }
+        )
+    ok = [r["threshold"] for r in rows if r["loss_increase"] <= tolerance]
+    return min(ok), rows
 
 
 def early_exit_loss(exits: list[int]):
