@@ -29,6 +29,7 @@ deeper exits weigh more), passed to :func:`mla.compress.distill.distill` as its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -168,7 +169,7 @@ def calibrate_threshold(
     exits: list[int],
     tolerance: float,
     thresholds: tuple[float, ...] = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
-) -> tuple[float, list[dict]]:
+) -> tuple[float, list[dict[str, Any]]]:
     """The lowest threshold whose validation loss stays within ``tolerance`` of the full model.
 
     CALM (Schuster et al. 2022, Sec. 3.2) calibrates the exit threshold on held-out data so the
@@ -214,7 +215,8 @@ def calibrate_threshold(
             layers[t].append(stats.layers.flatten())
         count += y.numel()
     full = totals[1.0] / count
-    rows = []
+    rows: list[dict[str, Any]] = []
+    ok: list[float] = []
     for t in grid:
         st = ExitStats(torch.cat(layers[t]), n, tuple(exits))
         loss = totals[t] / count
@@ -228,7 +230,8 @@ def calibrate_threshold(
                 "exit_fractions": {str(k): v for k, v in st.fractions().items()},
             }
         )
-    ok = [r["threshold"] for r in rows if r["loss_increase"] <= tolerance]
+        if loss - full <= tolerance:
+            ok.append(t)
     return min(ok), rows
 
 
