@@ -101,6 +101,12 @@ def compress(
     from workers.compress import compress as run_compress
 
     loaded = _load(source, "cpu")
+    if loaded.tokenizer.kind != "byte":
+        raise ConfigError(
+            f"{source}: the run trained with a {loaded.tokenizer.kind} tokenizer; mla compress "
+            "and its ONNX runner support byte-tokenized models only so far; compress a run "
+            "trained with data.tokenizer: byte"
+        )
     measured = check_against_model(settings, loaded.cfg, seq_len_of(loaded.job, loaded.cfg))
     report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
     _print_table(report, batch)

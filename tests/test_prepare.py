@@ -330,3 +330,17 @@ def test_bpe_is_trained_at_launch_once_and_a_prepared_folder_brings_its_own(
     )
     with pytest.raises(ConfigError, match="is not the tokenizer data.path"):
         other.model_config_()
+
+
+def test_mla_compress_refuses_a_bpe_model_before_any_work(bpe_file, tmp_path):
+    """`mla compress` and its ONNX runner read byte tokens: a BPE run is refused, nothing written."""
+    from tests.checkpoint_fixture import write_run
+
+    run, _ = write_run(tmp_path, vocab_size=600)
+    shutil.copyfile(bpe_file, run / "checkpoints" / "step_0000010" / "tokenizer.json")
+    out = tmp_path / "small"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "compress", str(run), "--out", str(out)]
+    result = subprocess.run([*cmd, "--target-mb", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "trained with a bpe tokenizer" in " ".join(result.stderr.split())
+    assert not out.exists()
