@@ -8,21 +8,31 @@ logging validation loss along the way so the curve shows whether it has flattene
 * ``pruned``: MLP 50 % and half the head groups by activation importance
   (:mod:`mla.compress.prune`), no recovery;
 * ``pruned+KD``: the same after ``distill_steps`` of logit distillation from the original;
-* ``pruned+KD INT8``: that, exported and quantised (the combination ``mla compress`` deploys).
+* ``pruned+KD INT8``: that, exported and quantised (the combination ``mla compress`` deploys);
+* ``pruned+KD+QAT INT8``: ``qat_steps`` more distillation steps under torchao INT8 fake
+  quantisation (:mod:`mla.compress.qat`), converted back to plain modules, then the same export
+  (``mla compress --qat-steps``). Its fair comparison is ``pruned+KD`` given the same number of
+  extra plain distillation steps, also measured (``pruned+KD+more``);
+* early exit (:mod:`mla.compress.early_exit`): the original fine-tuned ``exit_steps`` with the
+  exit loss (shared head after layers 1-3 of 4), then per threshold: validation loss with each
+  token's logits from its exit and the layers it used (full-sequence scoring: every layer runs,
+  so this is compute saved, not time); and greedy KV-cache decoding of 64 new tokens at batch 1
+  with exits vs the same model without (wall time, tokens/s).
 
 For each: size on disk (safetensors file of the torch weights, or the ONNX file), latency per
 forward pass at batch 1 and 8 (minimum over interleaved rounds: every variant is timed once per
 round, so load from other processes on this shared machine hits them alike), and validation
 loss on the same fixed windows. Ratios are against torch fp32 of the original, measured in the
-same run. QAT and early exit are not built yet, so they have no rows.
+same run.
 
-Run: ``python -m benchmarks.compression [--steps 300] [--distill-steps 100] [--threads 1]
-[--json]`` (about 10 minutes on one busy core).
+Run: ``python -m benchmarks.compression [--steps 300] [--distill-steps 100] [--qat-steps 30]
+[--exit-steps 60] [--threads 1] [--json]`` (about 10-15 minutes on one busy core).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -34,13 +44,17 @@ import torch
 import torch.nn.functional as F
 
 from mla.compress.distill import distill
+from mla.compress.early_exit import early_exit_forward, early_exit_loss, generate_early_exit
 from mla.compress.importance import measure_importance
 from mla.compress.onnx_export import OnnxLM, onnx_size_bytes
 from mla.compress.prune import apply_pruning, plan_pruning
+from mla.compress.qat import qat_distill
 from mla.config import get_preset
+from mla.generate import generate
 from mla.model import MLATransformer
 from mla.pretrained import WEIGHTS, save_pretrained
-from workers.compress import deploy_onnx
+from mla.sampling import SamplingConfig
+from workers.compress_latency import deploy_onnx
 from workers.data import WindowBatches, load_corpus
 from workers.evaluation import EvalData, evaluate
 
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--distill-steps", type=int, default=100)
+    p.add_argument("--qat-steps", type=int, default=30)
+    p.add_argument("--exit-steps", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
@@ -100,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     distill(student, teacher, batches, a.distill_steps, lr=1e-3)
     log(f"distilled {a.distill_steps} steps")
+    qat, more = copy.deepcopy(student), copy.deepcopy(student)
+    qat_distill(qat, teacher, batches, a.qat_steps, lr=3e-4)
+    distill(more, teacher, batches, a.qat_steps, lr=3e-4)
+    log(f"QAT {a.qat_steps} steps (and as many plain KD steps)")
+    exits = early_exit_study(teacher, batches, val, a.exit_steps, log)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         variants = {}
@@ -107,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             ("original torch fp32", teacher),
             ("pruned torch fp32", pruned),
             ("pruned+KD torch fp32", student),
+            ("pruned+KD+more torch fp32", more),
         ):
             folder = save_pretrained(model, d / name.replace(" ", "_"))
             variants[name] = (model, (folder / WEIGHTS).stat().st_size)
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             ("original ORT fp32", teacher, "fp32"),
             ("original ORT INT8 (PTQ)", teacher, "int8"),
             ("pruned+KD ORT INT8", student, "int8"),
+            ("pruned+KD+more ORT INT8", more, "int8"),
+            ("pruned+KD+QAT ORT INT8", qat, "int8"),
         ):
             log(f"exporting {name}")
             path = deploy_onnx(model, d / f"{name.split()[0]}.{prec}.onnx", seq, prec)
@@ -133,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": a.threads,
         "wall_s": time.time() - t0,
         "rows": rows,
+        "early_exit": exits,
     }
     if a.json:
         print(json.dumps(doc, indent=2))
@@ -146,7 +171,86 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ms_b8']:>8.2f}{r['speedup_b8']:>6.2f}{r['val_loss']:>8.4f}{r['loss_increase_pct']:>+7.2f}"
             )
         print(f"val curve (step, loss): {[(s, round(v, 4)) for s, v in curve]}")
+        e = exits
+        print(
+            f"early exit after layers {e['exits']} (+{e['exit_steps']} exit-loss steps): val "
+            f"{e['val_loss_full']:.4f} with every layer; decode 64 tokens at batch 1: "
+            f"{e['decode_ms_full']:.0f} ms without exits"
+        )
+        print(
+            f"{'threshold':>10}{'val':>8}{'Δ%':>7}{'mean layers':>12}{'saved':>7}{'decode ms':>10}{'x':>6}{'dec layers':>11}"
+        )
+        for r in e["thresholds"]:
+            print(
+                f"{r['threshold']:>10.2f}{r['val_loss']:>8.4f}{r['loss_increase_pct']:>+7.2f}"
+                f"{r['mean_layers']:>12.2f}{r['compute_saved']:>7.1%}{r['decode_ms']:>10.0f}"
+                f"{r['decode_speedup']:>6.2f}{r['decode_mean_layers']:>11.2f}"
+            )
     return 0
+
+
+def early_exit_study(teacher, batches, val: EvalData, steps: int, log) -> dict:
+    """Fine-tune a copy of ``teacher`` with the exit loss; score thresholds (full-sequence val
+    loss, layers used) and time greedy decoding at batch 1 with and without exits."""
+    model = copy.deepcopy(teacher)
+    n = model.cfg.n_layers
+    exits = list(range(1, n))
+    distill(model, teacher, batches, steps, lr=1e-3, loss_fn=early_exit_loss(exits))
+    log(f"exit loss: {steps} steps")
+    prompt = [list(val.inputs[0, :32])]
+    greedy = SamplingConfig(temperature=0.0)
+
+    def timed(fn) -> tuple[float, object]:
+        best, out = float("inf"), None
+        for _ in range(3):
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3, out
+
+    full_ms, _ = timed(lambda: generate(model, prompt, 64, greedy))
+    full_val = _exit_val(model, val, exits, 1.0)[0]
+    rows = []
+    for th in (1.0, 0.95, 0.9, 0.8, 0.5):
+        loss, stats = _exit_val(model, val, exits, th)
+        ms, (_, dec) = timed(
+            lambda th=th: generate_early_exit(model, prompt, 64, greedy, exits, th)
+        )
+        rows.append(
+            {
+                "threshold": th,
+                "val_loss": loss,
+                "loss_increase_pct": 100 * (loss - full_val) / full_val,
+                "mean_layers": stats.mean_layers,
+                "compute_saved": stats.compute_saved,
+                "exit_fractions": stats.fractions(),
+                "decode_ms": ms,
+                "decode_speedup": full_ms / ms,
+                "decode_mean_layers": dec.mean_layers,
+            }
+        )
+        log(f"threshold {th}: val {loss:.4f}, mean layers {stats.mean_layers:.2f}")
+    base = evaluate(teacher, val, 8)["loss"]
+    return {
+        "exits": exits,
+        "exit_steps": steps,
+        "teacher_val_loss": base,
+        "val_loss_full": full_val,
+        "decode_ms_full": full_ms,
+        "thresholds": rows,
+    }
+
+
+def _exit_val(model, val: EvalData, exits, threshold):
+    total, count, layers = 0.0, 0, []
+    for i in range(0, len(val.inputs), 8):
+        x = torch.from_numpy(val.inputs[i : i + 8])
+        y = torch.from_numpy(val.targets[i : i + 8])
+        logits, stats = early_exit_forward(model, x, exits, threshold)
+        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+        layers.append(stats.layers.flatten())
+    return total / count, type(stats)(torch.cat(layers), stats.n_layers, stats.exits)
 
 
 def measure(variants: dict, val: EvalData, rounds: int, log) -> dict:

@@ -27,7 +27,7 @@ import torch
 from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.staged_dir import staged_dir
-from mla.tokenizer import TOKENIZER_INFO
+from mla.tokenizer import TOKENIZER_FILE, TOKENIZER_INFO, ByteTokenizer, Tokenizer
 
 FORMAT = "mla-pretrained-v1"
 WEIGHTS = "model.safetensors"
@@ -46,6 +46,7 @@ def save_pretrained(
     *,
     source: dict | None = None,
     overwrite: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Export ``model`` atomically to ``out_dir``.
 
@@ -54,6 +55,7 @@ def save_pretrained(
         out_dir: Destination folder.
         source: Where the weights came from (checkpoint path, step), stored in ``config.json``.
         overwrite: Replace an existing ``out_dir``.
+        tokenizer: The run's tokenizer, stored as ``tokenizer.json`` (default: byte-level).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -65,6 +67,7 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    tok = tokenizer or ByteTokenizer()
     with staged_dir(out, overwrite) as tmp:
         tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
@@ -72,13 +75,26 @@ def save_pretrained(
             "format": FORMAT,
             "architecture": "MLATransformer",
             "model": model.cfg.to_dict(),
-            "tokenizer": TOKENIZER_INFO,
+            "tokenizer": _tokenizer_info(tok),
             "source": source or {},
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "tokenizer.json").write_text(json.dumps(TOKENIZER_INFO, indent=2) + "\n")
+        (tmp / TOKENIZER_FILE).write_text(tok.to_json())
         (tmp / "README.md").write_text(readme_snippet(model.cfg, source or {}))
     return out
+
+
+def _tokenizer_info(tok: Tokenizer) -> dict:
+    """``config.json``'s ``tokenizer`` entry."""
+    if tok.kind == "byte":
+        return TOKENIZER_INFO
+    return {
+        "type": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "file": TOKENIZER_FILE,
+        "description": "byte-level BPE (Hugging Face tokenizers); load it with "
+        "mla.tokenizer.load_tokenizer(folder)",
+    }
 
 
 def load_pretrained(

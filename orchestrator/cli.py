@@ -57,6 +57,7 @@ COMMAND_MODULES = (
     "metrics",
     "dashboards",
     "viz",
+    "data",
 )
 
 for _group in COMMAND_MODULES:
@@ -78,6 +79,7 @@ EXTRA_OF_PACKAGE = {
             "safetensors",
             "opacus",
             "tensorboard",
+            "tokenizers",
         ),
         "train",
     ),

@@ -1,9 +1,12 @@
-"""``mla compress``: fit a trained model to a size budget (torch imported inside).
+"""``mla compress``: fit a trained model to a size and/or latency budget (torch imported inside).
 
-Bad settings (``--target-mb 0``, a target below the model's embedding, negative loss budget)
-are refused before any work with exit status 2. A budget that the pipeline cannot meet writes
-the output folder and report anyway and exits 2 with what it achieved
-(:mod:`workers.compress` describes the stages).
+Bad settings are refused before any work with exit status 2: ``--target-mb`` 0 or negative or
+below the model's embedding, ``--target-latency-ms`` 0 or negative or below what the empty model
+(embedding + tied head, no block) takes on this machine (measured in a second or two),
+``--ffn-keep 0`` / ``--groups-keep 0`` (pruning every MLP neuron or every head), a negative loss
+budget, ``--qat-steps`` with fp32. A budget that the pipeline cannot meet writes the output
+folder and report anyway and exits 2 with what it achieved (:mod:`workers.compress` describes
+the stages).
 """
 
 from __future__ import annotations
@@ -25,20 +28,38 @@ def compress(
     source: str = typer.Argument(
         ..., help="Run folder, checkpoint folder or export folder of the trained model."
     ),
-    target_mb: float = typer.Option(
-        ..., "--target-mb", help="Size budget of the deployed file, in MB (10^6 bytes)."
+    out: Path = typer.Option(..., "--out", help="Output folder (written atomically)."),
+    target_mb: Optional[float] = typer.Option(
+        None, "--target-mb", help="Size budget of the deployed file, in MB (10^6 bytes)."
     ),
+    target_latency_ms: Optional[float] = typer.Option(
+        None,
+        "--target-latency-ms",
+        help="Latency budget of the deployed file per forward pass of --batch windows, in ms, "
+        "measured on this machine.",
+    ),
+    batch: int = typer.Option(1, "--batch", help="Windows per forward pass for the latency."),
     max_loss_increase: Optional[float] = typer.Option(
         None,
         "--max-loss-increase",
         help="Largest accepted validation-loss increase over the original, nats/token.",
     ),
-    out: Path = typer.Option(..., "--out", help="Output folder (written atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     precision: str = typer.Option("int8", "--precision", help="int8 (ONNX Runtime) or fp32."),
     steps: int = typer.Option(100, "--steps", help="Distillation steps per distilled shape."),
+    qat_steps: int = typer.Option(
+        0, "--qat-steps", help="INT8 quantisation-aware distillation steps after recovery."
+    ),
+    ffn_keep: Optional[int] = typer.Option(
+        None, "--ffn-keep", help="Force this MLP width per layer instead of searching."
+    ),
+    groups_keep: Optional[int] = typer.Option(
+        None, "--groups-keep", help="Force this many GQA head groups per layer."
+    ),
     candidates: int = typer.Option(2, "--candidates", help="Shapes within budget to distil."),
-    batch: int = typer.Option(8, "--batch", help="Distillation micro-batch, in windows."),
+    distill_batch: int = typer.Option(
+        8, "--distill-batch", help="Distillation micro-batch, in windows."
+    ),
     lr: float = typer.Option(1e-3, "--lr", help="Distillation peak learning rate."),
     val_windows: int = typer.Option(64, "--val-windows", help="Validation windows scored."),
     threads: int = typer.Option(1, "--threads", help="CPU threads (torch and ONNX Runtime)."),
@@ -47,16 +68,22 @@ def compress(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print compress_report.json to stdout."),
 ) -> None:
-    """Prune, distil and quantise a trained model to fit --target-mb; verify the deployed file."""
+    """Prune, distil and quantise a trained model to fit --target-mb and/or --target-latency-ms;
+    verify the deployed file."""
     from workers.compress import CompressSettings, check_settings
 
     settings = CompressSettings(
         target_mb=target_mb,
+        target_latency_ms=target_latency_ms,
+        latency_batch=batch,
         max_loss_increase=max_loss_increase,
         precision=precision,
         steps=steps,
+        qat_steps=qat_steps,
+        ffn_keep=ffn_keep,
+        groups_keep=groups_keep,
         candidates=candidates,
-        batch=batch,
+        distill_batch=distill_batch,
         lr=lr,
         val_windows=val_windows,
         threads=threads,
@@ -70,19 +97,19 @@ def compress(
     except OutDirError as exc:
         raise ConfigError(str(exc)) from None
     from orchestrator.cli_infer import _load
-    from workers.compress import MB, floor_bytes
+    from workers.compress import check_against_model, seq_len_of
     from workers.compress import compress as run_compress
 
     loaded = _load(source, "cpu")
-    floor = floor_bytes(loaded.cfg, precision)
-    if target_mb * MB < floor:
+    if loaded.tokenizer.kind != "byte":
         raise ConfigError(
-            f"--target-mb={target_mb:g} is below what this model takes with every prunable unit "
-            f"removed ({floor / MB:.3f} MB: token embedding and norms, {precision}); raise "
-            "--target-mb" + (" or use --precision int8" if precision == "fp32" else "")
+            f"{source}: the run trained with a {loaded.tokenizer.kind} tokenizer; mla compress "
+            "and its ONNX runner support byte-tokenized models only so far; compress a run "
+            "trained with data.tokenizer: byte"
         )
-    report = run_compress(loaded.model, loaded.job, settings, out, source, err)
-    _print_table(report)
+    measured = check_against_model(settings, loaded.cfg, seq_len_of(loaded.job, loaded.cfg))
+    report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
+    _print_table(report, batch)
     if json_out:
         print(json.dumps(report, indent=2))
     if "failure" in report:
@@ -91,11 +118,13 @@ def compress(
     err.print(f"wrote {out} (compress_report.json, {report['deployed']['file']}, pruned/)")
 
 
-def _print_table(report: dict) -> None:
+def _print_table(report: dict, batch: int) -> None:
     from rich.table import Table
 
     table = Table(title="mla compress")
-    for col in ("model", "params", "size MB", "b1 ms", "b8 ms", "val loss", "Δ loss"):
+    batches = sorted({1, 8, batch})
+    cols = ["model", "params", "size MB", *(f"b{b} ms" for b in batches), "val loss", "Δ loss"]
+    for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     base = report["teacher"]["val_loss"]
     rows = [("original, torch fp32", report["teacher"])]
@@ -106,14 +135,14 @@ def _print_table(report: dict) -> None:
     ]
     if "deployed" in report:
         d = report["deployed"]
-        rows.append((f"ffn {d['ffn_keep']} groups {d['groups_keep']}, {d['file']}", d))
+        qat = f" (+{report['qat']['steps']} QAT steps)" if "qat" in report else ""
+        rows.append((f"ffn {d['ffn_keep']} groups {d['groups_keep']}{qat}, {d['file']}", d))
     for name, r in rows:
         table.add_row(
             name,
             f"{r.get('params', '')}" if "params" in r else "",
             f"{r['size_mb']:.3f}",
-            f"{r['latency_ms']['1']:.2f}",
-            f"{r['latency_ms']['8']:.2f}",
+            *(f"{r['latency_ms'][str(b)]:.2f}" for b in batches),
             f"{r['val_loss']:.4f}",
             f"{r['val_loss'] - base:+.4f}",
         )

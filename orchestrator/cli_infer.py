@@ -71,8 +71,9 @@ def generate(
     sampling = _sampling(temperature, top_k, top_p, seed)
     prompts = _read_prompts(prompt, prompt_file)
     loaded = _load_onnx(source, 1) if onnx else _load(source, device)
-    from mla import tokenizer
     from mla.generate import check_prompts
+
+    tokenizer = getattr(loaded, "tokenizer", None) or _byte()
 
     limit = loaded.model.seq_len if onnx else loaded.cfg.max_seq_len
     ids = [tokenizer.encode(p) for p in prompts]
@@ -81,7 +82,7 @@ def generate(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     _note_capped(ids, max_new_tokens, limit)
-    stream = _Streamer(prompts) if not json_out else None
+    stream = _Streamer(prompts, tokenizer) if not json_out else None
     on_tokens = stream.on_tokens if stream else None
     if onnx:
         from mla.compress.onnx_generate import generate_onnx
@@ -109,11 +110,11 @@ class _Streamer:
     """Write generated text to stdout as it comes: one prompt streams live; a batch is printed
     prompt by prompt at the end (interleaving rows on one terminal is unreadable)."""
 
-    def __init__(self, prompts: list[str]) -> None:
+    def __init__(self, prompts: list[str], tokenizer=None) -> None:
         from mla.tokenizer import StreamDecoder
 
         self.prompts = prompts
-        self.decoders = [StreamDecoder() for _ in prompts]
+        self.decoders = [StreamDecoder(tokenizer) for _ in prompts]
         self.text = ["" for _ in prompts]
         if len(prompts) == 1:
             sys.stdout.write(prompts[0])
@@ -193,6 +194,7 @@ def eval_command(
         seq_len or (None if trained else loaded.cfg.max_seq_len),
         split,
         max_windows,
+        getattr(loaded, "tokenizer", None),
     )
     console.print(f"scoring {windows.description}", markup=False, highlight=False)
     result = evaluate(loaded.model, windows, batch_size)
@@ -227,7 +229,9 @@ def export(
         check_out_dir(out, overwrite)  # before loading anything
         loaded = _load(source, "cpu")
         src = {"checkpoint": str(loaded.checkpoint or loaded.source), "step": loaded.step}
-        path = save_pretrained(loaded.model, out, source=src, overwrite=overwrite)
+        path = save_pretrained(
+            loaded.model, out, source=src, overwrite=overwrite, tokenizer=loaded.tokenizer
+        )
     except OutDirError as exc:
         raise ConfigError(str(exc)) from None
     what = f"step {loaded.step}" if loaded.step is not None else f"the model of {loaded.source}"
@@ -315,6 +319,12 @@ def _load_onnx(source: str, threads: int):
     return loaded
 
 
+def _byte():
+    from mla.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()
+
+
 def _load(source: str, device: str):
     """Load the model (see :func:`workers.inference.load_model`); checks ``--device``."""
     if device not in ("cpu", "cuda"):
@@ -328,8 +338,9 @@ def _load(source: str, device: str):
     loaded = load_model(source, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     for skipped in loaded.skipped:
         err.print(f"warning: skipped the newer checkpoint {skipped}; using {loaded.checkpoint}")
-    if loaded.cfg.vocab_size != 256:
+    if loaded.cfg.vocab_size < loaded.tokenizer.vocab_size:
         raise CheckpointError(
-            f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256"
+            f"{source}: vocab_size {loaded.cfg.vocab_size} is smaller than its tokenizer's "
+            f"{loaded.tokenizer.vocab_size} ids"
         )
     return loaded

@@ -82,6 +82,13 @@ class ModelSection(_Section):
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     """Dropout probability (0 disables it)."""
 
+    # --- fine-tuning (issue 18, item 4) ---
+    init_from: str | None = None
+    """Start from these weights (not their optimizer state or step): a checkpoint folder
+    (RUN_DIR/checkpoints/step_NNNNNNN), a run folder (its newest verified checkpoint) or an
+    `mla export` folder; the shape fields must match it. A checkpoint of this run itself wins
+    (the run resumes instead)."""
+
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:
         if self.preset is not None and self.preset not in PRESETS:
@@ -95,7 +102,11 @@ class ModelSection(_Section):
             ConfigError: the combination is inconsistent (e.g. d_model not divisible by n_heads).
         """
         base = PRESETS[self.preset] if self.preset else ModelConfig()
-        changes = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        changes = {
+            k: v
+            for k, v in self.model_dump(exclude={"preset", "init_from"}).items()
+            if v is not None
+        }
         try:
             return base.replace(**changes)
         except ValueError as exc:
@@ -112,8 +123,11 @@ class DataSection(_Section):
     """Tokens per training sequence."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share of files (or documents) held out for validation."""
-    tokenizer: Literal["byte"] = "byte"
-    """Tokenizer; 'byte' maps each UTF-8 byte to one of 256 ids."""
+    # --- tokenizer (issue 18, items 1-3) ---
+    tokenizer: str = Field("byte", min_length=1)
+    """Tokenizer: 'byte' (each UTF-8 byte is one of 256 ids), 'bpe' (a byte-level BPE of
+    model.vocab_size ids trained on the training split at launch, kept in RUN_DIR/tokenizer.json),
+    or the path of a tokenizer.json (`mla tokenizer train`). A prepared data.path brings its own."""
 
 
 class PrivacySection(_Section):
@@ -189,6 +203,17 @@ class TrainSection(_Section):
     max_bad_steps: int = Field(5, ge=1)
     """Consecutive optimizer steps with a non-finite loss or gradient norm, or skipped by DeepSpeed
     (overflow), that stop the run as diverged."""
+
+    # --- fine-tuning (issue 18, item 4): see mla.freeze ---
+    freeze: list[str] = []
+    """Parameter-name patterns (fnmatch, e.g. 'blocks.0.*', '*.attn.w_gate.*') to freeze, in the
+    unsharded model's names whatever the layout; each must match at least one parameter."""
+    trainable_last_layers: int | None = Field(None, ge=0)
+    """Train only the last N transformer blocks (plus the head while train_head); unset trains
+    every block not frozen by train.freeze."""
+    train_head: bool = True
+    """Train the final norm and the output head, which is tied to the token embedding (so the
+    embedding trains with it, and freezes with it when false)."""
 
 
 class ParallelSection(_Section):
@@ -365,10 +390,32 @@ class JobConfig(_Section):
 
     def model_config_(self) -> ModelConfig:
         """The :class:`ModelConfig` of this job; a preset's max_seq_len is raised to data.seq_len
-        (an explicit model.max_seq_len below it is refused by validation)."""
-        cfg = self.model.build()
+        (an explicit model.max_seq_len below it is refused by validation), and vocab_size follows
+        a non-byte tokenizer (:mod:`workers.tokenizer_spec`).
+
+        Raises:
+            ConfigError: inconsistent model fields, or an explicit model.vocab_size smaller
+                than the tokenizer's vocabulary.
+        """
+        cfg = self._with_tokenizer_vocab(self.model.build())
         if cfg.max_seq_len < self.data.seq_len:
             cfg = cfg.replace(max_seq_len=self.data.seq_len)
+        return cfg
+
+    # --- tokenizer vocabulary (issue 18, items 1-3) ---
+    def _with_tokenizer_vocab(self, cfg: ModelConfig) -> ModelConfig:
+        if self.data.tokenizer == "byte" and self.data.path is None:
+            return cfg  # the default: nothing to read
+        from workers.tokenizer_spec import tokenizer_vocab_size
+
+        ids, what = tokenizer_vocab_size(self)
+        if self.model.vocab_size is not None and self.model.vocab_size < ids:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the {ids} ids of "
+                f"{what}; unset model.vocab_size (it follows the tokenizer) or set it >= {ids}"
+            )
+        if self.model.vocab_size is None and ids != 256:
+            return cfg.replace(vocab_size=ids)
         return cfg
 
     @property

@@ -29,19 +29,25 @@ from orchestrator.contract.checkpoints import FAILURE_FILE
 from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
+from orchestrator.finetune import attach_finetune
 from orchestrator.layouts import build_run_plan, check_resumable
 from orchestrator.privacy import attach_privacy
 from orchestrator.progress import ProgressTail, build_summary, console, print_header
 from workers.data import check_corpus, load_corpus
+from workers.tokenizer_spec import ensure_run_tokenizer, job_tokenizer
 
 
 def check_data(job: JobConfig) -> str:
     """Load and check the corpus on the driver; returns a one-line description.
 
+    With ``data.tokenizer=bpe`` the BPE is trained here, on the training split, into
+    ``RUN_DIR/tokenizer.json`` (once: a resumed run keeps it).
+
     Raises:
         DataError: missing path, empty corpus, malformed records, or a split shorter than one
             sequence. Nothing has been started yet when it is raised.
-        ConfigError: the model's vocabulary cannot hold the byte-level tokenizer's 256 ids.
+        ConfigError: the model's vocabulary cannot hold the tokenizer's ids, or a bad
+            tokenizer.
     """
     model = job.model_config_()
     if job.data.tokenizer == "byte" and model.vocab_size < 256:
@@ -49,10 +55,16 @@ def check_data(job: JobConfig) -> str:
             f"model.vocab_size={model.vocab_size} is smaller than the byte tokenizer's 256 ids; "
             "set model.vocab_size to at least 256"
         )
-    corpus = load_corpus(job.data.path, job.data.val_fraction)
+    if ensure_run_tokenizer(job) is not None:
+        model = job.model_config_()  # the trained file may hold fewer ids than asked
+    tokenizer = job_tokenizer(job)
+    corpus = load_corpus(job.data.path, job.data.val_fraction, tokenizer)
     check_corpus(corpus, job.data.seq_len)
     warn_small_corpus(len(corpus.train), len(corpus.val), job.data.seq_len, job.train.global_batch)
-    return f"{corpus.source}: {corpus.n_docs} documents, {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
+    return (
+        f"{corpus.source}: {corpus.n_docs} documents, {len(corpus.train):,} train / "
+        f"{len(corpus.val):,} val tokens ({tokenizer.kind} tokenizer, {tokenizer.vocab_size} ids)"
+    )
 
 
 def warn_small_corpus(
@@ -324,6 +336,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
     plan = build_run_plan(job)
     check_resumable(job, plan)
     plan = attach_privacy(job, plan)
+    plan = attach_finetune(job, plan)
     run_dir = plan.run_dir
     load_torch_before_ray()
     with ray_session(job) as handle:
@@ -365,7 +378,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
         raise JobFailedError(
             f"training failed: {_root_cause(result.error)} (run folder: {run_dir})"
         ) from result.error
-    summary = build_summary(job, run_dir, time.time() - started, plan.privacy)
+    summary = build_summary(job, run_dir, time.time() - started, plan.privacy, plan.finetune)
     failure = _read_failure(run_dir)
     if failure is not None:
         summary.update(status="diverged", error=failure.get("message"))

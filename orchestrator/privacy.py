@@ -200,8 +200,9 @@ def training_sequences(job: JobConfig) -> int:
     """N: the training windows of ``data.seq_len + 1`` tokens (as :class:`workers.data.WindowBatches`
     counts them)."""
     from workers.data import load_corpus
+    from workers.tokenizer_spec import job_tokenizer
 
-    corpus = load_corpus(job.data.path, job.data.val_fraction)
+    corpus = load_corpus(job.data.path, job.data.val_fraction, job_tokenizer(job))
     return (len(corpus.train) - 1) // job.data.seq_len
 
 

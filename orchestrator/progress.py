@@ -18,6 +18,7 @@ from pathlib import Path
 from orchestrator.cli_common import err as console
 from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import latest_checkpoint
+from orchestrator.contract.finetune import FinetunePlan
 from orchestrator.contract.privacy import PrivacyPlan
 from orchestrator.contract.run_plan import RunPlan
 
@@ -111,10 +112,15 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
 
 
 def build_summary(
-    job: JobConfig, run_dir: Path, wall_time_s: float, privacy: PrivacyPlan | None = None
+    job: JobConfig,
+    run_dir: Path,
+    wall_time_s: float,
+    privacy: PrivacyPlan | None = None,
+    finetune: FinetunePlan | None = None,
 ) -> dict:
     """Summarise ``metrics.jsonl`` and ``events.jsonl`` of a finished run (with the epsilon spent
-    and the privacy plan when ``privacy`` is given)."""
+    and the privacy plan when ``privacy`` is given; trainable vs total parameters and the
+    ``model.init_from`` source when ``finetune`` is given)."""
     records = _read_jsonl(run_dir / "metrics.jsonl")
     events = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     vals = [r for r in records if "val_loss" in r]
@@ -139,6 +145,7 @@ def build_summary(
         ],
         "checkpoint": str(found[1]) if found else None,
         **(_privacy_summary(records, privacy) if privacy is not None else {}),
+        **(finetune.to_dict() if finetune is not None else {}),
     }
 
 
@@ -159,18 +166,27 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def print_header(plan: RunPlan, data_text: str) -> None:
-    """Three lines before training: parameters and attention, data, layout and run folder."""
+    """Three lines before training: parameters (trainable of total) and attention, data, layout
+    and run folder; then the ``model.init_from`` source and the privacy plan when set."""
     from mla.flops import count_parameters
 
     job, layout, run_dir = plan.job, plan.main_layout, plan.run_dir
     model = plan.model
     sizes = ", ".join(map(str, plan.world_sizes))
+    tuned = plan.finetune
+    params = (
+        f"{count_parameters(model):,} parameters"
+        if tuned is None
+        else f"{tuned.total_parameters:,} parameters ({tuned.describe()})"
+    )
     console.print(
-        f"mla train {job.run.name}: {count_parameters(model):,} parameters, "
+        f"mla train {job.run.name}: {params}, "
         f"attention={model.attention} (window {model.local_window}, top-k {model.global_k})"
     )
     console.print(f"data: {data_text}")
     console.print(f"layout: {layout.describe()}  (world sizes: {sizes}); run folder: {run_dir}")
+    if tuned is not None and tuned.init_from is not None:
+        console.print(tuned.describe_source())
     if plan.privacy is not None:
         console.print(describe_privacy(plan.privacy, job.train.steps))
 

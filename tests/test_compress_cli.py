@@ -1,6 +1,7 @@
 """`mla compress` and `mla eval --onnx` end to end on a trained tiny model: the deployed file
-meets the size budget and reloads with the reported loss; bad targets are refused before any
-work; an unreachable budget exits 2 with what it achieved."""
+meets the size (with QAT) or latency budget; every artefact reloads and gives the outputs
+recorded before it was written; bad targets are refused before any work; an unreachable budget
+exits 2 with what it achieved."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from mla.compress.onnx_export import OnnxLM
 from mla.pretrained import load_pretrained, save_pretrained
 from tests.compress_fixture import train_tiny
 
@@ -41,7 +43,27 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(teacher):
     out = teacher.parent / "out"
-    result = mla("compress", teacher, "--target-mb", "0.26", "--out", out, *FAST, "--json")
+    result = mla(
+        "compress",
+        teacher,
+        "--target-mb",
+        "0.26",
+        "--out",
+        out,
+        *FAST,
+        "--qat-steps",
+        "5",
+        "--json",
+    )
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def latency_fp32(teacher):
+    """A latency budget any shape meets: the least aggressive shape (no pruning) is chosen."""
+    out = teacher.parent / "out-latency"
+    args = ("--target-latency-ms", "10000", "--batch", "2", "--precision", "fp32")
+    result = mla("compress", teacher, *args, "--out", out, *FAST, "--json")
     return result, out
 
 
@@ -53,7 +75,8 @@ def test_compress_meets_the_budget_on_the_deployed_file(compressed):
     size = (out / "model.int8.onnx").stat().st_size
     assert size <= 0.26e6 and abs(deployed["size_mb"] - size / 1e6) < 1e-9
     assert deployed["groups_keep"] * deployed["ffn_keep"] < 2 * 128  # it pruned
-    assert report["met"] == {"size": True, "loss": None}
+    assert report["met"] == {"size": True, "latency": None, "loss": None}
+    assert report["qat"]["steps"] == 5 and "QAT" in result.stderr
     assert json.loads((out / "compress_report.json").read_text()) == report
     assert "mla compress" in result.stderr and "model.int8.onnx" in result.stderr
 
@@ -72,6 +95,41 @@ def test_compressed_artefacts_reload_and_give_the_reported_loss(compressed):
     )
 
 
+def test_latency_target_picks_the_least_aggressive_shape_that_meets_it(latency_fp32):
+    result, out = latency_fp32
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    d = report["deployed"]
+    assert (d["ffn_keep"], d["groups_keep"]) == (128, 2)  # unpruned: it already meets 10 s
+    probed = report["candidates_latency_probed"]
+    assert probed[0]["params"] < d["params"]  # the smallest shape was timed first
+    assert all(c["probe_latency_ms"] > 0 for c in probed)
+    assert 0 < report["empty_model_latency_ms"] < d["latency_ms"]["2"] <= 10000
+    assert report["met"] == {"size": None, "latency": True, "loss": None}
+    assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+
+
+@pytest.mark.parametrize("which", ["compressed", "latency_fp32"])
+def test_every_artefact_reloads_and_gives_the_recorded_outputs(which, request):
+    result, out = request.getfixturevalue(which)
+    report = json.loads(result.stdout)
+    assert json.loads((out / "compress_report.json").read_text()) == report
+    ref = report["reference"]
+    tokens = torch.tensor([ref["tokens"]])
+    torch.set_num_threads(1)
+    pruned = load_pretrained(out / "pruned")
+    with torch.no_grad():
+        got = pruned(tokens)[0, -1]
+    assert torch.equal(got, torch.tensor(ref["torch_logits_last"], dtype=torch.float32))
+    onnx = OnnxLM(out / report["deployed"]["file"])
+    assert onnx.cfg == pruned.cfg
+    want = torch.tensor(ref["onnx_logits_last"], dtype=torch.float32)
+    assert torch.equal(torch.from_numpy(onnx(tokens.numpy())[0, -1]), want)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["compress_report.json", "pruned", report["deployed"]["file"]]
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -85,6 +143,19 @@ def test_compressed_artefacts_reload_and_give_the_reported_loss(compressed):
             ("--target-mb", "1", "--precision", "int4"),
             "--precision='int4' must be 'int8' or 'fp32'",
         ),
+        (("--target-latency-ms", "0"), "--target-latency-ms=0 must be a positive time in ms"),
+        (("--target-latency-ms", "-3"), "--target-latency-ms=-3 must be a positive time in ms"),
+        (
+            ("--target-latency-ms", "0.0001"),
+            "--target-latency-ms=0.0001 is below what an empty model takes on this machine",
+        ),
+        (("--target-mb", "1", "--groups-keep", "0"), "pruning every head leaves no attention"),
+        (("--target-mb", "1", "--ffn-keep", "0"), "pruning every MLP neuron leaves no MLP"),
+        (
+            ("--target-mb", "1", "--qat-steps", "5", "--precision", "fp32"),
+            "--qat-steps=5 simulates INT8",
+        ),
+        ((), "nothing to fit: give --target-mb MB, --target-latency-ms MS"),
     ],
 )
 def test_bad_targets_are_refused_before_any_work(teacher, tmp_path, args, message):
@@ -112,3 +183,37 @@ def test_onnx_generate_and_eval_length_check(compressed):
     bad = mla("eval", out, "--onnx", "--seq-len", "32")
     assert bad.returncode == 2
     assert "takes windows of exactly 64 tokens" in bad.stderr
+
+
+def test_tight_latency_target_prunes_to_the_least_aggressive_shape_that_meets_it(tmp_path):
+    """An MLP-heavy model (MLP width 2048, one head group: the shapes differ in MLP width only)
+    and a target between the unpruned and the most pruned shape's measured latency."""
+    import math
+
+    from mla.compress.importance import measure_importance
+    from mla.compress.prune import apply_pruning, plan_pruning
+    from tests.compress_fixture import val_batch
+    from workers.compress_latency import shape_latency_ms
+
+    torch.set_num_threads(1)
+    model = train_tiny(
+        steps=20, attention="dense", d_model=64, n_heads=2, n_kv_heads=1, ffn_hidden=2048
+    )
+    src = save_pretrained(model, tmp_path / "teacher")
+    x, _ = val_batch(2)
+    small = apply_pruning(model, plan_pruning(measure_importance(model, [x]), model.cfg, 512, 1))
+    full_ms = shape_latency_ms(model, 64, 8, "int8", 1, tmp_path)
+    small_ms = shape_latency_ms(small, 64, 8, "int8", 1, tmp_path)
+    assert full_ms > 2 * small_ms  # the MLP dominates: the test's premise
+    target = math.sqrt(full_ms * small_ms)
+    out = tmp_path / "out"
+    args = ("--target-latency-ms", f"{target:.4f}", "--batch", "8", "--steps", "0")
+    result = mla("compress", src, *args, "--out", out, "--val-windows", "16", "--candidates", "1")
+    report = json.loads((out / "compress_report.json").read_text())
+    probed = report["candidates_latency_probed"]
+    chosen = report["deployed"]
+    assert chosen["ffn_keep"] < 2048 and chosen["probe_latency_ms"] <= target
+    # every probed shape larger than the chosen one missed the target: the least aggressive
+    assert all(c["probe_latency_ms"] > target for c in probed if c["params"] > chosen["params"])
+    if result.returncode:  # the deployed file re-timed over the target on a loaded machine
+        assert result.returncode == 2 and "over --target-latency-ms" in result.stderr

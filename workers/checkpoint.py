@@ -31,11 +31,18 @@ from orchestrator.contract.checkpoints import (
     complete_checkpoints,
     read_meta,
 )
-from orchestrator.contract.io import fsync_dir, write_json_atomic
+from orchestrator.contract.io import atomic_write, fsync_dir, write_json_atomic
 
 
 def save_checkpoint(
-    engine, run_dir: str | os.PathLike, step: int, meta: dict, rank: int, keep: int, barrier
+    engine,
+    run_dir: str | os.PathLike,
+    step: int,
+    meta: dict,
+    rank: int,
+    keep: int,
+    barrier,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Save ``engine`` (a DeepSpeed engine) atomically as the checkpoint of ``step``.
 
@@ -48,6 +55,8 @@ def save_checkpoint(
         rank: This process's global rank.
         keep: Complete checkpoints to keep (older ones are deleted by rank 0).
         barrier: Callable that blocks until every rank reaches it.
+        files: Extra text files (name -> content) rank 0 writes into the folder before the
+            manifest, which then covers them (the run's ``tokenizer.json``).
 
     Returns:
         The final folder of this checkpoint.
@@ -63,6 +72,8 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         write_json_atomic(tmp / "meta.json", {"step": step, "tag": TAG, **meta})
+        for name, text in (files or {}).items():
+            atomic_write(tmp / name, text)
         write_json_atomic(
             tmp / MANIFEST, build_manifest(tmp)
         )  # last: it proves the rest is complete

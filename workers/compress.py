@@ -1,36 +1,43 @@
-"""``mla compress``: fit a trained model to a size budget and prove it on the deployed file.
+"""``mla compress``: fit a trained model to a size and/or latency budget and prove it on the
+deployed file.
 
 Stages (each shown as a progress bar on stderr, each recorded in ``compress_report.json``):
 
-1. **Teacher**: the trained model; its fp32 weight size, torch latency at batch 1 and 8 and
-   validation loss, then its ONNX Runtime INT8 export (measured size on disk: the base of the
-   size prediction).
+1. **Teacher**: the trained model; its fp32 weight size, torch latency at batch 1, 8 and the
+   latency batch, validation loss; then its ONNX Runtime export (measured size on disk: the base
+   of the size prediction).
 2. **Calibrate**: activation importance of MLP neurons and GQA head groups on training windows
    (:mod:`mla.compress.importance`, Minitron).
 3. **Candidates**: uniform shapes ``ffn keep x head-group keep`` (fractions
-   :data:`FFN_KEEP` x :data:`GROUP_KEEP`, rounded to tensor-parallel multiples). Predicted size
-   = measured teacher file - removed weights x bytes per weight (1 for INT8, 4 for fp32):
-   pruning only removes MatMul weights, the graph stays the same. Shapes within the budget are
-   ranked by validation loss with the removed units masked (no recovery; Minitron's
-   lightweight search).
+   :data:`FFN_KEEP` x :data:`GROUP_KEEP`, rounded to tensor-parallel multiples; or the one
+   shape forced by ``ffn_keep``/``groups_keep``). Predicted size = measured teacher file -
+   removed weights x bytes per weight (1 for INT8, 4 for fp32): pruning only removes MatMul
+   weights, the graph stays the same. With a latency target, the shapes within the size budget
+   are pruned, deployed and timed on this machine (:func:`_latency_fits`: the smallest first,
+   which refuses an unreachable target at once, then from the least aggressive down until
+   ``candidates`` shapes meet it). The shapes left are ranked by validation loss with the
+   removed units masked (no recovery; Minitron's lightweight search).
 4. **Distil** the best ``candidates`` shapes (:mod:`mla.compress.distill`, forward KL to the
    teacher's logits, in process on this machine) and keep the one with the lowest loss
    (a distillation that raises the loss is dropped: the pruned weights are kept).
-5. **Deploy + verify**: ONNX export, ONNX Runtime dynamic INT8, then on the deployed file: size
-   on disk, latency at batch 1 and 8 (minimum over rounds, ``threads`` ONNX Runtime threads),
-   validation loss. A verified size over budget tries the next smaller shape.
+5. **QAT** (``qat_steps > 0``, INT8 only): more distillation under torchao INT8 fake
+   quantisation, converted back to plain modules (:mod:`mla.compress.qat`).
+6. **Deploy + verify**: ONNX export, ONNX Runtime dynamic INT8, then on the deployed file: size
+   on disk, latency (minimum over rounds, ``threads`` ONNX Runtime threads), validation loss.
+   A budget the deployed file misses is reported (``met``, ``failure``), not retried.
 
 The output folder is written under a temporary name and renamed when complete: ``model.int8.onnx``
 (or ``model.onnx`` with ``precision="fp32"``), ``pruned/`` (the pruned torch model,
 :func:`mla.pretrained.save_pretrained`), ``job.json`` (the run's, so ``mla eval --onnx`` scores
-the run's validation split) and ``compress_report.json``.
+the run's validation split) and ``compress_report.json`` (with ``reference``: the logits both
+artefacts gave before they were written, which a reload must reproduce).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mla.compress.distill import distill
 from mla.compress.importance import Importance, measure_importance
-from mla.compress.onnx_export import OnnxLM, export_onnx, onnx_size_bytes, quantize_int8
+from mla.compress.onnx_export import OnnxLM, onnx_size_bytes
 from mla.compress.prune import (
     PrunePlan,
     apply_pruning,
@@ -58,6 +65,12 @@ from mla.model import MLATransformer
 from mla.pretrained import save_pretrained
 from mla.staged_dir import staged_dir
 from orchestrator.contract.errors import ConfigError
+from workers.compress_latency import (
+    deploy_onnx,
+    empty_model_latency_ms,
+    latency_ms,
+    shape_latency_ms,
+)
 from workers.data import WindowBatches, load_corpus
 from workers.evaluation import DEFAULT_DATA, EvalData, evaluate
 
@@ -72,13 +85,21 @@ class CompressSettings:
     """What ``mla compress`` was asked (validated by :func:`check_settings`).
 
     Attributes:
-        target_mb: Size budget of the deployed file, in MB (10^6 bytes).
+        target_mb: Size budget of the deployed file, in MB (10^6 bytes); ``None``: no size budget.
+        target_latency_ms: Latency budget of the deployed file per forward pass of
+            ``latency_batch`` windows, in ms, measured on this machine; ``None``: none.
+        latency_batch: Windows per forward pass for ``target_latency_ms``.
         max_loss_increase: Largest accepted validation-loss increase over the teacher, in nats
             per token (``None``: no quality budget).
         precision: ``"int8"`` (ONNX Runtime dynamic INT8) or ``"fp32"``.
         steps: Distillation steps per distilled candidate.
+        qat_steps: INT8 quantisation-aware distillation steps after recovery
+            (:mod:`mla.compress.qat`; ``int8`` only).
+        qat_lr: Peak learning rate of the QAT steps.
+        ffn_keep: Force this MLP width per layer (``None``: search).
+        groups_keep: Force this many GQA head groups per layer (``None``: search).
         candidates: How many shapes within the budget are distilled.
-        batch: Distillation micro-batch, in windows.
+        distill_batch: Distillation micro-batch, in windows.
         lr: Distillation peak learning rate.
         calib_windows: Training windows for the importance scores.
         val_windows: Validation windows scored for every loss in the report.
@@ -87,12 +108,18 @@ class CompressSettings:
         seed: Seed of the distillation data order.
     """
 
-    target_mb: float
+    target_mb: float | None = None
+    target_latency_ms: float | None = None
+    latency_batch: int = 1
     max_loss_increase: float | None = None
     precision: str = "int8"
     steps: int = 100
+    qat_steps: int = 0
+    qat_lr: float = 3e-4
+    ffn_keep: int | None = None
+    groups_keep: int | None = None
     candidates: int = 2
-    batch: int = 8
+    distill_batch: int = 8
     lr: float = 1e-3
     calib_windows: int = 64
     val_windows: int = 64
@@ -102,26 +129,100 @@ class CompressSettings:
 
 
 def check_settings(s: CompressSettings) -> None:
-    """Refuse bad settings before any work.
+    """Refuse bad settings before any work (the model-dependent checks are
+    :func:`check_against_model`).
 
     Raises:
         ConfigError: a value out of range (the message names the option, the value and the fix).
     """
-    if not (s.target_mb > 0 and math.isfinite(s.target_mb)):
+    if all(v is None for v in (s.target_mb, s.target_latency_ms, s.ffn_keep, s.groups_keep)):
+        raise ConfigError(
+            "nothing to fit: give --target-mb MB, --target-latency-ms MS, or a shape "
+            "(--ffn-keep N / --groups-keep G)"
+        )
+    if s.target_mb is not None and not (s.target_mb > 0 and math.isfinite(s.target_mb)):
         raise ConfigError(f"--target-mb={s.target_mb:g} must be a positive size in MB, e.g. 10")
+    if s.target_latency_ms is not None and not (
+        s.target_latency_ms > 0 and math.isfinite(s.target_latency_ms)
+    ):
+        raise ConfigError(
+            f"--target-latency-ms={s.target_latency_ms:g} must be a positive time in ms, e.g. 20"
+        )
     if s.max_loss_increase is not None and not s.max_loss_increase >= 0:
         raise ConfigError(
             f"--max-loss-increase={s.max_loss_increase:g} must be >= 0 nats per token, e.g. 0.05"
         )
     if s.precision not in ("int8", "fp32"):
         raise ConfigError(f"--precision={s.precision!r} must be 'int8' or 'fp32'")
-    for name in ("candidates", "batch", "calib_windows", "val_windows", "threads", "tp"):
+    for name in (
+        "candidates",
+        "distill_batch",
+        "latency_batch",
+        "calib_windows",
+        "val_windows",
+        "threads",
+        "tp",
+    ):
         if getattr(s, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(s, name)} must be >= 1")
+            flag = "batch" if name == "latency_batch" else name.replace("_", "-")
+            raise ConfigError(f"--{flag}={getattr(s, name)} must be >= 1")
     if s.steps < 0:
         raise ConfigError(f"--steps={s.steps} must be >= 0")
-    if not s.lr > 0:
-        raise ConfigError(f"--lr={s.lr} must be > 0")
+    if s.qat_steps < 0:
+        raise ConfigError(f"--qat-steps={s.qat_steps} must be >= 0")
+    if s.qat_steps and s.precision != "int8":
+        raise ConfigError(
+            f"--qat-steps={s.qat_steps} simulates INT8, but --precision is {s.precision!r}; "
+            "use --precision int8 or drop --qat-steps"
+        )
+    if not s.lr > 0 or not s.qat_lr > 0:
+        raise ConfigError(f"--lr={s.lr} and --qat-lr={s.qat_lr} must be > 0")
+
+
+def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict:
+    """Refuse targets this model cannot meet whatever is pruned, before any work on it.
+
+    Checks a forced shape (:func:`mla.compress.prune.shape_problems`: pruning every head or
+    every MLP neuron, tensor-parallel divisibility), a size below :func:`floor_bytes`, and a
+    latency below that of the empty model (embedding, final norm and tied head, no block:
+    :func:`empty_model_latency_ms`, measured now in the runtime the deployment uses).
+
+    Returns:
+        What was measured (``{"empty_model_latency_ms": ...}`` when a latency target is set).
+
+    Raises:
+        ConfigError: the target cannot be met; the message gives the measured floor.
+    """
+    f = cfg.ffn_hidden if s.ffn_keep is None else s.ffn_keep
+    g = cfg.kv_heads if s.groups_keep is None else s.groups_keep
+    problems = shape_problems(cfg, f, g, s.tp)
+    if problems:
+        raise ConfigError(
+            "--ffn-keep/--groups-keep: "
+            + "; ".join(
+                p.replace("ffn_keep=", "--ffn-keep=").replace("groups_keep=", "--groups-keep=")
+                for p in problems
+            )
+        )
+    floor = floor_bytes(cfg, s.precision)
+    if s.target_mb is not None and s.target_mb * MB < floor:
+        raise ConfigError(
+            f"--target-mb={s.target_mb:g} is below what this model takes with every prunable unit "
+            f"removed ({floor / MB:.3f} MB: token embedding and norms, {s.precision}); raise "
+            "--target-mb" + (" or use --precision int8" if s.precision == "fp32" else "")
+        )
+    measured: dict[str, float] = {}
+    if s.target_latency_ms is not None:
+        empty = empty_model_latency_ms(cfg, seq, s.latency_batch, s.precision, s.threads)
+        measured["empty_model_latency_ms"] = empty
+        if s.target_latency_ms < empty:
+            raise ConfigError(
+                f"--target-latency-ms={s.target_latency_ms:g} is below what an empty model takes "
+                f"on this machine: embedding + tied head alone, no block, {s.precision}, batch "
+                f"{s.latency_batch} x {seq} tokens, {s.threads} thread(s): {empty:.3f} ms measured; "
+                "raise --target-latency-ms, lower --batch or raise --threads"
+            )
+    return measured
 
 
 @dataclass(frozen=True)
@@ -133,6 +234,7 @@ class Candidate:
     params: int
     predicted_mb: float
     masked_val_loss: float | None = None
+    probe_latency_ms: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -189,17 +291,6 @@ class Stages:
         return advance
 
 
-def latency_ms(fn: Callable[[Any], Any], tokens: Any, rounds: int = 5) -> float:
-    """Minimum wall time of ``fn(tokens)`` over ``rounds`` calls after one warm-up, in ms."""
-    fn(tokens)
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn(tokens)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
-
-
 def _torch_fn(model: MLATransformer) -> Callable[[torch.Tensor], Any]:
     def run(x):
         with torch.no_grad():
@@ -208,14 +299,21 @@ def _torch_fn(model: MLATransformer) -> Callable[[torch.Tensor], Any]:
     return run
 
 
-def _profile(fn, val: EvalData, seq: int, rounds: int) -> dict:
+def _profile(fn, val: EvalData, seq: int, rounds: int, batches: tuple[int, ...]) -> dict:
     x = val.inputs
-    rows = {b: np.resize(x, (b, seq)) if len(x) < b else x[:b] for b in (1, 8)}
+    rows = {b: np.resize(x, (b, seq)) if len(x) < b else x[:b] for b in batches}
     loss = evaluate(fn, val, batch_size=8)["loss"]
     return {
         "latency_ms": {str(b): latency_ms(fn, r, rounds) for b, r in rows.items()},
         "val_loss": loss,
     }
+
+
+def seq_len_of(job: dict | None, cfg: ModelConfig) -> int:
+    """Window length ``mla compress`` scores and exports at: the run's ``data.seq_len`` (the
+    default data settings without a run), at most ``max_seq_len``."""
+    data = dict(DEFAULT_DATA, **((job or {}).get("data") or {}))
+    return min(int(data["seq_len"]), cfg.max_seq_len)
 
 
 def compress(
@@ -225,24 +323,26 @@ def compress(
     out: Path,
     source: str,
     console: Console,
+    measured: dict | None = None,
 ) -> dict:
     """Run the pipeline of the module docstring; write ``out`` atomically; return the report.
 
     Args:
         teacher: The trained model (eval mode, CPU, fp32).
         job: The run's ``job.json`` (data path, sequence length), or ``None`` for the defaults.
-        settings: Validated settings.
+        settings: Validated settings (:func:`check_settings`, :func:`check_against_model`).
         out: Output folder (must not exist).
         source: The path the teacher came from (for the report).
         console: Where progress goes (stderr).
+        measured: What :func:`check_against_model` measured (copied into the report).
 
     Returns:
         The report dict (also written as ``out/compress_report.json``); ``report["met"]`` says
-        whether the size and loss budgets were met.
+        whether the size, latency and loss budgets were met.
     """
     torch.set_num_threads(settings.threads)
     data = dict(DEFAULT_DATA, **((job or {}).get("data") or {}))
-    seq = min(int(data["seq_len"]), teacher.cfg.max_seq_len)
+    seq = seq_len_of(job, teacher.cfg)
     corpus = load_corpus(data["path"], float(data["val_fraction"]))
     train = WindowBatches(corpus.train, seq, seed=settings.seed)
     val_all = WindowBatches(corpus.val, seq, seed=0, shuffle=False)
@@ -254,12 +354,25 @@ def compress(
         with stages.progress:
             report = _run(teacher, settings, seq, train, val, bpw, tmp, stages)
         report.update(source=source, data=val.description, settings=settings.__dict__)
+        report.update(measured or {})
         if job is not None:
             (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
         (tmp / "compress_report.json").write_text(json.dumps(report, indent=2) + "\n")
         for leftover in tmp.glob("teacher.*"):
             leftover.unlink()
     return report
+
+
+def _profile_batches(s: CompressSettings) -> tuple[int, ...]:
+    return tuple(sorted({1, 8, s.latency_batch}))
+
+
+def _shapes(cfg: ModelConfig, s: CompressSettings) -> list[tuple[int, int]]:
+    if s.ffn_keep is None and s.groups_keep is None:
+        return candidate_shapes(cfg, s.tp)
+    f = cfg.ffn_hidden if s.ffn_keep is None else s.ffn_keep
+    g = cfg.kv_heads if s.groups_keep is None else s.groups_keep
+    return [(f, g)]
 
 
 def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: Stages) -> dict:
@@ -269,39 +382,39 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
     teacher_row = {
         "params": count_parameters(cfg),
         "size_mb": 4 * count_parameters(cfg) / MB,
-        **_profile(_torch_fn(teacher), val, seq, rounds),
+        **_profile(_torch_fn(teacher), val, seq, rounds, _profile_batches(s)),
     }
     step(1)
     step = stages.stage(f"teacher: ONNX {s.precision} export", 1)
     teacher_file = deploy_onnx(teacher, tmp / "teacher.onnx", seq, s.precision)
     teacher_deployed = {"size_mb": onnx_size_bytes(teacher_file) / MB}
-    teacher_deployed.update(_profile(OnnxLM(teacher_file, s.threads), val, seq, rounds))
+    teacher_deployed.update(
+        _profile(OnnxLM(teacher_file, s.threads), val, seq, rounds, _profile_batches(s))
+    )
     step(1)
     step = stages.stage("calibrate: importance", s.calib_windows)
     calib = _calibration(train, s.calib_windows, step)
     imp = measure_importance(teacher, calib)
-    shapes = candidate_shapes(cfg, s.tp)
+    shapes = _shapes(cfg, s)
+    budget = math.inf if s.target_mb is None else s.target_mb * MB
     fits = [
         Candidate(f, g, count_parameters(pruned_config(cfg, f, g)), p / MB)
         for f, g in shapes
         if (p := predicted_bytes(onnx_size_bytes(teacher_file), cfg, pruned_config(cfg, f, g), bpw))
-        <= s.target_mb * MB
+        <= budget
     ]
-    step = stages.stage("candidates: loss with units masked", len(fits))
-    ranked = _rank(teacher, imp, fits, val, s.tp, step)
     report: dict[str, Any] = {
         "teacher": teacher_row,
         f"teacher_onnx_{s.precision}": teacher_deployed,
         "candidates_considered": len(shapes),
-        "candidates_within_budget": [c.to_dict() for c in ranked],
     }
-    if not ranked:
+    if not fits:
         smallest = min(shapes, key=lambda sh: count_parameters(pruned_config(cfg, *sh)))
         best_mb = (
             predicted_bytes(onnx_size_bytes(teacher_file), cfg, pruned_config(cfg, *smallest), bpw)
             / MB
         )
-        report["met"] = {"size": False, "loss": None}
+        report["met"] = {"size": False, "latency": None, "loss": None}
         report["failure"] = (
             f"no pruning shape fits --target-mb {s.target_mb:g}: the smallest candidate "
             f"(ffn_keep {smallest[0]}, groups_keep {smallest[1]}) is predicted at {best_mb:.3f} MB; "
@@ -309,7 +422,68 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
             + (" or use --precision int8" if s.precision == "fp32" else "")
         )
         return report
+    if s.target_latency_ms is not None:
+        probed, fits, failure = _latency_fits(teacher, imp, fits, s, seq, tmp, stages)
+        report["candidates_latency_probed"] = [c.to_dict() for c in probed]
+        if failure:
+            report["met"] = {"size": None, "latency": False, "loss": None}  # nothing deployed
+            report["failure"] = failure
+            return report
+    step = stages.stage("candidates: loss with units masked", len(fits))
+    ranked = _rank(teacher, imp, fits, val, s.tp, step)
+    report["candidates_within_budget"] = [c.to_dict() for c in ranked]
     return _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, report)
+
+
+def _latency_fits(
+    teacher, imp, fits: list[Candidate], s: CompressSettings, seq, tmp, stages
+) -> tuple[list[Candidate], list[Candidate], str | None]:
+    """Measure the deployed latency of shapes until ``s.candidates`` meet the target.
+
+    The most aggressive shape (fewest parameters) is probed first: if even it misses, nothing
+    can meet the target (latency grows with every kept unit) and the search stops. Otherwise
+    shapes are probed from the least aggressive (most parameters) down, and the first
+    ``s.candidates`` that meet the target are kept: the least aggressive shapes that meet it.
+
+    Returns:
+        ``(every probed candidate, the kept ones, failure message or None)``.
+    """
+    target = float(s.target_latency_ms)  # type: ignore[arg-type]
+    step = stages.stage(f"latency: ONNX {s.precision} batch {s.latency_batch}", len(fits))
+    cfg = teacher.cfg
+
+    def probe(c: Candidate) -> Candidate:
+        plan = plan_pruning(imp, cfg, c.ffn_keep, c.groups_keep, s.tp)
+        ms = shape_latency_ms(
+            apply_pruning(teacher, plan), seq, s.latency_batch, s.precision, s.threads, tmp
+        )
+        step(note=f"ffn {c.ffn_keep} groups {c.groups_keep}: {ms:.2f} ms")
+        return dataclasses.replace(c, probe_latency_ms=ms)
+
+    first = min(fits, key=lambda c: c.params)
+    smallest = probe(first)
+    ms = float(smallest.probe_latency_ms or 0.0)
+    if ms > target:
+        return (
+            [smallest],
+            [],
+            (
+                f"no pruning shape meets --target-latency-ms {target:g} at batch {s.latency_batch}: "
+                f"the smallest (ffn_keep {smallest.ffn_keep}, groups_keep {smallest.groups_keep}) "
+                f"takes {ms:.3f} ms here; raise --target-latency-ms to at least "
+                f"{math.ceil(ms * 100) / 100:g}, lower --batch or raise --threads"
+            ),
+        )
+    probed, kept = [smallest], []
+    for c in sorted(fits, key=lambda c: -c.params):
+        p = smallest if c is first else probe(c)
+        if p is not smallest:
+            probed.append(p)
+        if float(p.probe_latency_ms or 0.0) <= target:
+            kept.append(p)
+            if len(kept) >= s.candidates:
+                break
+    return probed, kept, None
 
 
 def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, report) -> dict:
@@ -326,7 +500,7 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
         losses = distill(
             student,
             teacher,
-            _batches(train, s.batch, s.seed),
+            _batches(train, s.distill_batch, s.seed),
             steps,
             s.lr,
             progress=_kl_note(step),
@@ -349,40 +523,100 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
         }
         for v, c, _, ls in tried
     ]
+    if s.qat_steps:
+        loss = _qat(student, teacher, s, train, val, stages, report, loss)
     step = stages.stage(f"deploy: ONNX {s.precision} + verify", 1)
     name = "model.int8.onnx" if s.precision == "int8" else "model.onnx"
     deployed = deploy_onnx(student, tmp / name, seq, s.precision)
     save_pretrained(
         student, tmp / "pruned", source={"compressed_from": str(report.get("source", ""))}
     )
+    onnx_lm = OnnxLM(deployed, s.threads)
     row = {
         **cand.to_dict(),
         "file": name,
         "size_mb": onnx_size_bytes(deployed) / MB,
         "torch_val_loss": loss,
-        **_profile(OnnxLM(deployed, s.threads), val, seq, rounds),
+        **_profile(onnx_lm, val, seq, rounds, _profile_batches(s)),
     }
+    report["reference"] = _reference_outputs(student, onnx_lm, val)
     step(1)
     t = report["teacher"]
     row["loss_increase"] = row["val_loss"] - t["val_loss"]
     row["size_ratio"] = t["size_mb"] / row["size_mb"]
     row["speedup"] = {b: t["latency_ms"][b] / row["latency_ms"][b] for b in row["latency_ms"]}
     report["deployed"] = row
-    size_ok = row["size_mb"] <= s.target_mb
+    report["met"], failure = _verdict(row, cand, s)
+    if failure:
+        report["failure"] = failure
+    return report
+
+
+def _verdict(row: dict, cand: Candidate, s: CompressSettings) -> tuple[dict, str | None]:
+    """Which budgets the deployed file met, and the first one it missed (a message)."""
+    size_ok = None if s.target_mb is None else row["size_mb"] <= s.target_mb
+    ms = row["latency_ms"][str(s.latency_batch)]
+    lat_ok = None if s.target_latency_ms is None else ms <= s.target_latency_ms
     loss_ok = None if s.max_loss_increase is None else row["loss_increase"] <= s.max_loss_increase
-    report["met"] = {"size": size_ok, "loss": loss_ok}
-    if not size_ok:
-        report["failure"] = (
+    met = {"size": size_ok, "latency": lat_ok, "loss": loss_ok}
+    if size_ok is False:
+        return met, (
             f"the deployed file is {row['size_mb']:.3f} MB, over --target-mb {s.target_mb:g} "
             f"(predicted {cand.predicted_mb:.3f} MB); raise --target-mb"
         )
-    elif loss_ok is False:
-        report["failure"] = (
+    if lat_ok is False:
+        return met, (
+            f"the deployed file takes {ms:.3f} ms at batch {s.latency_batch}, over "
+            f"--target-latency-ms {s.target_latency_ms:g} (the probe of its shape took "
+            f"{cand.probe_latency_ms:.3f} ms: this machine's load varies); raise "
+            "--target-latency-ms or run on a quieter machine"
+        )
+    if loss_ok is False:
+        return met, (
             f"validation loss rose by {row['loss_increase']:.4f} nats/token, over "
-            f"--max-loss-increase {s.max_loss_increase:g}; raise --target-mb (less pruning), "
+            f"--max-loss-increase {s.max_loss_increase:g}; raise the budget (less pruning), "
             "--steps (more distillation) or --max-loss-increase"
         )
-    return report
+    return met, None
+
+
+def _qat(student, teacher, s: CompressSettings, train, val, stages, report, loss: float) -> float:
+    """``s.qat_steps`` of INT8 quantisation-aware distillation of ``student``, in place
+    (:func:`mla.compress.qat.qat_distill`); records its row; returns the new torch val loss."""
+    from mla.compress.qat import qat_distill
+
+    step = stages.stage("QAT: INT8 fake-quant distillation", s.qat_steps)
+    losses = qat_distill(
+        student,
+        teacher,
+        _batches(train, s.distill_batch, s.seed + 1),
+        s.qat_steps,
+        s.qat_lr,
+        progress=_kl_note(step),
+    )
+    after = evaluate(student, val, batch_size=8)["loss"]
+    report["qat"] = {
+        "steps": s.qat_steps,
+        "torch_val_loss_before": loss,
+        "torch_val_loss_after": after,
+        "final_kl": losses[-1] if losses else None,
+        "fake_quant": "torchao QATConfig: int8 per-token asymmetric activations, int8 "
+        "per-channel symmetric weights, every nn.Linear",
+    }
+    return after
+
+
+def _reference_outputs(student: MLATransformer, onnx_lm: OnnxLM, val: EvalData) -> dict:
+    """Logits at the last position of validation window 0 from the torch model and the
+    deployed file, as written: a reload must give exactly these."""
+    x = val.inputs[:1]
+    with torch.no_grad():
+        t = student(torch.from_numpy(x))[0, -1]
+    return {
+        "tokens": x[0].tolist(),
+        "torch_logits_last": t.tolist(),
+        "onnx_logits_last": onnx_lm(x)[0, -1].tolist(),
+    }
 
 
 def _kl_note(step: Callable[..., None]) -> Callable[[int, float], None]:
@@ -390,17 +624,6 @@ def _kl_note(step: Callable[..., None]) -> Callable[[int, float], None]:
         step(i, f"KL {loss:.4f}")
 
     return note
-
-
-def deploy_onnx(model: MLATransformer, dst: Path, seq: int, precision: str) -> Path:
-    """Export ``model`` to ``dst`` (ONNX at ``seq`` tokens), INT8 unless ``precision="fp32"``."""
-    if precision == "fp32":
-        return export_onnx(model, dst, seq)
-    fp32 = export_onnx(model, dst.with_name(f".fp32-{dst.name}"), seq)
-    try:
-        return quantize_int8(fp32, dst)
-    finally:
-        fp32.unlink(missing_ok=True)
 
 
 def floor_bytes(cfg: ModelConfig, precision: str) -> int:
@@ -428,7 +651,7 @@ def _rank(
         plan: PrunePlan = plan_pruning(imp, teacher.cfg, c.ffn_keep, c.groups_keep, tp)
         with masked(teacher, plan):
             loss = evaluate(teacher, val, batch_size=8)["loss"]
-        out.append(Candidate(c.ffn_keep, c.groups_keep, c.params, c.predicted_mb, loss))
+        out.append(dataclasses.replace(c, masked_val_loss=loss))
         step()
     return sorted(out, key=_masked_loss)
 

@@ -1,4 +1,4 @@
-"""Training text: discovery, validation, byte-level tokenization and layout-independent batches.
+"""Training text: discovery, validation, tokenization and layout-independent batches.
 
 Pure Python + numpy (no torch), so the controller validates data before any worker starts.
 
@@ -6,7 +6,11 @@ Sources (``data.path``):
 - unset: the source files of the Python standard library that runs the program (tests,
   ``idle_test`` and ``site-packages`` excluded), present on every machine, no download;
 - a ``.txt`` (or any text) file; a folder of text files (searched recursively);
-- ``.jsonl`` with a ``text`` field per line; ``.parquet`` with a ``text`` column.
+- ``.jsonl`` with a ``text`` field per line; ``.parquet`` with a ``text`` column;
+- a folder written by ``mla prepare`` (:mod:`workers.prepared`): token shards read by memory map.
+
+Tokenization: each document is tokenized on its own (byte-level by default, or a BPE
+:mod:`mla.tokenizer`) and the ids concatenated; ``mla prepare`` builds the same stream.
 
 Split: files (or documents of a JSONL/Parquet file) go to validation when a stable hash of their
 name (or index) falls under ``val_fraction``; a single text file is split by position (the last
@@ -29,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mla.tokenizer import Tokenizer
 from orchestrator.contract.errors import DataError
 from orchestrator.contract.jsonl import jsonl_strings
+from workers.prepared import ShardedTokens, is_prepared, load_prepared
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".csv", ".json", ".html", ".tex", ""}
 _EXCLUDED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -41,16 +47,19 @@ class Corpus:
     """Tokenized train and validation streams.
 
     Attributes:
-        train: Train token ids, shape ``(n_train,)``, dtype uint8 (byte-level ids 0-255).
-        val: Validation token ids, shape ``(n_val,)``, dtype uint8.
+        train: Train token ids, shape ``(n_train,)``: uint8 byte-level ids in memory, uint16 or
+            uint32 BPE ids, or memory-mapped shards of a prepared folder.
+        val: Validation token ids, shape ``(n_val,)``, the same kind.
         source: Human-readable description of where the text came from.
         n_docs: Number of files or documents read.
+        val_bytes: UTF-8 bytes of the validation text (the denominator of bits per byte).
     """
 
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | ShardedTokens
+    val: np.ndarray | ShardedTokens
     source: str
     n_docs: int
+    val_bytes: int = 0
 
 
 def stdlib_files() -> list[Path]:
@@ -106,8 +115,32 @@ def check_text(text: str, data: bytes, where: Path | str) -> None:
         )
 
 
-def _documents(path: Path) -> tuple[list[tuple[str, bytes]], str]:
-    """Return ``[(name, bytes)]`` documents of a data path and a description of it."""
+@dataclass(frozen=True)
+class DocRef:
+    """One document of a corpus, read lazily: a file (``path``), or bytes already read
+    (``data``: a JSONL line, a Parquet row, one split of a single file).
+
+    Attributes:
+        name: Name the split hash is taken of (relative path, or record index).
+        path: File to read (UTF-8 text, checked by :func:`check_text`), or ``None``.
+        data: The document's UTF-8 bytes when already read, or ``None``.
+    """
+
+    name: str
+    path: str | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        """The document's UTF-8 bytes (invalid sequences replaced).
+
+        Raises:
+            DataError: unreadable or binary-looking file.
+        """
+        return self.data if self.data is not None else _encode(_read_text(Path(self.path or "")))
+
+
+def _documents(path: Path) -> tuple[list[DocRef], str]:
+    """Return the documents of a data path (files not read yet) and a description of it."""
     if path.is_dir():
         files = sorted(
             p
@@ -116,24 +149,24 @@ def _documents(path: Path) -> tuple[list[tuple[str, bytes]], str]:
             and p.suffix.lower() in TEXT_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
-        return [(str(p.relative_to(path)), _encode(_read_text(p))) for p in files], f"folder {path}"
+        return [DocRef(str(p.relative_to(path)), str(p)) for p in files], f"folder {path}"
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_documents(path), f"JSONL file {path}"
     if suffix == ".parquet":
         return _parquet_documents(path), f"Parquet file {path}"
-    return [(path.name, _encode(_read_text(path)))], f"text file {path}"
+    return [DocRef(path.name, data=_encode(_read_text(path)))], f"text file {path}"
 
 
-def _jsonl_documents(path: Path) -> list[tuple[str, bytes]]:
+def _jsonl_documents(path: Path) -> list[DocRef]:
     with path.open(encoding="utf-8", errors="replace") as fh:
         return [
-            (f"{lineno}", _encode(text))
+            DocRef(f"{lineno}", data=_encode(text))
             for lineno, text in jsonl_strings(path, fh, "text", DataError)
         ]
 
 
-def _parquet_documents(path: Path) -> list[tuple[str, bytes]]:
+def _parquet_documents(path: Path) -> list[DocRef]:
     import pyarrow.parquet as pq
 
     try:
@@ -146,23 +179,19 @@ def _parquet_documents(path: Path) -> list[tuple[str, bytes]]:
             "rename the text column to 'text'"
         )
     texts = table.column("text").to_pylist()
-    return [(f"{i}", _encode(t)) for i, t in enumerate(texts) if isinstance(t, str)]
+    return [DocRef(f"{i}", data=_encode(t)) for i, t in enumerate(texts) if isinstance(t, str)]
 
 
-def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
-    """Read, split and tokenize the corpus (byte-level: one id per UTF-8 byte).
-
-    Args:
-        path: ``data.path`` (file or folder), or ``None`` for the standard-library corpus.
-        val_fraction: Share of documents (or of a single file's bytes) held out.
+def corpus_documents(path: str | None) -> tuple[list[DocRef], str]:
+    """The non-empty documents of ``data.path`` (``None``: the standard library) and a
+    description of the source.
 
     Raises:
-        DataError: missing path, unreadable file, malformed JSONL/Parquet, empty corpus.
+        DataError: missing path, unreadable single file, malformed JSONL/Parquet.
     """
     if path is None:
-        files = stdlib_files()
         root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [(str(p.relative_to(root)), _encode(_read_text(p))) for p in files]
+        docs = [DocRef(str(p.relative_to(root)), str(p)) for p in stdlib_files()]
         source = f"Python standard library sources ({root})"
     else:
         p = Path(path).expanduser()
@@ -173,21 +202,90 @@ def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
                 "Python standard library sources"
             )
         docs, source = _documents(p)
-    docs = [(name, data) for name, data in docs if data]
+    return [d for d in docs if _non_empty(d)], source
+
+
+def _non_empty(doc: DocRef) -> bool:
+    if doc.data is not None:
+        return bool(doc.data)
+    try:  # a non-empty file has non-empty UTF-8 (invalid bytes become U+FFFD)
+        return Path(doc.path or "").stat().st_size > 0
+    except OSError:
+        return True  # reading it raises the error that names the file
+
+
+def split_documents(
+    docs: list[DocRef], source: str, val_fraction: float
+) -> tuple[list[DocRef], list[DocRef]]:
+    """Train and validation documents, in corpus order (see the module docstring for the rule).
+
+    Raises:
+        DataError: the corpus is empty.
+    """
     if not docs:
         raise DataError(f"{source}: the corpus is empty (no text found)")
     if len(docs) == 1:
-        data = docs[0][1]
+        data = docs[0].read()
         cut = int(len(data) * (1 - val_fraction))
-        train, val = data[:cut], data[cut:]
-    else:
-        train = b"".join(d for n, d in docs if not _is_val(n, val_fraction))
-        val = b"".join(d for n, d in docs if _is_val(n, val_fraction))
-        if not val:  # tiny corpora: hold out the last document
-            train, val = b"".join(d for _, d in docs[:-1]), docs[-1][1]
-    return Corpus(
-        np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), source, len(docs)
-    )
+        name = docs[0].name
+        return [DocRef(name, data=data[:cut])], [DocRef(name, data=data[cut:])]
+    train = [d for d in docs if not _is_val(d.name, val_fraction)]
+    val = [d for d in docs if _is_val(d.name, val_fraction)]
+    if not val:  # tiny corpora: hold out the last document
+        train, val = docs[:-1], docs[-1:]
+    return train, val
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype of prepared shards holding ids below ``vocab_size`` (uint16 or
+    uint32, as nanoGPT's and Megatron's token files)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def encode_document(data: bytes, tokenizer: Tokenizer | None) -> np.ndarray:
+    """Token ids of one document's UTF-8 bytes (byte tokenizer: the bytes as uint8)."""
+    if tokenizer is None or tokenizer.kind == "byte":
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(tokenizer.encode_bytes(data), dtype=token_dtype(tokenizer.vocab_size))
+
+
+def _tokens(docs: list[DocRef], tokenizer: Tokenizer | None) -> tuple[np.ndarray, int]:
+    parts, n_bytes = [], 0
+    for doc in docs:
+        data = doc.read()
+        n_bytes += len(data)
+        parts.append(encode_document(data, tokenizer))
+    if tokenizer is None or tokenizer.kind == "byte":
+        return np.frombuffer(b"".join(p.tobytes() for p in parts), dtype=np.uint8), n_bytes
+    return np.concatenate(parts), n_bytes
+
+
+def load_corpus(
+    path: str | None, val_fraction: float = 0.05, tokenizer: Tokenizer | None = None
+) -> Corpus:
+    """Read, split and tokenize the corpus, or memory-map a prepared folder (``mla prepare``).
+
+    Documents are tokenized one by one and concatenated (byte-level by default: one id per
+    UTF-8 byte).
+
+    Args:
+        path: ``data.path`` (file, folder or prepared folder), or ``None`` for the
+            standard-library corpus.
+        val_fraction: Share of documents (or of a single file's bytes) held out; a prepared
+            folder keeps the split it was prepared with.
+        tokenizer: ``None`` is the byte tokenizer; a prepared folder uses its own.
+
+    Raises:
+        DataError: missing path, unreadable file, malformed JSONL/Parquet, empty corpus, or a
+            prepared folder whose shards do not match its manifest.
+    """
+    if path is not None and is_prepared(Path(path).expanduser()):
+        return load_prepared(Path(path).expanduser())
+    docs, source = corpus_documents(path)
+    train_docs, val_docs = split_documents(docs, source, val_fraction)
+    train, _ = _tokens(train_docs, tokenizer)
+    val, val_bytes = _tokens(val_docs, tokenizer)
+    return Corpus(train, val, source, len(docs), val_bytes)
 
 
 def check_corpus(corpus: Corpus, seq_len: int) -> None:
@@ -204,7 +302,7 @@ class WindowBatches:
     """Layout-independent batches of ``(inputs, targets)`` windows from one token stream.
 
     Args:
-        tokens: Token ids, shape ``(n,)``.
+        tokens: Token ids, shape ``(n,)``: an array or memory-mapped shards (read per window).
         seq_len: Tokens per sequence; windows hold ``seq_len + 1`` tokens.
         seed: Shuffle seed (the order is a function of the seed only).
         shuffle: Shuffle windows (train) or keep their order (validation).
@@ -216,14 +314,21 @@ class WindowBatches:
         ((4, 9), True)
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self, tokens: np.ndarray | ShardedTokens, seq_len: int, seed: int, shuffle: bool = True
+    ):
         self.tokens = tokens
         self.seq_len = seq_len
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise DataError(f"{len(tokens)} tokens are fewer than one window of {seq_len + 1}")
         rng = np.random.default_rng(seed)
-        self.order = rng.permutation(self.n_windows) if shuffle else np.arange(self.n_windows)
+        # int32 order (4 bytes a window) where it fits: Generator.shuffle draws the same swaps
+        # for any dtype, so this is rng.permutation(n_windows) at half the memory.
+        dtype = np.int32 if self.n_windows < 2**31 else np.int64
+        self.order = np.arange(self.n_windows, dtype=dtype)
+        if shuffle:
+            rng.shuffle(self.order)
 
     def windows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets (int64, shape ``(len(indices), seq_len)``) for sequence numbers
@@ -236,9 +341,9 @@ class WindowBatches:
                 if e == 0
                 else np.random.default_rng([int(e), len(self.order)]).permutation(self.order)
             )
-            starts[epoch == e] = order[pos[epoch == e]] * self.seq_len
+            starts[epoch == e] = order[pos[epoch == e]].astype(np.int64) * self.seq_len
         rows = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-        chunk = self.tokens[rows].astype(np.int64)
+        chunk = np.asarray(self.tokens[rows]).astype(np.int64)
         return chunk[:, :-1], chunk[:, 1:]
 
     def rank_slice(

@@ -8,8 +8,11 @@ micro-batches of the mean token cross-entropy equals the mean over all those tok
 (``data_path``, anything :func:`workers.data.load_corpus` accepts) is scored on every
 non-overlapping window of the chosen split, in order.
 
-Metrics: ``loss`` = mean next-token cross-entropy in nats; ``perplexity = exp(loss)``; the
-tokenizer maps one UTF-8 byte to one token, so ``bits_per_byte = loss / ln 2``.
+Metrics: ``loss`` = mean next-token cross-entropy in nats; ``perplexity = exp(loss)``;
+``bits_per_byte = total nats / (ln 2 * UTF-8 bytes of the scored target tokens)`` (the
+tokenizer-independent measure of Gao et al. 2020, "The Pile", §4: bits per UTF-8 byte), which
+is ``loss / ln 2`` for the byte tokenizer and lower than ``loss / ln 2`` by the bytes per token
+for BPE.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class EvalData:
     inputs: np.ndarray
     targets: np.ndarray
     description: str
+    target_bytes: int | None = None
+    """UTF-8 bytes the target tokens stand for (``None``: one byte a token)."""
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, trained_seq_len: int | None) -> str | None:
@@ -67,6 +72,7 @@ def eval_windows(
     seq_len: int | None,
     split: str,
     max_windows: int | None,
+    tokenizer=None,
 ) -> EvalData:
     """The windows ``mla eval`` scores (see the module docstring).
 
@@ -76,6 +82,7 @@ def eval_windows(
         seq_len: Window length (default: the run's ``data.seq_len``).
         split: ``"val"``, ``"train"`` or ``"all"`` (both splits, train then validation).
         max_windows: Score at most this many windows (``None``: as described above).
+        tokenizer: The model's tokenizer (:mod:`mla.tokenizer`); ``None`` is the byte one.
 
     Raises:
         ConfigError: bad ``split`` or ``max_windows``; DataError: unreadable data or too short.
@@ -89,7 +96,7 @@ def eval_windows(
     own = data_path is None
     path = data["path"] if own else data_path
     seq = int(seq_len or data["seq_len"])
-    corpus = load_corpus(path, float(data["val_fraction"]))
+    corpus = load_corpus(path, float(data["val_fraction"]), tokenizer)
     tokens = {
         "val": corpus.val,
         "train": corpus.train,
@@ -111,11 +118,24 @@ def eval_windows(
             y,
             f"{corpus.source}, validation split: the {n} windows of {seq} tokens the run "
             "evaluated on",
+            _target_bytes(y, tokenizer),
         )
     batches = WindowBatches(tokens, seq, seed=0, shuffle=False)
     n = batches.n_windows if max_windows is None else min(max_windows, batches.n_windows)
     x, y = batches.windows(np.arange(n))
-    return EvalData(x, y, f"{corpus.source}, {split} split: {n} windows of {seq} tokens")
+    return EvalData(
+        x,
+        y,
+        f"{corpus.source}, {split} split: {n} windows of {seq} tokens",
+        _target_bytes(y, tokenizer),
+    )
+
+
+def _target_bytes(targets: np.ndarray, tokenizer) -> int | None:
+    """UTF-8 bytes of the target tokens (``None`` for the byte tokenizer: one each)."""
+    if tokenizer is None or tokenizer.kind == "byte":
+        return None
+    return len(tokenizer.token_bytes(targets.ravel().tolist()))
 
 
 @torch.no_grad()
@@ -153,10 +173,11 @@ def evaluate(
         if progress is not None:
             progress(min(start + batch_size, n), n)
     loss = total / count
+    n_bytes = data.target_bytes or count
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
-        "bits_per_byte": loss / math.log(2),
+        "bits_per_byte": total / (math.log(2) * n_bytes),
         "tokens": count,
         "windows": n,
         "seq_len": int(data.inputs.shape[1]),

@@ -28,6 +28,7 @@ import torch
 from mla.config import ModelConfig
 from mla.model import MLATransformer
 from mla.pretrained import build_model, is_pretrained_dir, load_pretrained
+from mla.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, tokenizer_from_json
 from orchestrator.contract.checkpoints import (
     TAG,
     checkpoint_root,
@@ -65,6 +66,8 @@ class LoadedModel:
     run_dir: Path | None = None
     job: dict | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = ()
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer, repr=False)
+    """The tokenizer the run trained with (its ``tokenizer.json``; byte when none is stored)."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -184,7 +187,7 @@ def load_model(
             model = load_pretrained(p, device, dtype)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{p}: {exc}") from None
-        return LoadedModel(model, model.cfg, p, "export")
+        return LoadedModel(model, model.cfg, p, "export", tokenizer=stored_tokenizer(p))
     ckpt, skipped = resolve_checkpoint_noting_skips(p)
     meta, params = read_checkpoint_weights(ckpt)
     try:
@@ -197,7 +200,25 @@ def load_model(
     job_path = run_dir / "job.json"
     job = json.loads(job_path.read_text()) if job_path.is_file() else None
     step = int(meta.get("step", -1))
-    return LoadedModel(model, cfg, p, "checkpoint", ckpt, step, run_dir, job, skipped)
+    return LoadedModel(
+        model, cfg, p, "checkpoint", ckpt, step, run_dir, job, skipped, stored_tokenizer(ckpt)
+    )
+
+
+def stored_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer saved in a checkpoint or export folder (``tokenizer.json``); the byte
+    tokenizer for folders written before tokenizers were stored.
+
+    Raises:
+        CheckpointError: the file is there but is not a tokenizer.
+    """
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        return ByteTokenizer()
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 @dataclass

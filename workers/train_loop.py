@@ -8,7 +8,11 @@ Order of work on each worker (torchtitan-style named steps):
    ``deepspeed.initialize`` (ZeRO over the data-parallel group; ``PipelineEngine`` for pipelines);
 4. resume from the latest complete checkpoint of the run, if any -- checkpoints are
    layout-independent, so a run resized by an elastic restart continues at the same step with
-   the same global batch under its new layout;
+   the same global batch under its new layout; a run without one starts at step 0 from the
+   weights of ``model.init_from`` when set (weights only: :mod:`workers.init_weights`) -- the
+   run's own checkpoint wins, as in Hugging Face Trainer and torchtitan. Parameters frozen by
+   ``train.freeze`` / ``train.trainable_last_layers`` are frozen before the optimizer is built
+   (:func:`workers.parallel.pipeline.apply_freeze`);
 5. loop: one optimizer step per global batch (``grad_accum`` micro-batches) at the lr of
    :mod:`workers.schedule`, with dropout seeded per step (:mod:`workers.rng`); the divergence
    guard (:mod:`workers.guard`) checks every step; log, evaluate, checkpoint (never from
@@ -41,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from mla.flops import training_flops_per_token
+from mla.tokenizer import TOKENIZER_FILE
 from orchestrator.contract.checkpoints import (
     FAILURE_FILE,
     find_resumable,
@@ -63,6 +68,7 @@ from workers.privacy.session import build_private_training
 from workers.rng import seed_step
 from workers.schedule import train_lr
 from workers.tensorboard import RunBoard, open_board
+from workers.tokenizer_spec import job_tokenizer
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -123,8 +129,10 @@ class Trainer:
             self.train_cfg.seed,
             self.train_cfg.weight_decay,
             self.device,
+            frozen=plan.finetune.frozen if plan.finetune else frozenset(),
         )
-        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction)
+        self.tokenizer = job_tokenizer(self.job)
+        corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction, self.tokenizer)
         seq = self.data_cfg.seq_len
         self.train_batches = WindowBatches(corpus.train, seq, self.train_cfg.seed)
         self.val_batches = WindowBatches(corpus.val, seq, self.train_cfg.seed + 1)
@@ -313,6 +321,7 @@ class Trainer:
             meta = load_checkpoint(self.engine, path)
             if self.private is not None:
                 self.private.load_state(meta.get("privacy"))
+        init_from = self._init_from(found is not None)
         if self.rank == 0:
             resumes = self._count_resumes() + (found is not None)
             self.metrics.start(
@@ -328,9 +337,31 @@ class Trainer:
                     "checkpoint": str(found[1]) if found else None,
                     "checkpoint_layout": saved.to_dict() if saved else None,
                     "rejected_checkpoints": [{"path": str(p), "reason": r} for p, r in rejected],
+                    "init_from": init_from,
                 }
             )
         return step
+
+    def _init_from(self, resumed: bool) -> str | None:
+        """Load ``model.init_from``'s weights when the run has no checkpoint of its own (a resume
+        wins: its weights descend from them already); returns the source loaded, or ``None``."""
+        finetune = self.plan.finetune
+        if finetune is None or finetune.init_from is None:
+            return None
+        if resumed:
+            if self.rank == 0:
+                self._event(
+                    {
+                        "event": "init_from_skipped",
+                        "init_from": finetune.init_from,
+                        "reason": "the run resumes from its own checkpoint",
+                    }
+                )
+            return None
+        from workers.init_weights import load_init_weights
+
+        load_init_weights(self.engine, finetune.init_kind or "checkpoint", finetune.init_from)
+        return finetune.init_from
 
     def _choose_checkpoint(self) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
         """Rank 0 removes stale ``.tmp-`` folders and verifies checkpoints newest first; every
@@ -359,7 +390,14 @@ class Trainer:
             meta["privacy"] = self.private.state()
         started = time.perf_counter()
         path = save_checkpoint(
-            self.engine, self.run_dir, step, meta, self.rank, self.job.checkpoint.keep, dist.barrier
+            self.engine,
+            self.run_dir,
+            step,
+            meta,
+            self.rank,
+            self.job.checkpoint.keep,
+            dist.barrier,
+            files={TOKENIZER_FILE: self.tokenizer.to_json()},
         )
         self.metrics.checkpoint(step, time.perf_counter() - started)
         if self.board is not None:

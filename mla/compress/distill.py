@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from mla.model import MLATransformer
 
+#: ``loss_fn(student, inputs, targets, teacher_logits) -> (loss, student_logits)``.
+LossFn = Callable[
+    [MLATransformer, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
 
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
@@ -46,6 +51,7 @@ def distill(
     lr: float = 1e-3,
     lm_weight: float = 0.0,
     progress: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> list[float]:
     """Train ``student`` for ``steps`` AdamW steps to match ``teacher``'s logits.
 
@@ -57,6 +63,10 @@ def distill(
         lr: Peak learning rate; cosine decay to ``0.1 * lr`` (Loshchilov & Hutter 2017).
         lm_weight: Weight of the next-token cross-entropy added to the KL term.
         progress: Optional ``callable(step, loss)`` after each step.
+        loss_fn: ``loss_fn(student, inputs, targets, teacher_logits) -> (loss, logits)``
+            replacing the KL of the student's final logits (e.g.
+            :func:`mla.compress.early_exit.early_exit_loss`); ``lm_weight`` applies to its
+            logits.
 
     Returns:
         The loss of every step.
@@ -71,8 +81,11 @@ def distill(
         x, y = next(batches)
         with torch.no_grad():
             target = teacher(x)
-        logits = student(x)
-        loss = distillation_loss(logits, target)
+        if loss_fn is None:
+            logits = student(x)
+            loss = distillation_loss(logits, target)
+        else:
+            loss, logits = loss_fn(student, x, y, target)
         if lm_weight:
             loss = loss + lm_weight * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from mla.config import ModelConfig
 from orchestrator.config import JobConfig
+from orchestrator.contract.finetune import FinetunePlan
 from orchestrator.contract.layout import Layout
 from orchestrator.contract.privacy import PrivacyPlan
 
@@ -34,6 +35,8 @@ class RunPlan:
         peak_flops: Dense peak FLOP/s of one worker's device at the training precision, from
             the planner's GPU catalogue (the ``cpu`` entry for CPU workers); the MFU
             denominator. 0 when unknown (then no MFU is exported).
+        finetune: Weights to start from and parameters to freeze
+            (:mod:`orchestrator.finetune`); ``None`` trains every parameter from the seed.
 
     Raises:
         ValueError: on creation, if ``layouts`` and ``deepspeed`` plan different sizes, a layout
@@ -46,6 +49,7 @@ class RunPlan:
     run_dir: Path
     privacy: PrivacyPlan | None = None
     peak_flops: float = 0.0
+    finetune: FinetunePlan | None = None
 
     def __post_init__(self) -> None:
         if set(self.layouts) != set(self.deepspeed) or not self.layouts:

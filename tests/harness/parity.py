@@ -57,8 +57,12 @@ class ParityRun:
         model: Overrides of the ``tiny`` preset.
         train: Overrides of the train section (lr, warm-up, clipping, ...).
         resume_from: Consolidated checkpoint folder to load first (or ``None``).
-        save_at: Step after which to save a consolidated checkpoint into ``save_dir``.
+        save_at: Step after which to save a consolidated checkpoint into ``save_dir`` (the
+            starting step: before the first step).
         save_dir: Folder for ``save_at`` (and for the final state when ``save_at == steps``).
+        frozen: Canonical parameter names to freeze (:func:`mla.freeze.frozen_parameters`).
+        init_from: ``(kind, folder)`` of weights to start from (``model.init_from``,
+            :func:`workers.init_weights.load_init_weights`), or ``None``.
     """
 
     layout: Layout = field(default_factory=parity_layout)
@@ -69,6 +73,8 @@ class ParityRun:
     resume_from: str | None = None
     save_at: int | None = None
     save_dir: str | None = None
+    frozen: frozenset[str] = frozenset()
+    init_from: tuple[str, str] | None = None
 
     def job(self):
         from orchestrator.config import JobConfig
@@ -93,7 +99,9 @@ def corpus_path() -> str:
 
 
 def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
-    """Train ``run`` on this rank; returns ``{"losses": [...], "start": step}`` (same on all ranks)."""
+    """Train ``run`` on this rank; returns ``{"losses": [...], "start": step, "frozen_with_grad":
+    [names]}`` (losses the same on all ranks; the names are rank 0's frozen parameters holding a
+    gradient, which should be none)."""
     from orchestrator.contract.deepspeed_config import build_deepspeed_config
     from workers.data import WindowBatches, load_corpus
     from workers.parallel.engine import build_engine
@@ -107,7 +115,12 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         job.model_config_(),
         job.train.seed,
         job.train.weight_decay,
+        frozen=run.frozen,
     )
+    if run.init_from is not None:
+        from workers.init_weights import load_init_weights
+
+        load_init_weights(engine, *run.init_from)
     start = 0
     if run.resume_from:
         start = int(
@@ -118,13 +131,20 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
     batches = WindowBatches(load_corpus(corpus_path(), 0.05).train, run.seq_len, job.train.seed)
     dp_rank = layout.coords(rank)[1]
     losses = []
+    if run.save_at == start:  # the weights before any step (e.g. to compare frozen ones)
+        engine.save_checkpoint(run.save_dir, f"step_{start}", {"step": start})
     for step in range(start, run.steps):
         x, y = batches.rank_slice(step, layout.global_batch, dp_rank, layout.dp)
         engine.set_lr(train_lr(job.train, step + 1))
         losses.append(engine.train_batch(x, y))
         if run.save_at == step + 1:
             engine.save_checkpoint(run.save_dir, f"step_{step + 1}", {"step": step + 1})
-    return {"losses": losses, "start": start}
+    frozen_with_grad = [  # a frozen parameter never gets a gradient (nor its all-reduce)
+        n
+        for n, p in engine.canonical_parameters().items()
+        if n in run.frozen and p.grad is not None
+    ]
+    return {"losses": losses, "start": start, "frozen_with_grad": frozen_with_grad}
 
 
 def run_parity(run: ParityRun) -> dict:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mla.config import ModelConfig
 from orchestrator.contract.layout import Layout
 from workers.parallel.groups import ParallelGroups, build_groups
-from workers.parallel.pipeline import build_pipeline, canonical_parameters
+from workers.parallel.pipeline import apply_freeze, build_pipeline, canonical_parameters
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -193,6 +193,7 @@ def build_engine(
     seed: int,
     weight_decay: float,
     device: torch.device | None = None,
+    frozen: frozenset[str] = frozenset(),
 ) -> ParallelEngine:
     """Groups, model and DeepSpeed engine for this rank (after ``deepspeed.init_distributed``).
 
@@ -203,6 +204,10 @@ def build_engine(
         seed: Initialisation seed (same weights for every layout).
         weight_decay: AdamW weight decay on matrices.
         device: Where batches go (default CPU).
+        frozen: Canonical parameter names to freeze (``train.freeze``,
+            :func:`mla.freeze.frozen_parameters`): they are left out of the optimizer (no AdamW
+            state, no ZeRO partition, no gradient all-reduce: DeepSpeed reduces only parameters
+            that require a gradient).
 
     Returns:
         The :class:`ParallelEngine`.
@@ -211,6 +216,7 @@ def build_engine(
 
     groups = build_groups(layout)
     model = build_pipeline(model_cfg, layout, groups, seed)
+    apply_freeze(model, frozen)
     params = param_groups(model, weight_decay)
     if layout.pp > 1:
         engine, _, _, _ = deepspeed.initialize(

@@ -25,6 +25,7 @@ stream, the distributions do not.)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mla.config import ModelConfig
@@ -183,15 +184,58 @@ def build_pipeline(
     loss_fn = VocabParallelLoss(groups, cfg.vocab_size)
     if layout.pp == 1:
         return SequentialLM([spec.build() for spec in specs[:-1]], loss_fn)
-    from deepspeed.pipe import PipelineModule
-
-    return PipelineModule(
+    return build_pipeline_module(
         layers=specs,
         loss_fn=loss_fn,
         topology=topology(layout),
         partition_method="type:BlockLayer",
         activation_checkpoint_interval=0,
     )
+
+
+def build_pipeline_module(**kwargs) -> nn.Module:
+    """DeepSpeed's ``PipelineModule(**kwargs)`` whose tied-weight gradient all-reduce skips a
+    frozen tied weight (``train.freeze``): DeepSpeed 0.19 all-reduces ``weight.grad`` of every
+    tied weight unconditionally, and a frozen one has no gradient (``None``)."""
+    from deepspeed.pipe import PipelineModule
+
+    class FreezablePipelineModule(PipelineModule):
+        def allreduce_tied_weight_gradients(self) -> None:
+            for key, comm in self.tied_comms.items():
+                for attr_name in comm["weight_attr"]:
+                    weight = self._recursive_getattr(self.tied_modules[key], attr_name)
+                    if weight.requires_grad and weight.grad is not None:
+                        dist.all_reduce(weight.grad, group=comm["group"])
+
+    return FreezablePipelineModule(**kwargs)
+
+
+def apply_freeze(model: nn.Module, frozen: frozenset[str]) -> int:
+    """Set ``requires_grad = False`` on this rank's parameters whose canonical names are in
+    ``frozen`` (:func:`mla.freeze.frozen_parameters`), before the optimizer is built, so that they
+    get no gradient, no optimizer state and no gradient all-reduce. Returns how many this rank
+    froze."""
+    count = 0
+    for name, p in canonical_parameters(model).items():
+        if name in frozen:
+            p.requires_grad_(False)
+            count += 1
+    return count
+
+
+def stage_prefixes(n_layers: int, pp: int) -> list[list[str]]:
+    """The canonical name prefixes each pipeline stage holds, as DeepSpeed partitions
+    :func:`layer_specs` (``partition_method="type:BlockLayer"``: blocks balanced over stages,
+    the embedding on the first, norm and tied head on the last).
+
+    Example: ``stage_prefixes(4, 2)`` ->
+    ``[["tok_emb.", "blocks.0.", "blocks.1."], ["blocks.2.", "blocks.3.", "norm.", "tok_emb."]]``.
+    """
+    from deepspeed.runtime.utils import partition_balanced
+
+    names = ["tok_emb.", *[f"blocks.{i}." for i in range(n_layers)], "norm.", "tok_emb."]
+    parts = partition_balanced([0, *[1] * n_layers, 0, 0], pp)
+    return [names[parts[s] : parts[s + 1]] for s in range(pp)]
 
 
 def vocab_rows(model: nn.Module) -> dict[str, int]:

@@ -161,8 +161,53 @@ def _set_optimizer_state(engine, p: torch.nn.Parameter, value: torch.Tensor, key
         _torch_optimizer(engine).state[p][key].copy_(value)
 
 
+def _local_tensor(adapter, full: torch.Tensor, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's shard of the full tensor ``full`` of parameter ``name`` (vocabulary rows
+    padded back with zeros when the checkpoint kept the real rows only)."""
+    groups = adapter.groups
+    padded = vocab_rows(adapter.engine.module)
+    if name in padded and full.size(0) == padded[name]:  # the vocabulary padding is zeros
+        full = pad_rows(full, p.size(0) * groups.layout.tp)
+    return shard(full, split_dim(name), groups.tp_rank, groups.layout.tp)
+
+
+def write_parameters(adapter, params: dict[str, torch.Tensor], where: str) -> int:
+    """Write full tensors ``params`` (canonical names) into this rank's shards: the model and
+    ZeRO's fp32 master partition. Returns the number of parameters written.
+
+    Used by a resume (:func:`load_consolidated`) and by ``model.init_from``
+    (:func:`workers.init_weights.load_init_weights`).
+
+    Raises:
+        RuntimeError: a parameter of this rank is missing from ``params`` or its shape differs
+            (the model shape changed); the message names the first one.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    count = 0
+    for name, p in adapter.canonical_parameters().items():
+        if name not in params:
+            raise RuntimeError(
+                f"checkpoint {where} has no parameter {name!r}; was it written for another model?"
+            )
+        value = _local_tensor(adapter, params[name], name, p)
+        if value.shape != p.shape:
+            raise RuntimeError(
+                f"checkpoint {where}: {name} has shape {tuple(value.shape)} for this rank, the "
+                f"model {tuple(p.shape)}; the model shape changed since it was saved"
+            )
+        with torch.no_grad():
+            p.data.copy_(value.to(p.device, p.dtype))
+        safe_set_full_fp32_param(p, value.to(p.device))
+        count += 1
+    return count
+
+
 def load_consolidated(adapter, folder: str | Path) -> dict:
     """Load a consolidated checkpoint written under any layout into this rank's engine.
+
+    Frozen parameters (``requires_grad`` false, ``train.freeze``) get their values and no
+    optimizer state (they have none).
 
     Returns:
         The checkpoint's client state.
@@ -171,37 +216,17 @@ def load_consolidated(adapter, folder: str | Path) -> dict:
         RuntimeError: a parameter of this rank is missing from the checkpoint or its shape
             differs (the model shape changed).
     """
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    engine, groups = adapter.engine, adapter.groups
+    engine = adapter.engine
     state, tensors = read_consolidated(folder)
     _ensure_optimizer_state(engine, state["adam_step"])
-    tp_rank, tp = groups.tp_rank, groups.layout.tp
-    padded = vocab_rows(engine.module)
-
-    def local(kind: str, name: str, dim: int | None, p: torch.nn.Parameter) -> torch.Tensor:
-        full = tensors[kind][name]
-        if name in padded and full.size(0) == padded[name]:  # the vocabulary padding is zeros
-            full = pad_rows(full, p.size(0) * tp)
-        return shard(full, dim, tp_rank, tp)
-
+    write_parameters(adapter, tensors["param"], str(folder))
     for name, p in adapter.canonical_parameters().items():
-        if name not in tensors["param"]:
-            raise RuntimeError(
-                f"checkpoint {folder} has no parameter {name!r}; was it written for another model?"
-            )
-        dim = split_dim(name)
-        value = local("param", name, dim, p)
-        if value.shape != p.shape:
-            raise RuntimeError(
-                f"checkpoint {folder}: {name} has shape {tuple(value.shape)} for this rank, the "
-                f"model {tuple(p.shape)}; the model shape changed since it was saved"
-            )
-        with torch.no_grad():
-            p.data.copy_(value.to(p.device, p.dtype))
-        safe_set_full_fp32_param(p, value.to(p.device))
+        if not p.requires_grad:
+            continue
         for key in OPTIM_KEYS:
-            _set_optimizer_state(engine, p, local(key, name, dim, p), key)
+            _set_optimizer_state(
+                engine, p, _local_tensor(adapter, tensors[key][name], name, p), key
+            )
     client = state.get("client_state", {})
     if engine.lr_scheduler is not None and state.get("scheduler"):
         engine.lr_scheduler.load_state_dict(state["scheduler"])
