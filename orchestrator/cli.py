@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -17,6 +18,9 @@ from typer.core import TyperGroup
 
 from orchestrator.cli_common import err
 from orchestrator.contract.errors import MLAError
+
+if TYPE_CHECKING:  # the click that typer vendors: the type TyperGroup.parse_args declares
+    from typer._click import Context
 
 
 class _RootGroup(TyperGroup):
@@ -28,7 +32,7 @@ class _RootGroup(TyperGroup):
     arguments before parsing does neither.
     """
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if not args:
             typer.echo(ctx.get_help())
             ctx.exit(0)
