@@ -196,10 +196,16 @@ def load_tokenizer(spec: str | Path | None) -> Tokenizer:
     """``byte`` (or ``None``) or the path of a ``tokenizer.json``.
 
     Raises:
-        ValueError: the path does not exist or is not a tokenizer file.
+        ValueError: ``bpe`` (trained by ``mla train`` at launch, not a file), or the path does
+            not exist, is not UTF-8 text or is not a tokenizer file.
     """
     if spec is None or str(spec) == "byte":
         return ByteTokenizer()
+    if str(spec) == "bpe":
+        raise ValueError(
+            "'bpe' is trained by `mla train` at launch and is not a file here; train one first "
+            "(`mla tokenizer train DATA --vocab-size N --out tokenizer.json`) and pass that file"
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
@@ -208,7 +214,14 @@ def load_tokenizer(spec: str | Path | None) -> Tokenizer:
             f"data.tokenizer {str(spec)!r}: no such tokenizer.json; use 'byte', 'bpe', or a "
             "file from `mla tokenizer train DATA --vocab-size N --out tokenizer.json`"
         )
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a tokenizer.json (byte {exc.start} is not UTF-8 text); train one with "
+            "`mla tokenizer train DATA --vocab-size N --out tokenizer.json`"
+        ) from None
+    return tokenizer_from_json(text, str(path))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:

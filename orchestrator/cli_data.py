@@ -34,6 +34,14 @@ ValFraction = typer.Option(
 
 
 def _data_path(data: str) -> str | None:
+    """DATA as ``data.path`` (``None`` for the standard library); a prepared folder is refused."""
+    from workers.prepared import is_prepared
+
+    if data != "stdlib" and is_prepared(Path(data).expanduser()):
+        raise ConfigError(
+            f"DATA {data} is already an `mla prepare` folder (it holds manifest.json); use it "
+            "as data.path directly, or pass the original text"
+        )
     return None if data == "stdlib" else data
 
 
@@ -52,6 +60,7 @@ def tokenizer_train(
 
     if out_path.is_dir():
         raise ConfigError(f"--out {out_path} is a folder; give a file path such as tokenizer.json")
+    _check_replaceable(out_path)
     docs, source = corpus_documents(_data_path(data))
     train_docs, _ = split_documents(docs, source, val_fraction)
     texts = (d.read().decode("utf-8", errors="replace") for d in train_docs)
@@ -59,12 +68,37 @@ def tokenizer_train(
         tok = train_bpe(texts, vocab_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, tok.to_json())
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_path, tok.to_json())
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out_path}: cannot write it ({exc.strerror or exc}); choose a writable path"
+        ) from None
+    short = (
+        f" (asked for {vocab_size:,}: BPE training on this corpus found no more merges)"
+        if tok.vocab_size < vocab_size
+        else ""
+    )
     err.print(
-        f"wrote {out_path}: BPE, vocab {tok.vocab_size}, trained on {len(train_docs)} "
+        f"wrote {out_path}: BPE, vocab {tok.vocab_size}{short}, trained on {len(train_docs)} "
         f"training documents of {source}"
     )
+
+
+def _check_replaceable(out_path: Path) -> None:
+    """An existing ``--out`` is replaced only when it is a tokenizer file itself."""
+    from mla.tokenizer import load_tokenizer
+
+    if not out_path.is_file():
+        return
+    try:
+        load_tokenizer(out_path)
+    except ValueError:
+        raise ConfigError(
+            f"--out {out_path} exists and is not a tokenizer.json; it is left untouched: give "
+            "a new path, or delete the file first"
+        ) from None
 
 
 @app.command("prepare")

@@ -100,10 +100,14 @@ def _check_source(path: str, cfg, shapes):
     from workers.init_weights import init_problem, read_init_source, resolve_init_source
 
     try:
-        kind, folder, step = resolve_init_source(path)
+        kind, folder, step, skipped = resolve_init_source(path)
         recorded, tensors = read_init_source(kind, folder)
     except CheckpointError as exc:
         raise CheckpointError(f"model.init_from: {exc}") from None
+    from orchestrator.cli_common import err
+
+    for newer in skipped:
+        err.print(f"warning: model.init_from skipped the newer checkpoint {newer}; using {folder}")
     problem = init_problem(cfg, shapes, recorded, tensors, str(folder))
     if problem:
         raise ConfigError(problem)

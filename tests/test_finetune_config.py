@@ -148,3 +148,13 @@ def test_the_fine_tune_example_fits_the_make_train_model():
     plan = plan_finetune(load_job_config("configs/finetune_tiny.yaml", ["model.init_from=null"]))
     assert all(n.startswith(("blocks.0.", "blocks.1.", "tok_emb.", "norm.")) for n in plan.frozen)
     assert plan.trainable_parameters < plan.total_parameters
+
+
+def test_a_newer_checkpoint_that_fails_verification_is_passed_over_and_named(tmp_path, capsys):
+    write_run(tmp_path, step=7)
+    run, _ = write_run(tmp_path, step=9)
+    (run / "checkpoints" / "step_0000009" / "consolidated" / "stage_000.pt").unlink()
+    plan = plan_finetune(_tiny_job(run))
+    assert plan.init_step == 7
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "model.init_from skipped the newer checkpoint step_0000009" in warning

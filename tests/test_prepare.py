@@ -344,3 +344,64 @@ def test_mla_compress_refuses_a_bpe_model_before_any_work(bpe_file, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "trained with a bpe tokenizer" in " ".join(result.stderr.split())
     assert not out.exists()
+
+
+def _mla(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_and_tokenizer_train_refuse_bad_inputs_with_one_message(corpus_dir, tmp_path):
+    """Found by a new user: each exits 2, names what is wrong and leaves files as they were."""
+    prepared = tmp_path / "prepared"
+    prepare_corpus(str(corpus_dir), prepared, "byte", 0.05, 0)
+    binary = tmp_path / "tok.bin"
+    binary.write_bytes(b"\x00\xaa\xff")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    cases = [
+        (
+            ("prepare", str(prepared), "--out", str(tmp_path / "p2"), "--workers", "0"),
+            "is already an `mla prepare` folder",
+        ),
+        (
+            ("tokenizer", "train", str(corpus_dir), "--vocab-size", "300", "--out", "/proc/x"),
+            "--out /proc/x: cannot write it",
+        ),
+        (
+            (
+                "prepare",
+                str(corpus_dir),
+                "--out",
+                str(tmp_path / "p3"),
+                "--tokenizer",
+                str(binary),
+                "--workers",
+                "0",
+            ),
+            "not a tokenizer.json (byte 1 is not UTF-8 text)",
+        ),
+        (
+            (
+                "prepare",
+                str(corpus_dir),
+                "--out",
+                str(tmp_path / "p4"),
+                "--tokenizer",
+                "bpe",
+                "--workers",
+                "0",
+            ),
+            "'bpe' is trained by `mla train` at launch",
+        ),
+        (
+            ("tokenizer", "train", str(corpus_dir), "--vocab-size", "300", "--out", str(mine)),
+            "exists and is not a tokenizer.json; it is left untouched",
+        ),
+    ]
+    for args, words in cases:
+        result = _mla(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert words in " ".join(result.stderr.split()), (args, result.stderr)
+    assert mine.read_text() == "mine"
+    assert not any((tmp_path / p).exists() for p in ("p2", "p3", "p4"))

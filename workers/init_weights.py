@@ -28,19 +28,20 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "f
 NAME_FIELDS = ("attention", "mix", "attn_head_dim")
 
 
-def resolve_init_source(path: str | Path) -> tuple[str, Path, int | None]:
-    """``(kind, folder, step)`` of ``model.init_from``: ``("export", DIR, None)`` or
-    ``("checkpoint", step folder, step)``.
+def resolve_init_source(path: str | Path) -> tuple[str, Path, int | None, tuple[str, ...]]:
+    """``(kind, folder, step, skipped)`` of ``model.init_from``: ``("export", DIR, None, ())``
+    or ``("checkpoint", step folder, step, skipped)``, where ``skipped`` names the newer
+    checkpoints of a run folder that failed verification (``"step_N: reason"``).
 
     Raises:
         CheckpointError: the path is missing, an unfinished save, or holds no verified checkpoint.
     """
     p = Path(path).expanduser().resolve()
     if p.is_dir() and is_pretrained_dir(p):
-        return "export", p, None
-    ckpt, _ = resolve_checkpoint_noting_skips(p)
+        return "export", p, None, ()
+    ckpt, skipped = resolve_checkpoint_noting_skips(p)
     meta = json.loads((ckpt / "meta.json").read_text())
-    return "checkpoint", ckpt, int(meta.get("step", -1))
+    return "checkpoint", ckpt, int(meta.get("step", -1)), skipped
 
 
 def read_init_source(kind: str, folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
