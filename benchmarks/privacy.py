@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -28,28 +25,10 @@ def train(run_dir: Path, name: str, steps: int, extra: list[str]) -> tuple[dict,
     Raises:
         RuntimeError: the run failed (its stderr tail is in the message).
     """
-    sets = [
-        f"run.dir={run_dir}",
-        f"run.name={name}",
-        f"train.steps={steps}",
-        "parallel.zero_stage=1",
-        "checkpoint.every=1000000",
-        *extra,
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "train",
-        "configs/tiny.yaml",
-        *[a for s in sets for a in ("--set", s)],
-    ]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((run_dir / name / "summary.json").read_text()), wall
+    from benchmarks.finetune import train as train_config
+
+    sets = [f"train.steps={steps}", "parallel.zero_stage=1", "checkpoint.every=1000000", *extra]
+    return train_config("configs/tiny.yaml", run_dir, name, sets)
 
 
 def main(argv: list[str] | None = None) -> dict:
