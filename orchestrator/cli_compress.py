@@ -4,7 +4,8 @@ Bad settings are refused before any work with exit status 2: ``--target-mb`` 0 o
 below the model's embedding, ``--target-latency-ms`` 0 or negative or below what the empty model
 (embedding + tied head, no block) takes on this machine (measured in a second or two),
 ``--ffn-keep 0`` / ``--groups-keep 0`` (pruning every MLP neuron or every head), a negative loss
-budget, ``--qat-steps`` with fp32. A budget that the pipeline cannot meet writes the output
+budget, ``--qat-steps`` with fp32, ``--early-exit`` layers that are not integers, out of range,
+repeated or the last layer (:mod:`workers.compress_exit`). A budget that the pipeline cannot meet writes the output
 folder and report anyway and exits 2 with what it achieved (:mod:`workers.compress` describes
 the stages).
 """
@@ -50,6 +51,21 @@ def compress(
     qat_steps: int = typer.Option(
         0, "--qat-steps", help="INT8 quantisation-aware distillation steps after recovery."
     ),
+    early_exit: Optional[str] = typer.Option(
+        None,
+        "--early-exit",
+        help="Exit layers, e.g. 2,3: train shared-head exits, calibrate their threshold and "
+        "save it in pruned/early_exit.json (torch path; the ONNX file stays full depth).",
+    ),
+    exit_steps: int = typer.Option(
+        100, "--exit-steps", help="Exit-loss distillation steps (all weights train jointly)."
+    ),
+    exit_tolerance: Optional[float] = typer.Option(
+        None,
+        "--exit-tolerance",
+        help="Loss the exit threshold may cost, nats/token (default: what --max-loss-increase "
+        "leaves, else 0.02).",
+    ),
     ffn_keep: Optional[int] = typer.Option(
         None, "--ffn-keep", help="Force this MLP width per layer instead of searching."
     ),
@@ -71,6 +87,7 @@ def compress(
     """Prune, distil and quantise a trained model to fit --target-mb and/or --target-latency-ms;
     verify the deployed file."""
     from workers.compress import CompressSettings, check_settings
+    from workers.compress_exit import parse_exits
 
     settings = CompressSettings(
         target_mb=target_mb,
@@ -80,6 +97,9 @@ def compress(
         precision=precision,
         steps=steps,
         qat_steps=qat_steps,
+        early_exit=parse_exits(early_exit) if early_exit is not None else (),
+        exit_steps=exit_steps,
+        exit_tolerance=exit_tolerance,
         ffn_keep=ffn_keep,
         groups_keep=groups_keep,
         candidates=candidates,
@@ -146,4 +166,27 @@ def _print_table(report: dict, batch: int) -> None:
             f"{r['val_loss']:.4f}",
             f"{r['val_loss'] - base:+.4f}",
         )
+    err.print(table)
+    if "early_exit" in report:
+        _print_exits(report["early_exit"])
+
+
+def _print_exits(e: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="early exit (torch path, pruned/early_exit.json)")
+    for col in ("exits", "threshold", "tokens per exit", "mean layers", "compute saved"):
+        table.add_column(col, justify="right")
+    for col in ("val loss exits / full", "decode b1 tok/s exits / full"):
+        table.add_column(col, justify="right")
+    d = e["decode_batch1"]
+    table.add_row(
+        ",".join(map(str, e["exits"])),
+        f"{e['threshold']:g}",
+        " ".join(f"{k}:{v:.0%}" for k, v in e["exit_fractions"].items()),
+        f"{e['mean_layers']:.2f}",
+        f"{e['compute_saved']:.1%}",
+        f"{e['val_loss_with_exits']:.4f} / {e['val_loss_without_exits']:.4f}",
+        f"{d['tokens_per_s_exit']:.0f} / {d['tokens_per_s_full']:.0f} ({d['speedup']:.2f}x)",
+    )
     err.print(table)

@@ -29,6 +29,12 @@ SourceArg = typer.Argument(
     "step_NNNNNNN) or export folder (mla export).",
 )
 DeviceOption = typer.Option("cpu", "--device", help="cpu or cuda.")
+EarlyExitOption = typer.Option(
+    None,
+    "--early-exit/--no-early-exit",
+    help="Route tokens through the exits of SOURCE/early_exit.json (`mla compress "
+    "--early-exit`); default: on when that file is there. Torch path only.",
+)
 
 
 @app.command()
@@ -66,11 +72,13 @@ def generate(
         help="SOURCE is an ONNX model (a .onnx file or an `mla compress` --out folder), run by "
         "ONNX Runtime: full window per token, no KV cache (for checking a deployed file).",
     ),
+    early_exit: Optional[bool] = EarlyExitOption,
 ) -> None:
     """Generate text from a trained model with the KV cache, streaming tokens as they come."""
     sampling = _sampling(temperature, top_k, top_p, seed)
     prompts = _read_prompts(prompt, prompt_file)
     loaded = _load_onnx(source, 1) if onnx else _load(source, device)
+    exits = _exit_config(loaded, early_exit, onnx)
     from mla.generate import check_prompts
 
     tokenizer = getattr(loaded, "tokenizer", None) or _byte()
@@ -84,10 +92,19 @@ def generate(
     _note_capped(ids, max_new_tokens, limit)
     stream = _Streamer(prompts, tokenizer) if not json_out else None
     on_tokens = stream.on_tokens if stream else None
+    layers = None
     if onnx:
         from mla.compress.onnx_generate import generate_onnx
 
         out = generate_onnx(loaded.model, limit, ids, max_new_tokens, sampling, on_tokens)
+    elif exits:
+        from mla.compress.early_exit import generate_early_exit
+
+        out, stats = generate_early_exit(
+            loaded.model, ids, max_new_tokens, sampling, exits["exits"], exits["threshold"],
+            on_tokens,
+        )  # fmt: skip
+        layers = stats.layers.view(-1, len(ids)).float().mean(0).tolist() if out[0] else None
     else:
         from mla.generate import generate as run_generate
 
@@ -95,14 +112,19 @@ def generate(
     if stream:
         stream.close()
     else:
-        print(
-            json.dumps(
-                [
-                    {"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
-                    for p, o in zip(prompts, out, strict=False)
-                ],
-                indent=2,
-            )
+        rows = [
+            {"prompt": p, "completion": tokenizer.decode(o), "new_tokens": len(o)}
+            for p, o in zip(prompts, out, strict=False)
+        ]
+        for row, mean in zip(rows, layers or [], strict=False):
+            row["early_exit"] = {**_exit_brief(exits), "mean_layers": mean}
+        print(json.dumps(rows, indent=2))
+    if exits and layers is not None:
+        err.print(
+            f"early exit: mean {sum(layers) / len(layers):.2f} of {loaded.cfg.n_layers} layers "
+            "per new token",
+            markup=False,
+            highlight=False,
         )
 
 
@@ -164,6 +186,7 @@ def eval_command(
     ),
     threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads (with --onnx)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+    early_exit: Optional[bool] = EarlyExitOption,
 ) -> None:
     """Loss, perplexity and bits per byte of a trained model on held-out text."""
     if batch_size < 1:
@@ -176,6 +199,7 @@ def eval_command(
             "targets); give --seq-len 2 or more, or drop it for the run's data.seq_len"
         )
     loaded = _load_onnx(source, threads) if onnx else _load(source, device)
+    exits = _exit_config(loaded, early_exit, onnx)
     from workers.evaluation import check_seq_len, eval_windows, evaluate
 
     console = err
@@ -206,6 +230,11 @@ def eval_command(
         "data": windows.description,
         **result,
     }
+    if exits:
+        from workers.compress_exit import routed_eval
+
+        routed = routed_eval(loaded.model, windows, exits["exits"], exits["threshold"], batch_size)
+        result["early_exit"] = {**_exit_brief(exits), **routed}
     if json_out:
         print(json.dumps(result, indent=2))
     else:
@@ -213,6 +242,15 @@ def eval_command(
             f"loss {result['loss']:.6f} nats/token  perplexity {result['perplexity']:.4f}  "
             f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens, {result['windows']} windows)"
         )
+        if exits:
+            e = result["early_exit"]
+            where = "  ".join(f"layer {k}: {v:.1%}" for k, v in e["exit_fractions"].items())
+            print(
+                f"early exit (layers {e['exits']}, threshold {e['threshold']:g}): loss "
+                f"{e['val_loss']:.6f} with exits, {e['val_loss_full']:.6f} without; mean "
+                f"{e['mean_layers']:.2f} layers, {e['compute_saved']:.1%} of block compute saved; "
+                f"tokens per exit: {where}"
+            )
 
 
 @app.command()
@@ -317,6 +355,46 @@ def _load_onnx(source: str, threads: int):
             f"{source}: vocab_size {loaded.cfg.vocab_size} is not the byte tokenizer's 256"
         )
     return loaded
+
+
+def _exit_config(loaded, flag: Optional[bool], onnx: bool) -> dict | None:
+    """The exits to use: ``SOURCE/early_exit.json`` when present (``--early-exit`` requires
+    it, ``--no-early-exit`` ignores it); never with ``--onnx`` (the file is full depth)."""
+    if flag is False:
+        return None
+    if onnx:
+        if flag:
+            raise ConfigError(
+                "--early-exit runs on the torch path only (the ONNX file is the full-depth "
+                "graph); drop --onnx and pass the `mla compress` OUT/pruned folder"
+            )
+        return None
+    from workers.compress_exit import EXIT_FILE, load_exit_config
+
+    folder = Path(loaded.source)
+    config = load_exit_config(folder, loaded.cfg.n_layers) if folder.is_dir() else None
+    if flag and config is None:
+        raise ConfigError(
+            f"--early-exit: {folder} holds no {EXIT_FILE}; compress with `mla compress "
+            "--early-exit LAYERS` and pass its OUT/pruned folder, or drop --early-exit"
+        )
+    if config is not None and next(loaded.model.parameters()).device.type != "cpu":
+        if flag:
+            raise ConfigError("--early-exit runs on the CPU here; use --device cpu")
+        err.print("note: early exit skipped on --device cuda (CPU only)", markup=False)
+        return None
+    if config is not None:
+        err.print(
+            f"early exit: layers {config['exits']}, threshold {config['threshold']:g} "
+            f"({folder / EXIT_FILE}); --no-early-exit for the full model",
+            markup=False,
+            highlight=False,
+        )
+    return config
+
+
+def _exit_brief(config: dict | None) -> dict:
+    return {"exits": (config or {}).get("exits"), "threshold": (config or {}).get("threshold")}
 
 
 def _byte():

@@ -20,11 +20,14 @@ Stages (each shown as a progress bar on stderr, each recorded in ``compress_repo
 4. **Distil** the best ``candidates`` shapes (:mod:`mla.compress.distill`, forward KL to the
    teacher's logits, in process on this machine) and keep the one with the lowest loss
    (a distillation that raises the loss is dropped: the pruned weights are kept).
+   Then, with ``early_exit``, the exits are trained (:mod:`workers.compress_exit`).
 5. **QAT** (``qat_steps > 0``, INT8 only): more distillation under torchao INT8 fake
    quantisation, converted back to plain modules (:mod:`mla.compress.qat`).
 6. **Deploy + verify**: ONNX export, ONNX Runtime dynamic INT8, then on the deployed file: size
    on disk, latency (minimum over rounds, ``threads`` ONNX Runtime threads), validation loss.
    A budget the deployed file misses is reported (``met``, ``failure``), not retried.
+   With ``early_exit``: the exit threshold is calibrated on the torch student and saved as
+   ``pruned/early_exit.json`` (:mod:`workers.compress_exit`; the ONNX file stays full depth).
 
 The output folder is written under a temporary name and renamed when complete: ``model.int8.onnx``
 (or ``model.onnx`` with ``precision="fp32"``), ``pruned/`` (the pruned torch model,
@@ -65,6 +68,11 @@ from mla.model import MLATransformer
 from mla.pretrained import save_pretrained
 from mla.staged_dir import staged_dir
 from orchestrator.contract.errors import ConfigError
+from workers.compress_exit import (
+    check_exit_settings,
+    check_exits_against_model,
+    exit_stage_of,
+)
 from workers.compress_latency import (
     deploy_onnx,
     empty_model_latency_ms,
@@ -96,6 +104,10 @@ class CompressSettings:
         qat_steps: INT8 quantisation-aware distillation steps after recovery
             (:mod:`mla.compress.qat`; ``int8`` only).
         qat_lr: Peak learning rate of the QAT steps.
+        early_exit: Exit layers of the early-exit stage (``()``: none; :mod:`workers.compress_exit`).
+        exit_steps: Joint exit-loss distillation steps of that stage.
+        exit_tolerance: Loss the calibrated exit threshold may cost, nats per token (``None``:
+            derived, :func:`workers.compress_exit.exit_tolerance`).
         ffn_keep: Force this MLP width per layer (``None``: search).
         groups_keep: Force this many GQA head groups per layer (``None``: search).
         candidates: How many shapes within the budget are distilled.
@@ -116,6 +128,9 @@ class CompressSettings:
     steps: int = 100
     qat_steps: int = 0
     qat_lr: float = 3e-4
+    early_exit: tuple[int, ...] = ()
+    exit_steps: int = 100
+    exit_tolerance: float | None = None
     ffn_keep: int | None = None
     groups_keep: int | None = None
     candidates: int = 2
@@ -175,6 +190,7 @@ def check_settings(s: CompressSettings) -> None:
             f"--qat-steps={s.qat_steps} simulates INT8, but --precision is {s.precision!r}; "
             "use --precision int8 or drop --qat-steps"
         )
+    check_exit_settings(s.early_exit, s.exit_steps, s.exit_tolerance)
     if not s.lr > 0 or not s.qat_lr > 0:
         raise ConfigError(f"--lr={s.lr} and --qat-lr={s.qat_lr} must be > 0")
 
@@ -204,6 +220,8 @@ def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict
                 for p in problems
             )
         )
+    if s.early_exit:
+        check_exits_against_model(s.early_exit, cfg.n_layers)
     floor = floor_bytes(cfg, s.precision)
     if s.target_mb is not None and s.target_mb * MB < floor:
         raise ConfigError(
@@ -523,6 +541,11 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
         }
         for v, c, _, ls in tried
     ]
+    exit_stage = exit_stage_of(s)
+    if exit_stage:
+        loss = exit_stage.train(
+            student, teacher, _batches(train, s.distill_batch, s.seed + 2), _val_loss(val), stages
+        )
     if s.qat_steps:
         loss = _qat(student, teacher, s, train, val, stages, report, loss)
     step = stages.stage(f"deploy: ONNX {s.precision} + verify", 1)
@@ -531,6 +554,9 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
     save_pretrained(
         student, tmp / "pruned", source={"compressed_from": str(report.get("source", ""))}
     )
+    if exit_stage:
+        t_loss = report["teacher"]["val_loss"]
+        report["early_exit"] = exit_stage.finish(student, val, t_loss, tmp / "pruned", stages)
     onnx_lm = OnnxLM(deployed, s.threads)
     row = {
         **cand.to_dict(),
@@ -550,6 +576,10 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
     if failure:
         report["failure"] = failure
     return report
+
+
+def _val_loss(val: EvalData) -> Callable[[MLATransformer], float]:
+    return lambda m: evaluate(m, val, batch_size=8)["loss"]
 
 
 def _verdict(row: dict, cand: Candidate, s: CompressSettings) -> tuple[dict, str | None]:

@@ -28,6 +28,7 @@ deeper exits weigh more), passed to :func:`mla.compress.distill.distill` as its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,16 +322,19 @@ def generate_early_exit(
     sampling: SamplingConfig,
     exits: list[int],
     threshold: float,
+    on_tokens: Callable[[int, list[int | None]], None] | None = None,
 ) -> tuple[list[list[int]], ExitStats]:
     """:func:`mla.generate.generate` with early exit in every decode step.
 
     The prompt is prefilled by the full model (one parallel pass, nothing to skip), so the first
     new token of a row uses all ``L`` layers; every later token exits by :func:`decode_step_early_exit`.
     Every row gets ``min(max_new_tokens, max_seq_len - max prompt length + 1)`` tokens (rows
-    advance together).
+    advance together). ``on_tokens(step, tokens)`` is called after every step with each row's
+    new token, as in :func:`mla.generate.generate` (for streaming).
 
     Returns:
-        ``(new tokens per row, stats over every new token)``.
+        ``(new tokens per row, stats over every new token)``; ``stats.layers`` is
+        ``(steps * batch,)``, step-major (row ``r`` of step ``s`` at ``s * batch + r``).
 
     Raises:
         ValueError: see :func:`mla.generate.check_prompts` and :func:`check_exits`.
@@ -357,6 +361,8 @@ def generate_early_exit(
     for step in range(steps):
         for row, tok in enumerate(nxt.tolist()):
             out[row].append(tok)
+        if on_tokens is not None:
+            on_tokens(step, nxt.tolist())
         if step + 1 == steps:
             break
         logits, layers = decode_step_early_exit(model, nxt, state, exits, threshold)
