@@ -53,6 +53,10 @@ def compressed(teacher):
         *FAST,
         "--qat-steps",
         "5",
+        "--early-exit",
+        "1",
+        "--exit-steps",
+        "5",
         "--json",
     )
     return result, out
@@ -93,6 +97,11 @@ def test_compressed_artefacts_reload_and_give_the_reported_loss(compressed):
     assert json.loads(torch_ev.stdout)["loss"] == pytest.approx(
         report["deployed"]["torch_val_loss"], abs=1e-5
     )
+    # the saved exits (pruned/early_exit.json) route the same windows as the report says
+    routed, e = json.loads(torch_ev.stdout)["early_exit"], report["early_exit"]
+    assert routed["threshold"] == e["threshold"] and routed["exits"] == e["exits"] == [1]
+    assert routed["exit_fractions"] == e["exit_fractions"]
+    assert routed["val_loss"] == pytest.approx(e["val_loss_with_exits"], abs=1e-6)
 
 
 def test_latency_target_picks_the_least_aggressive_shape_that_meets_it(latency_fp32):
