@@ -17,7 +17,14 @@ logging validation loss along the way so the curve shows whether it has flattene
   exit loss (shared head after layers 1-3 of 4), then per threshold: validation loss with each
   token's logits from its exit and the layers it used (full-sequence scoring: every layer runs,
   so this is compute saved, not time); and greedy KV-cache decoding of 64 new tokens at batch 1
-  with exits vs the same model without (wall time, tokens/s).
+  with exits vs the same model without (wall time, tokens/s);
+* ``original+exits`` and ``combination`` (pruned + KD + exits, INT8): the stage of ``mla
+  compress --early-exit`` (:mod:`workers.compress_exit`: joint exit-loss training, threshold
+  calibrated on the validation windows to ``exit_tolerance``) on the original and on the
+  pruned+KD student. Their size, forward latency and ``val_loss`` are the full-depth model
+  (torch fp32 for ``original+exits``, the ONNX Runtime INT8 file for the combination, which is
+  always full depth); the exits are measured on the torch path of the same weights
+  (``exit_val_loss``, ``compute_saved``, batch-1 KV-cache decoding tokens/s with and without).
 
 For each: size on disk (safetensors file of the torch weights, or the ONNX file), latency per
 forward pass at batch 1 and 8 (minimum over interleaved rounds: every variant is timed once per
@@ -26,7 +33,7 @@ loss on the same fixed windows. Ratios are against torch fp32 of the original, m
 same run.
 
 Run: ``python -m benchmarks.compression [--steps 300] [--distill-steps 100] [--qat-steps 30]
-[--exit-steps 60] [--threads 1] [--json]`` (about 10-15 minutes on one busy core).
+[--exit-steps 60] [--exit-tolerance 0.02] [--threads 1] [--json]`` (about 10-15 minutes on one busy core).
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ import torch
 import torch.nn.functional as F
 
 from mla.compress.distill import distill
-from mla.compress.early_exit import early_exit_forward, early_exit_loss, generate_early_exit
+from mla.compress.early_exit import (
+    calibrate_threshold,
+    early_exit_forward,
+    early_exit_loss,
+    generate_early_exit,
+)
 from mla.compress.importance import measure_importance
 from mla.compress.onnx_export import OnnxLM, onnx_size_bytes
 from mla.compress.prune import apply_pruning, plan_pruning
@@ -54,6 +66,7 @@ from mla.generate import generate
 from mla.model import MLATransformer
 from mla.pretrained import WEIGHTS, save_pretrained
 from mla.sampling import SamplingConfig
+from workers.compress_exit import decode_speed, routed_eval, train_exits
 from workers.compress_latency import deploy_onnx
 from workers.data import WindowBatches, load_corpus
 from workers.evaluation import EvalData, evaluate
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=100)
     p.add_argument("--qat-steps", type=int, default=30)
     p.add_argument("--exit-steps", type=int, default=60)
+    p.add_argument("--exit-tolerance", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
@@ -121,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     distill(more, teacher, batches, a.qat_steps, lr=3e-4)
     log(f"QAT {a.qat_steps} steps (and as many plain KD steps)")
     exits = early_exit_study(teacher, batches, val, a.exit_steps, log)
+    orig_exit, orig_exit_row = exit_stage(teacher, teacher, batches, val, a, log)
+    combo, combo_row = exit_stage(student, teacher, batches, val, a, log)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         variants = {}
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             ("pruned torch fp32", pruned),
             ("pruned+KD torch fp32", student),
             ("pruned+KD+more torch fp32", more),
+            ("original+exits torch fp32", orig_exit),
         ):
             folder = save_pretrained(model, d / name.replace(" ", "_"))
             variants[name] = (model, (folder / WEIGHTS).stat().st_size)
@@ -138,17 +155,24 @@ def main(argv: list[str] | None = None) -> int:
             ("pruned+KD ORT INT8", student, "int8"),
             ("pruned+KD+more ORT INT8", more, "int8"),
             ("pruned+KD+QAT ORT INT8", qat, "int8"),
+            ("combination ORT INT8", combo, "int8"),
         ):
             log(f"exporting {name}")
             path = deploy_onnx(model, d / f"{name.split()[0]}.{prec}.onnx", seq, prec)
             variants[name] = (OnnxLM(path, a.threads), onnx_size_bytes(path))
         rows = measure(variants, val, a.rounds, log)
+    rows["original+exits torch fp32"].update(orig_exit_row)
+    rows["combination ORT INT8"].update(combo_row)
     base = rows["original torch fp32"]
     for r in rows.values():
         r["size_ratio"] = base["size_mb"] / r["size_mb"]
         r["speedup_b1"] = base["ms_b1"] / r["ms_b1"]
         r["speedup_b8"] = base["ms_b8"] / r["ms_b8"]
         r["loss_increase_pct"] = 100 * (r["val_loss"] - base["val_loss"]) / base["val_loss"]
+        if "exit_val_loss" in r:
+            r["exit_loss_increase_pct"] = (
+                100 * (r["exit_val_loss"] - base["val_loss"]) / base["val_loss"]
+            )
     doc = {
         "model": cfg.to_dict(),
         "pruned": {"ffn_hidden": plan.ffn_keep, "kv_groups": plan.groups_keep},
@@ -171,6 +195,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ms_b8']:>8.2f}{r['speedup_b8']:>6.2f}{r['val_loss']:>8.4f}{r['loss_increase_pct']:>+7.2f}"
             )
         print(f"val curve (step, loss): {[(s, round(v, 4)) for s, v in curve]}")
+        print(
+            f"{'with exits (torch path)':<26}{'threshold':>10}{'val':>8}{'Δ%':>7}{'saved':>7}"
+            f"{'decode tok/s exits':>19}{'full':>7}{'x':>6}"
+        )
+        for n, r in rows.items():
+            if "exit_val_loss" in r:
+                dec = r["exit_decode_batch1"]
+                print(
+                    f"{n:<26}{r['exit_threshold']:>10.2f}{r['exit_val_loss']:>8.4f}"
+                    f"{r['exit_loss_increase_pct']:>+7.2f}{r['exit_compute_saved']:>7.1%}"
+                    f"{dec['tokens_per_s_exit']:>19.0f}{dec['tokens_per_s_full']:>7.0f}"
+                    f"{dec['speedup']:>6.2f}"
+                )
         e = exits
         print(
             f"early exit after layers {e['exits']} (+{e['exit_steps']} exit-loss steps): val "
@@ -238,6 +275,34 @@ def early_exit_study(teacher, batches, val: EvalData, steps: int, log) -> dict:
         "val_loss_full": full_val,
         "decode_ms_full": full_ms,
         "thresholds": rows,
+    }
+
+
+def exit_stage(model, teacher, batches, val: EvalData, a, log) -> tuple[MLATransformer, dict]:
+    """A copy of ``model`` through the stage of ``mla compress --early-exit 1..L-1``
+    (:mod:`workers.compress_exit`): joint exit-loss training, calibration to
+    ``a.exit_tolerance`` on ``val``, routing and batch-1 decoding speed."""
+    m = copy.deepcopy(model)
+    exits = list(range(1, m.cfg.n_layers))
+    train_exits(m, teacher, exits, batches, a.exit_steps, 1e-3)
+    vb = [
+        (torch.from_numpy(val.inputs[i : i + 8]), torch.from_numpy(val.targets[i : i + 8]))
+        for i in range(0, len(val.inputs), 8)
+    ]
+    threshold, _ = calibrate_threshold(m, vb, exits, a.exit_tolerance)
+    routed = routed_eval(m, val, exits, threshold)
+    decode = decode_speed(m, val.inputs[0, :32].tolist(), exits, threshold)
+    log(f"exit stage: threshold {threshold}, compute saved {routed['compute_saved']:.1%}")
+    return m, {
+        "exits": exits,
+        "exit_threshold": threshold,
+        "exit_tolerance": a.exit_tolerance,
+        "exit_val_loss": routed["val_loss"],
+        "exit_val_loss_full_torch": routed["val_loss_full"],
+        "exit_fractions": routed["exit_fractions"],
+        "exit_mean_layers": routed["mean_layers"],
+        "exit_compute_saved": routed["compute_saved"],
+        "exit_decode_batch1": decode,
     }
 
 
