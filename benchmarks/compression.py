@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"val curve (step, loss): {[(s, round(v, 4)) for s, v in curve]}")
         print(
             f"{'with exits (torch path)':<26}{'threshold':>10}{'val':>8}{'Δ%':>7}{'saved':>7}"
-            f"{'decode tok/s exits':>19}{'full':>7}{'x':>6}"
+            f"{'decode tok/s exits':>19}{'full':>7}{'x':>6}{'thr 1.0':>8}{'x':>6}"
         )
         for n, r in rows.items():
             if "exit_val_loss" in r:
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{n:<26}{r['exit_threshold']:>10.2f}{r['exit_val_loss']:>8.4f}"
                     f"{r['exit_loss_increase_pct']:>+7.2f}{r['exit_compute_saved']:>7.1%}"
                     f"{dec['tokens_per_s_exit']:>19.0f}{dec['tokens_per_s_full']:>7.0f}"
-                    f"{dec['speedup']:>6.2f}"
+                    f"{dec['speedup']:>6.2f}{dec['tokens_per_s_threshold_1']:>8.0f}"
+                    f"{dec['speedup_vs_threshold_1']:>6.2f}"
                 )
         e = exits
         print(

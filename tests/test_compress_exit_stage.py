@@ -79,7 +79,11 @@ def test_the_report_is_what_the_routing_computes(staged, val):
     assert row["compute_saved"] == stats.compute_saved
     assert row["compute_saved"] == pytest.approx(1 - row["mean_layers"] / 3)
     d = row["decode_batch1"]
-    assert d["tokens_per_s_full"] > 0 and d["tokens_per_s_exit"] > 0
+    assert (
+        d["tokens_per_s_full"] > 0
+        and d["tokens_per_s_exit"] > 0
+        and d["tokens_per_s_threshold_1"] > 0
+    )
     assert d["speedup"] == pytest.approx(d["tokens_per_s_exit"] / d["tokens_per_s_full"])
     assert sum(d["exit_fractions"].values()) == pytest.approx(1.0)
 
