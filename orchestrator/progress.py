@@ -189,6 +189,8 @@ def print_header(plan: RunPlan, data_text: str) -> None:
         console.print(tuned.describe_source())
     if plan.privacy is not None:
         console.print(describe_privacy(plan.privacy, job.train.steps))
+    if plan.distill is not None:
+        console.print(plan.distill.describe())
 
 
 def describe_privacy(plan: PrivacyPlan, steps: int) -> str:

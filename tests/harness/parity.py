@@ -75,6 +75,7 @@ class ParityRun:
     save_dir: str | None = None
     frozen: frozenset[str] = frozenset()
     init_from: tuple[str, str] | None = None
+    distill: object = None  # an orchestrator.contract.distill.DistillPlan (train.distill)
 
     def job(self):
         from orchestrator.config import JobConfig
@@ -116,6 +117,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         job.train.seed,
         job.train.weight_decay,
         frozen=run.frozen,
+        wrap_loss=_distill_wrapper(run, job),
     )
     if run.init_from is not None:
         from workers.init_weights import load_init_weights
@@ -145,6 +147,17 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         if n in run.frozen and p.grad is not None
     ]
     return {"losses": losses, "start": start, "frozen_with_grad": frozen_with_grad}
+
+
+def _distill_wrapper(run: ParityRun, job):
+    if run.distill is None:
+        return None
+    import torch
+
+    from workers.distill import DistillLoss
+
+    vocab = job.model_config_().vocab_size
+    return lambda base: DistillLoss(base, run.distill, vocab, torch.device("cpu"))
 
 
 def run_parity(run: ParityRun) -> dict:
