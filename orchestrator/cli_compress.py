@@ -67,6 +67,15 @@ def compress(
         1, "--tp", help="Tensor-parallel degree the pruned model must still support."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print compress_report.json to stdout."),
+    recovery: str = typer.Option(
+        "in-process",
+        "--recovery",
+        help="Distillation: 'in-process' or 'ray' (the Ray Train + DeepSpeed trainer of mla train).",
+    ),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers of --recovery ray."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray address of --recovery ray (unset: embedded local Ray)."
+    ),
 ) -> None:
     """Prune, distil and quantise a trained model to fit --target-mb and/or --target-latency-ms;
     verify the deployed file."""
@@ -88,6 +97,9 @@ def compress(
         val_windows=val_windows,
         threads=threads,
         tp=tp,
+        recovery=recovery,
+        workers=workers,
+        address=address,
     )
     check_settings(settings)
     from mla.staged_dir import OutDirError, check_out_dir
@@ -108,6 +120,11 @@ def compress(
             "trained with data.tokenizer: byte"
         )
     measured = check_against_model(settings, loaded.cfg, seq_len_of(loaded.job, loaded.cfg))
+    if recovery == "ray":  # the trainer's job needs the teacher's folder and its run's data
+        import dataclasses
+
+        data = (loaded.job or {}).get("data")
+        settings = dataclasses.replace(settings, source=str(Path(source).resolve()), job_data=data)
     report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
     _print_table(report, batch)
     if json_out:
