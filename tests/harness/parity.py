@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.contract.distill import DistillPlan
 from orchestrator.contract.layout import Layout, Recompute
 
 
@@ -63,6 +64,8 @@ class ParityRun:
         frozen: Canonical parameter names to freeze (:func:`mla.freeze.frozen_parameters`).
         init_from: ``(kind, folder)`` of weights to start from (``model.init_from``,
             :func:`workers.init_weights.load_init_weights`), or ``None``.
+        distill: Distil from this teacher (``train.distill``, :mod:`workers.distill`), or
+            ``None`` for the cross-entropy.
     """
 
     layout: Layout = field(default_factory=parity_layout)
@@ -75,7 +78,7 @@ class ParityRun:
     save_dir: str | None = None
     frozen: frozenset[str] = frozenset()
     init_from: tuple[str, str] | None = None
-    distill: object = None  # an orchestrator.contract.distill.DistillPlan (train.distill)
+    distill: DistillPlan | None = None
 
     def job(self):
         from orchestrator.config import JobConfig
