@@ -7,9 +7,9 @@ read here, not its weights. Refused, each with the field, the values and the fix
 
 * a teacher whose vocabulary or tokenizer is not the run's (the KL compares the same ids);
 * a teacher whose ``max_seq_len`` is below ``data.seq_len``;
-* layouts the workers cannot distil under: tensor parallelism (the student's logits are
-  vocabulary shards; the KL needs them whole), ZeRO-3 (not tested with a teacher beside the
-  partitioned student), and DP-SGD (its per-sequence step has its own loss).
+* layouts the workers cannot distil under: ZeRO-3 (not tested with a teacher beside the
+  partitioned student) and DP-SGD (its per-sequence step has its own loss). Tensor parallelism
+  distils: the vocabulary-sharded logits are gathered whole for the KL (:mod:`workers.distill`).
 
 The student's shape may differ from the teacher's: that is the point (a pruned student).
 """
@@ -55,12 +55,6 @@ def _refuse_layouts(job: JobConfig, layouts) -> None:
             "loss and is not wired for distillation; drop one of them"
         )
     for layout in layouts:
-        if layout.tp > 1:
-            raise ConfigError(
-                f"train.distill with parallel.tensor={layout.tp}: the student's logits are "
-                "split over the tensor-parallel ranks and the KL needs them whole (not wired "
-                "yet); use parallel.tensor=1 (data or pipeline parallelism distil)"
-            )
         if layout.zero_stage == 3:
             raise ConfigError(
                 "train.distill with parallel.zero_stage=3 is not supported yet (the teacher "

@@ -5,7 +5,8 @@
 loss is computed where it always is: in the one process for ``pp == 1``, on the last stage of a
 pipeline (the only stage DeepSpeed calls ``loss_fn`` on). Training micro-batches carry
 ``(targets, inputs)`` as their labels (:meth:`workers.parallel.engine.ParallelEngine.
-train_batch`), so the last stage has the token ids the teacher needs; evaluation batches carry
+train_batch`), so the last stage has the token ids the teacher needs; under tensor parallelism the
+vocabulary-sharded logits are gathered whole first (the KL needs every id's probability); evaluation batches carry
 plain targets and get the ordinary cross-entropy, so ``val_loss`` compares with any run.
 
 The teacher is loaded once per process, on first use (so pipeline stages that never compute the
@@ -59,7 +60,7 @@ class DistillLoss:
         targets, inputs = labels
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
-        student = logits[..., : self.vocab_size]
+        student = self._whole(logits)[..., : self.vocab_size]  # padded ids' columns dropped
         p = self.plan
         loss, kl, ce = distillation_objective(
             student, teacher_logits, targets, p.temperature, p.kl_weight, p.lm_weight
@@ -69,6 +70,17 @@ class DistillLoss:
                 ce = F.cross_entropy(student.detach().flatten(0, 1).float(), targets.flatten())
         self.sums += torch.tensor([float(kl), float(ce), 1.0], dtype=torch.float64)
         return loss
+
+    def _whole(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of every id: gathered over the tensor-parallel group, whose ranks each
+        hold a vocabulary shard (``base.groups``, :class:`workers.parallel.pipeline.
+        VocabParallelLoss`), then every tensor rank computes the same loss."""
+        groups = getattr(self.base, "groups", None)
+        if groups is None or groups.layout.tp == 1:
+            return logits
+        from workers.parallel.tensor_parallel import gather_from_group
+
+        return gather_from_group(logits, groups.tp_group, groups.layout.tp)
 
     def take_metrics(self, device: torch.device) -> dict[str, float]:
         """``{"kl_loss", "lm_loss"}``: means over the micro-batches since the last call, over
