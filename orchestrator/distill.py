@@ -7,9 +7,10 @@ read here, not its weights. Refused, each with the field, the values and the fix
 
 * a teacher whose vocabulary or tokenizer is not the run's (the KL compares the same ids);
 * a teacher whose ``max_seq_len`` is below ``data.seq_len``;
-* layouts the workers cannot distil under: ZeRO-3 (not tested with a teacher beside the
-  partitioned student) and DP-SGD (its per-sequence step has its own loss). Tensor parallelism
-  distils: the vocabulary-sharded logits are gathered whole for the KL (:mod:`workers.distill`).
+* DP-SGD (its per-sequence step computes its own loss). Every ``(dp, tp, pp)`` layout and ZeRO
+  stage distils: each worker holds the whole teacher beside its part of the student, and under
+  tensor parallelism the vocabulary-sharded logits are gathered whole for the KL
+  (:mod:`workers.distill`).
 
 The student's shape may differ from the teacher's: that is the point (a pruned student).
 """
@@ -26,17 +27,17 @@ from orchestrator.contract.errors import CheckpointError, ConfigError
 from orchestrator.contract.run_plan import RunPlan
 
 
-def plan_distill(job: JobConfig, layouts=()) -> DistillPlan | None:
+def plan_distill(job: JobConfig) -> DistillPlan | None:
     """The run's :class:`DistillPlan`, or ``None`` without ``train.distill``.
 
     Raises:
-        ConfigError: the teacher does not fit the run, or the layout cannot distil.
+        ConfigError: the teacher does not fit the run, or the run uses DP-SGD.
         CheckpointError: the teacher is missing, unfinished or fails verification.
     """
     d = job.train.distill
     if d is None:
         return None
-    _refuse_layouts(job, layouts)
+    _refuse_privacy(job)
     from workers.init_weights import resolve_init_source
 
     try:
@@ -48,18 +49,12 @@ def plan_distill(job: JobConfig, layouts=()) -> DistillPlan | None:
     return DistillPlan(str(folder), kind, d.temperature, d.kl_weight, d.lm_weight)
 
 
-def _refuse_layouts(job: JobConfig, layouts) -> None:
+def _refuse_privacy(job: JobConfig) -> None:
     if job.train.privacy is not None:
         raise ConfigError(
             "train.distill with train.privacy: DP-SGD's per-sequence step computes its own "
             "loss and is not wired for distillation; drop one of them"
         )
-    for layout in layouts:
-        if layout.zero_stage == 3:
-            raise ConfigError(
-                "train.distill with parallel.zero_stage=3 is not supported yet (the teacher "
-                "beside a ZeRO-3-partitioned student is untested); use parallel.zero_stage=2"
-            )
 
 
 def _recorded_model(kind: str, folder: Path) -> dict:
@@ -112,4 +107,4 @@ def _check_tokenizer(job: JobConfig, folder: Path, where: str) -> None:
 
 def attach_distill(job: JobConfig, plan: RunPlan) -> RunPlan:
     """``plan`` with the run's :class:`DistillPlan` (see :func:`plan_distill`)."""
-    return dataclasses.replace(plan, distill=plan_distill(job, list(plan.layouts.values())))
+    return dataclasses.replace(plan, distill=plan_distill(job))
