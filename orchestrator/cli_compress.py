@@ -97,11 +97,13 @@ def compress(
         val_windows=val_windows,
         threads=threads,
         tp=tp,
-        recovery=recovery,
-        workers=workers,
-        address=address,
     )
     check_settings(settings)
+    if recovery not in ("in-process", "ray") or workers < 1:
+        raise ConfigError(
+            f"--recovery={recovery!r} --workers={workers}: --recovery is 'in-process' or 'ray' "
+            "(the Ray Train + DeepSpeed trainer of mla train), with --workers >= 1"
+        )
     from mla.staged_dir import OutDirError, check_out_dir
 
     try:
@@ -123,8 +125,11 @@ def compress(
     if recovery == "ray":  # the trainer's job needs the teacher's folder and its run's data
         import dataclasses
 
+        from orchestrator.compress_recovery import RayRecovery
+
         data = (loaded.job or {}).get("data")
-        settings = dataclasses.replace(settings, source=str(Path(source).resolve()), job_data=data)
+        ray = RayRecovery(str(Path(source).resolve()), data, workers, address)
+        settings = dataclasses.replace(settings, recover=ray)
     report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
     _print_table(report, batch)
     if json_out:

@@ -106,12 +106,9 @@ class CompressSettings:
         threads: ONNX Runtime / torch threads for latency and scoring.
         tp: Tensor-parallel degree the pruned model must still support.
         seed: Seed of the distillation data order.
-        recovery: ``"in-process"`` (:func:`mla.compress.distill.distill`) or ``"ray"`` (the
-            Ray Train + DeepSpeed trainer, :mod:`workers.compress_recovery`).
-        workers: Ray Train workers of ``recovery="ray"`` (data parallel).
-        address: Ray address of ``recovery="ray"`` (``None``: an embedded local Ray).
-        source: The compressed model's folder (the teacher of ``recovery="ray"``).
-        job_data: The source run's ``data`` section (``recovery="ray"``).
+        recover: ``recover(student, settings, seq, tmp, progress) -> (student, losses)``
+            distilling in place of :func:`mla.compress.distill.distill` (``--recovery ray``:
+            :class:`orchestrator.compress_recovery.RayRecovery`), or ``None``.
     """
 
     target_mb: float | None = None
@@ -132,11 +129,7 @@ class CompressSettings:
     threads: int = 1
     tp: int = 1
     seed: int = 0
-    recovery: str = "in-process"
-    workers: int = 1
-    address: str | None = None
-    source: str | None = None
-    job_data: dict | None = None
+    recover: Callable[..., Any] | None = None
 
 
 def check_settings(s: CompressSettings) -> None:
@@ -188,11 +181,6 @@ def check_settings(s: CompressSettings) -> None:
         )
     if not s.lr > 0 or not s.qat_lr > 0:
         raise ConfigError(f"--lr={s.lr} and --qat-lr={s.qat_lr} must be > 0")
-    if s.recovery not in ("in-process", "ray") or s.workers < 1:
-        raise ConfigError(
-            f"--recovery={s.recovery!r} --workers={s.workers}: recovery is 'in-process' or "
-            "'ray' (the Ray Train trainer), with --workers >= 1"
-        )
 
 
 def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict:
@@ -369,7 +357,8 @@ def compress(
     with staged_dir(out, overwrite=True) as tmp:
         with stages.progress:
             report = _run(teacher, settings, seq, train, val, bpw, tmp, stages)
-        report.update(source=source, data=val.description, settings=settings.__dict__)
+        shown = {k: v for k, v in settings.__dict__.items() if k != "recover"}
+        report.update(source=source, data=val.description, settings=shown)
         report.update(measured or {})
         if job is not None:
             (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
@@ -513,10 +502,8 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
         )
         steps = 0 if unpruned else s.steps
         step = stages.stage(f"distil ffn {cand.ffn_keep} groups {cand.groups_keep}", max(1, steps))
-        if s.recovery == "ray" and steps:  # through the cluster's trainer
-            from workers.compress_recovery import distil_on_ray
-
-            student, losses = distil_on_ray(student, s, seq, tmp, step)
+        if s.recover is not None and steps:  # e.g. through the cluster's trainer
+            student, losses = s.recover(student, s, seq, tmp, step)
         else:
             losses = distill(
                 student,

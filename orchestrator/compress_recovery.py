@@ -1,5 +1,10 @@
 """``mla compress --recovery ray``: distil a pruned shape through the cluster's trainer.
 
+The control-plane half of ``mla compress`` (this module never imports torch at import time):
+``orchestrator.cli_compress`` hands a :class:`RayRecovery` to the pipeline as
+``CompressSettings.recover``, and :mod:`workers.compress` calls it in place of the in-process
+loop.
+
 Instead of the in-process loop (:func:`mla.compress.distill.distill`), the pruned student is
 written as an export (:func:`mla.pretrained.save_pretrained`) into the staging folder and a job
 is built around it -- ``model`` = the pruned shape with ``model.init_from`` = those weights,
@@ -16,27 +21,47 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mla.model import MLATransformer
-from mla.pretrained import save_pretrained
+from orchestrator.config import ModelSection
 
 
-def recovery_job(student_cfg, init_from: Path, s, seq: int, run_dir: Path) -> dict:
-    """The job dict (``JobConfig`` form) distilling ``student_cfg`` from ``s.source``.
+@dataclass(frozen=True)
+class RayRecovery:
+    """How ``--recovery ray`` runs the distillation.
+
+    Attributes:
+        source: The compressed model's folder (absolute): the teacher.
+        job_data: The source run's ``data`` section (``None``: the defaults).
+        workers: Ray Train workers (data parallel).
+        address: Ray address (``None``: an embedded local Ray).
+    """
+
+    source: str
+    job_data: dict | None = None
+    workers: int = 1
+    address: str | None = None
+
+    def __call__(self, student, s, seq: int, tmp: Path, progress: Callable[..., None]):
+        """See :func:`distil_on_ray`."""
+        return distil_on_ray(student, s, self, seq, tmp, progress)
+
+
+def recovery_job(student_cfg, init_from: Path, s, r: RayRecovery, seq: int, run_dir: Path) -> dict:
+    """The job dict (``JobConfig`` form) distilling ``student_cfg`` from ``r.source``.
 
     Args:
         student_cfg: The pruned :class:`mla.config.ModelConfig`.
         init_from: Export folder of the pruned weights.
-        s: :class:`workers.compress.CompressSettings` (steps, lr, distill_batch, workers,
-            address, threads, source, job_data).
+        s: :class:`workers.compress.CompressSettings` (steps, lr, distill_batch, threads, seed).
+        r: Where and on how many workers.
         seq: Tokens per window.
         run_dir: The run folder to create (``run.dir / run.name``).
     """
-    from orchestrator.config import ModelSection
-
     model = {k: v for k, v in student_cfg.to_dict().items() if k in ModelSection.model_fields}
-    data = {k: v for k, v in (s.job_data or {}).items() if k in ("path", "val_fraction")}
+    data = {k: v for k, v in (r.job_data or {}).items() if k in ("path", "val_fraction")}
     return {
         "model": {
             **model,
@@ -53,18 +78,18 @@ def recovery_job(student_cfg, init_from: Path, s, seq: int, run_dir: Path) -> di
             "grad_clip": 0.0,
             "betas": [0.9, 0.999],
             "micro_batch": s.distill_batch,
-            "global_batch": s.distill_batch * s.workers,
+            "global_batch": s.distill_batch * r.workers,
             "precision": "fp32",
             "seed": s.seed,
             "log_every": 1,  # one KL per step, as the in-process loop reports
             "eval_every": s.steps,
             "tensorboard": False,
-            "distill": {"teacher": s.source},
+            "distill": {"teacher": r.source},
         },
-        "parallel": {"zero_stage": 0 if s.workers == 1 else 2},
+        "parallel": {"zero_stage": 0 if r.workers == 1 else 2},
         "cluster": {
-            "num_workers": s.workers,
-            "address": s.address,
+            "num_workers": r.workers,
+            "address": r.address,
             "cpus_per_worker": 1,
             "torch_threads": s.threads,
             "max_failures": 0,
@@ -75,9 +100,10 @@ def recovery_job(student_cfg, init_from: Path, s, seq: int, run_dir: Path) -> di
 
 
 def distil_on_ray(
-    student: MLATransformer, s, seq: int, tmp: Path, progress: Callable[..., None]
-) -> tuple[MLATransformer, list[float]]:
-    """Distil ``student`` for ``s.steps`` through the Ray Train + DeepSpeed trainer.
+    student, s, r: RayRecovery, seq: int, tmp: Path, progress: Callable[..., None]
+) -> tuple[Any, list[float]]:
+    """Distil ``student`` (an :class:`mla.model.MLATransformer`) for ``s.steps`` through the Ray
+    Train + DeepSpeed trainer, with the run in ``tmp/recovery`` (removed afterwards).
 
     Returns:
         ``(student, losses)``: the trained student (eval mode, CPU) and the KL of every
@@ -87,6 +113,7 @@ def distil_on_ray(
         ConfigError, CheckpointError, JobFailedError: from the launcher (the job is checked
             before anything starts).
     """
+    from mla.pretrained import save_pretrained
     from orchestrator.config import validate_job_dict
     from orchestrator.launcher import run_training
     from workers.inference import load_model
@@ -94,7 +121,7 @@ def distil_on_ray(
     work = tmp / "recovery"
     init = save_pretrained(student, work / "pruned_init", source={"stage": "pruned"})
     run_dir = work / "runs" / "distil"
-    job = validate_job_dict(recovery_job(student.cfg, init, s, seq, run_dir), "mla compress")
+    job = validate_job_dict(recovery_job(student.cfg, init, s, r, seq, run_dir), "mla compress")
     run_training(job)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if line.strip()]
     losses = [r["kl_loss"] for r in records if "kl_loss" in r]
