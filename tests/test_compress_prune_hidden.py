@@ -175,6 +175,7 @@ def test_hidden_and_layer_pruned_model_saves_reloads_and_trains(tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(before, again.parameters(), strict=True))
 
 
+@pytest.mark.slow  # ONNX export: ~12 s
 def test_hidden_and_layer_pruned_model_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     from mla.compress.onnx_export import OnnxLM, export_onnx
@@ -188,3 +189,21 @@ def test_hidden_and_layer_pruned_model_exports_to_onnx(tmp_path):
     with torch.no_grad():
         want = small(x).numpy()
     assert abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["mla", "dense"])
+def test_hidden_and_layer_pruned_model_decodes_with_its_kv_cache(attention):
+    """Incremental decoding (mla.decoding) of the pruned model gives the full forward's logits."""
+    from mla.decoding import decode_step, prefill
+
+    model = _model(attention=attention)
+    plan = plan_pruning(measure_importance(model, _batches()), model.cfg, 48, 2, 1, 40, 2)
+    small = apply_pruning(model, plan)
+    x = _batches(1)[0][:, :24]
+    with torch.no_grad():
+        full = small(x)
+        state, logits = prefill(small, x[:, :16], capacity=24)
+        steps = [decode_step(small, x[:, t : t + 1], state) for t in range(16, 24)]
+    torch.testing.assert_close(logits[:, -1], full[:, 15], atol=1e-4, rtol=1e-4)
+    for t, step in zip(range(16, 24), steps, strict=True):
+        torch.testing.assert_close(step.reshape(2, -1), full[:, t], atol=1e-4, rtol=1e-4)

@@ -83,6 +83,7 @@ def compressed(tmp_path_factory):
     return report, out
 
 
+@pytest.mark.slow  # the module fixture trains, exports and quantises twice: ~30 s
 def test_forced_hidden_and_layer_shape_deploys_a_smaller_file(compressed):
     report, out = compressed
     d = report["deployed"]
@@ -96,6 +97,7 @@ def test_forced_hidden_and_layer_shape_deploys_a_smaller_file(compressed):
     assert json.loads((out / "compress_report.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_forced_hidden_and_layer_shape_reloads_with_the_reference_logits(compressed):
     report, out = compressed
     ref = report["reference"]
