@@ -75,10 +75,11 @@ def frozen_parameters(
     if not train_head:
         frozen.update(n for n in names if n in HEAD_PARAMETERS)
     if names and frozen >= set(names):
+        head = "" if train_head else "set train.train_head=true, "
         raise ValueError(
             "train.freeze / train.trainable_last_layers / train.train_head freeze every "
-            "parameter: nothing would train; raise train.trainable_last_layers, set "
-            "train.train_head=true or drop a train.freeze pattern"
+            f"parameter: nothing would train; raise train.trainable_last_layers, {head}or drop "
+            "a train.freeze pattern"
         )
     return frozenset(frozen)
 

@@ -37,6 +37,11 @@ def _data_path(data: str) -> str | None:
     """DATA as ``data.path`` (``None`` for the standard library); a prepared folder is refused."""
     from workers.prepared import is_prepared
 
+    if data != "stdlib" and not Path(data).expanduser().exists():
+        raise ConfigError(
+            f"DATA {data!r} does not exist; give a text file, a folder of text files, a .jsonl "
+            "or a .parquet file, or stdlib for the Python standard library sources"
+        )
     if data != "stdlib" and is_prepared(Path(data).expanduser()):
         raise ConfigError(
             f"DATA {data} is already an `mla prepare` folder (it holds manifest.json); use it "

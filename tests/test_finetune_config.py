@@ -49,8 +49,12 @@ def test_a_pattern_matching_nothing_is_named():
 def test_too_many_last_layers_and_freezing_everything_are_refused():
     with pytest.raises(ValueError, match=r"trainable_last_layers\(3\).*n_layers\(2\)"):
         frozen_parameters(NAMES, 2, trainable_last_layers=3)
-    with pytest.raises(ValueError, match="nothing would train"):
+    with pytest.raises(ValueError, match="nothing would train") as refused:
         frozen_parameters(NAMES, 2, trainable_last_layers=0, train_head=False)
+    assert "set train.train_head=true" in str(refused.value)
+    with pytest.raises(ValueError, match="nothing would train") as refused:
+        frozen_parameters(NAMES, 2, patterns=["*"], train_head=True)
+    assert "train_head=true" not in str(refused.value)  # it is already true
     with pytest.raises(ConfigError, match="trainable_last_layers"):
         _job("train.trainable_last_layers=-1")
 

@@ -193,3 +193,20 @@ def test_generate_past_max_seq_len_says_it_was_capped(run):
     assert json.loads(capped.stdout)[0]["new_tokens"] == 61
     within = mla(*args, "--max-new-tokens", 61)
     assert within.returncode == 0 and "capped" not in within.stderr
+
+
+def test_eval_names_a_validation_split_too_short_for_the_run_s_windows(tmp_path):
+    """The run's evaluation cycles a short validation split; `mla eval` reproduces it and says so."""
+    from workers.evaluation import eval_windows
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("x = 1\n" * 30)  # 180 bytes, val half: 90 bytes = 2 windows of 32 tokens
+    job = {
+        "data": {"path": str(text), "val_fraction": 0.5, "seq_len": 32},
+        "train": {"seed": 3, "global_batch": 4, "eval_batches": 2},
+    }
+    short = eval_windows(job, None, None, "val", None)
+    assert len(short.inputs) == 4 and "only 2 distinct windows" in short.description
+    job["train"]["global_batch"] = 2
+    enough = eval_windows(job, None, None, "val", None)
+    assert len(enough.inputs) == 2 and "distinct" not in enough.description

@@ -398,6 +398,10 @@ def test_prepare_and_tokenizer_train_refuse_bad_inputs_with_one_message(corpus_d
             ("tokenizer", "train", str(corpus_dir), "--vocab-size", "300", "--out", str(mine)),
             "exists and is not a tokenizer.json; it is left untouched",
         ),
+        (
+            ("tokenizer", "train", str(tmp_path / "nope"), "--vocab-size", "300", "--out", "t"),
+            f"DATA '{tmp_path / 'nope'}' does not exist",
+        ),
     ]
     for args, words in cases:
         result = _mla(*args)

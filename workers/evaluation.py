@@ -113,11 +113,18 @@ def eval_windows(
         gb = int(train["global_batch"])
         n = max(1, min(int(train["eval_batches"]), batches.n_windows // gb)) * gb
         x, y = batches.windows(np.arange(n))
+        repeats = (
+            f" (the split holds only {batches.n_windows} distinct windows, so the run and this "
+            "score repeat some; a longer validation split, a larger data.val_fraction, gives a "
+            "less noisy loss)"
+            if n > batches.n_windows
+            else ""
+        )
         return EvalData(
             x,
             y,
             f"{corpus.source}, validation split: the {n} windows of {seq} tokens the run "
-            "evaluated on",
+            f"evaluated on{repeats}",
             _target_bytes(y, tokenizer),
         )
     batches = WindowBatches(tokens, seq, seed=0, shuffle=False)
