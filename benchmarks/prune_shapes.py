@@ -4,11 +4,11 @@ before any recovery, on the same trained model in one run.
 Trains the ``tiny`` preset (:func:`benchmarks.compression.train_teacher`), measures the
 activation importance on 64 training windows (:mod:`mla.compress.importance`: Minitron
 norm-output scores for hidden channels, ShortGPT Block Influence for layers), then for each
-hidden/depth shape and for the MLP-width/head-group shape whose parameter count is closest to
-it, prints the validation loss with the removed units masked (equal to the physically pruned
+hidden/depth shape and for the MLP-width/head-group shapes whose parameter count is closest to
+it (any number of head groups, at least half of them, all of them: MLP width alone), prints the validation loss with the removed units masked (equal to the physically pruned
 model's; checked here on every shape) and its increase over the unpruned model.
 
-Usage: ``python -m benchmarks.prune_shapes --steps 300 [--json]`` (1 thread; ~4 min here).
+Usage: ``python -m benchmarks.prune_shapes --steps 300 [--json]`` (1 thread; ~7 min on this loaded machine).
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ from workers.evaluation import EvalData, evaluate
 Shape = tuple[int, int, int | None, int | None]
 
 
-def closest_width_shape(cfg: ModelConfig, params: int) -> Shape:
-    """The ``(ffn_keep, groups_keep)`` shape (MLP width in steps of 8, any group count, all
-    channels and layers) whose parameter count is closest to ``params``."""
+def closest_width_shape(cfg: ModelConfig, params: int, min_groups: int = 1) -> Shape:
+    """The ``(ffn_keep, groups_keep)`` shape (MLP width in steps of 8, at least ``min_groups``
+    head groups, all channels and layers) whose parameter count is closest to ``params``."""
     best = min(
-        ((f, g) for f in range(8, cfg.ffn_hidden + 1, 8) for g in range(1, cfg.kv_heads + 1)),
+        (
+            (f, g)
+            for f in range(8, cfg.ffn_hidden + 1, 8)
+            for g in range(min_groups, cfg.kv_heads + 1)
+        ),
         key=lambda s: abs(count_parameters(pruned_config(cfg, *s)) - params),
     )
     return (best[0], best[1], None, None)
@@ -89,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, shape in targets:
         row = masked_row(teacher, imp, shape, val, base)
-        width = closest_width_shape(cfg, row["params"])
         rows.append({"name": name, **row})
-        rows.append(
-            {
-                "name": f"  vs ffn/groups {width[0]}/{width[1]}",
-                **masked_row(teacher, imp, width, val, base),
-            }
-        )
+        for min_groups in (1, cfg.kv_heads // 2, cfg.kv_heads):  # any, half the groups, MLP only
+            w = closest_width_shape(cfg, row["params"], max(1, min_groups))
+            rows.append(
+                {"name": f"  vs ffn {w[0]} groups {w[1]}", **masked_row(teacher, imp, w, val, base)}
+            )
     result = {
         "model": f"tiny preset, {count_parameters(cfg)} parameters, {a.steps} steps",
         "val_curve": curve,
