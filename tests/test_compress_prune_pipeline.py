@@ -109,3 +109,28 @@ def test_forced_hidden_and_layer_shape_reloads_with_the_reference_logits(compres
     onnx = OnnxLM(out / "model.int8.onnx")
     want = torch.tensor(ref["onnx_logits_last"], dtype=torch.float32)
     assert torch.equal(torch.from_numpy(onnx(tokens.numpy())[0, -1]), want)
+
+
+@pytest.mark.slow  # two ONNX exports + INT8 quantisation, ~60 masked evaluations: ~30 s
+def test_search_ranks_hidden_and_depth_shapes_by_masked_loss(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.set_num_threads(1)
+    teacher = train_tiny(steps=30, attention="dense", d_model=64, ffn_hidden=128, n_layers=3)
+    s = CompressSettings(
+        target_mb=10.0, search_hidden_layers=True, steps=0, calib_windows=8, val_windows=8
+    )
+    check_settings(s)
+    report = compress(teacher, None, s, tmp_path / "out", "t", Console(stderr=True, quiet=True))
+    ranked = report["candidates_within_budget"]
+    assert (
+        report["candidates_considered"] == len(ranked) == 3 * len(candidate_shapes(teacher.cfg, 1))
+    )
+    assert {(c["hidden_keep"], c["layers_keep"]) for c in ranked} == {(64, 3), (48, 3), (64, 2)}
+    losses = [c["masked_val_loss"] for c in ranked]
+    assert losses == sorted(losses)
+    unpruned = next(c for c in ranked if c["params"] == report["teacher"]["params"])
+    assert unpruned["masked_val_loss"] == pytest.approx(report["teacher"]["val_loss"], abs=1e-5)
+    best = ranked[0]  # with --steps 0 the lowest masked loss is deployed as is
+    shape = ("ffn_keep", "groups_keep", "hidden_keep", "layers_keep")
+    assert [report["deployed"][k] for k in shape] == [best[k] for k in shape]
+    assert report["deployed"]["torch_val_loss"] == pytest.approx(best["masked_val_loss"], abs=1e-5)
