@@ -14,8 +14,9 @@ Stages (each shown as a progress bar on stderr, each recorded in ``compress_repo
    shape forced by ``ffn_keep``/``groups_keep``/``hidden_keep``/``layers_keep``; with
    ``search_hidden_layers`` also each shape with 3/4 of the hidden channels and with one block
    fewer). Predicted size = measured teacher file - removed weights x bytes per weight (1 for
-   INT8, 4 for fp32; norms fp32) - a removed block's share of the graph (:func:`predicted_bytes`). With a latency target, the shapes within the size budget
-   are pruned, deployed and timed on this machine (:func:`_latency_fits`: the smallest first,
+   INT8, 4 for fp32; norms fp32) - a removed block's share of the graph
+   (:func:`predicted_bytes`). With a latency target, the shapes within the size budget are
+   pruned, deployed and timed on this machine (:func:`_latency_fits`: the smallest first,
    which refuses an unreachable target at once, then from the least aggressive down until
    ``candidates`` shapes meet it). The shapes left are ranked by validation loss with the
    removed units masked (no recovery; Minitron's lightweight search).
@@ -485,11 +486,11 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
     imp = measure_importance(teacher, calib)
     shapes = _shapes(cfg, s)
     budget = math.inf if s.target_mb is None else s.target_mb * MB
+    file_bytes = onnx_size_bytes(teacher_file)
     fits = [
-        Candidate(f, g, count_parameters(pruned_config(cfg, *sh)), p / MB, None, None, h, n)
-        for sh in shapes
-        for f, g, h, n in [sh]
-        if (p := predicted_bytes(onnx_size_bytes(teacher_file), cfg, pruned_config(cfg, *sh), bpw))
+        Candidate(f, g, count_parameters(small), p / MB, None, None, h, n)
+        for f, g, h, n in shapes
+        if (p := predicted_bytes(file_bytes, cfg, small := pruned_config(cfg, f, g, h, n), bpw))
         <= budget
     ]
     report: dict[str, Any] = {
