@@ -21,14 +21,20 @@ k exist), scored in chunks of queries so memory is O(chunk * n + n * k).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from mla.block_selection import BlockSelection, select_blocks
-from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
+from mla.tensor_ops import (
+    block_chunks,
+    check_qkv,
+    eager_cache,
+    num_blocks,
+    pad_seq,
+    repeat_kv,
+)
 
 #: Queries scored at once by the exact indexer (bounds its scoring memory to chunk x n).
 EXACT_CHUNK = 1024
@@ -183,7 +189,7 @@ def block_selection_attention(
     return torch.cat(outs, dim=3).reshape(b, h, nb * block, d)[..., :n, :]
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _selection_bias_cached(
     nb: int, block: int, width: int, device: str, dtype: torch.dtype
 ) -> torch.Tensor:

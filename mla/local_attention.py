@@ -18,7 +18,14 @@ import os
 
 import torch
 
-from mla.tensor_ops import block_chunks, check_qkv, num_blocks, pad_seq, repeat_kv
+from mla.tensor_ops import (
+    block_chunks,
+    check_qkv,
+    eager_cache,
+    num_blocks,
+    pad_seq,
+    repeat_kv,
+)
 
 #: Set this environment variable to ``1`` to force the blocked path on CUDA too.
 DISABLE_FLEX_ENV = "MLA_DISABLE_FLEX"
@@ -108,7 +115,7 @@ def _key_windows(xb: torch.Tensor, n_prev: int, c0: int, c1: int) -> torch.Tenso
     return torch.cat([xb[:, :, c0 + j : c1 + j] for j in range(n_prev + 1)], dim=3)
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _band_mask_cached(nb: int, p: int, n_prev: int, w: int, device: str) -> torch.Tensor:
     qpos = torch.arange(nb, device=device).view(nb, 1, 1) * p + torch.arange(p, device=device).view(
         1, p, 1
@@ -129,7 +136,7 @@ def band_mask(nb: int, p: int, n_prev: int, w: int, device: torch.device) -> tor
     return _band_mask_cached(nb, p, n_prev, w, str(device))
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _band_bias_cached(
     nb: int, p: int, n_prev: int, w: int, device: str, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +82,34 @@ def block_chunks(
     budget = CHUNK_ELEMENTS if budget is None else budget
     per_chunk = max(1, budget // max(1, elements_per_block))
     return [(start, min(n_blocks, start + per_chunk)) for start in range(0, n_blocks, per_chunk)]
+
+
+def eager_cache(maxsize: int):
+    """``functools.lru_cache`` for mask builders, bypassed while torch traces (compile, export).
+
+    A mask first built inside ``torch.export`` / ``torch.onnx.export(dynamo=True)`` is a
+    tracing-time tensor (a ``FakeTensor`` there); cached, it was handed to later eager calls,
+    which then computed wrong attention: a model exported before its first eager forward gave
+    logits off by more than 1 afterwards. Under tracing the builder runs uncached, so the traced
+    graph holds the mask as constants and the cache only ever holds eager tensors.
+    ``torch.compiler.is_compiling()`` is true in both dynamo and non-strict export tracing.
+
+    Args:
+        maxsize: Entries kept, as for ``functools.lru_cache``.
+
+    Returns:
+        A decorator; the wrapped function keeps ``cache_info`` and ``cache_clear``.
+    """
+
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        call.cache_info = cached.cache_info
+        call.cache_clear = cached.cache_clear
+        return call
+
+    return wrap

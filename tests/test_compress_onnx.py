@@ -91,3 +91,39 @@ def test_greedy_onnx_generation_matches_the_torch_kv_cache_decoder(exported):
     assert got == want and len(got[0]) == 20
     # a row stops where the window ends: 64 - 60 + 1 new tokens
     assert len(generate_onnx(lm, lm.seq_len, [[65] * 60], 20, greedy)[0]) == 5
+
+
+def test_the_deployed_file_holds_no_debug_metadata_and_no_duplicate_initializer(exported):
+    import onnx
+
+    _, _, fp32, int8 = exported
+    for path in (fp32, int8):
+        raw = path.read_bytes()
+        assert b"stack_trace" not in raw and b"fx_node" not in raw  # nor this host's paths
+        graph = onnx.load(str(path)).graph
+        assert not any(n.metadata_props or n.doc_string for n in graph.node)
+        arrays = [onnx.numpy_helper.to_array(t) for t in graph.initializer]
+        big = [(a.dtype.str, a.shape, a.tobytes()) for a in arrays if a.size >= 256]
+        assert len(big) == len(set(big))  # the per-layer rotary tables are stored once
+
+
+def test_exporting_before_the_first_eager_forward_leaves_eager_outputs_right(tmp_path):
+    """Masks built while the exporter traces must not be cached for eager calls (they were, and
+    the model's own logits came out wrong after an export)."""
+    from mla.global_attention import _selection_bias_cached
+    from mla.local_attention import _band_bias_cached, _band_mask_cached
+
+    caches = (_band_mask_cached, _band_bias_cached, _selection_bias_cached)
+    for cache in caches:
+        cache.cache_clear()
+    model = train_tiny(steps=0, max_seq_len=48)  # a length no other test uses
+    x, _ = val_batch(2)
+    x = x[:, :48]
+    export_onnx(model, tmp_path / "m.onnx", 48)
+    assert all(c.cache_info().currsize == 0 for c in caches)
+    with torch.no_grad():
+        after_export = model(x)
+        for cache in caches:
+            cache.cache_clear()
+        clean = model(x)
+    assert torch.equal(after_export, clean)
