@@ -79,6 +79,15 @@ def compress(
         1, "--tp", help="Tensor-parallel degree the pruned model must still support."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print compress_report.json to stdout."),
+    recovery: str = typer.Option(
+        "in-process",
+        "--recovery",
+        help="Distillation: 'in-process' or 'ray' (the Ray Train + DeepSpeed trainer of mla train).",
+    ),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers of --recovery ray."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray address of --recovery ray (unset: embedded local Ray)."
+    ),
 ) -> None:
     """Prune, distil and quantise a trained model to fit --target-mb and/or --target-latency-ms;
     verify the deployed file."""
@@ -105,6 +114,11 @@ def compress(
         tp=tp,
     )
     check_settings(settings)
+    if recovery not in ("in-process", "ray") or workers < 1:
+        raise ConfigError(
+            f"--recovery={recovery!r} --workers={workers}: --recovery is 'in-process' or 'ray' "
+            "(the Ray Train + DeepSpeed trainer of mla train), with --workers >= 1"
+        )
     from mla.staged_dir import OutDirError, check_out_dir
 
     try:
@@ -123,6 +137,14 @@ def compress(
             "trained with data.tokenizer: byte"
         )
     measured = check_against_model(settings, loaded.cfg, seq_len_of(loaded.job, loaded.cfg))
+    if recovery == "ray":  # the trainer's job needs the teacher's folder and its run's data
+        import dataclasses
+
+        from orchestrator.compress_recovery import RayRecovery
+
+        data = (loaded.job or {}).get("data")
+        ray = RayRecovery(str(Path(source).resolve()), data, workers, address)
+        settings = dataclasses.replace(settings, recover=ray)
     report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
     _print_table(report, batch)
     if json_out:

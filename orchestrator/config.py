@@ -65,6 +65,9 @@ class ModelSection(_Section):
     """Number of key/value heads (grouped-query attention); unset means n_heads."""
     ffn_hidden: int | None = Field(None, ge=1)
     """SwiGLU MLP hidden width, in features."""
+    attn_head_dim: int | None = Field(None, ge=2)
+    """Features per attention head when not d_model / n_heads (a head-pruned model, `mla
+    compress`); unset derives it."""
     max_seq_len: int | None = Field(None, ge=1)
     """Longest sequence supported by the rotary embedding, in tokens."""
     attention: Literal["mla", "dense"] | None = None
@@ -165,6 +168,35 @@ class PrivacySection(_Section):
         return self
 
 
+class DistillSection(_Section):
+    """Logit distillation from a frozen teacher (Hinton et al. 2015): the training loss becomes
+    kl_weight * T^2 * KL(teacher_T || student_T) + lm_weight * CE per token; val_loss stays the
+    ordinary CE. See :mod:`orchestrator.distill` for what is checked before launch."""
+
+    teacher: str | None = None
+    """The teacher's weights: a run folder (its newest verified checkpoint), a checkpoint folder
+    or an `mla export` folder; its vocabulary and tokenizer must be the run's."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softening temperature T of both softmaxes (1 is the plain forward KL)."""
+    kl_weight: float = Field(1.0, ge=0.0)
+    """Weight of the distillation term T^2 * KL."""
+    lm_weight: float = Field(0.0, ge=0.0)
+    """Weight of the ordinary next-token cross-entropy added to it (0 leaves it out)."""
+
+    @model_validator(mode="after")
+    def _has_teacher(self) -> DistillSection:
+        if not self.teacher:
+            raise ValueError(
+                "train.distill needs a teacher; set train.distill.teacher=RUN_DIR (or a "
+                "checkpoint or export folder), or remove train.distill"
+            )
+        if self.kl_weight == 0 and self.lm_weight == 0:
+            raise ValueError(
+                "train.distill.kl_weight=0 and lm_weight=0 leave no loss; set kl_weight > 0"
+            )
+        return self
+
+
 class TrainSection(_Section):
     """Optimisation schedule."""
 
@@ -198,6 +230,9 @@ class TrainSection(_Section):
     """Validation pass size, in global batches of held-out sequences (same for every layout)."""
     privacy: PrivacySection | None = None
     """Differentially private training (DP-SGD); unset trains without privacy."""
+    distill: DistillSection | None = None
+    """Logit distillation from a teacher model (recovery of a pruned model); unset trains on
+    the next-token loss alone."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN_DIR/tb (rank 0: scalars, gate histograms, config)."""
     max_bad_steps: int = Field(5, ge=1)

@@ -29,6 +29,7 @@ from orchestrator.contract.checkpoints import FAILURE_FILE
 from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
+from orchestrator.distill import attach_distill
 from orchestrator.finetune import attach_finetune
 from orchestrator.layouts import build_run_plan, check_resumable
 from orchestrator.privacy import attach_privacy
@@ -337,6 +338,7 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
     check_resumable(job, plan)
     plan = attach_privacy(job, plan)
     plan = attach_finetune(job, plan)
+    plan = attach_distill(job, plan)
     run_dir = plan.run_dir
     load_torch_before_ray()
     with ray_session(job) as handle:

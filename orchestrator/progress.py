@@ -95,6 +95,8 @@ def format_progress(record: dict, total_steps: int, elapsed_s: float) -> str:
     parts = [f"step {record['step']:>5}/{total_steps}"]
     for key, label, fmt in (
         ("loss", "loss", ".4f"),
+        ("kl_loss", "kl", ".4f"),  # train.distill: the unweighted parts of the loss
+        ("lm_loss", "lm", ".4f"),
         ("val_loss", "val", ".4f"),
         ("tokens_per_s", "tok/s", ",.0f"),
         ("lr", "lr", ".2e"),
@@ -189,6 +191,8 @@ def print_header(plan: RunPlan, data_text: str) -> None:
         console.print(tuned.describe_source())
     if plan.privacy is not None:
         console.print(describe_privacy(plan.privacy, job.train.steps))
+    if plan.distill is not None:
+        console.print(plan.distill.describe())
 
 
 def describe_privacy(plan: PrivacyPlan, steps: int) -> str:

@@ -100,6 +100,7 @@ def _trial_driver(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.distill import attach_distill
     from orchestrator.finetune import attach_finetune
     from orchestrator.launcher import build_trainer
     from orchestrator.layouts import build_run_plan
@@ -109,6 +110,7 @@ def _trial_driver(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     job = trial_job(config["_base"], params, config["_trials_dir"], trial_id)
     plan = attach_finetune(job, attach_privacy(job, build_run_plan(job)))
+    plan = attach_distill(job, plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(plan, callbacks=[TuneReportCallback()])
     trainer.fit()

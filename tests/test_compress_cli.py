@@ -219,3 +219,16 @@ def test_tight_latency_target_prunes_to_the_least_aggressive_shape_that_meets_it
     assert all(c["probe_latency_ms"] > target for c in probed if c["params"] > chosen["params"])
     if result.returncode:  # the deployed file re-timed over the target on a loaded machine
         assert result.returncode == 2 and "over --target-latency-ms" in result.stderr
+
+
+def test_recovery_through_the_ray_trainer(teacher, tmp_path):
+    """--recovery ray distils the pruned shape with `mla train`'s launcher (embedded Ray, one
+    worker) and deploys the student it trained: lower loss than the pruned weights alone."""
+    out = tmp_path / "ray"
+    args = ("--ffn-keep", "64", "--groups-keep", "1", "--precision", "fp32", "--recovery", "ray")
+    result = mla("compress", teacher, *args, "--out", out, *FAST[:1], "8", *FAST[2:], "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    row = report["distilled"][0]
+    assert row["distill_steps_kept"] == 8 and row["distilled_val_loss"] < row["masked_val_loss"]
+    assert "distill: teacher export" in result.stderr and not (out / "recovery").exists()

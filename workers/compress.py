@@ -117,6 +117,9 @@ class CompressSettings:
         threads: ONNX Runtime / torch threads for latency and scoring.
         tp: Tensor-parallel degree the pruned model must still support.
         seed: Seed of the distillation data order.
+        recover: ``recover(student, settings, seq, tmp, progress) -> (student, losses)``
+            distilling in place of :func:`mla.compress.distill.distill` (``--recovery ray``:
+            :class:`orchestrator.compress_recovery.RayRecovery`), or ``None``.
     """
 
     target_mb: float | None = None
@@ -140,6 +143,7 @@ class CompressSettings:
     threads: int = 1
     tp: int = 1
     seed: int = 0
+    recover: Callable[..., Any] | None = None
 
 
 def check_settings(s: CompressSettings) -> None:
@@ -433,7 +437,8 @@ def compress(
     with staged_dir(out, overwrite=True) as tmp:
         with stages.progress:
             report = _run(teacher, settings, seq, train, val, bpw, tmp, stages)
-        report.update(source=source, data=val.description, settings=settings.__dict__)
+        shown = {k: v for k, v in settings.__dict__.items() if k != "recover"}
+        report.update(source=source, data=val.description, settings=shown)
         report.update(measured or {})
         if job is not None:
             (tmp / "job.json").write_text(json.dumps(job, indent=2) + "\n")
@@ -586,14 +591,17 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
         unpruned = student.cfg == teacher.cfg
         steps = 0 if unpruned else s.steps
         step = stages.stage(f"distil {cand.name()}", max(1, steps))
-        losses = distill(
-            student,
-            teacher,
-            _batches(train, s.distill_batch, s.seed),
-            steps,
-            s.lr,
-            progress=_kl_note(step),
-        )
+        if s.recover is not None and steps:  # e.g. through the cluster's trainer
+            student, losses = s.recover(student, s, seq, tmp, step)
+        else:
+            losses = distill(
+                student,
+                teacher,
+                _batches(train, s.distill_batch, s.seed),
+                steps,
+                s.lr,
+                progress=_kl_note(step),
+            )
         step(max(1, steps))
         loss = evaluate(student, val, batch_size=8)["loss"]
         if cand.masked_val_loss is not None and loss > cand.masked_val_loss:

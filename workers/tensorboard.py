@@ -39,6 +39,8 @@ _SCALARS = {
     "mfu": "perf/mfu",
     "peak_memory_gib": "memory/peak_gib",
     "val_loss": "val/loss",
+    "kl_loss": "train/kl_loss",  # train.distill: the unweighted parts of the loss
+    "lm_loss": "train/lm_loss",
 }
 """``metrics.jsonl``-style record key -> TensorBoard tag."""
 

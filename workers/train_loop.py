@@ -21,7 +21,8 @@ Order of work on each worker (torchtitan-style named steps):
 
 Rank 0 appends one strict-JSON object per logged step to ``RUN_DIR/metrics.jsonl`` (step, loss,
 lr the step used, tokens_per_s, step_time_s, mfu, peak_memory_gib (rank 0's), grad_norm,
-elapsed_s, and val_loss when evaluated, with the epsilon spent under ``train.privacy``;
+elapsed_s, and val_loss when evaluated, with the epsilon spent under ``train.privacy``, and
+``kl_loss`` / ``lm_loss`` (the unweighted parts of the loss) under ``train.distill``;
 non-finite values as ``null`` listed under ``nonfinite``) and start/resume events to
 ``RUN_DIR/events.jsonl``. Every rank writes ``RUN_DIR/workers/rank_N.json`` (pid, host) so that
 operators (and the failure tests) can find its process.
@@ -130,6 +131,7 @@ class Trainer:
             self.train_cfg.weight_decay,
             self.device,
             frozen=plan.finetune.frozen if plan.finetune else frozenset(),
+            wrap_loss=self._distill_loss(),
         )
         self.tokenizer = job_tokenizer(self.job)
         corpus = load_corpus(self.data_cfg.path, self.data_cfg.val_fraction, self.tokenizer)
@@ -148,6 +150,16 @@ class Trainer:
         self._gate_means: dict[int, list[float]] = {}
         self._attention_maps: dict = {}
         self._data_wait_s = 0.0  # seconds fetching batches since the last logging interval
+
+    def _distill_loss(self):
+        """``base_loss -> DistillLoss`` under ``train.distill`` (:mod:`workers.distill`), else
+        ``None``."""
+        if self.plan.distill is None:
+            return None
+        from workers.distill import DistillLoss
+
+        plan, vocab, device = self.plan.distill, self.model_cfg.vocab_size, self.device
+        return lambda base: DistillLoss(base, plan, vocab, device)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> None:
@@ -206,6 +218,8 @@ class Trainer:
                     "step_time_s": elapsed / len(window_loss),
                 }
                 record.update(self.export_interval(record, step_times, tokens))
+                if self.engine.distill:  # collective: every rank logs at the same steps
+                    record.update(self.engine.loss_fn.take_metrics(self.device))
                 if evaluate:
                     record.update(val_loss=self.evaluate(), **self._privacy_metrics())
                 self.log(record)

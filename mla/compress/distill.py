@@ -5,8 +5,9 @@ temperature T): ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, averaged ove
 optionally ``lm_weight`` times the ordinary next-token cross-entropy. Minitron (Muralidharan et
 al. 2024, Sec. 3) finds the forward KL on logits alone sufficient for width-pruned models.
 
-This is the in-process single-device loop (AdamW, cosine decay to 10 %); recovery of a large
-model through the Ray Train + DeepSpeed trainer is not wired yet.
+This module holds the in-process single-device loop (AdamW, cosine decay to 10 %) and
+:func:`distillation_objective`, the one formula both it and the Ray Train + DeepSpeed trainer
+(``train.distill``, :mod:`workers.distill`) use.
 """
 
 from __future__ import annotations
@@ -41,6 +42,41 @@ def distillation_loss(
     s = F.log_softmax(student_logits.float().flatten(0, 1) / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float().flatten(0, 1) / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def distillation_objective(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    lm_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``kl_weight * T^2 * KL(p_teacher_T || p_student_T) + lm_weight * CE(student, targets)``.
+
+    Hinton et al. 2015 (arXiv:1503.02531, Sec. 2): the soft-target term is scaled by ``T^2`` so
+    its gradient keeps its size when the temperature changes; the hard-target term is the
+    ordinary next-token cross-entropy at temperature 1. Both are means over tokens.
+
+    Args:
+        student_logits: ``(batch, seq, vocab)``.
+        teacher_logits: ``(batch, seq, vocab)`` (no gradient needed).
+        targets: ``(batch, seq)`` int64 next-token ids.
+        temperature: Softening temperature T > 0.
+        kl_weight: Weight of the distillation term.
+        lm_weight: Weight of the cross-entropy term (0 leaves it out and does not compute it).
+
+    Returns:
+        ``(loss, kl, ce)``: the scalar loss, the unweighted ``T^2 * KL`` term, and the
+        unweighted cross-entropy (``None`` when ``lm_weight`` is 0), in nats per token.
+    """
+    kl = distillation_loss(student_logits, teacher_logits, temperature)
+    loss = kl_weight * kl
+    ce = None
+    if lm_weight:
+        ce = F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten())
+        loss = loss + lm_weight * ce
+    return loss, kl, ce
 
 
 def distill(
@@ -82,12 +118,12 @@ def distill(
         with torch.no_grad():
             target = teacher(x)
         if loss_fn is None:
-            logits = student(x)
-            loss = distillation_loss(logits, target)
+            loss = distillation_objective(student(x), target, y, lm_weight=lm_weight)[0]
         else:
             loss, logits = loss_fn(student, x, y, target)
-        if lm_weight:
-            loss = loss + lm_weight * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            if lm_weight:
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = loss + lm_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,6 +17,7 @@ from typing import Any
 
 from mla.config import ModelConfig
 from orchestrator.config import JobConfig
+from orchestrator.contract.distill import DistillPlan
 from orchestrator.contract.finetune import FinetunePlan
 from orchestrator.contract.layout import Layout
 from orchestrator.contract.privacy import PrivacyPlan
@@ -37,6 +38,8 @@ class RunPlan:
             denominator. 0 when unknown (then no MFU is exported).
         finetune: Weights to start from and parameters to freeze
             (:mod:`orchestrator.finetune`); ``None`` trains every parameter from the seed.
+        distill: The teacher and loss weights under ``train.distill``
+            (:mod:`orchestrator.distill`), else ``None``.
 
     Raises:
         ValueError: on creation, if ``layouts`` and ``deepspeed`` plan different sizes, a layout
@@ -50,6 +53,7 @@ class RunPlan:
     privacy: PrivacyPlan | None = None
     peak_flops: float = 0.0
     finetune: FinetunePlan | None = None
+    distill: DistillPlan | None = None
 
     def __post_init__(self) -> None:
         if set(self.layouts) != set(self.deepspeed) or not self.layouts:

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.contract.distill import DistillPlan
 from orchestrator.contract.layout import Layout, Recompute
 
 
@@ -63,6 +64,8 @@ class ParityRun:
         frozen: Canonical parameter names to freeze (:func:`mla.freeze.frozen_parameters`).
         init_from: ``(kind, folder)`` of weights to start from (``model.init_from``,
             :func:`workers.init_weights.load_init_weights`), or ``None``.
+        distill: Distil from this teacher (``train.distill``, :mod:`workers.distill`), or
+            ``None`` for the cross-entropy.
     """
 
     layout: Layout = field(default_factory=parity_layout)
@@ -75,6 +78,7 @@ class ParityRun:
     save_dir: str | None = None
     frozen: frozenset[str] = frozenset()
     init_from: tuple[str, str] | None = None
+    distill: DistillPlan | None = None
 
     def job(self):
         from orchestrator.config import JobConfig
@@ -116,6 +120,7 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         job.train.seed,
         job.train.weight_decay,
         frozen=run.frozen,
+        wrap_loss=_distill_wrapper(run, job),
     )
     if run.init_from is not None:
         from workers.init_weights import load_init_weights
@@ -145,6 +150,17 @@ def parity_worker(rank: int, world_size: int, run: ParityRun) -> dict:
         if n in run.frozen and p.grad is not None
     ]
     return {"losses": losses, "start": start, "frozen_with_grad": frozen_with_grad}
+
+
+def _distill_wrapper(run: ParityRun, job):
+    if run.distill is None:
+        return None
+    import torch
+
+    from workers.distill import DistillLoss
+
+    vocab = job.model_config_().vocab_size
+    return lambda base: DistillLoss(base, run.distill, vocab, torch.device("cpu"))
 
 
 def run_parity(run: ParityRun) -> dict:

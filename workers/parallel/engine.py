@@ -57,9 +57,15 @@ class ParallelEngine:
         device: Where batches go.
     """
 
-    def __init__(self, engine, layout: Layout, groups: ParallelGroups, device: torch.device):
+    def __init__(
+        self, engine, layout: Layout, groups: ParallelGroups, device: torch.device, loss_fn=None
+    ):
         self.engine, self.layout, self.groups, self.device = engine, layout, groups, device
         self.is_pipeline = layout.pp > 1
+        #: The run's loss function; a :class:`workers.distill.DistillLoss` makes training
+        #: micro-batches carry ``(targets, inputs)`` labels (the teacher needs the inputs).
+        self.loss_fn = loss_fn
+        self.distill = hasattr(loss_fn, "take_metrics")
 
     # ------------------------------------------------------------------ steps
     def _micro_batches(
@@ -83,7 +89,9 @@ class ParallelEngine:
         Returns:
             Mean micro-batch loss, averaged over the data-parallel ranks (same on every rank).
         """
-        batches = self._micro_batches(x, y)
+        batches: list = self._micro_batches(x, y)
+        if self.distill:  # the loss on the last stage needs the inputs for the teacher
+            batches = [(xb, (yb, xb)) for xb, yb in batches]
         if self.is_pipeline:
             return float(self.engine.train_batch(iter(batches)))
         total = torch.zeros((), dtype=torch.float64)
@@ -194,6 +202,7 @@ def build_engine(
     weight_decay: float,
     device: torch.device | None = None,
     frozen: frozenset[str] = frozenset(),
+    wrap_loss=None,
 ) -> ParallelEngine:
     """Groups, model and DeepSpeed engine for this rank (after ``deepspeed.init_distributed``).
 
@@ -208,6 +217,8 @@ def build_engine(
             :func:`mla.freeze.frozen_parameters`): they are left out of the optimizer (no AdamW
             state, no ZeRO partition, no gradient all-reduce: DeepSpeed reduces only parameters
             that require a gradient).
+        wrap_loss: ``base_loss -> loss`` giving the run's loss function (``train.distill``:
+            :class:`workers.distill.DistillLoss`), or ``None`` for the cross-entropy.
 
     Returns:
         The :class:`ParallelEngine`.
@@ -215,7 +226,7 @@ def build_engine(
     import deepspeed
 
     groups = build_groups(layout)
-    model = build_pipeline(model_cfg, layout, groups, seed)
+    model = build_pipeline(model_cfg, layout, groups, seed, wrap_loss)
     apply_freeze(model, frozen)
     params = param_groups(model, weight_decay)
     if layout.pp > 1:
@@ -226,4 +237,5 @@ def build_engine(
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config, mpu=groups
         )
-    return ParallelEngine(engine, layout, groups, device or torch.device("cpu"))
+    loss_fn = model.loss_fn  # PipelineModule and SequentialLM both keep it there
+    return ParallelEngine(engine, layout, groups, device or torch.device("cpu"), loss_fn)

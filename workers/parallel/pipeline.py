@@ -171,9 +171,12 @@ class SequentialLM(nn.Module):
 
 
 def build_pipeline(
-    cfg: ModelConfig, layout: Layout, groups: ParallelGroups, seed: int
+    cfg: ModelConfig, layout: Layout, groups: ParallelGroups, seed: int, wrap_loss=None
 ) -> nn.Module:
     """This rank's part of the model: a ``PipelineModule`` (``pp > 1``) or a :class:`SequentialLM`.
+
+    ``wrap_loss``, when given, turns the ordinary loss function into the run's
+    (``train.distill``: :class:`workers.distill.DistillLoss`).
 
     Raises:
         LayoutError: (a ``ValueError``) the layout cannot split this model (tp vs heads, pp vs
@@ -182,6 +185,8 @@ def build_pipeline(
     layout.check_model(cfg.n_heads, cfg.kv_heads, cfg.n_layers)
     specs = layer_specs(cfg, groups, seed, layout.recompute)
     loss_fn = VocabParallelLoss(groups, cfg.vocab_size)
+    if wrap_loss is not None:
+        loss_fn = wrap_loss(loss_fn)
     if layout.pp == 1:
         return SequentialLM([spec.build() for spec in specs[:-1]], loss_fn)
     return build_pipeline_module(

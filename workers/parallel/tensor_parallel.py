@@ -102,6 +102,30 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
+class _GatherFromGroup(torch.autograd.Function):
+    """All-gather along the last dim forward, this rank's slice of the gradient backward
+    (Megatron's ``gather_from_tensor_model_parallel_region``)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        ctx.rank, ctx.width = dist.get_rank(group), x.size(-1)
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = ctx.rank * ctx.width
+        return grad[..., start : start + ctx.width].contiguous(), None, None
+
+
+def gather_from_group(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """The whole of a tensor split over ``group`` along its last dim (e.g. vocabulary-sharded
+    logits ``(batch, seq, V / tp)`` -> ``(batch, seq, V)``); the gradient flows back to each
+    rank's slice."""
+    return x if size == 1 else _GatherFromGroup.apply(x, group, size)
+
+
 def copy_to_group(x: torch.Tensor, group, size: int) -> torch.Tensor:
     """Enter a tensor-parallel region: identity forward, gradient summed over ``group``."""
     return x if size == 1 else _CopyToGroup.apply(x, group)
