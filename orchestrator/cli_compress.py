@@ -3,9 +3,15 @@
 Bad settings are refused before any work with exit status 2: ``--target-mb`` 0 or negative or
 below the model's embedding, ``--target-latency-ms`` 0 or negative or below what the empty model
 (embedding + tied head, no block) takes on this machine (measured in a second or two),
+<<<<<<< HEAD
 ``--ffn-keep 0`` / ``--groups-keep 0`` (pruning every MLP neuron or every head), a negative loss
 budget, ``--qat-steps`` with fp32, ``--early-exit`` layers that are not integers, out of range,
 repeated or the last layer (:mod:`workers.compress_exit`). A budget that the pipeline cannot meet writes the output
+=======
+``--ffn-keep 0`` / ``--groups-keep 0`` / ``--hidden-keep 0`` / ``--layers-keep 0`` (pruning every
+MLP neuron, head, hidden channel or block) or a shape above the model's, a negative loss
+budget, ``--qat-steps`` with fp32. A budget that the pipeline cannot meet writes the output
+>>>>>>> issue-16
 folder and report anyway and exits 2 with what it achieved (:mod:`workers.compress` describes
 the stages).
 """
@@ -72,6 +78,17 @@ def compress(
     groups_keep: Optional[int] = typer.Option(
         None, "--groups-keep", help="Force this many GQA head groups per layer."
     ),
+    hidden_keep: Optional[int] = typer.Option(
+        None, "--hidden-keep", help="Force this many hidden channels (d_model) in every layer."
+    ),
+    layers_keep: Optional[int] = typer.Option(
+        None, "--layers-keep", help="Force this many transformer blocks (highest influence)."
+    ),
+    search_hidden_layers: bool = typer.Option(
+        False,
+        "--search-hidden-layers",
+        help="Also search shapes with 3/4 of the hidden channels and with one block fewer.",
+    ),
     candidates: int = typer.Option(2, "--candidates", help="Shapes within budget to distil."),
     distill_batch: int = typer.Option(
         8, "--distill-batch", help="Distillation micro-batch, in windows."
@@ -111,6 +128,9 @@ def compress(
         exit_tolerance=exit_tolerance,
         ffn_keep=ffn_keep,
         groups_keep=groups_keep,
+        hidden_keep=hidden_keep,
+        layers_keep=layers_keep,
+        search_hidden_layers=search_hidden_layers,
         candidates=candidates,
         distill_batch=distill_batch,
         lr=lr,
@@ -178,7 +198,10 @@ def _print_table(report: dict, batch: int) -> None:
     if "deployed" in report:
         d = report["deployed"]
         qat = f" (+{report['qat']['steps']} QAT steps)" if "qat" in report else ""
-        rows.append((f"ffn {d['ffn_keep']} groups {d['groups_keep']}{qat}, {d['file']}", d))
+        shape = f"ffn {d['ffn_keep']} groups {d['groups_keep']}"
+        if d.get("hidden_keep") is not None:
+            shape += f" hidden {d['hidden_keep']} layers {d['layers_keep']}"
+        rows.append((f"{shape}{qat}, {d['file']}", d))
     for name, r in rows:
         table.add_row(
             name,

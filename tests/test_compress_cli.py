@@ -160,6 +160,8 @@ def test_every_artefact_reloads_and_gives_the_recorded_outputs(which, request):
         ),
         (("--target-mb", "1", "--groups-keep", "0"), "pruning every head leaves no attention"),
         (("--target-mb", "1", "--ffn-keep", "0"), "pruning every MLP neuron leaves no MLP"),
+        (("--hidden-keep", "0"), "--hidden-keep=0 must be in [1, d_model=64]"),
+        (("--layers-keep", "3"), "--layers-keep=3 must be in [1, n_layers=2]"),
         (
             ("--target-mb", "1", "--qat-steps", "5", "--precision", "fp32"),
             "--qat-steps=5 simulates INT8",

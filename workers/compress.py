@@ -6,14 +6,17 @@ Stages (each shown as a progress bar on stderr, each recorded in ``compress_repo
 1. **Teacher**: the trained model; its fp32 weight size, torch latency at batch 1, 8 and the
    latency batch, validation loss; then its ONNX Runtime export (measured size on disk: the base
    of the size prediction).
-2. **Calibrate**: activation importance of MLP neurons and GQA head groups on training windows
+2. **Calibrate**: activation importance of MLP neurons, GQA head groups, hidden channels and
+   blocks (Block Influence) on training windows
    (:mod:`mla.compress.importance`, Minitron).
 3. **Candidates**: uniform shapes ``ffn keep x head-group keep`` (fractions
    :data:`FFN_KEEP` x :data:`GROUP_KEEP`, rounded to tensor-parallel multiples; or the one
-   shape forced by ``ffn_keep``/``groups_keep``). Predicted size = measured teacher file -
-   removed weights x bytes per weight (1 for INT8, 4 for fp32): pruning only removes MatMul
-   weights, the graph stays the same. With a latency target, the shapes within the size budget
-   are pruned, deployed and timed on this machine (:func:`_latency_fits`: the smallest first,
+   shape forced by ``ffn_keep``/``groups_keep``/``hidden_keep``/``layers_keep``; with
+   ``search_hidden_layers`` also each shape with 3/4 of the hidden channels and with one block
+   fewer). Predicted size = measured teacher file - removed weights x bytes per weight (1 for
+   INT8, 4 for fp32; norms fp32) - a removed block's share of the graph
+   (:func:`predicted_bytes`). With a latency target, the shapes within the size budget are
+   pruned, deployed and timed on this machine (:func:`_latency_fits`: the smallest first,
    which refuses an unreachable target at once, then from the least aggressive down until
    ``candidates`` shapes meet it). The shapes left are ranked by validation loss with the
    removed units masked (no recovery; Minitron's lightweight search).
@@ -85,6 +88,10 @@ from workers.evaluation import DEFAULT_DATA, EvalData, evaluate
 #: Fractions of MLP neurons and of GQA head groups a candidate keeps.
 FFN_KEEP = (1.0, 0.75, 0.5, 0.375, 0.25)
 GROUP_KEEP = (1.0, 0.75, 0.5, 0.25)
+#: With ``search_hidden_layers``: each ``FFN_KEEP x GROUP_KEEP`` shape is also tried with this
+#: fraction of hidden channels, and with :data:`LAYERS_DROP` fewer blocks (3x the shapes).
+HIDDEN_KEEP = 0.75
+LAYERS_DROP = 1
 MB = 1e6
 
 
@@ -110,6 +117,10 @@ class CompressSettings:
             derived, :func:`workers.compress_exit.exit_tolerance`).
         ffn_keep: Force this MLP width per layer (``None``: search).
         groups_keep: Force this many GQA head groups per layer (``None``: search).
+        hidden_keep: Force this many hidden channels (``None``: all, or search).
+        layers_keep: Force this many blocks (``None``: all, or search).
+        search_hidden_layers: Also search hidden-channel and depth shapes (:data:`HIDDEN_KEEP`,
+            :data:`LAYERS_DROP`).
         candidates: How many shapes within the budget are distilled.
         distill_batch: Distillation micro-batch, in windows.
         lr: Distillation peak learning rate.
@@ -136,6 +147,9 @@ class CompressSettings:
     exit_tolerance: float | None = None
     ffn_keep: int | None = None
     groups_keep: int | None = None
+    hidden_keep: int | None = None
+    layers_keep: int | None = None
+    search_hidden_layers: bool = False
     candidates: int = 2
     distill_batch: int = 8
     lr: float = 1e-3
@@ -154,10 +168,11 @@ def check_settings(s: CompressSettings) -> None:
     Raises:
         ConfigError: a value out of range (the message names the option, the value and the fix).
     """
-    if all(v is None for v in (s.target_mb, s.target_latency_ms, s.ffn_keep, s.groups_keep)):
+    forced = (s.ffn_keep, s.groups_keep, s.hidden_keep, s.layers_keep)
+    if all(v is None for v in (s.target_mb, s.target_latency_ms, *forced)):
         raise ConfigError(
             "nothing to fit: give --target-mb MB, --target-latency-ms MS, or a shape "
-            "(--ffn-keep N / --groups-keep G)"
+            "(--ffn-keep N / --groups-keep G / --hidden-keep H / --layers-keep L)"
         )
     if s.target_mb is not None and not (s.target_mb > 0 and math.isfinite(s.target_mb)):
         raise ConfigError(f"--target-mb={s.target_mb:g} must be a positive size in MB, e.g. 10")
@@ -215,18 +230,16 @@ def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict
     """
     f = cfg.ffn_hidden if s.ffn_keep is None else s.ffn_keep
     g = cfg.kv_heads if s.groups_keep is None else s.groups_keep
-    problems = shape_problems(cfg, f, g, s.tp)
+    problems = shape_problems(cfg, f, g, s.tp, s.hidden_keep, s.layers_keep)
     if problems:
         raise ConfigError(
-            "--ffn-keep/--groups-keep: "
-            + "; ".join(
-                p.replace("ffn_keep=", "--ffn-keep=").replace("groups_keep=", "--groups-keep=")
-                for p in problems
-            )
+            "--ffn-keep/--groups-keep/--hidden-keep/--layers-keep: "
+            + "; ".join(_flag_names(p) for p in problems)
         )
-    if s.early_exit:
-        check_exits_against_model(s.early_exit, cfg.n_layers)
-    floor = floor_bytes(cfg, s.precision)
+    hidden_min, layers_min = _smallest_hidden_layers(cfg, s)
+    if s.early_exit:  # every exit must sit before the last block of the shallowest student
+        check_exits_against_model(s.early_exit, layers_min)
+    floor = floor_bytes(cfg, s.precision, hidden_min, layers_min)
     if s.target_mb is not None and s.target_mb * MB < floor:
         raise ConfigError(
             f"--target-mb={s.target_mb:g} is below what this model takes with every prunable unit "
@@ -247,9 +260,30 @@ def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict
     return measured
 
 
+def _flag_names(problem: str) -> str:
+    for field in ("ffn_keep", "groups_keep", "hidden_keep", "layers_keep"):
+        problem = problem.replace(f"{field}=", f"--{field.replace('_', '-')}=")
+    return problem
+
+
+def _smallest_hidden_layers(cfg: ModelConfig, s: CompressSettings) -> tuple[int, int]:
+    """Fewest hidden channels and blocks any shape of this run keeps (for :func:`floor_bytes`)."""
+    if s.hidden_keep is not None or s.layers_keep is not None or not s.search_hidden_layers:
+        return (s.hidden_keep or cfg.d_model, s.layers_keep or cfg.n_layers)
+    return (
+        min(cfg.d_model, _hidden_width(cfg)),
+        max(1, cfg.n_layers - LAYERS_DROP),
+    )
+
+
+def _hidden_width(cfg: ModelConfig) -> int:
+    return max(1, int(round(cfg.d_model * HIDDEN_KEEP)))
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A pruning shape and what is known about it."""
+    """A pruning shape and what is known about it (``hidden_keep``/``layers_keep``: ``None``
+    in hand-built candidates means all channels / blocks)."""
 
     ffn_keep: int
     groups_keep: int
@@ -257,33 +291,80 @@ class Candidate:
     predicted_mb: float
     masked_val_loss: float | None = None
     probe_latency_ms: float | None = None
+    hidden_keep: int | None = None
+    layers_keep: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    @property
+    def shape(self) -> tuple[int, int, int | None, int | None]:
+        """``(ffn_keep, groups_keep, hidden_keep, layers_keep)``."""
+        return (self.ffn_keep, self.groups_keep, self.hidden_keep, self.layers_keep)
 
-def candidate_shapes(cfg: ModelConfig, tp: int) -> list[tuple[int, int]]:
-    """Distinct ``(ffn_keep, groups_keep)`` shapes from :data:`FFN_KEEP` x :data:`GROUP_KEEP`
-    that :func:`mla.compress.prune.shape_problems` accepts, largest first."""
+    def name(self) -> str:
+        """``ffn F groups G[ hidden H][ layers L]`` (the optional parts when set)."""
+        out = f"ffn {self.ffn_keep} groups {self.groups_keep}"
+        out += "" if self.hidden_keep is None else f" hidden {self.hidden_keep}"
+        return out + ("" if self.layers_keep is None else f" layers {self.layers_keep}")
+
+
+Shape = tuple[int, int, int, int]
+
+
+def candidate_shapes(cfg: ModelConfig, tp: int, hidden_layers: bool = False) -> list[Shape]:
+    """Distinct ``(ffn_keep, groups_keep, hidden_keep, layers_keep)`` shapes from
+    :data:`FFN_KEEP` x :data:`GROUP_KEEP` (all channels and blocks kept; with
+    ``hidden_layers`` each also with :data:`HIDDEN_KEEP` of the channels and with
+    :data:`LAYERS_DROP` fewer blocks) that :func:`mla.compress.prune.shape_problems` accepts,
+    largest first."""
+    d, n = cfg.d_model, cfg.n_layers
+    extra = [(_hidden_width(cfg), n), (d, n - LAYERS_DROP)] if hidden_layers else []
     out = set()
     for f in FFN_KEEP:
         ffn = max(tp, int(round(cfg.ffn_hidden * f / tp)) * tp)
         for g in GROUP_KEEP:
             groups = max(tp, int(round(cfg.kv_heads * g / tp)) * tp)
-            if not shape_problems(cfg, ffn, groups, tp):
-                out.add((ffn, groups))
+            for h, layers in [(d, n), *extra]:
+                if not shape_problems(cfg, ffn, groups, tp, h, layers):
+                    out.add((ffn, groups, h, layers))
     return sorted(out, key=lambda s: -count_parameters(pruned_config(cfg, *s)))
 
 
 def predicted_bytes(
     teacher_file_bytes: int, teacher: ModelConfig, cfg: ModelConfig, bpw: int
 ) -> int:
-    """Deployed size of ``cfg``: the teacher's measured file minus the removed weights.
+    """Deployed size of ``cfg``: the teacher's measured file minus the removed weights and, per
+    removed block, the block's share of the graph's non-weight bytes.
+
+    Weights go at ``bpw`` bytes each except the RMSNorm weights (fp32, 4 bytes, in the INT8
+    graph too); the tied embedding is one initializer (measured: removing hidden channels saves
+    ``V`` weights per channel, not ``2 V``). The graph's other bytes (constants, quantisation
+    scales, nodes: the file minus its weights) are split in ``n_layers + 1`` equal shares, one
+    per block and one for the rest, and each removed block takes its share away (measured, INT8,
+    d 64, 3 layers, seq 64: 60.5 KB of such bytes, 16.0 KB per block; predictions 0.5 % over
+    the file for 40 channels, 0.7 % over for 2 layers, 2.2 % over for both with MLP 96 of 128).
 
     Example: a teacher file of 20.3 MB, 19.1M parameters, pruned to 6.45M, INT8 (1 byte per
     weight): ``20.3 - 12.66 = 7.6 MB`` (measured 7.7 MB, ../shared/anchors/compression, 3c).
     """
-    return teacher_file_bytes - (count_parameters(teacher) - count_parameters(cfg)) * bpw
+    teacher_weights = _weight_bytes(teacher, bpw)
+    per_block = max(0, teacher_file_bytes - teacher_weights) / (teacher.n_layers + 1)
+    removed_blocks = teacher.n_layers - cfg.n_layers
+    return int(
+        teacher_file_bytes
+        - (teacher_weights - _weight_bytes(cfg, bpw))
+        - per_block * removed_blocks
+    )
+
+
+def _weight_bytes(cfg: ModelConfig, bpw: int) -> int:
+    norms = _norm_weights(cfg)
+    return (count_parameters(cfg) - norms) * bpw + 4 * norms
+
+
+def _norm_weights(cfg: ModelConfig) -> int:
+    return cfg.d_model * (2 * cfg.n_layers + 1)
 
 
 class Stages:
@@ -390,12 +471,22 @@ def _profile_batches(s: CompressSettings) -> tuple[int, ...]:
     return tuple(sorted({1, 8, s.latency_batch}))
 
 
-def _shapes(cfg: ModelConfig, s: CompressSettings) -> list[tuple[int, int]]:
-    if s.ffn_keep is None and s.groups_keep is None:
-        return candidate_shapes(cfg, s.tp)
-    f = cfg.ffn_hidden if s.ffn_keep is None else s.ffn_keep
-    g = cfg.kv_heads if s.groups_keep is None else s.groups_keep
-    return [(f, g)]
+def _shapes(cfg: ModelConfig, s: CompressSettings) -> list[Shape]:
+    """The search grid, or the one shape the forced fields give (the others unpruned)."""
+    forced = (s.ffn_keep, s.groups_keep, s.hidden_keep, s.layers_keep)
+    if all(v is None for v in forced):
+        return candidate_shapes(cfg, s.tp, s.search_hidden_layers)
+    full = (cfg.ffn_hidden, cfg.kv_heads, cfg.d_model, cfg.n_layers)
+    f, g, h, n = (a if v is None else v for v, a in zip(forced, full, strict=True))
+    return [(f, g, h, n)]
+
+
+def _shape_text(shape: tuple[int, int, int | None, int | None]) -> str:
+    return "ffn_keep {}, groups_keep {}, hidden_keep {}, layers_keep {}".format(*shape)
+
+
+def _plan(imp: Importance, cfg: ModelConfig, c: Candidate, tp: int) -> PrunePlan:
+    return plan_pruning(imp, cfg, c.ffn_keep, c.groups_keep, tp, c.hidden_keep, c.layers_keep)
 
 
 def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: Stages) -> dict:
@@ -420,10 +511,11 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
     imp = measure_importance(teacher, calib)
     shapes = _shapes(cfg, s)
     budget = math.inf if s.target_mb is None else s.target_mb * MB
+    file_bytes = onnx_size_bytes(teacher_file)
     fits = [
-        Candidate(f, g, count_parameters(pruned_config(cfg, f, g)), p / MB)
-        for f, g in shapes
-        if (p := predicted_bytes(onnx_size_bytes(teacher_file), cfg, pruned_config(cfg, f, g), bpw))
+        Candidate(f, g, count_parameters(small), p / MB, None, None, h, n)
+        for f, g, h, n in shapes
+        if (p := predicted_bytes(file_bytes, cfg, small := pruned_config(cfg, f, g, h, n), bpw))
         <= budget
     ]
     report: dict[str, Any] = {
@@ -440,7 +532,7 @@ def _run(teacher, s: CompressSettings, seq, train, val, bpw, tmp: Path, stages: 
         report["met"] = {"size": False, "latency": None, "loss": None}
         report["failure"] = (
             f"no pruning shape fits --target-mb {s.target_mb:g}: the smallest candidate "
-            f"(ffn_keep {smallest[0]}, groups_keep {smallest[1]}) is predicted at {best_mb:.3f} MB; "
+            f"({_shape_text(smallest)}) is predicted at {best_mb:.3f} MB; "
             f"raise --target-mb to at least {math.ceil(best_mb * 100) / 100:g}"
             + (" or use --precision int8" if s.precision == "fp32" else "")
         )
@@ -476,11 +568,11 @@ def _latency_fits(
     cfg = teacher.cfg
 
     def probe(c: Candidate) -> Candidate:
-        plan = plan_pruning(imp, cfg, c.ffn_keep, c.groups_keep, s.tp)
+        plan = _plan(imp, cfg, c, s.tp)
         ms = shape_latency_ms(
             apply_pruning(teacher, plan), seq, s.latency_batch, s.precision, s.threads, tmp
         )
-        step(note=f"ffn {c.ffn_keep} groups {c.groups_keep}: {ms:.2f} ms")
+        step(note=f"{c.name()}: {ms:.2f} ms")
         return dataclasses.replace(c, probe_latency_ms=ms)
 
     first = min(fits, key=lambda c: c.params)
@@ -492,7 +584,7 @@ def _latency_fits(
             [],
             (
                 f"no pruning shape meets --target-latency-ms {target:g} at batch {s.latency_batch}: "
-                f"the smallest (ffn_keep {smallest.ffn_keep}, groups_keep {smallest.groups_keep}) "
+                f"the smallest ({_shape_text(smallest.shape)}) "
                 f"takes {ms:.3f} ms here; raise --target-latency-ms to at least "
                 f"{math.ceil(ms * 100) / 100:g}, lower --batch or raise --threads"
             ),
@@ -513,13 +605,11 @@ def _distil_and_deploy(teacher, imp, ranked, s, seq, train, val, tmp, stages, re
     rounds = 5
     tried = []
     for cand in ranked[: s.candidates]:
-        plan = plan_pruning(imp, teacher.cfg, cand.ffn_keep, cand.groups_keep, s.tp)
+        plan = _plan(imp, teacher.cfg, cand, s.tp)
         student = apply_pruning(teacher, plan)
-        unpruned = (
-            cand.ffn_keep == teacher.cfg.ffn_hidden and cand.groups_keep == teacher.cfg.kv_heads
-        )
+        unpruned = student.cfg == teacher.cfg
         steps = 0 if unpruned else s.steps
-        step = stages.stage(f"distil ffn {cand.ffn_keep} groups {cand.groups_keep}", max(1, steps))
+        step = stages.stage(f"distil {cand.name()}", max(1, steps))
         if s.recover is not None and steps:  # e.g. through the cluster's trainer
             student, losses = s.recover(student, s, seq, tmp, step)
         else:
@@ -664,15 +754,19 @@ def _kl_note(step: Callable[..., None]) -> Callable[[int, float], None]:
     return note
 
 
-def floor_bytes(cfg: ModelConfig, precision: str) -> int:
+def floor_bytes(
+    cfg: ModelConfig, precision: str, hidden: int | None = None, layers: int | None = None
+) -> int:
     """Bytes no pruning shape removes: the token embedding (stored twice in the ONNX graph,
     as the Gather table and as the tied head's MatMul weight) at the precision's bytes per
-    weight, plus every RMSNorm in fp32. A target below it cannot be met.
+    weight, plus every RMSNorm in fp32, at ``hidden`` channels and ``layers`` blocks (the
+    fewest any shape of the run keeps; default: all). A target below it cannot be met.
 
     Example: vocab 256, d 128, 4 layers, INT8: ``2 * 256 * 128 + 4 * 128 * 9 = 70,144`` bytes.
     """
     bpw = 1 if precision == "int8" else 4
-    return 2 * cfg.vocab_size * cfg.d_model * bpw + 4 * cfg.d_model * (2 * cfg.n_layers + 1)
+    d, n = hidden or cfg.d_model, layers or cfg.n_layers
+    return 2 * cfg.vocab_size * d * bpw + 4 * d * (2 * n + 1)
 
 
 def _calibration(train: WindowBatches, n: int, step) -> list[torch.Tensor]:
@@ -686,7 +780,7 @@ def _rank(
 ) -> list[Candidate]:
     out = []
     for c in fits:
-        plan: PrunePlan = plan_pruning(imp, teacher.cfg, c.ffn_keep, c.groups_keep, tp)
+        plan = _plan(imp, teacher.cfg, c, tp)
         with masked(teacher, plan):
             loss = evaluate(teacher, val, batch_size=8)["loss"]
         out.append(dataclasses.replace(c, masked_val_loss=loss))
