@@ -35,7 +35,7 @@ def test_bad_settings_are_refused(kw, message):
         ({"groups_keep": 0}, "pruning every head leaves no attention"),
         ({"ffn_keep": 0}, "pruning every MLP neuron leaves no MLP"),
         ({"groups_keep": 1, "tp": 2}, "--groups-keep=1 is not divisible by tp\\(2\\)"),
-        ({"target_mb": 0.01}, "below what this model takes with every prunable unit removed"),
+        ({"target_mb": 0.005}, "below what this model takes with every prunable unit removed"),
     ],
 )
 def test_targets_this_model_cannot_meet_are_refused(kw, message):
