@@ -3,15 +3,11 @@
 Bad settings are refused before any work with exit status 2: ``--target-mb`` 0 or negative or
 below the model's embedding, ``--target-latency-ms`` 0 or negative or below what the empty model
 (embedding + tied head, no block) takes on this machine (measured in a second or two),
-<<<<<<< HEAD
-``--ffn-keep 0`` / ``--groups-keep 0`` (pruning every MLP neuron or every head), a negative loss
-budget, ``--qat-steps`` with fp32, ``--early-exit`` layers that are not integers, out of range,
-repeated or the last layer (:mod:`workers.compress_exit`). A budget that the pipeline cannot meet writes the output
-=======
 ``--ffn-keep 0`` / ``--groups-keep 0`` / ``--hidden-keep 0`` / ``--layers-keep 0`` (pruning every
 MLP neuron, head, hidden channel or block) or a shape above the model's, a negative loss
-budget, ``--qat-steps`` with fp32. A budget that the pipeline cannot meet writes the output
->>>>>>> issue-16
+budget, ``--qat-steps`` with fp32, ``--early-exit`` layers that are not integers, out of range,
+repeated or the last layer (:mod:`workers.compress_exit`). A budget that the pipeline cannot
+meet writes the output
 folder and report anyway and exits 2 with what it achieved (:mod:`workers.compress` describes
 the stages).
 """
