@@ -140,6 +140,7 @@ def compress(
             f"--recovery={recovery!r} --workers={workers}: --recovery is 'in-process' or 'ray' "
             "(the Ray Train + DeepSpeed trainer of mla train), with --workers >= 1"
         )
+    _check_out_is_not_the_source(out, source, overwrite)
     from mla.staged_dir import OutDirError, check_out_dir
 
     try:
@@ -166,7 +167,10 @@ def compress(
         data = (loaded.job or {}).get("data")
         ray = RayRecovery(str(Path(source).resolve()), data, workers, address)
         settings = dataclasses.replace(settings, recover=ray)
-    report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
+    try:
+        report = run_compress(loaded.model, loaded.job, settings, out, source, err, measured)
+    except OutDirError as exc:
+        raise ConfigError(str(exc)) from None
     _print_table(report, batch)
     if json_out:
         print(json.dumps(report, indent=2))
@@ -174,6 +178,22 @@ def compress(
         err.print(f"budget not met: {report['failure']} (report: {out / 'compress_report.json'})")
         raise typer.Exit(2)
     err.print(f"wrote {out} (compress_report.json, {report['deployed']['file']}, pruned/)")
+
+
+def _check_out_is_not_the_source(out: Path, source: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` whose replacement would delete the model being compressed.
+
+    Raises:
+        ConfigError: ``out`` is the source folder or holds it, or (with ``--overwrite``) an
+            existing folder inside it.
+    """
+    src, dst = Path(source).expanduser().resolve(), out.expanduser().resolve()
+    inside = src in dst.parents
+    if dst == src or dst in src.parents or (inside and overwrite and dst.exists()):
+        raise ConfigError(
+            f"--out {out} is the source {source}, holds it or is part of it: writing there "
+            "would delete the trained model; choose an --out outside the source folder"
+        )
 
 
 def _print_table(report: dict, batch: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import JobConfig
 from orchestrator.contract.checkpoints import FAILURE_FILE
-from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError
+from orchestrator.contract.errors import ClusterError, ConfigError, JobFailedError, MLAError
 from orchestrator.contract.io import write_json_atomic
 from orchestrator.contract.run_plan import RunPlan
 from orchestrator.distill import attach_distill
@@ -333,12 +334,18 @@ def run_training(job: JobConfig, preflight: bool = True) -> dict:
     """
     from orchestrator.startup import StartupWatchdog, check_placeable
 
-    data_text = check_data(job)
-    plan = build_run_plan(job)
-    check_resumable(job, plan)
-    plan = attach_privacy(job, plan)
-    plan = attach_finetune(job, plan)
-    plan = attach_distill(job, plan)
+    fresh = not job.run_dir.exists()
+    try:
+        data_text = check_data(job)
+        plan = build_run_plan(job)
+        check_resumable(job, plan)
+        plan = attach_privacy(job, plan)
+        plan = attach_finetune(job, plan)
+        plan = attach_distill(job, plan)
+    except MLAError:
+        if fresh:  # only check_data's BPE tokenizer.json can be there: a refusal writes nothing
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+        raise
     run_dir = plan.run_dir
     load_torch_before_ray()
     with ray_session(job) as handle:

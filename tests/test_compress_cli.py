@@ -241,3 +241,24 @@ def test_recovery_through_the_ray_trainer(teacher, tmp_path):
     row = report["distilled"][0]
     assert row["distill_steps_kept"] == 8 and row["distilled_val_loss"] < row["masked_val_loss"]
     assert "distill: teacher export" in result.stderr and not (out / "recovery").exists()
+
+
+def test_out_that_would_delete_the_source_and_other_bad_runs_are_refused(teacher, tmp_path):
+    """Found by a new user: `--out SOURCE --overwrite` deleted the trained run; `--lr inf` trained
+    on NaN into a traceback; an unwritable --out and an exit in a 1-block model misread."""
+    before = sorted(p.name for p in teacher.iterdir())
+    cases = [
+        (("--out", teacher, "--overwrite"), "would delete the trained model"),
+        (("--out", teacher.parent, "--overwrite"), "would delete the trained model"),
+        (("--out", tmp_path / "o", "--lr", "inf"), "--lr=inf must be a finite learning rate"),
+        (
+            ("--out", tmp_path / "o", "--layers-keep", "1", "--early-exit", "1"),
+            "no early exit is possible in a model of 1 block",
+        ),
+    ]
+    for args, message in cases:
+        result = mla("compress", teacher, "--target-mb", "1", *FAST, *args)
+        assert result.returncode == 2, (args, result.stderr[-1500:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in teacher.iterdir()) == before
+    assert list(tmp_path.iterdir()) == []

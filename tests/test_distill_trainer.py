@@ -113,6 +113,12 @@ def test_bad_teacher_stops_mla_train_before_launch(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "the teacher has vocab_size=256 and the student" in " ".join(out.stderr.split())
     assert "Traceback" not in out.stderr and not (tmp_path / "tiny").exists()
+    corpus = tmp_path / "corpus.txt"  # a BPE run trains its tokenizer.json into the run folder
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 200)
+    sets = ("data.tokenizer=bpe", f"data.path={corpus}", "model.vocab_size=300")
+    out = _train(tmp_path, f"train.distill.teacher={teacher}", *sets, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "tiny").exists()  # found by a new user: tokenizer.json was left
 
 
 @pytest.mark.parametrize(

@@ -210,8 +210,10 @@ def check_settings(s: CompressSettings) -> None:
             "use --precision int8 or drop --qat-steps"
         )
     check_exit_settings(s.early_exit, s.exit_steps, s.exit_tolerance)
-    if not s.lr > 0 or not s.qat_lr > 0:
-        raise ConfigError(f"--lr={s.lr} and --qat-lr={s.qat_lr} must be > 0")
+    if not (s.lr > 0 and math.isfinite(s.lr)):
+        raise ConfigError(f"--lr={s.lr:g} must be a finite learning rate > 0, e.g. 1e-3")
+    if not (s.qat_lr > 0 and math.isfinite(s.qat_lr)):
+        raise ConfigError(f"qat_lr={s.qat_lr:g} must be a finite learning rate > 0, e.g. 3e-4")
 
 
 def check_against_model(s: CompressSettings, cfg: ModelConfig, seq: int) -> dict:

@@ -100,6 +100,12 @@ def check_exits_against_model(exits: tuple[int, ...], n_layers: int) -> None:
     Raises:
         ConfigError: an exit out of ``[1, n_layers - 1]``, repeated, unordered, or the last layer.
     """
+    if n_layers < 2:
+        raise ConfigError(
+            f"--early-exit={','.join(map(str, exits))}: no early exit is possible in a model of "
+            f"{n_layers} block (an exit sits after a block before the last); drop --early-exit "
+            "or keep at least 2 blocks (--layers-keep)"
+        )
     try:
         check_exits(n_layers, list(exits))
     except ValueError as exc:
