@@ -101,6 +101,7 @@ def main() -> None:
     plain ``pip install mla-train``) names the extra to install, exit 2. Set ``MLA_TRACEBACK=1``
     to see the traceback instead.
     """
+    _stop_on_sigterm()
     try:
         app()
     except MLAError as exc:
@@ -115,6 +116,23 @@ def main() -> None:
             f"extras: pip install 'mla-train[{extra}]'",
             2,
         )
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, Kubernetes, Ray job stop) stops a command the way Ctrl-C does.
+
+    Python's default SIGTERM ends the process without unwinding, so the staging folder of an
+    atomic output (``mla compress``, ``mla export``, ``mla prepare``: ``.tmp-NAME-*``) was left
+    behind; raising ``KeyboardInterrupt`` runs the cleanup and exits 130 as Ctrl-C does. A
+    handler installed by whoever started us (not ``SIG_DFL``) is kept.
+    """
+    import signal
+
+    def stop(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _fail(exc: Exception, message: str, exit_code: int) -> None:

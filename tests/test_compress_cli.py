@@ -262,3 +262,22 @@ def test_out_that_would_delete_the_source_and_other_bad_runs_are_refused(teacher
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert sorted(p.name for p in teacher.iterdir()) == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_mid_run_leaves_no_staging_folder(teacher, tmp_path):
+    """`kill PID` (SIGTERM) stops `mla compress` the way Ctrl-C does: the staging folder of the
+    atomic output is removed (Python's default SIGTERM left `.tmp-out-*` behind)."""
+    import signal
+    import time
+
+    cmd = [*MLA, "compress", str(teacher), "--target-mb", "1", *FAST, "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    while not list(tmp_path.glob(".tmp-o-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".tmp-o-*")), "the staging folder never appeared"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and b"Traceback" not in stderr, stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
