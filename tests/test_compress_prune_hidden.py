@@ -20,19 +20,9 @@ from mla.config import ModelConfig
 from mla.flops import count_parameters
 from mla.model import MLATransformer
 from mla.pretrained import load_pretrained, save_pretrained
+from tests.test_compress_prune import BASE as PRUNE_BASE
 
-BASE = dict(
-    vocab_size=256,
-    d_model=64,
-    n_layers=3,
-    n_heads=8,
-    n_kv_heads=4,
-    ffn_hidden=96,
-    max_seq_len=64,
-    local_window=8,
-    global_k=8,
-    block_size=8,
-)
+BASE = {**PRUNE_BASE, "n_layers": 3}  # the MLP/head pruning tests' model, one block deeper
 #: Logit tolerance of pruned vs masked (float32 rounding of sums over fewer terms, logits ~1).
 ATOL, RTOL = 2e-5, 1e-4
 

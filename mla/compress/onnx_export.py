@@ -82,13 +82,12 @@ def export_onnx(model: MLATransformer, path: str | os.PathLike, seq_len: int = 0
                 dynamic_shapes=dims,
                 verbose=False,
             )
-        _slim(tmp)
-        _set_metadata(tmp, cfg)
+        _slim(tmp, cfg)
 
     return _atomic(Path(path), write)
 
 
-def _slim(path: Path) -> None:
+def _slim(path: Path, cfg: ModelConfig) -> None:
     """Drop what the deployed file does not need, with onnx_ir's standard passes.
 
     The dynamo exporter records on every node its Python stack trace, FX node and module path
@@ -96,6 +95,7 @@ def _slim(path: Path) -> None:
     paths), and it writes each layer's copy of the rotary tables as its own initializer.
     ``ClearMetadataAndDocStringPass`` removes the former, ``DeduplicateInitializersPass`` makes
     identical initializers (same dtype, shape and bytes) one. Neither changes what is computed.
+    The model's config is written as the only model-level metadata in the same save.
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import ClearMetadataAndDocStringPass, DeduplicateInitializersPass
@@ -103,6 +103,7 @@ def _slim(path: Path) -> None:
     model = ir.load(str(path))
     for step in (ClearMetadataAndDocStringPass(), DeduplicateInitializersPass(size_limit=1 << 22)):
         model = step(model).model
+    model.metadata_props[META_KEY] = json.dumps(cfg.to_dict())
     ir.save(model, str(path))
 
 
